@@ -1,0 +1,72 @@
+"""In-memory backbone: one worker hands every published message to local subscribers."""
+
+from __future__ import annotations
+
+import logging
+import queue
+from typing import Any
+
+import threatbus
+from threatbus.data import Message
+from threatbus.metrics import DELIVERED, DROPPED, Metrics
+from threatbus.node import Node
+from threatbus.routing import TopicRouter
+from threatbus.worker import StoppableWorker
+
+logger = logging.getLogger(__name__)
+
+
+class _Distributor(StoppableWorker):
+    def __init__(self, inq: queue.Queue[Message], router: TopicRouter) -> None:
+        super().__init__(name="inmem-distributor")
+        self.inq = inq
+        self.router = router
+
+    def run(self) -> None:
+        for message in self.drain(self.inq):
+            self.router.route(message)
+        # Deliver what apps published before the stop, so nothing accepted is lost.
+        while True:
+            try:
+                self.router.route(self.inq.get_nowait())
+            except queue.Empty:
+                break
+
+
+class InMemoryBackbone:
+    """Backbone for a single node: no broker, no persistence."""
+
+    def __init__(self) -> None:
+        self.router = TopicRouter()
+        self.worker: _Distributor | None = None
+
+    @threatbus.backbone
+    def config_validators(self) -> list[Any]:
+        return []
+
+    @threatbus.backbone
+    def run(self, config: Any, inq: queue.Queue[Message], node: Node, metrics: Metrics) -> None:
+        metrics.counter(DELIVERED, "Messages handed to local subscribers", lambda: self.router.delivered, plugin="inmem")
+        metrics.counter(DROPPED, "Messages lost to full queues", lambda: self.router.dropped, where="inmem")
+        self.worker = _Distributor(inq, self.router)
+        self.worker.start()
+        logger.info("in-memory backbone running on node '%s'", node.name)
+
+    @threatbus.backbone
+    def stop(self) -> None:
+        if self.worker is not None:
+            self.worker.stop()
+            self.worker.join(5)
+
+    @threatbus.backbone
+    def subscribe(self, topic: str, queue: queue.Queue[Message]) -> None:
+        self.router.subscribe(topic, queue)
+
+    @threatbus.backbone
+    def unsubscribe(self, topic: str, queue: queue.Queue[Message]) -> None:
+        self.router.unsubscribe(topic, queue)
+
+    @threatbus.backbone
+    def health(self) -> dict[str, Any]:
+        running = self.worker is not None and self.worker.is_alive()
+        return {"backbone": "inmem", "connected": running, "subscriptions": self.router.subscription_count}

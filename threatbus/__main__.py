@@ -1,0 +1,5 @@
+import sys
+
+from threatbus.cli import main
+
+sys.exit(main())

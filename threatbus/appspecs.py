@@ -1,0 +1,111 @@
+"""Hook specifications of app plugins (project ``threatbus.app``).
+
+An app plugin connects one kind of security tool to the bus. Its entry point
+in the group ``threatbus.app`` names a class (or factory) that the core calls
+without arguments; the object it returns holds all of the plugin's state and
+implements the hooks below, marked with ``@threatbus.app``. Hooks are called
+with keyword arguments; an implementation may accept any subset of them.
+
+Threads: every hook is called from the bus's main thread, except ``snapshot``,
+which the core's snapshot worker calls. Hooks must return promptly; long work
+belongs in the plugin's own ``StoppableWorker`` threads.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import pluggy
+from dynaconf import Validator
+
+from threatbus.data import Message, SnapshotRequest
+from threatbus.metrics import Metrics
+from threatbus.node import Node
+
+hookspec = pluggy.HookspecMarker("threatbus.app")
+
+SubscribeCallback = Callable[..., "list[str]"]
+"""``subscribe(topic, queue, snapshot=timedelta(0)) -> [snapshot_id, ...]``"""
+UnsubscribeCallback = Callable[[str, "queue.Queue[Message]"], None]
+"""``unsubscribe(topic, queue)``"""
+
+
+@hookspec
+def config_validators() -> Sequence[Validator]:
+    """Return the dynaconf validators of this plugin's config section.
+
+    Called once at start-up, before ``run``, also by ``threatbus check``.
+    Validator names are full dotted paths, e.g. ``plugins.apps.zmq.manage``;
+    defaults set here become part of the config passed to ``run``.
+    """
+
+
+@hookspec
+def run(
+    config: Any,
+    publish_queue: queue.Queue[Message],
+    subscribe: SubscribeCallback,
+    unsubscribe: UnsubscribeCallback,
+    node: Node,
+    metrics: Metrics,
+) -> None:
+    """Start the plugin. Called once, after the backbone started.
+
+    :param config: this plugin's validated section ``plugins.apps.<name>``.
+    :param publish_queue: put every message from the connected tool here;
+        the bus hands it to the backbone, which delivers it to all
+        subscribers on all nodes. Validate STIX content first
+        (``threatbus.stix.validate``): this is where intel enters the bus.
+    :param subscribe: ``subscribe(topic, queue, snapshot=timedelta(0))``
+        makes ``queue`` receive every message whose topic starts with
+        ``topic``. A positive ``snapshot`` also asks every other app for the
+        intel of that period (one request per snapshot type the topic
+        covers); the answers (``SnapshotEnvelope``) arrive in the same
+        queue. Returns the ids of the requests made, empty without snapshot.
+    :param unsubscribe: ``unsubscribe(topic, queue)`` ends a subscription.
+    :param node: the identity of this bus node.
+    :param metrics: register read-outs of the plugin's counters here, under
+        the shared names of ``threatbus.metrics`` (``APP_RECEIVED``,
+        ``APP_REJECTED``, ``DELIVERED``, ``DROPPED``, ``SUBSCRIBERS`` ...)
+        with label ``plugin=<name>``.
+
+    Must not block: start ``StoppableWorker`` threads and return. Raise
+    ``threatbus.errors.PluginError`` if the plugin cannot start.
+    """
+
+
+@hookspec
+def stop() -> None:
+    """Stop all threads of the plugin and release its sockets.
+
+    Called once at shutdown, before the backbone stops. Returns within a few
+    seconds (join workers with a timeout).
+    """
+
+
+@hookspec
+def snapshot(snapshot_request: SnapshotRequest, result_queue: queue.Queue[Message]) -> None:
+    """Answer a snapshot request from another app.
+
+    Called from the core's snapshot worker for every request on the bus, on
+    every node, the requester's own plugin included: a plugin that serves
+    several clients must not forward a request to the client that made it
+    (it knows the ids from the return value of ``subscribe``).
+    Put ``SnapshotEnvelope.wrap(snapshot_request, stix_object)`` for each
+    matching indicator or sighting of the last ``snapshot_request.snapshot``
+    into ``result_queue``; the bus routes them to the requester only. Apps
+    that relay requests to external tools forward them here. Must not block:
+    hand long work to the plugin's own worker.
+    """
+
+
+__all__ = [
+    "SubscribeCallback",
+    "UnsubscribeCallback",
+    "config_validators",
+    "run",
+    "snapshot",
+    "stop",
+]

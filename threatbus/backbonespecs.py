@@ -1,0 +1,90 @@
+"""Hook specifications of backbone plugins (project ``threatbus.backbone``).
+
+A backbone carries every message that apps publish to every subscriber:
+``inmem`` within one process, ``rabbitmq`` across nodes. Its entry point in
+the group ``threatbus.backbone`` names a class (or factory) that the core
+calls without arguments; the object holds the backbone's state and
+implements the hooks below, marked with ``@threatbus.backbone``. Exactly one
+backbone runs per node. Hooks are called with keyword arguments.
+
+Threads: ``config_validators``, ``run`` and ``stop`` are called from the
+main thread; ``subscribe`` and ``unsubscribe`` from any thread (app workers
+subscribe when their clients ask), so they must be thread-safe.
+"""
+
+from __future__ import annotations
+
+import queue
+from collections.abc import Sequence
+from typing import Any
+
+import pluggy
+from dynaconf import Validator
+
+from threatbus.data import Message
+from threatbus.metrics import Metrics
+from threatbus.node import Node
+
+hookspec = pluggy.HookspecMarker("threatbus.backbone")
+
+
+@hookspec
+def config_validators() -> Sequence[Validator]:
+    """Return the dynaconf validators of this backbone's config section.
+
+    Called once at start-up, before ``run``, also by ``threatbus check``.
+    Validator names are full dotted paths, e.g. ``plugins.backbones.rabbitmq.host``.
+    """
+
+
+@hookspec
+def run(config: Any, inq: queue.Queue[Message], node: Node, metrics: Metrics) -> None:
+    """Start the backbone. Called once, before any app starts.
+
+    :param config: this backbone's validated section ``plugins.backbones.<name>``.
+    :param inq: the messages the apps of this node publish. The backbone
+        consumes it and delivers each message to every subscriber whose topic
+        prefix matches, on this node and (for distributed backbones) on all
+        others. Use ``threatbus.routing.TopicRouter`` for local delivery.
+    :param node: the identity of this bus node.
+    :param metrics: register read-outs of the backbone's counters here
+        (``BACKBONE_PUBLISHED``, ``BACKBONE_CONSUMED``, ``BACKBONE_REJECTED``,
+        ``DELIVERED``, ``DROPPED``, ``BACKBONE_CONNECTED`` of
+        ``threatbus.metrics``) with label ``backbone=<name>``.
+
+    Must not block: start ``StoppableWorker`` threads and return. Raise
+    ``threatbus.errors.PluginError`` if the backbone cannot start at all
+    (a broker that is down is not such a case: log and keep retrying).
+    """
+
+
+@hookspec
+def stop() -> None:
+    """Stop the backbone's threads. Called once at shutdown, after the apps stopped.
+
+    Messages already taken from ``inq`` should be delivered or handed to the
+    broker before returning; return within a few seconds all the same.
+    """
+
+
+@hookspec
+def subscribe(topic: str, queue: queue.Queue[Message]) -> None:
+    """Deliver every message whose topic starts with ``topic`` into ``queue``.
+
+    Delivery must never block the backbone: use ``queue.put_nowait`` and
+    count what a full queue loses (``TopicRouter`` does).
+    """
+
+
+@hookspec
+def unsubscribe(topic: str, queue: queue.Queue[Message]) -> None:
+    """End a subscription made with ``subscribe``; unknown ones are ignored."""
+
+
+@hookspec
+def health() -> dict[str, Any]:
+    """Report the backbone's state, e.g. ``{"connected": True}``.
+
+    Called from any thread (the health endpoint); must be cheap and must not
+    touch sockets owned by other threads.
+    """

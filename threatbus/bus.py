@@ -1,0 +1,194 @@
+"""The bus: both plugin managers, the core's routing hooks and the lifecycle."""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Mapping
+from datetime import timedelta
+from typing import Any
+
+import pluggy
+
+from threatbus import appspecs, backbonespecs, config
+from threatbus.data import TOPIC_SNAPSHOT_ENVELOPE, TOPIC_SNAPSHOT_REQUEST, Message, SnapshotRequest
+from threatbus.errors import ConfigError, PluginError
+from threatbus.metrics import QUEUE_DEPTH, Metrics
+from threatbus.node import Node
+from threatbus.plugins import APP_GROUP, BACKBONE_GROUP
+from threatbus.snapshots import SnapshotRouter
+
+logger = logging.getLogger(__name__)
+
+
+def _manager(project: str, specs: object, plugins: Mapping[str, object]) -> pluggy.PluginManager:
+    manager = pluggy.PluginManager(project)
+    manager.add_hookspecs(specs)
+    for name, plugin in plugins.items():
+        try:
+            manager.register(plugin, name=name)
+        except (pluggy.PluginValidationError, ValueError) as err:
+            raise PluginError(f"plugin '{name}' does not fit the {project} hooks: {err}") from err
+    try:
+        manager.check_pending()
+    except pluggy.PluginValidationError as err:
+        raise PluginError(f"{project}: {err}") from err
+    return manager
+
+
+class Bus:
+    """One Threat Bus node: a backbone, the apps, and the routing between them.
+
+    Plugin objects are given by name; ``plugins.load`` makes them from entry
+    points, tests pass them in directly.
+    """
+
+    def __init__(
+        self,
+        settings: Any,
+        apps: Mapping[str, object],
+        backbones: Mapping[str, object],
+        node: Node | None = None,
+    ) -> None:
+        self.settings = settings
+        self.node = node or Node.create()
+        self.apps = _manager(APP_GROUP, appspecs, apps)
+        self.backbones = _manager(BACKBONE_GROUP, backbonespecs, backbones)
+        self.publish_queue: queue.Queue[Message] = queue.Queue()
+        self.metrics = Metrics(self.node.name)
+        self.metrics.gauge(QUEUE_DEPTH, "Messages waiting in a queue of the node", self.publish_queue.qsize, queue="publish")
+        self.snapshots = SnapshotRouter(self.publish_queue, self._ask_apps)
+        self._started: list[tuple[pluggy.PluginManager, str]] = []
+
+    # ---- configuration -------------------------------------------------
+
+    def configure(self) -> None:
+        """Validate the whole config, applying defaults. Raises ``ConfigError``."""
+        names = [name for name, _ in self.backbones.list_name_plugin()]
+        if len(names) != 1:
+            found = ", ".join(names) or "none"
+            raise ConfigError(
+                f"plugins.backbones: configure exactly one backbone (found: {found}); "
+                "use inmem for a single node or rabbitmq to share intel between nodes. "
+                "Each backbone already delivers to every local subscriber, so two would deliver everything twice"
+            )
+        validators = config.core_validators()
+        for manager in (self.backbones, self.apps):
+            for plugin_validators in manager.hook.config_validators():
+                validators.extend(plugin_validators or [])
+        config.validate(self.settings, validators)
+
+    # ---- lifecycle -----------------------------------------------------
+
+    def start(self) -> None:
+        """Start the backbone, the core's workers, then the apps, in that order.
+
+        If anything fails to start, what already started is stopped again and
+        ``PluginError`` is raised.
+        """
+        try:
+            for name, backbone in self.backbones.list_name_plugin():
+                self._call_one(self.backbones, backbone, "run", name, "backbones", inq=self.publish_queue, node=self.node, metrics=self.metrics
+                )
+            self.snapshots.start()
+            for topic in (TOPIC_SNAPSHOT_REQUEST, TOPIC_SNAPSHOT_ENVELOPE):
+                self.backbones.hook.subscribe(topic=topic, queue=self.snapshots.inbox)
+            for name, app in self.apps.list_name_plugin():
+                self._call_one(
+                    self.apps,
+                    app,
+                    "run",
+                    name,
+                    "apps",
+                    publish_queue=self.publish_queue,
+                    subscribe=self.subscribe,
+                    unsubscribe=self.unsubscribe,
+                    node=self.node,
+                    metrics=self.metrics,
+                )
+        except Exception as err:
+            self.stop()
+            if isinstance(err, PluginError):
+                raise
+            raise PluginError(f"failed to start: {err}") from err
+        logger.info(
+            "node '%s' started: backbone %s, apps %s",
+            self.node.name,
+            ", ".join(self.plugin_names(self.backbones)),
+            ", ".join(self.plugin_names(self.apps)) or "none",
+        )
+
+    def _call_one(
+        self, manager: pluggy.PluginManager, plugin: object, hook: str, name: str, kind: str, **kwargs: Any
+    ) -> None:
+        caller = self._only(manager, plugin, hook)
+        if hook == "run":
+            kwargs["config"] = config.section(self.settings, kind, name)
+            logger.debug("starting %s plugin '%s'", kind[:-1], name)
+        try:
+            caller(**kwargs)
+        except PluginError:
+            raise
+        except Exception as err:
+            raise PluginError(f"{kind[:-1]} plugin '{name}' failed in {hook}: {err}") from err
+        finally:
+            if hook == "run":
+                # A plugin whose run raised may have started threads: stop it too.
+                self._started.append((manager, name))
+
+    @staticmethod
+    def _only(manager: pluggy.PluginManager, plugin: object, hook: str) -> Any:
+        others = [p for p in manager.get_plugins() if p is not plugin]
+        return manager.subset_hook_caller(hook, remove_plugins=others)
+
+    def stop(self) -> None:
+        """Stop apps, then the core's workers, then the backbone; each on its own."""
+        while self._started and self._started[-1][0] is self.apps:
+            self._stop_one(*self._started.pop())
+        if self.snapshots.is_alive():
+            self.snapshots.stop()
+            self.snapshots.join(5)
+        while self._started:
+            self._stop_one(*self._started.pop())
+
+    def _stop_one(self, manager: pluggy.PluginManager, name: str) -> None:
+        plugin = manager.get_plugin(name)
+        try:
+            self._only(manager, plugin, "stop")()
+            logger.debug("stopped plugin '%s'", name)
+        except Exception:
+            logger.exception("plugin '%s' failed to stop cleanly", name)
+
+    # ---- what apps call ------------------------------------------------
+
+    def subscribe(self, topic: str, queue: queue.Queue[Message], snapshot: timedelta = timedelta(0)) -> list[str]:
+        """Subscribe ``queue`` to ``topic`` on the backbone; request a snapshot if asked."""
+        logger.debug("subscribe %s (snapshot %s)", topic, snapshot)
+        self.backbones.hook.subscribe(topic=topic, queue=queue)
+        if snapshot > timedelta(0):
+            return self.snapshots.request(topic, queue, snapshot)
+        return []
+
+    def unsubscribe(self, topic: str, queue: queue.Queue[Message]) -> None:
+        logger.debug("unsubscribe %s", topic)
+        self.backbones.hook.unsubscribe(topic=topic, queue=queue)
+        self.snapshots.forget(queue)
+
+    def _ask_apps(self, request: SnapshotRequest) -> None:
+        # Each app on its own: one failing plugin must not keep the others from answering.
+        for name, app in self.apps.list_name_plugin():
+            try:
+                self._only(self.apps, app, "snapshot")(snapshot_request=request, result_queue=self.publish_queue)
+            except Exception:
+                logger.exception("app plugin '%s' failed to answer snapshot %s", name, request.snapshot_id)
+
+    # ---- introspection -------------------------------------------------
+
+    @staticmethod
+    def plugin_names(manager: pluggy.PluginManager) -> list[str]:
+        return [name for name, _ in manager.list_name_plugin()]
+
+    def health(self) -> dict[str, Any]:
+        """The backbone's view of its own state (see ``backbonespecs.health``)."""
+        reports = self.backbones.hook.health()
+        return reports[0] if reports else {}

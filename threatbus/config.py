@@ -1,0 +1,167 @@
+"""Loading and validating the configuration (dynaconf, YAML, THREATBUS_ env)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterable, Sequence
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from dynaconf import Dynaconf, ValidationError, Validator
+
+from threatbus.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ENV_PREFIX = "THREATBUS"
+DEFAULT_FILE_NAMES = ("config.yaml", "config.yml")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+_UNSET = object()
+
+_TYPE_WORDS: dict[Any, str] = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    dict: "a mapping",
+    list: "a list",
+}
+
+
+def option(
+    name: str,
+    kind: type | tuple[type, ...],
+    *,
+    default: Any = _UNSET,
+    required: bool = False,
+    check: Callable[[Any], bool] | None = None,
+    expected: str | None = None,
+) -> Validator:
+    """A dynaconf ``Validator`` for one key, with an error message a user can act on.
+
+    ``kind`` is the accepted type (``bool`` values are never accepted as
+    numbers); ``check`` an extra condition, described by ``expected``.
+    """
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    wanted = expected or " or ".join(_TYPE_WORDS.get(k, k.__name__) for k in kinds)
+
+    def valid(value: Any) -> bool:
+        if value is None and not required:
+            return True
+        if isinstance(value, bool) and bool not in kinds:
+            return False
+        return isinstance(value, kinds) and (check is None or check(value))
+
+    kwargs: dict[str, Any] = {}
+    if default is not _UNSET:
+        kwargs["default"] = default
+    return Validator(
+        name,
+        must_exist=True if required else None,
+        condition=valid,
+        messages={
+            "must_exist_true": f"{name} is required",
+            "condition": f"{name} must be {wanted}, got {{value!r}}",
+        },
+        **kwargs,
+    )
+
+
+def port(name: str, default: Any = _UNSET, required: bool = False) -> Validator:
+    return option(
+        name, int, default=default, required=required, check=lambda p: 0 < p < 65536, expected="a TCP port (1-65535)"
+    )
+
+
+def choice(name: str, choices: Sequence[Any], default: Any = _UNSET) -> Validator:
+    words = ", ".join(str(c) for c in choices)
+    return option(
+        name, type(choices[0]), default=default, check=lambda v: v in choices, expected=f"one of {words}"
+    )
+
+
+def core_validators() -> list[Validator]:
+    return [
+        option("logging.console", bool, default=True),
+        choice("logging.console_verbosity", LOG_LEVELS, default="INFO"),
+        option("logging.file", bool, default=False),
+        choice("logging.file_verbosity", LOG_LEVELS, default="DEBUG"),
+        option("logging.filename", str, default="threatbus.log"),
+        option("node.name", str, default=None, check=bool, expected="a non-empty string"),
+        option("plugins.apps", dict, default={}),
+        option("plugins.backbones", dict, default={}),
+    ]
+
+
+def find_config_file(path: str | os.PathLike[str] | None) -> Path | None:
+    """The config file to use: ``path`` if given, else config.yaml/.yml in the working directory."""
+    if path is not None:
+        candidate = Path(path)
+        if not candidate.is_file():
+            raise ConfigError(f"config file {str(candidate)!r} does not exist or is not a file")
+        return candidate
+    for name in DEFAULT_FILE_NAMES:
+        if Path(name).is_file():
+            return Path(name)
+    return None
+
+
+def embedded_default() -> Path:
+    """The built-in config used when no file is found: in-memory backbone, ZeroMQ app."""
+    return Path(str(resources.files("threatbus").joinpath("default_config.yaml")))
+
+
+def load(path: str | os.PathLike[str] | None) -> tuple[Dynaconf, Path]:
+    """Read the config file (or the embedded default) plus THREATBUS_ env overrides.
+
+    Returns the settings (not yet validated) and the file they came from.
+    """
+    source = find_config_file(path) or embedded_default()
+    settings = Dynaconf(
+        settings_files=[str(source.resolve())],
+        envvar_prefix=ENV_PREFIX,
+        environments=False,
+        load_dotenv=False,
+        core_loaders=["YAML"],
+    )
+    try:
+        settings.as_dict()  # dynaconf reads lazily: surface YAML errors here
+    except Exception as err:
+        detail = " ".join(str(err).split())
+        raise ConfigError(f"cannot read config file {str(source)!r}: {detail}") from None
+    _normalise_sections(settings)
+    return settings, source
+
+
+def _normalise_sections(settings: Dynaconf) -> None:
+    # `inmem:` with nothing after it is YAML null; it means "configured, all defaults".
+    for kind in ("apps", "backbones"):
+        sections = settings.get(f"plugins.{kind}")
+        if isinstance(sections, dict):
+            for name, section in list(sections.items()):
+                if section is None:
+                    settings.set(f"plugins.{kind}.{name}", {})
+
+
+def validate(settings: Dynaconf, validators: Iterable[Validator]) -> None:
+    """Apply validators (setting their defaults); raise ``ConfigError`` naming every bad key."""
+    validators = list(validators)
+    settings.validators.register(*validators)
+    try:
+        settings.validators.validate_all()
+    except ValidationError as err:
+        messages = [message for _validator, message in err.details] or [str(err)]
+        raise ConfigError("invalid config: " + "; ".join(dict.fromkeys(messages))) from None
+
+
+def section(settings: Dynaconf, kind: str, name: str) -> Any:
+    """The config section ``plugins.<kind>.<name>``."""
+    return settings.get(f"plugins.{kind}.{name}")
+
+
+def configured(settings: Dynaconf, kind: str) -> list[str]:
+    """Names of the plugins configured under ``plugins.<kind>``."""
+    sections = settings.get(f"plugins.{kind}") or {}
+    return [str(name).lower() for name in sections]

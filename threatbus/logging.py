@@ -1,0 +1,41 @@
+"""Log handlers for the command line; plugins only ever call ``getLogger``."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+FORMAT = "%(asctime)s %(levelname)-7s [{node}] %(name)s: %(message)s"
+# Libraries that are chatty at INFO about things the bus logs better itself.
+QUIET_LIBRARIES = ("pika", "websockets", "asyncio")
+
+
+def configure(settings: Any, node_name: str) -> None:
+    """Install the console and file handlers the ``logging`` config section asks for."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    # Node names may contain '%', which logging would read as a placeholder.
+    formatter = logging.Formatter(FORMAT.format(node=node_name.replace("%", "%%")))
+    levels = []
+    if settings.console:
+        console = logging.StreamHandler(sys.stderr)
+        console.setLevel(settings.console_verbosity)
+        console.setFormatter(formatter)
+        root.addHandler(console)
+        levels.append(logging.getLevelName(settings.console_verbosity))
+    if settings.file:
+        file_handler = logging.FileHandler(settings.filename)
+        file_handler.setLevel(settings.file_verbosity)
+        file_handler.setFormatter(formatter)
+        root.addHandler(file_handler)
+        levels.append(logging.getLevelName(settings.file_verbosity))
+    root.setLevel(min(levels) if levels else logging.CRITICAL)
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+
+
+def configure_early() -> None:
+    """Console logging until the config is read, so its errors are visible."""
+    logging.basicConfig(level=logging.INFO, format=FORMAT.format(node="threatbus"), stream=sys.stderr)

@@ -1,0 +1,95 @@
+"""Topic subscriptions with prefix semantics, shared by every backbone."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import defaultdict
+from typing import Any, Protocol
+
+from threatbus.data import TOPICS, Message
+
+logger = logging.getLogger(__name__)
+
+
+class Sink(Protocol):
+    """Anything messages can be handed to without blocking: ``queue.Queue`` and friends."""
+
+    def put_nowait(self, item: Any) -> None: ...
+
+
+class TopicRouter:
+    """Maps topic prefixes to subscriber queues and hands messages to them.
+
+    A subscription to ``stix2`` receives ``stix2/indicator`` and
+    ``stix2/sighting``. A queue subscribed with overlapping prefixes gets each
+    message once. ``route`` never blocks: a full subscriber queue loses the
+    message, which is counted in ``dropped`` and logged.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscriptions: dict[str, list[Sink]] = defaultdict(list)
+        # Recomputed on every (un)subscribe so that route() is one dict lookup.
+        self._targets: dict[str, tuple[Sink, ...]] = {}
+        self.delivered = 0
+        self.dropped = 0
+
+    def subscribe(self, topic: str, sink: Sink) -> None:
+        with self._lock:
+            subscribers = self._subscriptions[topic]
+            if not any(existing is sink for existing in subscribers):
+                subscribers.append(sink)
+            self._recompute()
+
+    def unsubscribe(self, topic: str, sink: Sink) -> bool:
+        """Remove one subscription; False if it did not exist."""
+        with self._lock:
+            subscribers = self._subscriptions.get(topic, [])
+            remaining = [existing for existing in subscribers if existing is not sink]
+            if len(remaining) == len(subscribers):
+                return False
+            if remaining:
+                self._subscriptions[topic] = remaining
+            else:
+                del self._subscriptions[topic]
+            self._recompute()
+            return True
+
+    def _recompute(self) -> None:
+        targets = {}
+        for topic in TOPICS:
+            seen: dict[int, Sink] = {}
+            for prefix, subscribers in self._subscriptions.items():
+                if topic.startswith(prefix):
+                    for sink in subscribers:
+                        seen.setdefault(id(sink), sink)
+            targets[topic] = tuple(seen.values())
+        self._targets = targets
+
+    def subscribers(self, topic: str) -> tuple[Sink, ...]:
+        """The queues that receive messages of ``topic``."""
+        return self._targets.get(topic, ())
+
+    @property
+    def subscription_count(self) -> int:
+        with self._lock:
+            return sum(len(subscribers) for subscribers in self._subscriptions.values())
+
+    def route(self, message: Message) -> int:
+        """Hand ``message`` to every subscriber of its topic; returns how many got it."""
+        handed = 0
+        for sink in self._targets.get(message.topic, ()):
+            try:
+                sink.put_nowait(message)
+                handed += 1
+            except queue.Full:
+                self.dropped += 1
+                logger.warning("subscriber queue full, dropped %s %s", message.type_name, _message_ref(message))
+        self.delivered += handed
+        return handed
+
+
+def _message_ref(message: Message) -> str:
+    return str(message.payload.get("id") or message.payload.get("snapshot_id") or "")

@@ -1,0 +1,86 @@
+"""Snapshot bookkeeping: requests go to every app, envelopes only to the requester."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from datetime import timedelta
+
+from threatbus.data import Message, SnapshotEnvelope, SnapshotRequest, SnapshotType
+from threatbus.worker import StoppableWorker
+
+logger = logging.getLogger(__name__)
+
+# Requests whose answers we still route; the oldest are forgotten beyond this.
+MAX_OPEN_REQUESTS = 10_000
+
+
+class SnapshotRouter(StoppableWorker):
+    """Consumes snapshot requests and envelopes from the backbone.
+
+    A request (from any node) is handed to every local app through
+    ``ask_apps``. An envelope is delivered to the subscriber queue that made
+    the request, if that subscriber lives on this node; other nodes' envelopes
+    are ignored.
+    """
+
+    def __init__(self, publish_queue: queue.Queue[Message], ask_apps: Callable[[SnapshotRequest], None]) -> None:
+        super().__init__(name="snapshot-router")
+        self.inbox: queue.Queue[Message] = queue.Queue()
+        self._publish_queue = publish_queue
+        self._ask_apps = ask_apps
+        self._lock = threading.Lock()
+        self._requesters: OrderedDict[str, queue.Queue[Message]] = OrderedDict()
+        self._seen_requests: OrderedDict[str, None] = OrderedDict()
+
+    def request(self, topic: str, requester: queue.Queue[Message], period: timedelta) -> list[str]:
+        """Ask all apps for the intel of ``period`` on ``topic``; answers go to ``requester``."""
+        ids = []
+        for snapshot_type in SnapshotType.for_topic(topic):
+            request = SnapshotRequest.create(snapshot_type, period)
+            with self._lock:
+                self._requesters[request.snapshot_id] = requester
+                while len(self._requesters) > MAX_OPEN_REQUESTS:
+                    self._requesters.popitem(last=False)
+            logger.info("requesting a %s snapshot of %s (id %s)", snapshot_type.name.lower(), period, request.snapshot_id)
+            self._publish_queue.put(request)
+            ids.append(request.snapshot_id)
+        return ids
+
+    def forget(self, requester: queue.Queue[Message]) -> None:
+        """Stop routing envelopes to ``requester`` (it unsubscribed)."""
+        with self._lock:
+            for snapshot_id in [sid for sid, q in self._requesters.items() if q is requester]:
+                del self._requesters[snapshot_id]
+
+    def run(self) -> None:
+        for message in self.drain(self.inbox):
+            try:
+                if isinstance(message, SnapshotRequest):
+                    self._handle_request(message)
+                elif isinstance(message, SnapshotEnvelope):
+                    self._handle_envelope(message)
+            except Exception:
+                logger.exception("failed to handle %s", message.type_name)
+
+    def _handle_request(self, request: SnapshotRequest) -> None:
+        # At-least-once backbones may redeliver a request; ask apps only once.
+        if request.snapshot_id in self._seen_requests:
+            return
+        self._seen_requests[request.snapshot_id] = None
+        while len(self._seen_requests) > MAX_OPEN_REQUESTS:
+            self._seen_requests.popitem(last=False)
+        self._ask_apps(request)
+
+    def _handle_envelope(self, envelope: SnapshotEnvelope) -> None:
+        with self._lock:
+            requester = self._requesters.get(envelope.snapshot_id)
+        if requester is None:
+            return
+        try:
+            requester.put_nowait(envelope)
+        except queue.Full:
+            logger.warning("requester queue full, dropped envelope of snapshot %s", envelope.snapshot_id)

@@ -1,0 +1,244 @@
+"""Helpers for testing Threat Bus and its plugins (used by our own tests too).
+
+Everything here waits with deadlines, never with fixed sleeps.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from dynaconf import Dynaconf
+
+from threatbus.bus import Bus
+from threatbus.data import Indicator, Message, Sighting
+from threatbus.node import Node
+from threatbus.stix import new_indicator, new_sighting
+
+T = TypeVar("T")
+
+RABBITMQ_HOST = os.environ.get("THREATBUS_TEST_RABBITMQ_HOST", "127.0.0.1")
+RABBITMQ_PORT = int(os.environ.get("THREATBUS_TEST_RABBITMQ_PORT", "5672"))
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:
+    """Poll ``predicate`` until it returns something truthy; fail after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = predicate()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what or predicate}")
+        time.sleep(interval)
+
+
+def get_within(source: queue.Queue[T], timeout: float = 10.0) -> T:
+    """The next item of ``source``; AssertionError if none arrives in time."""
+    try:
+        return source.get(timeout=timeout)
+    except queue.Empty:
+        raise AssertionError(f"nothing arrived within {timeout}s") from None
+
+
+def collect(source: queue.Queue[T], count: int, timeout: float = 10.0) -> list[T]:
+    """Exactly ``count`` items from ``source`` within ``timeout`` overall."""
+    deadline = time.monotonic() + timeout
+    items = []
+    while len(items) < count:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AssertionError(f"got {len(items)} of {count} items within {timeout}s")
+        try:
+            items.append(source.get(timeout=remaining))
+        except queue.Empty:
+            continue
+    return items
+
+
+def assert_nothing_more(source: queue.Queue[Any], within: float = 0.3) -> None:
+    """Fail if ``source`` yields anything within ``within`` seconds (for no-duplicate checks)."""
+    try:
+        extra = source.get(timeout=within)
+    except queue.Empty:
+        return
+    raise AssertionError(f"unexpected extra item: {extra!r}")
+
+
+def indicator(value: str = "6.6.6.6", object_path: str = "ipv4-addr:value", **properties: Any) -> Indicator:
+    """A valid point indicator for ``[object_path = 'value']``."""
+    return new_indicator(f"[{object_path} = '{value}']", **properties)
+
+
+def sighting(of: Indicator | None = None, source: str = "test", **kwargs: Any) -> Sighting:
+    of = of or indicator()
+    return new_sighting(of.id, source=source, indicator=of, **kwargs)
+
+
+def settings_from(data: Mapping[str, Any]) -> Dynaconf:
+    """Dynaconf settings from a dict, as if read from a config file."""
+    settings = Dynaconf(environments=False, load_dotenv=False, envvar_prefix="THREATBUS_TEST_UNUSED")
+    for key, value in data.items():
+        settings.set(key, value)
+    return settings
+
+
+@contextmanager
+def running_bus(
+    apps: Mapping[str, object] | None = None,
+    backbones: Mapping[str, object] | None = None,
+    plugin_config: Mapping[str, Any] | None = None,
+    node_name: str = "test-node",
+) -> Iterator[Bus]:
+    """A started in-process bus with the given plugin objects; stopped on exit.
+
+    ``plugin_config`` is the ``plugins`` section; sections default to ``{}``
+    for every plugin passed in. Without backbones, the in-memory one is used.
+    """
+    if backbones is None:
+        from threatbus_inmem import InMemoryBackbone
+
+        backbones = {"inmem": InMemoryBackbone()}
+    apps = apps or {}
+    plugins: dict[str, dict[str, Any]] = {"apps": {}, "backbones": {}}
+    for kind, given in (("apps", apps), ("backbones", backbones)):
+        for name in given:
+            plugins[kind][name] = dict((plugin_config or {}).get(kind, {}).get(name, {}))
+    settings = settings_from({"plugins": plugins, "logging": {}, "node": {"name": node_name}})
+    bus = Bus(settings, apps=apps, backbones=backbones, node=Node.create(node_name))
+    bus.configure()
+    bus.start()
+    try:
+        yield bus
+    finally:
+        bus.stop()
+
+
+class Subscriber:
+    """A fake app subscription: a queue subscribed on a running bus."""
+
+    def __init__(self, bus: Bus, topic: str = "stix2", snapshot: Any = None) -> None:
+        self.queue: queue.Queue[Message] = queue.Queue()
+        self.topic = topic
+        args = {} if snapshot is None else {"snapshot": snapshot}
+        self.snapshot_ids = bus.subscribe(topic, self.queue, **args)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def rabbitmq_reachable(host: str = RABBITMQ_HOST, port: int = RABBITMQ_PORT) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def require_rabbitmq() -> None:
+    """Skip (locally) or fail (with CI=true) when RabbitMQ is not reachable."""
+    import pytest
+
+    if rabbitmq_reachable():
+        return
+    reason = f"RabbitMQ not reachable at {RABBITMQ_HOST}:{RABBITMQ_PORT} (start it: rabbitmq-server -detached)"
+    if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+        pytest.fail(reason)
+    pytest.skip(reason)
+
+
+class ThreatBusProcess:
+    """A real ``threatbus`` process started from a config dict, with its log captured."""
+
+    def __init__(self, config: Mapping[str, Any], workdir: Path, name: str = "node", extra_env: Mapping[str, str] | None = None) -> None:
+        self.config_path = Path(workdir) / f"{name}.yaml"
+        self.config_path.write_text(yaml.safe_dump(dict(config)))
+        self.log_path = Path(workdir) / f"{name}.log"
+        self.extra_env = dict(extra_env or {})
+        self.process: subprocess.Popen[bytes] | None = None
+        self._log_file: Any = None
+
+    def start(self, ready_line: str = "is running", timeout: float = 30.0) -> ThreatBusProcess:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
+        self._log_file = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "threatbus", "-c", str(self.config_path)],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+        self.wait_for_log(ready_line, timeout)
+        return self
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def wait_for_log(self, text: str, timeout: float = 30.0) -> None:
+        def seen() -> bool:
+            if self.process is not None and self.process.poll() is not None and text not in self.log():
+                raise AssertionError(f"threatbus exited with {self.process.returncode}:\n{self.log()}")
+            return text in self.log()
+
+        try:
+            wait_until(seen, timeout, interval=0.05, what=f"log line {text!r}")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n--- log ---\n{self.log()}") from None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
+        """Signal the process and wait for it; returns its exit code."""
+        assert self.process is not None
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        try:
+            code = self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise AssertionError(f"threatbus did not stop within {timeout}s:\n{self.log()}") from None
+        finally:
+            if self._log_file is not None:
+                self._log_file.close()
+        return code
+
+    def kill(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+        if self._log_file is not None:
+            self._log_file.close()
+
+
+class ThreadedCollector(threading.Thread):
+    """Drains a queue in the background into a list, for tests with many messages."""
+
+    def __init__(self, source: queue.Queue[T]) -> None:
+        super().__init__(daemon=True)
+        self.source = source
+        self.items: list[Any] = []
+        self._done = threading.Event()
+
+    def run(self) -> None:
+        while not self._done.is_set():
+            try:
+                self.items.append(self.source.get(timeout=0.1))
+            except queue.Empty:
+                continue
+
+    def close(self) -> None:
+        self._done.set()
+        self.join(2)

@@ -1,0 +1,99 @@
+"""Threads that stop when asked, and a capped backoff for reconnect loops."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
+
+logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Workers must notice a stop request at least this often.
+POLL_INTERVAL = 0.5
+
+
+class StoppableWorker(threading.Thread):
+    """Base class of every thread in Threat Bus.
+
+    Subclasses implement ``run()`` and return from it soon after ``stop()``
+    was called: they check ``stopping`` or use ``wait()`` and ``drain()``,
+    which never block longer than ``POLL_INTERVAL``. Workers are not daemon
+    threads: shutdown is explicit, through ``stop()`` and ``join()``.
+    """
+
+    def __init__(self, name: str | None = None) -> None:
+        super().__init__(name=name or type(self).__name__, daemon=False)
+        self._stop_event = threading.Event()
+
+    def stop(self) -> None:
+        """Ask the worker to finish. Returns at once; ``join()`` waits."""
+        self._stop_event.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_event.is_set()
+
+    def wait(self, seconds: float) -> bool:
+        """Sleep up to ``seconds``; True if a stop was requested meanwhile."""
+        return self._stop_event.wait(seconds)
+
+    def drain(self, source: queue.Queue[T] | queue.SimpleQueue[T]) -> Iterator[T]:
+        """Yield items from ``source`` until the worker is asked to stop."""
+        while not self._stop_event.is_set():
+            try:
+                yield source.get(timeout=POLL_INTERVAL)
+            except queue.Empty:
+                continue
+
+
+def stop_workers(workers: Iterable[threading.Thread], timeout: float = 5.0) -> list[str]:
+    """Stop all workers first, then join each within one shared deadline.
+
+    Returns the names of the workers that did not end in time (and logs them).
+    """
+    workers = list(workers)
+    for worker in workers:
+        if isinstance(worker, StoppableWorker):
+            worker.stop()
+    deadline = time.monotonic() + timeout
+    stuck = []
+    for worker in workers:
+        if worker.ident is None:  # never started
+            continue
+        worker.join(max(0.0, deadline - time.monotonic()))
+        if worker.is_alive():
+            stuck.append(worker.name)
+    if stuck:
+        logger.warning("workers still running after %.1fs: %s", timeout, ", ".join(stuck))
+    return stuck
+
+
+class Backoff:
+    """Capped exponential backoff with jitter that resets after a success.
+
+    ``next_delay()`` gives how long to wait before the next attempt;
+    ``reset()`` is called once a connection is established again.
+    """
+
+    def __init__(self, initial: float = 0.5, maximum: float = 30.0, factor: float = 2.0) -> None:
+        if initial <= 0 or maximum < initial or factor < 1:
+            raise ValueError("backoff needs 0 < initial <= maximum and factor >= 1")
+        self.initial = initial
+        self.maximum = maximum
+        self.factor = factor
+        self.attempts = 0
+
+    def next_delay(self) -> float:
+        base = min(self.maximum, self.initial * self.factor**self.attempts)
+        self.attempts += 1
+        # Jitter keeps several nodes from reconnecting in lockstep after a broker restart.
+        return base * random.uniform(0.8, 1.0)
+
+    def reset(self) -> None:
+        self.attempts = 0
