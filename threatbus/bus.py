@@ -56,7 +56,9 @@ class Bus:
         self.backbones = _manager(BACKBONE_GROUP, backbonespecs, backbones)
         self.publish_queue: queue.Queue[Message] = queue.Queue()
         self.metrics = Metrics(self.node.name)
-        self.metrics.gauge(QUEUE_DEPTH, "Messages waiting in a queue of the node", self.publish_queue.qsize, queue="publish")
+        self.metrics.gauge(
+            QUEUE_DEPTH, "Messages waiting in a queue of the node", self.publish_queue.qsize, queue="publish"
+        )
         self.snapshots = SnapshotRouter(self.publish_queue, self._ask_apps)
         self._started: list[tuple[pluggy.PluginManager, str]] = []
 
@@ -88,7 +90,15 @@ class Bus:
         """
         try:
             for name, backbone in self.backbones.list_name_plugin():
-                self._call_one(self.backbones, backbone, "run", name, "backbones", inq=self.publish_queue, node=self.node, metrics=self.metrics
+                self._call_one(
+                    self.backbones,
+                    backbone,
+                    "run",
+                    name,
+                    "backbones",
+                    inq=self.publish_queue,
+                    node=self.node,
+                    metrics=self.metrics,
                 )
             self.snapshots.start()
             for topic in (TOPIC_SNAPSHOT_REQUEST, TOPIC_SNAPSHOT_ENVELOPE):

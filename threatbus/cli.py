@@ -14,7 +14,7 @@ from typing import Any
 from threatbus import __version__, config, plugins
 from threatbus import logging as threatbus_logging
 from threatbus.bus import Bus
-from threatbus.errors import ConfigError, PluginError, ThreatBusError
+from threatbus.errors import ConfigError, ThreatBusError
 from threatbus.node import Node
 
 logger = logging.getLogger("threatbus")
@@ -45,7 +45,10 @@ exit status:
 def build_parser() -> argparse.ArgumentParser:
     config_option = argparse.ArgumentParser(add_help=False)
     config_option.add_argument(
-        "-c", "--config", metavar="FILE", help="config file (default: ./config.yaml, ./config.yml, or the embedded default)"
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="config file (default: ./config.yaml, ./config.yml, or the embedded default)",
     )
     parser = argparse.ArgumentParser(
         prog="threatbus",

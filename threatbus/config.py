@@ -77,9 +77,7 @@ def port(name: str, default: Any = _UNSET, required: bool = False) -> Validator:
 
 def choice(name: str, choices: Sequence[Any], default: Any = _UNSET) -> Validator:
     words = ", ".join(str(c) for c in choices)
-    return option(
-        name, type(choices[0]), default=default, check=lambda v: v in choices, expected=f"one of {words}"
-    )
+    return option(name, type(choices[0]), default=default, check=lambda v: v in choices, expected=f"one of {words}")
 
 
 def core_validators() -> list[Validator]:

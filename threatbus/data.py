@@ -47,7 +47,7 @@ class SnapshotType(IntEnum):
 class Message:
     """Base of all messages: the JSON object plus its cached encoding."""
 
-    __slots__ = ("payload", "_raw")
+    __slots__ = ("_raw", "payload")
     type_name: ClassVar[str]
     topic: ClassVar[str]
 

@@ -97,6 +97,8 @@ def load(settings: Any) -> dict[str, dict[str, object]]:
                 f"install with: pip install {packages}"
             )
         for name in sorted(found.keys() - set(wanted)):
-            logger.info("%s plugin '%s' is installed but not configured in plugins.%s: not started", kind[:-1], name, kind)
+            logger.info(
+                "%s plugin '%s' is installed but not configured in plugins.%s: not started", kind[:-1], name, kind
+            )
         loaded[kind] = {name: instantiate(kind, name, found[name]) for name in wanted}
     return loaded

@@ -45,7 +45,9 @@ class SnapshotRouter(StoppableWorker):
                 self._requesters[request.snapshot_id] = requester
                 while len(self._requesters) > MAX_OPEN_REQUESTS:
                     self._requesters.popitem(last=False)
-            logger.info("requesting a %s snapshot of %s (id %s)", snapshot_type.name.lower(), period, request.snapshot_id)
+            logger.info(
+                "requesting a %s snapshot of %s (id %s)", snapshot_type.name.lower(), period, request.snapshot_id
+            )
             self._publish_queue.put(request)
             ids.append(request.snapshot_id)
         return ids

@@ -165,7 +165,9 @@ def require_rabbitmq() -> None:
 class ThreatBusProcess:
     """A real ``threatbus`` process started from a config dict, with its log captured."""
 
-    def __init__(self, config: Mapping[str, Any], workdir: Path, name: str = "node", extra_env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, config: Mapping[str, Any], workdir: Path, name: str = "node", extra_env: Mapping[str, str] | None = None
+    ) -> None:
         self.config_path = Path(workdir) / f"{name}.yaml"
         self.config_path.write_text(yaml.safe_dump(dict(config)))
         self.log_path = Path(workdir) / f"{name}.log"

@@ -46,7 +46,9 @@ class InMemoryBackbone:
 
     @threatbus.backbone
     def run(self, config: Any, inq: queue.Queue[Message], node: Node, metrics: Metrics) -> None:
-        metrics.counter(DELIVERED, "Messages handed to local subscribers", lambda: self.router.delivered, plugin="inmem")
+        metrics.counter(
+            DELIVERED, "Messages handed to local subscribers", lambda: self.router.delivered, plugin="inmem"
+        )
         metrics.counter(DROPPED, "Messages lost to full queues", lambda: self.router.dropped, where="inmem")
         self.worker = _Distributor(inq, self.router)
         self.worker.start()
