@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import random
 import threading
 import time
 from collections.abc import Iterable, Iterator
-from typing import TypeVar
+from typing import Any, TypeVar
 
 logger = logging.getLogger(__name__)
 
@@ -16,6 +17,9 @@ T = TypeVar("T")
 
 # Workers must notice a stop request at least this often.
 POLL_INTERVAL = 0.5
+
+# Put into the queue a worker drains, so that stop() wakes it at once.
+_WAKE_UP = object()
 
 
 class StoppableWorker(threading.Thread):
@@ -30,10 +34,15 @@ class StoppableWorker(threading.Thread):
     def __init__(self, name: str | None = None) -> None:
         super().__init__(name=name or type(self).__name__, daemon=False)
         self._stop_event = threading.Event()
+        self._draining: queue.Queue[Any] | queue.SimpleQueue[Any] | None = None
 
     def stop(self) -> None:
         """Ask the worker to finish. Returns at once; ``join()`` waits."""
         self._stop_event.set()
+        draining = self._draining
+        if draining is not None:
+            with contextlib.suppress(queue.Full):
+                draining.put_nowait(_WAKE_UP)
 
     @property
     def stopping(self) -> bool:
@@ -45,11 +54,25 @@ class StoppableWorker(threading.Thread):
 
     def drain(self, source: queue.Queue[T] | queue.SimpleQueue[T]) -> Iterator[T]:
         """Yield items from ``source`` until the worker is asked to stop."""
+        self._draining = source
         while not self._stop_event.is_set():
             try:
-                yield source.get(timeout=POLL_INTERVAL)
+                item = source.get(timeout=POLL_INTERVAL)
             except queue.Empty:
                 continue
+            if item is not _WAKE_UP:
+                yield item
+
+    @staticmethod
+    def leftovers(source: queue.Queue[T] | queue.SimpleQueue[T]) -> Iterator[T]:
+        """Yield what is still in ``source`` without waiting (to finish work after a stop)."""
+        while True:
+            try:
+                item = source.get_nowait()
+            except queue.Empty:
+                return
+            if item is not _WAKE_UP:
+                yield item
 
 
 def stop_workers(workers: Iterable[threading.Thread], timeout: float = 5.0) -> list[str]:

@@ -26,11 +26,8 @@ class _Distributor(StoppableWorker):
         for message in self.drain(self.inq):
             self.router.route(message)
         # Deliver what apps published before the stop, so nothing accepted is lost.
-        while True:
-            try:
-                self.router.route(self.inq.get_nowait())
-            except queue.Empty:
-                break
+        for message in self.leftovers(self.inq):
+            self.router.route(message)
 
 
 class InMemoryBackbone:

@@ -1,0 +1,98 @@
+"""STIX content checks at the entry of the bus, point indicators, builders."""
+
+import pytest
+import stix2
+
+from threatbus import stix
+from threatbus.data import Indicator
+from threatbus.stix import InvalidIntel, PointIndicator, pattern_errors, point_indicator, validate
+from threatbus.testing import indicator, sighting
+
+SHA256 = "a" * 64
+
+
+@pytest.mark.parametrize(
+    ("pattern", "expected"),
+    [
+        ("[ipv4-addr:value = '6.6.6.6']", PointIndicator("ipv4-addr", "value", "6.6.6.6")),
+        ("[ipv6-addr:value = '::1']", PointIndicator("ipv6-addr", "value", "::1")),
+        ("[domain-name:value = 'evil.example']", PointIndicator("domain-name", "value", "evil.example")),
+        ("[url:value = 'http://evil.example/a?b=c']", PointIndicator("url", "value", "http://evil.example/a?b=c")),
+        ("[email-addr:value = 'a@evil.example']", PointIndicator("email-addr", "value", "a@evil.example")),
+        (f"[file:hashes.'SHA-256' = '{SHA256}']", PointIndicator("file", "hashes.SHA-256", SHA256)),
+        (
+            "[file:hashes.MD5 = 'd41d8cd98f00b204e9800998ecf8427e']",
+            PointIndicator("file", "hashes.MD5", "d41d8cd98f00b204e9800998ecf8427e"),
+        ),
+        (
+            "[file:hashes.'SHA-1' = 'da39a3ee5e6b4b0d3255bfef95601890afd80709']",
+            PointIndicator("file", "hashes.SHA-1", "da39a3ee5e6b4b0d3255bfef95601890afd80709"),
+        ),
+        ("[domain-name:value = 'it\\'s.example']", PointIndicator("domain-name", "value", "it's.example")),
+        # Not matched by the fast path, answered by stix2-patterns:
+        ("[ ipv4-addr:value='1.2.3.4' ]", PointIndicator("ipv4-addr", "value", "1.2.3.4")),
+        ("[x-custom:value = 'v']", PointIndicator("x-custom", "value", "v")),
+        # Not a single value:
+        ("[ipv4-addr:value = '1.2.3.4' OR ipv4-addr:value = '5.6.7.8']", None),
+        ("[ipv4-addr:value = '1.2.3.4'] AND [domain-name:value = 'x.example']", None),
+        ("[ipv4-addr:value ISSUBSET '10.0.0.0/8']", None),
+        ("[ipv4-addr:value = '1.2.3.4'] WITHIN 5 SECONDS", None),
+        ("[ipv4-addr:value = 'unterminated]", None),
+    ],
+)
+def test_point_indicator(pattern, expected):
+    assert point_indicator(pattern) == expected
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [
+        "[ipv4-addr:value = '6.6.6.6'",
+        "ipv4-addr:value = '6.6.6.6'",
+        "[file:hashes.'SHA-256' = 'abc']",
+        "[ipv4-addr:value = ]",
+        "",
+    ],
+)
+def test_invalid_patterns_have_errors(pattern):
+    assert pattern_errors(pattern)
+
+
+def test_fast_path_agrees_with_stix2_patterns():
+    from stix2patterns.validator import run_validator
+
+    for pattern in ("[ipv4-addr:value = '6.6.6.6']", f"[file:hashes.'SHA-256' = '{SHA256}']", "[url:value = 'a\\\\b']"):
+        assert stix._simple_match(pattern) is not None
+        assert run_validator(pattern, stix_version="2.1") == []
+
+
+def test_validate_rejects_bad_pattern_and_timestamps():
+    good = indicator()
+    validate(good)
+    with pytest.raises(InvalidIntel, match="invalid pattern"):
+        validate(Indicator({**good.payload, "pattern": "[ipv4-addr:value = "}))
+    with pytest.raises(InvalidIntel, match="valid_from"):
+        validate(Indicator({**good.payload, "valid_from": "yesterday"}))
+    with pytest.raises(InvalidIntel, match="spec_version"):
+        validate(Indicator({**good.payload, "spec_version": "2.0"}))
+
+
+def test_validate_skips_pattern_languages_it_does_not_know():
+    validate(stix.new_indicator('alert ip any any -> any any (msg:"x"; sid:1;)', pattern_type="suricata"))
+
+
+def test_validate_checks_embedded_indicator_of_sightings():
+    bad = Indicator({**indicator().payload, "pattern": "[broken"})
+    with pytest.raises(InvalidIntel):
+        validate(sighting(bad))
+
+
+def test_builders_produce_stix_that_the_stix2_library_accepts():
+    ind = indicator("evil.example", "domain-name:value")
+    sight = stix.new_sighting(ind.id, source="Zeek", value="evil.example", indicator=ind, context={"uid": "C1"})
+    parsed_indicator = stix2.parse(ind.payload, allow_custom=True)
+    parsed_sighting = stix2.parse(sight.payload, allow_custom=True)
+    assert parsed_indicator.id == ind.id
+    assert parsed_sighting.sighting_of_ref == ind.id
+    assert parsed_sighting.x_threatbus_match_type == "LIVE"
+    validate(sight)
