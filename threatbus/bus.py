@@ -15,6 +15,7 @@ from threatbus.data import TOPIC_SNAPSHOT_ENVELOPE, TOPIC_SNAPSHOT_REQUEST, Mess
 from threatbus.errors import ConfigError, PluginError
 from threatbus.metrics import QUEUE_DEPTH, Metrics
 from threatbus.node import Node
+from threatbus.observability import ObservabilityServer
 from threatbus.plugins import APP_GROUP, BACKBONE_GROUP
 from threatbus.snapshots import SnapshotRouter
 
@@ -61,6 +62,7 @@ class Bus:
         )
         self.snapshots = SnapshotRouter(self.publish_queue, self._ask_apps)
         self._started: list[tuple[pluggy.PluginManager, str]] = []
+        self.http: ObservabilityServer | None = None
 
     # ---- configuration -------------------------------------------------
 
@@ -86,8 +88,10 @@ class Bus:
         """Start the backbone, the core's workers, then the apps, in that order.
 
         If anything fails to start, what already started is stopped again and
-        ``PluginError`` is raised.
+        ``PluginError`` is raised. The metrics and health endpoints (if
+        configured) start first, so a port in use stops the start at once.
         """
+        self._start_http()
         try:
             for name, backbone in self.backbones.list_name_plugin():
                 self._call_one(
@@ -160,6 +164,7 @@ class Bus:
             self.snapshots.join(5)
         while self._started:
             self._stop_one(*self._started.pop())
+        self._stop_http()
 
     def _stop_one(self, manager: pluggy.PluginManager, name: str) -> None:
         plugin = manager.get_plugin(name)
@@ -168,6 +173,22 @@ class Bus:
             logger.debug("stopped plugin '%s'", name)
         except Exception:
             logger.exception("plugin '%s' failed to stop cleanly", name)
+
+    def _start_http(self) -> None:
+        http = self.settings.get("http") or {}
+        if http.get("port") is None:
+            logger.debug("metrics and health endpoints off (set http.port to turn them on)")
+            return
+        self.http = ObservabilityServer(
+            self.metrics, self.health, self.node, host=http.get("host") or "127.0.0.1", port=http["port"]
+        )
+        self.http.start()
+
+    def _stop_http(self) -> None:
+        if self.http is not None:
+            self.http.stop()
+            self.http.join(5)
+            self.http = None
 
     # ---- what apps call ------------------------------------------------
 

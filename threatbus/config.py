@@ -88,6 +88,16 @@ def core_validators() -> list[Validator]:
         choice("logging.file_verbosity", LOG_LEVELS, default="DEBUG"),
         option("logging.filename", str, default="threatbus.log"),
         option("node.name", str, default=None, check=bool, expected="a non-empty string"),
+        # Metrics and health endpoints (threatbus.observability): off unless http.port is set.
+        option("http", dict, default={}),
+        option("http.host", str, default="127.0.0.1", check=bool, expected="a host name or IP address"),
+        option(
+            "http.port",
+            int,
+            default=None,
+            check=lambda p: 0 <= p < 65536,
+            expected="a TCP port (1-65535), 0 for any free port, or null for off",
+        ),
         option("plugins.apps", dict, default={}),
         option("plugins.backbones", dict, default={}),
     ]
@@ -141,6 +151,8 @@ def _normalise_sections(settings: Dynaconf) -> None:
             for name, section in list(sections.items()):
                 if section is None:
                     settings.set(f"plugins.{kind}.{name}", {})
+    if "http" in settings and settings.get("http") is None:  # `http:` alone: all defaults
+        settings.set("http", {})
 
 
 def validate(settings: Dynaconf, validators: Iterable[Validator]) -> None:
