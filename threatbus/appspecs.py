@@ -45,7 +45,7 @@ def config_validators() -> Sequence[Validator]:
 @hookspec
 def run(
     config: Any,
-    publish_queue: queue.Queue[Message],
+    publish_queue: queue.SimpleQueue[Message],
     subscribe: SubscribeCallback,
     unsubscribe: UnsubscribeCallback,
     node: Node,
@@ -56,7 +56,8 @@ def run(
     :param config: this plugin's validated section ``plugins.apps.<name>``.
     :param publish_queue: put every message from the connected tool here;
         the bus hands it to the backbone, which delivers it to all
-        subscribers on all nodes. Validate STIX content first
+        subscribers on all nodes. It is a ``queue.SimpleQueue``: ``put()``
+        never blocks. Validate STIX content first
         (``threatbus.stix.validate``): this is where intel enters the bus.
     :param subscribe: ``subscribe(topic, queue, snapshot=timedelta(0))``
         makes ``queue`` receive every message whose topic starts with
@@ -64,6 +65,9 @@ def run(
         intel of that period (one request per snapshot type the topic
         covers); the answers (``SnapshotEnvelope``) arrive in the same
         queue. Returns the ids of the requests made, empty without snapshot.
+        The backbone puts with ``put_nowait``: a bounded ``queue.Queue``
+        loses (and counts) what does not fit; an unbounded
+        ``queue.SimpleQueue`` is the fastest hand-over.
     :param unsubscribe: ``unsubscribe(topic, queue)`` ends a subscription.
     :param node: the identity of this bus node.
     :param metrics: register read-outs of the plugin's counters here, under
@@ -86,7 +90,7 @@ def stop() -> None:
 
 
 @hookspec
-def snapshot(snapshot_request: SnapshotRequest, result_queue: queue.Queue[Message]) -> None:
+def snapshot(snapshot_request: SnapshotRequest, result_queue: queue.SimpleQueue[Message]) -> None:
     """Answer a snapshot request from another app.
 
     Called from the core's snapshot worker for every request on the bus, on

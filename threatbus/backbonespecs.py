@@ -38,7 +38,7 @@ def config_validators() -> Sequence[Validator]:
 
 
 @hookspec
-def run(config: Any, inq: queue.Queue[Message], node: Node, metrics: Metrics) -> None:
+def run(config: Any, inq: queue.SimpleQueue[Message], node: Node, metrics: Metrics) -> None:
     """Start the backbone. Called once, before any app starts.
 
     :param config: this backbone's validated section ``plugins.backbones.<name>``.
@@ -46,6 +46,8 @@ def run(config: Any, inq: queue.Queue[Message], node: Node, metrics: Metrics) ->
         consumes it and delivers each message to every subscriber whose topic
         prefix matches, on this node and (for distributed backbones) on all
         others. Use ``threatbus.routing.TopicRouter`` for local delivery.
+        It is a ``queue.SimpleQueue`` (fast hand-over, no ``task_done``):
+        use ``get(timeout=...)``, ``get_nowait()`` or ``StoppableWorker.drain``.
     :param node: the identity of this bus node.
     :param metrics: register read-outs of the backbone's counters here
         (``BACKBONE_PUBLISHED``, ``BACKBONE_CONSUMED``, ``BACKBONE_REJECTED``,

