@@ -15,6 +15,7 @@ setup(
         "orjson>=3.8",
         "pika>=1.3",
         "pluggy>=1.3",
+        "prometheus-client>=0.17",
         "PyYAML>=6.0",
         "stix2-patterns>=2.0",
     ],
