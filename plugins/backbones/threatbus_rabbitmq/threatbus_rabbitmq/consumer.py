@@ -1,0 +1,247 @@
+"""Consuming the node's queue and handing each message to the local subscribers.
+
+The consumer owns its pika connection in its own thread. For every delivery
+it decodes the body (structure only, ``threatbus.data.decode``), drops it if
+an identical message was seen recently (at-least-once delivery repeats
+messages after reconnects), routes it with the ``TopicRouter`` (never blocks)
+and only then acknowledges it. Acks are batched (``multiple=True``). Poison
+messages are logged, counted and rejected without requeue: the broker drops
+them, or dead-letters them where the operator set a dead-letter policy.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from collections.abc import Hashable
+from typing import Any
+
+from pika.channel import Channel
+from pika.spec import Basic, BasicProperties
+
+from threatbus.data import decode, describe
+from threatbus.errors import DecodeError
+from threatbus.routing import TopicRouter
+from threatbus_rabbitmq.connection import AmqpWorker
+from threatbus_rabbitmq.settings import BrokerSettings
+
+logger = logging.getLogger(__name__)
+
+# Acks wait at most this long to be batched with later ones.
+ACK_DELAY = 0.01
+# Poison messages: at most this many log lines per window, then a summary.
+_POISON_LOG_BURST = 20
+_POISON_LOG_WINDOW = 10.0
+
+
+class Deduplicator:
+    """Remembers the last ``size`` message keys; ``seen`` is True for a repeat."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._order: deque[Hashable] = deque()
+        self._keys: set[Hashable] = set()
+
+    def seen(self, key: Hashable) -> bool:
+        if self.size <= 0:
+            return False
+        if key in self._keys:
+            return True
+        if len(self._order) >= self.size:
+            self._keys.discard(self._order.popleft())
+        self._order.append(key)
+        self._keys.add(key)
+        return False
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+
+class Consumer(AmqpWorker):
+    """Owns the consuming connection; runs in its own thread."""
+
+    role = "consumer"
+
+    def __init__(self, settings: BrokerSettings, router: TopicRouter) -> None:
+        super().__init__(settings)
+        self.router = router
+        self.dedup = Deduplicator(settings.dedup_window)
+        self.consumed = 0
+        self.rejected = 0
+        self.duplicates = 0
+        self.backlog_at_connect = 0  # messages waiting in the queue when we last connected
+        self._consumer_tag: str | None = None
+        self._unacked = 0
+        self._last_tag = 0
+        self._ack_batch = max(1, settings.prefetch // 4)
+        self._ack_timer: Any = None
+        self._poison_window_start = 0.0
+        self._poison_logged = 0
+        self._poison_suppressed = 0
+
+    # ---- set-up --------------------------------------------------------
+
+    def setup(self, channel: Channel) -> None:
+        channel.basic_qos(prefetch_count=self.settings.prefetch, callback=lambda _f: self._declare_exchange(channel))
+
+    def _declare_exchange(self, channel: Channel) -> None:
+        s = self.settings
+        after = self._declare_bridge if s.bridge_exchange else self._declare_queue
+        channel.exchange_declare(
+            exchange=s.exchange, exchange_type="fanout", durable=s.exchange_durable, callback=lambda _f: after(channel)
+        )
+
+    def _declare_bridge(self, channel: Channel) -> None:
+        channel.exchange_declare(
+            exchange=self.settings.bridge_exchange,
+            exchange_type="fanout",
+            durable=True,
+            callback=lambda _f: self._declare_queue(channel),
+        )
+
+    def _declare_queue(self, channel: Channel) -> None:
+        s = self.settings
+        channel.queue_declare(
+            queue=s.queue_name,
+            durable=s.queue_durable,
+            exclusive=s.queue_exclusive,
+            auto_delete=s.queue_auto_delete,
+            arguments=dict(s.queue_arguments),
+            callback=lambda frame: self._on_queue_declared(channel, frame),
+        )
+
+    def _on_queue_declared(self, channel: Channel, frame: Any) -> None:
+        s = self.settings
+        self.backlog_at_connect = frame.method.message_count
+        others = frame.method.consumer_count
+        if others:
+            logger.error(
+                "consumer: queue '%s' already has %d consumer(s): another Threat Bus node uses the same queue name "
+                "(set a distinct queue.name_suffix per node) or our previous connection is not yet gone; "
+                "not sharing it: each node must see every message",
+                s.queue_name,
+                others,
+            )
+        exchanges = [s.exchange, *([s.bridge_exchange] if s.bridge_exchange else [])]
+        self._bind(channel, exchanges)
+
+    def _bind(self, channel: Channel, exchanges: list[str]) -> None:
+        if not exchanges:
+            self._consume(channel)
+            return
+        first, rest = exchanges[0], exchanges[1:]
+        channel.queue_bind(
+            queue=self.settings.queue_name,
+            exchange=first,
+            routing_key="",
+            callback=lambda _f: self._bind(channel, rest),
+        )
+
+    def _consume(self, channel: Channel) -> None:
+        # Exclusive: a second node on our queue gets ACCESS_REFUSED instead of half the intel (and so do we).
+        self._consumer_tag = channel.basic_consume(
+            self.settings.queue_name,
+            self._on_message,
+            auto_ack=False,
+            exclusive=True,
+            callback=lambda _f: self._on_consuming(),
+        )
+
+    def _on_consuming(self) -> None:
+        self.ready()
+        logger.info(
+            "consumer: consuming queue '%s' (%d message(s) waiting) bound to exchange '%s'%s",
+            self.settings.queue_name,
+            self.backlog_at_connect,
+            self.settings.exchange,
+            f" and '{self.settings.bridge_exchange}'" if self.settings.bridge_exchange else "",
+        )
+
+    # ---- the hot path --------------------------------------------------
+
+    def _on_message(self, channel: Channel, method: Basic.Deliver, _properties: BasicProperties, body: bytes) -> None:
+        self.consumed += 1
+        try:
+            message = decode(body)
+        except DecodeError as err:
+            self.rejected += 1
+            self._log_poison(err, body, method)
+            self._flush_acks()
+            channel.basic_reject(method.delivery_tag, requeue=False)
+            return
+        if self.dedup.seen(message.dedup_key):
+            self.duplicates += 1
+        else:
+            self.router.route(message)
+        self._ack(method.delivery_tag)
+
+    def _ack(self, tag: int) -> None:
+        self._last_tag = tag
+        self._unacked += 1
+        if self._unacked >= self._ack_batch:
+            self._flush_acks()
+        elif self._ack_timer is None:
+            self._ack_timer = self.call_later(ACK_DELAY, self._on_ack_timer)
+
+    def _on_ack_timer(self) -> None:
+        self._ack_timer = None
+        self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        if self._ack_timer is not None:
+            self.remove_timeout(self._ack_timer)
+            self._ack_timer = None
+        if self._unacked and self._channel is not None and self._channel.is_open:
+            self._channel.basic_ack(self._last_tag, multiple=True)
+        self._unacked = 0
+
+    def _log_poison(self, err: DecodeError, body: bytes, method: Basic.Deliver) -> None:
+        now = time.monotonic()
+        if now - self._poison_window_start > _POISON_LOG_WINDOW:
+            if self._poison_suppressed:
+                logger.warning("consumer: %d more invalid message(s) were not logged", self._poison_suppressed)
+            self._poison_window_start = now
+            self._poison_logged = self._poison_suppressed = 0
+        if self._poison_logged >= _POISON_LOG_BURST:
+            self._poison_suppressed += 1
+            return
+        self._poison_logged += 1
+        logger.warning(
+            "consumer: rejected invalid message from queue '%s' (exchange '%s', redelivered=%s, %d bytes): %s; body %s",
+            self.settings.queue_name,
+            method.exchange,
+            method.redelivered,
+            len(body),
+            err,
+            describe(body),
+        )
+
+    # ---- lifecycle -----------------------------------------------------
+
+    def on_lost(self) -> None:
+        # Delivery tags belong to the channel: unacked messages come again and the dedup window catches them.
+        self._unacked = 0
+        self._consumer_tag = None
+        if self._ack_timer is not None:
+            self.remove_timeout(self._ack_timer)
+            self._ack_timer = None
+
+    def begin_shutdown(self) -> None:
+        channel = self._channel
+        if channel is None or self._consumer_tag is None or not channel.is_open:
+            self.close()
+            return
+
+        def cancelled(_frame: Any) -> None:
+            self._flush_acks()
+            self.close()
+
+        # Should the broker never answer the cancel, close anyway within the stop bound.
+        self.call_later(self.settings.stop_timeout, self.close)
+        try:
+            channel.basic_cancel(self._consumer_tag, callback=cancelled)
+        except Exception:
+            logger.debug("consumer: cancel failed; closing", exc_info=True)
+            self._flush_acks()
+            self.close()

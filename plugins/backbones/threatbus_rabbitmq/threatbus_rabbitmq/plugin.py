@@ -1,0 +1,141 @@
+"""The RabbitMQ backbone plugin object: configuration, workers, hooks."""
+
+from __future__ import annotations
+
+import logging
+import queue
+from typing import Any
+
+import threatbus
+from threatbus.data import Message
+from threatbus.metrics import (
+    BACKBONE_CONNECTED,
+    BACKBONE_CONSUMED,
+    BACKBONE_PUBLISHED,
+    BACKBONE_REJECTED,
+    DELIVERED,
+    DROPPED,
+    QUEUE_DEPTH,
+    Metrics,
+)
+from threatbus.node import Node
+from threatbus.routing import TopicRouter
+from threatbus.worker import stop_workers
+from threatbus_rabbitmq.consumer import Consumer
+from threatbus_rabbitmq.publisher import Feeder, Outbox, Publisher
+from threatbus_rabbitmq.settings import NAME, BrokerSettings, resolve, validators
+
+logger = logging.getLogger(__name__)
+
+DUPLICATES = "threatbus_backbone_duplicates"  # counter{backbone}: repeats dropped by the consumer
+RESENT = "threatbus_backbone_resent"  # counter{backbone}: unconfirmed publishes sent again
+
+
+class RabbitMQBackbone:
+    """Backbone for several nodes: publishes to a fanout exchange, consumes the node's own queue.
+
+    Threads: ``rabbitmq-feeder`` (bus inq -> outbox), ``rabbitmq-publisher``
+    and ``rabbitmq-consumer`` (each owns one pika connection).
+    """
+
+    def __init__(self) -> None:
+        self.router = TopicRouter()
+        self.settings: BrokerSettings | None = None
+        self.outbox: Outbox | None = None
+        self.publisher: Publisher | None = None
+        self.consumer: Consumer | None = None
+        self.feeder: Feeder | None = None
+
+    @threatbus.backbone
+    def config_validators(self) -> list[Any]:
+        return validators()
+
+    @threatbus.backbone
+    def run(self, config: Any, inq: queue.Queue[Message], node: Node, metrics: Metrics) -> None:
+        settings = resolve(config, node)
+        self.settings = settings
+        self.outbox = Outbox(settings.outbox_size)
+        self.publisher = Publisher(settings, self.outbox)
+        self.consumer = Consumer(settings, self.router)
+        self.feeder = Feeder(inq, self.outbox, self.publisher)
+        self._register_metrics(metrics, self.publisher, self.consumer, self.outbox)
+        logger.info(
+            "RabbitMQ backbone on node '%s': broker %s, exchange '%s'%s, queue '%s' (durable=%s, lazy=%s)",
+            node.name,
+            settings.url,
+            settings.exchange,
+            f" via durable bridge exchange '{settings.bridge_exchange}'" if settings.bridge_exchange else "",
+            settings.queue_name,
+            settings.queue_durable,
+            dict(settings.queue_arguments).get("x-queue-mode") == "lazy",
+        )
+        self.consumer.start()
+        self.publisher.start()
+        self.feeder.start()
+
+    def _register_metrics(self, metrics: Metrics, publisher: Publisher, consumer: Consumer, outbox: Outbox) -> None:
+        label = {"backbone": NAME}
+        metrics.counter(BACKBONE_PUBLISHED, "Messages confirmed by the broker", lambda: publisher.published, **label)
+        metrics.counter(BACKBONE_CONSUMED, "Messages consumed from the broker", lambda: consumer.consumed, **label)
+        metrics.counter(BACKBONE_REJECTED, "Invalid messages rejected", lambda: consumer.rejected, **label)
+        metrics.counter(DUPLICATES, "Repeated deliveries dropped", lambda: consumer.duplicates, **label)
+        metrics.counter(RESENT, "Unconfirmed messages published again", lambda: publisher.resent, **label)
+        metrics.counter(DELIVERED, "Messages handed to local subscribers", lambda: self.router.delivered, plugin=NAME)
+        metrics.counter(DROPPED, "Messages lost to full subscriber queues", lambda: self.router.dropped, where=NAME)
+        metrics.counter(DROPPED, "Messages lost to a full outbox", lambda: outbox.dropped, where=f"{NAME}-outbox")
+        metrics.gauge(QUEUE_DEPTH, "Messages waiting to be published", outbox.__len__, queue=f"{NAME}-outbox")
+        metrics.gauge(
+            QUEUE_DEPTH,
+            "Messages published, not yet confirmed",
+            lambda: publisher.in_flight,
+            queue=f"{NAME}-unconfirmed",
+        )
+        metrics.gauge(
+            BACKBONE_CONNECTED,
+            "1 while both connections to the broker are up",
+            lambda: int(publisher.connected and consumer.connected),
+            **label,
+        )
+
+    @threatbus.backbone
+    def stop(self) -> None:
+        workers = [w for w in (self.feeder, self.publisher, self.consumer) if w is not None]
+        if not workers:
+            return
+        timeout = (self.settings.stop_timeout if self.settings else 5.0) + 2.0
+        # The feeder moves what the apps published last into the outbox; the
+        # publisher sends it and waits for its confirms; the consumer acks what it routed.
+        stop_workers(workers, timeout=timeout)
+        logger.info(
+            "RabbitMQ backbone stopped: %d published, %d consumed, %d rejected, %d duplicates dropped",
+            self.publisher.published if self.publisher else 0,
+            self.consumer.consumed if self.consumer else 0,
+            self.consumer.rejected if self.consumer else 0,
+            self.consumer.duplicates if self.consumer else 0,
+        )
+
+    @threatbus.backbone
+    def subscribe(self, topic: str, queue: queue.Queue[Message]) -> None:
+        self.router.subscribe(topic, queue)
+
+    @threatbus.backbone
+    def unsubscribe(self, topic: str, queue: queue.Queue[Message]) -> None:
+        self.router.unsubscribe(topic, queue)
+
+    @threatbus.backbone
+    def health(self) -> dict[str, Any]:
+        publisher, consumer = self.publisher, self.consumer
+        publishing = bool(publisher and publisher.connected)
+        consuming = bool(consumer and consumer.connected)
+        return {
+            "backbone": NAME,
+            "connected": publishing and consuming,
+            "publisher_connected": publishing,
+            "consumer_connected": consuming,
+            "broker": self.settings.url if self.settings else None,
+            "exchange": self.settings.exchange if self.settings else None,
+            "queue": self.settings.queue_name if self.settings else None,
+            "outbox": len(self.outbox) if self.outbox else 0,
+            "unconfirmed": publisher.in_flight if publisher else 0,
+            "subscriptions": self.router.subscription_count,
+        }

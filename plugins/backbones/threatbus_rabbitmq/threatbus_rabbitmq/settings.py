@@ -1,0 +1,244 @@
+"""The config section ``plugins.backbones.rabbitmq``: validators and the resolved settings."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pika
+
+from threatbus.config import option, port
+from threatbus.errors import ConfigError
+from threatbus.node import Node
+
+logger = logging.getLogger(__name__)
+
+NAME = "rabbitmq"
+PREFIX = f"plugins.backbones.{NAME}"
+AMQP_PORT = 5672
+AMQPS_PORT = 5671
+
+
+def _positive(value: Any) -> bool:
+    return value > 0
+
+
+def _non_negative(value: Any) -> bool:
+    return value >= 0
+
+
+def _readable_file(value: Any) -> bool:
+    return os.path.isfile(value) and os.access(value, os.R_OK)
+
+
+def validators() -> list[Any]:
+    """Validators (with defaults) of every key; see README.md for what each means."""
+    p = PREFIX
+    readable = {"check": _readable_file, "expected": "the path of a readable file"}
+    return [
+        # --- the keys of the original Threat Bus (WIRE.md) ---
+        option(f"{p}.host", str, default="localhost", check=bool, expected="a host name"),
+        port(f"{p}.port", default=None),
+        option(f"{p}.username", str, default="guest"),
+        option(f"{p}.password", str, default=None),
+        option(f"{p}.vhost", str, default="/"),
+        option(f"{p}.exchange_name", str, default="threatbus", check=bool, expected="a non-empty string"),
+        option(f"{p}.queue", dict, default={}),
+        option(f"{p}.queue.name_suffix", str, default=None, check=bool, expected="a non-empty string"),
+        option(f"{p}.queue.name_join_symbol", str, default="."),
+        option(f"{p}.queue.durable", bool, default=True),
+        option(f"{p}.queue.auto_delete", bool, default=False),
+        option(f"{p}.queue.lazy", bool, default=True),
+        option(f"{p}.queue.exclusive", bool, default=False),
+        option(f"{p}.queue.max_items", int, default=0, check=_non_negative, expected="an integer >= 0"),
+        # --- additions of this release ---
+        option(f"{p}.password_file", str, default=None, **readable),
+        option(f"{p}.exchange_durable", bool, default=False),
+        option(f"{p}.bridge_exchange", str, default=None),
+        option(f"{p}.ssl", dict, default={}),
+        option(f"{p}.ssl.enabled", bool, default=False),
+        option(f"{p}.ssl.ca_file", str, default=None, **readable),
+        option(f"{p}.ssl.cert_file", str, default=None, **readable),
+        option(f"{p}.ssl.key_file", str, default=None, **readable),
+        option(f"{p}.ssl.verify", bool, default=True),
+        option(f"{p}.ssl.server_hostname", str, default=None),
+        option(f"{p}.heartbeat", int, default=30, check=_non_negative, expected="seconds >= 0 (0 disables)"),
+        option(f"{p}.connect_timeout", (int, float), default=10.0, check=_positive, expected="seconds > 0"),
+        option(f"{p}.prefetch", int, default=200, check=_positive, expected="an integer > 0"),
+        option(f"{p}.max_in_flight", int, default=1000, check=_positive, expected="an integer > 0"),
+        option(f"{p}.outbox_size", int, default=100_000, check=_positive, expected="an integer > 0"),
+        option(f"{p}.dedup_window", int, default=100_000, check=_non_negative, expected="an integer >= 0"),
+        option(f"{p}.reconnect", dict, default={}),
+        option(f"{p}.reconnect.initial", (int, float), default=0.5, check=_positive, expected="seconds > 0"),
+        option(f"{p}.reconnect.max", (int, float), default=30.0, check=_positive, expected="seconds > 0"),
+        option(f"{p}.stop_timeout", (int, float), default=5.0, check=_positive, expected="seconds > 0"),
+    ]
+
+
+def _get(config: Any, dotted: str, default: Any = None) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        if value is None:
+            return default
+        value = value.get(part) if hasattr(value, "get") else None
+    return default if value is None else value
+
+
+@dataclass(frozen=True)
+class BrokerSettings:
+    """Everything the publisher and consumer need, resolved once at start."""
+
+    host: str
+    port: int
+    vhost: str
+    username: str
+    password: str = ""
+    ssl: bool = False
+    exchange: str = "threatbus"
+    exchange_durable: bool = False
+    bridge_exchange: str = ""  # empty: publish straight to `exchange`
+    queue_name: str = ""
+    queue_durable: bool = True
+    queue_auto_delete: bool = False
+    queue_exclusive: bool = False
+    queue_arguments: tuple[tuple[str, Any], ...] = ()
+    heartbeat: int = 30
+    connect_timeout: float = 10.0
+    prefetch: int = 200
+    max_in_flight: int = 1000
+    outbox_size: int = 100_000
+    dedup_window: int = 100_000
+    reconnect_initial: float = 0.5
+    reconnect_max: float = 30.0
+    stop_timeout: float = 5.0
+    node_name: str = ""
+    ssl_options: pika.SSLOptions | None = None
+
+    @property
+    def url(self) -> str:
+        """Where we connect, for log lines (never with the password)."""
+        scheme = "amqps" if self.ssl else "amqp"
+        vhost = "" if self.vhost == "/" else self.vhost
+        return f"{scheme}://{self.username}@{self.host}:{self.port}/{vhost}"
+
+    @property
+    def publish_exchange(self) -> str:
+        return self.bridge_exchange or self.exchange
+
+    @property
+    def persistent(self) -> bool:
+        return self.queue_durable
+
+    def parameters(self, role: str) -> pika.ConnectionParameters:
+        """Connection parameters for one connection (``role`` names it on the broker)."""
+        return pika.ConnectionParameters(
+            host=self.host,
+            port=self.port,
+            virtual_host=self.vhost,
+            credentials=pika.PlainCredentials(self.username, self.password),
+            heartbeat=self.heartbeat,
+            ssl_options=self.ssl_options,
+            connection_attempts=1,
+            socket_timeout=self.connect_timeout,
+            stack_timeout=self.connect_timeout * 2,
+            blocked_connection_timeout=None,
+            client_properties={
+                "connection_name": f"threatbus {self.node_name} {role} {self.queue_name}",
+                "product": "threatbus-rabbitmq",
+            },
+        )
+
+
+def default_queue_suffix(node: Node) -> str:
+    """Unique per node, stable across its restarts: ``<host name>.<node instance>``."""
+    return f"{socket.gethostname()}.{node.instance}"
+
+
+def _password(config: Any) -> str:
+    password_file = _get(config, "password_file")
+    password = _get(config, "password")
+    if password_file:
+        if password is not None:
+            logger.warning("both password and password_file are set in %s: using password_file", PREFIX)
+        try:
+            return Path(password_file).read_text().rstrip("\r\n")
+        except OSError as err:
+            raise ConfigError(f"{PREFIX}.password_file: cannot read {password_file!r}: {err}") from None
+    return "guest" if password is None else str(password)
+
+
+def _ssl_options(config: Any, host: str) -> pika.SSLOptions:
+    ca_file = _get(config, "ssl.ca_file")
+    cert_file = _get(config, "ssl.cert_file")
+    key_file = _get(config, "ssl.key_file")
+    verify = _get(config, "ssl.verify", True)
+    if key_file and not cert_file:
+        raise ConfigError(f"{PREFIX}.ssl.key_file is set but ssl.cert_file is not: set both or neither")
+    try:
+        context = ssl.create_default_context(cafile=ca_file)
+        if not verify:
+            logger.warning("%s.ssl.verify is false: the broker's certificate is NOT checked", PREFIX)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        if cert_file:
+            context.load_cert_chain(cert_file, key_file)
+    except (OSError, ssl.SSLError) as err:
+        raise ConfigError(f"{PREFIX}.ssl: cannot load CA/certificate/key: {err}") from None
+    return pika.SSLOptions(context, server_hostname=_get(config, "ssl.server_hostname") or host)
+
+
+def resolve(config: Any, node: Node) -> BrokerSettings:
+    """Turn the validated config section into ``BrokerSettings``. Raises ``ConfigError``."""
+    host = _get(config, "host", "localhost")
+    use_ssl = bool(_get(config, "ssl.enabled", False))
+    exchange = _get(config, "exchange_name", "threatbus")
+    exchange_durable = bool(_get(config, "exchange_durable", False))
+    bridge = _get(config, "bridge_exchange")
+    if bridge is None:
+        # A durable exchange only adds something when the main one is not durable.
+        bridge = "" if exchange_durable else f"{exchange}.durable"
+    if bridge == exchange:
+        raise ConfigError(f"{PREFIX}.bridge_exchange must differ from exchange_name ({exchange!r})")
+    suffix = _get(config, "queue.name_suffix") or default_queue_suffix(node)
+    arguments: dict[str, Any] = {"x-queue-mode": "lazy" if _get(config, "queue.lazy", True) else "default"}
+    max_items = int(_get(config, "queue.max_items", 0))
+    if max_items > 0:
+        arguments["x-max-length"] = max_items
+    reconnect_initial = float(_get(config, "reconnect.initial", 0.5))
+    reconnect_max = float(_get(config, "reconnect.max", 30.0))
+    if reconnect_max < reconnect_initial:
+        raise ConfigError(
+            f"{PREFIX}.reconnect.max ({reconnect_max}) must be >= reconnect.initial ({reconnect_initial})"
+        )
+    return BrokerSettings(
+        host=host,
+        port=int(_get(config, "port") or (AMQPS_PORT if use_ssl else AMQP_PORT)),
+        vhost=_get(config, "vhost", "/"),
+        username=_get(config, "username", "guest"),
+        password=_password(config),
+        ssl=use_ssl,
+        exchange=exchange,
+        exchange_durable=exchange_durable,
+        bridge_exchange=bridge,
+        queue_name=f"threatbus{_get(config, 'queue.name_join_symbol', '.')}{suffix}",
+        queue_durable=bool(_get(config, "queue.durable", True)),
+        queue_auto_delete=bool(_get(config, "queue.auto_delete", False)),
+        queue_exclusive=bool(_get(config, "queue.exclusive", False)),
+        queue_arguments=tuple(arguments.items()),
+        heartbeat=int(_get(config, "heartbeat", 30)),
+        connect_timeout=float(_get(config, "connect_timeout", 10.0)),
+        prefetch=int(_get(config, "prefetch", 200)),
+        max_in_flight=int(_get(config, "max_in_flight", 1000)),
+        outbox_size=int(_get(config, "outbox_size", 100_000)),
+        dedup_window=int(_get(config, "dedup_window", 100_000)),
+        reconnect_initial=reconnect_initial,
+        reconnect_max=reconnect_max,
+        stop_timeout=float(_get(config, "stop_timeout", 5.0)),
+        node_name=node.name,
+        ssl_options=_ssl_options(config, host) if use_ssl else None,
+    )
