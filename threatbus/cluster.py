@@ -1,6 +1,6 @@
 """A local cluster: N ``threatbus`` nodes on one machine against one RabbitMQ.
 
-For trying out a multi-node setup and for tests::
+For trying out a multi-node setup and for tests:
 
     threatbus cluster up --nodes 3 [--dir DIR] [--base-port P] [--exchange NAME]
     threatbus cluster status [--dir DIR]
@@ -240,14 +240,14 @@ class Cluster:
         self.write(spec)
         return self.start(timeout=timeout)
 
-    def start(self, names: Sequence[str] = (), timeout: float = DEFAULT_START_TIMEOUT) -> list[NodeStatus]:
-        """Start the given nodes (default: all) that are not running; wait until they are healthy.
+    def start(self, names: Sequence[str] | None = None, timeout: float = DEFAULT_START_TIMEOUT) -> list[NodeStatus]:
+        """Start the given nodes (None: all) that are not running; wait until they are healthy.
 
         If one does not become healthy in time, the nodes started by this call
         are stopped again and ``ClusterError`` says why.
         """
         spec = self.load()
-        nodes = [spec.node(name) for name in names] if names else list(spec.nodes)
+        nodes = [spec.node(name) for name in names] if names is not None else list(spec.nodes)
         started = []
         try:
             for node in nodes:
@@ -258,7 +258,8 @@ class Cluster:
                 started.append(node)
             self._wait_healthy(started, timeout)
         except BaseException:
-            self.stop([node.name for node in started])
+            if started:
+                self.stop([node.name for node in started])
             raise
         return self.status([node.name for node in nodes])
 
@@ -299,13 +300,13 @@ class Cluster:
                     )
                 time.sleep(_POLL)
 
-    def stop(self, names: Sequence[str] = (), timeout: float = DEFAULT_STOP_TIMEOUT) -> dict[str, str]:
-        """SIGTERM the given nodes (default: all), SIGKILL those still running after ``timeout``.
+    def stop(self, names: Sequence[str] | None = None, timeout: float = DEFAULT_STOP_TIMEOUT) -> dict[str, str]:
+        """SIGTERM the given nodes (None: all), SIGKILL those still running after ``timeout``.
 
         Returns what happened to each node: ``stopped``, ``killed`` or ``not running``.
         """
         spec = self.load()
-        wanted = [spec.node(name).name for name in names] if names else self._names(spec)
+        wanted = [spec.node(name).name for name in names] if names is not None else self._names(spec)
         outcome: dict[str, str] = {}
         pids: dict[str, int] = {}
         for name in wanted:
@@ -336,9 +337,9 @@ class Cluster:
             self.pid_path(name).unlink(missing_ok=True)
         return {name: outcome[name] for name in wanted}
 
-    def status(self, names: Sequence[str] = ()) -> list[NodeStatus]:
+    def status(self, names: Sequence[str] | None = None) -> list[NodeStatus]:
         spec = self.load()
-        nodes = [spec.node(name) for name in names] if names else list(spec.nodes)
+        nodes = [spec.node(name) for name in names] if names is not None else list(spec.nodes)
         result = []
         for node in nodes:
             pid = self.pid(node.name)
@@ -402,6 +403,8 @@ def _check_ports_free(nodes: Iterable[NodeSpec]) -> None:
     for node in nodes:
         for purpose, port in node.ports.items():
             with socket.socket() as sock:
+                # As the node's own listeners do: a port in TIME_WAIT after a stop is free.
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     sock.bind((HOST, port))
                 except OSError:
@@ -495,15 +498,15 @@ def command(args: argparse.Namespace) -> int:
             )
             statuses = cluster.up(spec, wait)
         else:
-            statuses = cluster.start(args.names, wait)
+            statuses = cluster.start(args.names or None, wait)
         _print_status(cluster, statuses)
         return 0
     if action == "status":
-        statuses = cluster.status(args.names)
+        statuses = cluster.status(args.names or None)
         _print_status(cluster, statuses)
         return 0 if all(s.healthy for s in statuses) else 1
     wait = args.timeout if args.timeout is not None else DEFAULT_STOP_TIMEOUT
-    outcome = cluster.stop(args.names if action == "stop" else (), wait)
+    outcome = cluster.stop(args.names or None if action == "stop" else None, wait)
     for name, what in outcome.items():
         print(f"{name}: {what}")
     return 1 if "killed" in outcome.values() else 0
