@@ -1,0 +1,392 @@
+"""The Zeek app plugin: one WebSocket link to Zeek, kept up by one worker thread.
+
+Indicators from the bus become Zeek events that add or remove intel items
+(see ``mapping``); ``intel_match`` events from Zeek become sightings on the
+bus. The Zeek side is ``scripts/threatbus.zeek`` in this package.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import re
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.sync.client import ClientConnection, connect
+
+import threatbus
+from threatbus import stix
+from threatbus.config import option, port
+from threatbus.data import TOPIC_INDICATOR, Indicator, Message, SnapshotEnvelope, SnapshotRequest, describe
+from threatbus.errors import DecodeError, PluginError
+from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, QUEUE_DEPTH, SUBSCRIBERS, Metrics
+from threatbus.worker import Backoff, StoppableWorker, stop_workers
+from threatbus_zeek import broker
+from threatbus_zeek.mapping import InvalidMatch, Unsupported, sighting_from_match, to_zeek_intel
+
+logger = logging.getLogger(__name__)
+
+PLUGIN = "zeek"
+PREFIX = f"plugins.apps.{PLUGIN}"
+
+# Topics shared with scripts/threatbus.zeek (ThreatBus::intel_topic / ThreatBus::match_topic).
+INTEL_TOPIC = "threatbus/zeek/intel"
+MATCH_TOPIC = "threatbus/zeek/sighting"
+
+SKIPPED = "threatbus_zeek_skipped"  # counter: indicators Zeek cannot express
+ZEEK_ERRORS = "threatbus_zeek_errors"  # counter: error messages Zeek sent back
+RECONNECTS = "threatbus_zeek_connects"  # counter: successful (re)connections
+
+CONNECT_TIMEOUT = 5.0
+# How long the worker waits for intel before it looks at Zeek's messages again.
+POLL = 0.05
+# Messages sent in a row before the worker reads from Zeek again.
+SEND_BATCH = 512
+
+_NAMESPACE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(::[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def script_path() -> Path:
+    """The Zeek script to load into Zeek (``zeek ... <path>``)."""
+    return Path(__file__).with_name("scripts") / "threatbus.zeek"
+
+
+@dataclass(frozen=True)
+class ZeekSettings:
+    host: str = "127.0.0.1"
+    port: int = 9997
+    module_namespace: str = "ThreatBus"
+    snapshot_days: float = 0
+    queue_size: int = 0
+    tls: bool = False
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    skip_verify: bool = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> ZeekSettings:
+        config = config or {}
+        tls = config.get("tls") or {}
+        return cls(
+            host=config.get("host", cls.host),
+            port=int(config.get("port", cls.port)),
+            module_namespace=config.get("module_namespace", cls.module_namespace),
+            snapshot_days=config.get("snapshot") or 0,
+            queue_size=config.get("queue_size") or 0,
+            tls=bool(tls.get("enabled", False)),
+            ca_file=tls.get("ca_file") or "",
+            cert_file=tls.get("cert_file") or "",
+            key_file=tls.get("key_file") or "",
+            skip_verify=bool(tls.get("skip_verify", False)),
+        )
+
+    @property
+    def uri(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}{broker.WEBSOCKET_PATH}"
+
+    @property
+    def snapshot(self) -> timedelta:
+        return timedelta(days=self.snapshot_days)
+
+    @property
+    def match_event(self) -> str:
+        return f"{self.module_namespace}::intel_match"
+
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """The client TLS context, or None for plain ``ws://``. Raises ``PluginError`` on bad files."""
+        if not self.tls:
+            return None
+        try:
+            context = ssl.create_default_context(cafile=self.ca_file or None)
+            if self.cert_file:
+                context.load_cert_chain(self.cert_file, self.key_file or None)
+        except (OSError, ssl.SSLError) as err:
+            raise PluginError(f"{PREFIX}.tls: cannot load certificates: {err}") from err
+        if self.skip_verify:
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+        return context
+
+
+@dataclass
+class ZeekStats:
+    """Plain counters, read by the metrics read-outs (written by the link worker only)."""
+
+    sent: int = 0
+    skipped: int = 0
+    received: int = 0
+    rejected: int = 0
+    zeek_errors: int = 0
+    connects: int = 0
+    connected: bool = False
+
+
+class ZeekRefused(Exception):
+    """Zeek answered the handshake with something other than an ack."""
+
+
+class ZeekLink(StoppableWorker):
+    """Connects to Zeek, sends intel from ``intel_queue``, publishes Zeek's matches.
+
+    Reconnects with backoff whenever the connection fails or drops. An
+    intel event whose send failed is kept and sent first after the next
+    connect; everything else waits in ``intel_queue`` meanwhile.
+    """
+
+    def __init__(
+        self,
+        settings: ZeekSettings,
+        intel_queue: queue.Queue[Message],
+        publish_queue: queue.Queue[Message],
+        subscribe: Callable[..., list[str]],
+        stats: ZeekStats,
+    ) -> None:
+        super().__init__(name="zeek-link")
+        self.settings = settings
+        self.intel_queue = intel_queue
+        self.publish_queue = publish_queue
+        self.subscribe = subscribe
+        self.stats = stats
+        self.ssl_context = settings.ssl_context()
+        self._pending: str | None = None
+        self._backoff = Backoff(initial=0.5, maximum=30.0)
+
+    # ---- connection ----------------------------------------------------
+
+    def run(self) -> None:
+        while not self.stopping:
+            try:
+                connection = self._connect()
+            except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed, ZeekRefused) as err:
+                delay = self._backoff.next_delay()
+                logger.warning("cannot connect to Zeek at %s: %s; retrying in %.1fs", self.settings.uri, err, delay)
+                self.wait(delay)
+                continue
+            self._backoff.reset()
+            try:
+                self._serve(connection)
+            except ConnectionClosed as err:
+                logger.warning("connection to Zeek at %s lost: %s; reconnecting", self.settings.uri, err)
+            except Exception:
+                logger.exception("Zeek link failed; reconnecting")
+            finally:
+                self.stats.connected = False
+                connection.close()
+            if not self.stopping:
+                self.wait(self._backoff.next_delay())
+
+    def _connect(self) -> ClientConnection:
+        connection = connect(
+            self.settings.uri,
+            ssl=self.ssl_context,
+            open_timeout=CONNECT_TIMEOUT,
+            close_timeout=2,
+            compression=None,
+            additional_headers={"X-Application-Name": "threatbus"},
+        )
+        try:
+            connection.send(broker.handshake([MATCH_TOPIC]).decode())
+            raw = connection.recv(timeout=CONNECT_TIMEOUT)
+            try:
+                answer = broker.decode_message(raw)
+            except DecodeError as err:
+                raise ZeekRefused(f"unexpected handshake answer ({err}): {describe(raw)}") from None
+            if isinstance(answer, broker.ErrorMessage):
+                raise ZeekRefused(f"handshake refused: {answer.code}: {answer.context}")
+            if not isinstance(answer, broker.Ack):
+                raise ZeekRefused(f"expected an ack to the handshake, got {describe(raw)}")
+        except BaseException:
+            connection.close()
+            raise
+        self.stats.connects += 1
+        self.stats.connected = True
+        logger.info(
+            "connected to Zeek at %s (endpoint %s, version %s)", self.settings.uri, answer.endpoint, answer.version
+        )
+        return connection
+
+    def _serve(self, connection: ClientConnection) -> None:
+        if self.settings.snapshot > timedelta(0):
+            # Zeek keeps its intel only in memory: ask the bus for the recent intel on every (re)connect.
+            self.subscribe(TOPIC_INDICATOR, self.intel_queue, snapshot=self.settings.snapshot)
+        while not self.stopping:
+            self._send_intel(connection)
+            self._read_zeek(connection)
+
+    # ---- Threat Bus -> Zeek --------------------------------------------
+
+    def _send_intel(self, connection: ClientConnection) -> None:
+        for sent in range(SEND_BATCH):
+            if self._pending is None:
+                try:
+                    message = self.intel_queue.get(timeout=POLL if sent == 0 else 0)
+                except queue.Empty:
+                    return
+                self._pending = self._encode(message)
+                if self._pending is None:
+                    continue
+            connection.send(self._pending)
+            self._pending = None
+            self.stats.sent += 1
+
+    def _encode(self, message: Message) -> str | None:
+        """The data message to send to Zeek for ``message``, or None to skip it."""
+        if isinstance(message, SnapshotEnvelope):
+            message = message.stix
+        if not isinstance(message, Indicator):
+            return None
+        try:
+            intel = to_zeek_intel(message)
+        except Unsupported as err:
+            self.stats.skipped += 1
+            logger.debug("skipping indicator %s for Zeek: %s", message.id, err)
+            return None
+        logger.debug(
+            "%s Zeek intel %s %s (%s)",
+            "removing" if intel.remove else "adding",
+            intel.intel_type,
+            intel.indicator,
+            intel.source,
+        )
+        return broker.encode(broker.data_message(INTEL_TOPIC, intel.event(self.settings.module_namespace)))
+
+    # ---- Zeek -> Threat Bus --------------------------------------------
+
+    def _read_zeek(self, connection: ClientConnection) -> None:
+        while not self.stopping:
+            try:
+                raw = connection.recv(timeout=0)
+            except TimeoutError:
+                return
+            self._handle(raw)
+
+    def _handle(self, raw: str | bytes) -> None:
+        try:
+            message = broker.decode_message(raw)
+        except DecodeError as err:
+            self.stats.rejected += 1
+            logger.warning("dropping malformed message from Zeek: %s: %s", err, describe(raw))
+            return
+        if isinstance(message, broker.ErrorMessage):
+            self.stats.zeek_errors += 1
+            logger.warning("Zeek reported an error: %s: %s", message.code, message.context)
+        elif isinstance(message, broker.ZeekEvent) and message.name == self.settings.match_event:
+            self._publish_sighting(message, raw)
+        else:
+            logger.debug("ignoring message from Zeek: %s", describe(raw))
+
+    def _publish_sighting(self, event: broker.ZeekEvent, raw: str | bytes) -> None:
+        try:
+            sighting = sighting_from_match(event)
+            stix.validate(sighting)
+        except (InvalidMatch, DecodeError) as err:
+            self.stats.rejected += 1
+            logger.warning("dropping invalid intel match from Zeek: %s: %s", err, describe(raw))
+            return
+        self.stats.received += 1
+        logger.debug("Zeek sighted %s (%s)", sighting.sighting_of_ref, sighting.payload["x_threatbus_indicator_value"])
+        self.publish_queue.put(sighting)
+
+
+class ZeekApp:
+    """Threat Bus app plugin ``zeek``: bridges the bus and Zeek's Intel framework."""
+
+    def __init__(self) -> None:
+        self.stats = ZeekStats()
+        self.intel_queue: queue.Queue[Message] | None = None
+        self.link: ZeekLink | None = None
+        self._unsubscribe: Callable[..., None] | None = None
+
+    @threatbus.app
+    def config_validators(self) -> list[Any]:
+        return [
+            option(f"{PREFIX}.host", str, default="127.0.0.1", check=bool, expected="a host name or address"),
+            port(f"{PREFIX}.port", default=9997),
+            option(
+                f"{PREFIX}.module_namespace",
+                str,
+                default="ThreatBus",
+                check=lambda name: bool(_NAMESPACE.match(name)),
+                expected="a Zeek module name such as ThreatBus",
+            ),
+            option(
+                f"{PREFIX}.snapshot",
+                (int, float),
+                default=0,
+                check=lambda days: 0 <= days < 100_000,
+                expected="a number of days >= 0",
+            ),
+            option(
+                f"{PREFIX}.queue_size",
+                int,
+                default=0,
+                check=lambda size: size >= 0,
+                expected="a number of indicators >= 0 (0: unbounded)",
+            ),
+            option(f"{PREFIX}.tls.enabled", bool, default=False),
+            option(f"{PREFIX}.tls.ca_file", str, default=""),
+            option(f"{PREFIX}.tls.cert_file", str, default=""),
+            option(f"{PREFIX}.tls.key_file", str, default=""),
+            option(f"{PREFIX}.tls.skip_verify", bool, default=False),
+        ]
+
+    @threatbus.app
+    def run(
+        self,
+        config: Any,
+        publish_queue: queue.Queue[Message],
+        subscribe: Callable[..., list[str]],
+        unsubscribe: Callable[..., None],
+        metrics: Metrics,
+    ) -> None:
+        settings = ZeekSettings.from_config(config)
+        self.intel_queue = queue.Queue(maxsize=settings.queue_size)
+        self._register_metrics(metrics, self.intel_queue)
+        self.link = ZeekLink(settings, self.intel_queue, publish_queue, subscribe, self.stats)
+        # Subscribe before connecting: intel arriving while Zeek is away waits in the queue.
+        subscribe(TOPIC_INDICATOR, self.intel_queue)
+        self._unsubscribe = unsubscribe
+        self.link.start()
+        logger.info("Zeek app started: connecting to %s, Zeek module %s", settings.uri, settings.module_namespace)
+
+    def _register_metrics(self, metrics: Metrics, intel_queue: queue.Queue[Message]) -> None:
+        stats = self.stats
+        metrics.counter(APP_RECEIVED, "Messages apps gave this node", lambda: stats.received, plugin=PLUGIN)
+        metrics.counter(APP_REJECTED, "Input rejected as invalid", lambda: stats.rejected, plugin=PLUGIN)
+        metrics.counter(DELIVERED, "Messages handed to subscribers", lambda: stats.sent, plugin=PLUGIN)
+        metrics.gauge(SUBSCRIBERS, "Connected subscribers", lambda: int(stats.connected), plugin=PLUGIN)
+        metrics.gauge(QUEUE_DEPTH, "Messages waiting in a queue of the node", intel_queue.qsize, queue=PLUGIN)
+        metrics.counter(
+            SKIPPED, "Indicators Zeek's Intel framework cannot express", lambda: stats.skipped, plugin=PLUGIN
+        )
+        metrics.counter(ZEEK_ERRORS, "Error messages Zeek sent back", lambda: stats.zeek_errors, plugin=PLUGIN)
+        metrics.counter(RECONNECTS, "Successful connections to Zeek", lambda: stats.connects, plugin=PLUGIN)
+
+    @threatbus.app
+    def stop(self) -> None:
+        if self.link is not None:
+            stop_workers([self.link])
+        if self._unsubscribe is not None and self.intel_queue is not None:
+            self._unsubscribe(TOPIC_INDICATOR, self.intel_queue)
+            self._unsubscribe = None
+
+    @threatbus.app
+    def snapshot(self, snapshot_request: SnapshotRequest, result_queue: queue.Queue[Message]) -> None:
+        """Answers nothing: Zeek keeps no intel history that Threat Bus could query.
+
+        Zeek's Intel framework holds only the current intel, in memory, and
+        its matches are published as sightings as they happen; there is no
+        store of past indicators or sightings to replay for a snapshot.
+        """
+        logger.debug("Zeek has no history to answer snapshot %s", snapshot_request.snapshot_id)
+
+
+__all__ = ["INTEL_TOPIC", "MATCH_TOPIC", "ZeekApp", "ZeekSettings", "script_path"]
