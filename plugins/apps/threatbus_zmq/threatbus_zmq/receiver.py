@@ -1,0 +1,97 @@
+"""The sub endpoint: a SUB socket where apps publish intel into the bus."""
+
+from __future__ import annotations
+
+import logging
+import queue
+
+import zmq
+
+from threatbus import stix
+from threatbus.data import Indicator, Message, Sighting, SnapshotEnvelope, decode, describe
+from threatbus.errors import DecodeError
+from threatbus.worker import StoppableWorker
+from threatbus_zmq.ratelimit import RateLimitedLog
+from threatbus_zmq.wire import ENVELOPE_TOPIC, STIX2_PREFIX
+
+logger = logging.getLogger(__name__)
+
+# Frames taken per wake-up before the stop flag is checked again.
+BATCH = 2000
+
+
+class ReceiverWorker(StoppableWorker):
+    """Decodes and validates every frame, then hands it to the bus.
+
+    This is where intel enters the bus: structure (``data.decode``) and STIX
+    content (``stix.validate``) are checked here, once. Anything invalid is
+    logged (rate-limited), counted in ``rejected`` and dropped.
+    """
+
+    def __init__(self, socket: zmq.Socket, publish_queue: queue.Queue[Message]) -> None:
+        super().__init__(name="zmq-receiver")
+        self.socket = socket
+        self.publish_queue = publish_queue
+        self.received = 0
+        self.rejected = 0
+        self._log_rejected = RateLimitedLog(logger)
+
+    def run(self) -> None:
+        try:
+            while not self.stopping:
+                if self.socket.poll(250):
+                    self._receive_batch()
+        except Exception:
+            logger.exception("sub endpoint failed; apps can no longer publish")
+        finally:
+            self.socket.close(linger=0)
+
+    def _receive_batch(self) -> None:
+        sock = self.socket
+        recv = sock.recv
+        put = self.publish_queue.put
+        accept = self.accept
+        for _ in range(BATCH):
+            try:
+                frame = recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if sock.rcvmore:
+                self._reject_multipart(frame)
+                continue
+            message = accept(frame)
+            if message is not None:
+                put(message)
+                self.received += 1
+
+    def accept(self, frame: bytes) -> Message | None:
+        """The message of one frame, or None (logged and counted) if it is invalid."""
+        topic, sep, body = frame.partition(b" ")
+        try:
+            if not sep:
+                raise DecodeError("expected '<topic> <json>'")
+            if topic.startswith(STIX2_PREFIX):
+                wanted: tuple[type[Message], ...] = (Indicator, Sighting)
+            elif topic == ENVELOPE_TOPIC:
+                wanted = (SnapshotEnvelope,)
+            else:
+                raise DecodeError(f"unknown topic {describe(topic, 60)}")
+            message = decode(body)
+            if type(message) not in wanted:
+                raise DecodeError(f"a {message.type_name} cannot be published on topic {describe(topic, 60)}")
+            stix.validate(message)
+        except DecodeError as err:
+            self.rejected += 1
+            self._log_rejected("rejected frame on the sub socket: %s; frame %s", err, describe(frame))
+            return None
+        return message
+
+    def _reject_multipart(self, first: bytes) -> None:
+        parts = 1
+        while self.socket.rcvmore:
+            self.socket.recv()
+            parts += 1
+        self.rejected += 1
+        self._log_rejected(
+            "rejected a message of %d frames on the sub socket (one expected): %s", parts, describe(first)
+        )

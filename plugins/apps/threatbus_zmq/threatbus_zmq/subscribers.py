@@ -1,0 +1,264 @@
+"""The apps subscribed over the manage socket, and their bounded buffers.
+
+Each ``Subscription`` is the queue the core delivers into (``put_nowait``
+only, never blocking the backbone) and the buffer the publisher drains into
+the pub socket. ``Subscriptions`` is the registry: it subscribes and
+unsubscribes at the core, expires subscribers that stopped heartbeating,
+forwards snapshot requests and reports drops.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from threatbus.data import TOPIC_SNAPSHOT_ENVELOPE, Message, SnapshotEnvelope, SnapshotRequest
+from threatbus_zmq.wire import KINDS, new_p2p_topic
+
+logger = logging.getLogger(__name__)
+
+# How often one subscriber's drops are reported at most.
+DROP_REPORT_INTERVAL = 10.0
+
+
+class SubscriptionError(Exception):
+    """A subscribe request that cannot be served; the message goes into the reply."""
+
+
+class Subscription:
+    """One app's subscription: its p2p topic, its topics and its bounded buffer.
+
+    ``put_nowait`` runs in the backbone's and the snapshot router's threads;
+    ``frame`` and the buffer's left end belong to the publisher thread.
+    ``collections.deque`` appends and pops are atomic, so no lock is needed.
+    """
+
+    def __init__(self, serial: int, p2p_topic: str, topics: list[str], bound: int, ready: queue.SimpleQueue) -> None:
+        self.serial = serial
+        self.p2p_topic = p2p_topic
+        self.topics = topics
+        self.bound = bound
+        self.pending: deque[Message] = deque()
+        self.snapshot_ids: frozenset[str] = frozenset()
+        self.dropped = 0
+        self.reported_dropped = 0
+        self.last_drop_report = 0.0
+        self.closed = False
+        self.last_seen = time.monotonic()
+        self._ready = ready
+        prefix = p2p_topic.encode("ascii")
+        self._prefixes = {cls: prefix + kind.encode() + b" " for cls, kind in KINDS.items()}
+        # Envelopes reach this queue through the snapshot router (ours by
+        # construction) and, for a subscription to 'threatbus/…', through topic
+        # routing as well: only those need checking against our request ids.
+        self._sees_all_envelopes = any(TOPIC_SNAPSHOT_ENVELOPE.startswith(topic) for topic in topics)
+
+    def __repr__(self) -> str:
+        return f"subscriber #{self.serial} ({', '.join(self.topics)})"
+
+    # ---- the queue interface the core uses -------------------------------
+
+    def put_nowait(self, message: Message) -> None:
+        """Buffer ``message`` for the app; when the buffer is full, count it as dropped."""
+        if self.closed:
+            return
+        if len(self.pending) >= self.bound:
+            self.dropped += 1
+            return
+        self.pending.append(message)
+        self._ready.put(self)
+
+    def put(self, message: Message, block: bool = True, timeout: float | None = None) -> None:
+        self.put_nowait(message)
+
+    def qsize(self) -> int:
+        return len(self.pending)
+
+    # ---- publisher side ------------------------------------------------
+
+    def frame(self, message: Message) -> bytes | None:
+        """The pub frame of ``message`` for this subscriber, or None if it gets none."""
+        prefix = self._prefixes.get(type(message))
+        if prefix is not None:
+            return prefix + message.encode()
+        if isinstance(message, SnapshotEnvelope):
+            if self._sees_all_envelopes and message.snapshot_id not in self.snapshot_ids:
+                return None
+            # The requester gets the body of an envelope, as the kind of the body.
+            stix = message.stix
+            return self._prefixes[type(stix)] + stix.encode()
+        return None
+
+
+class Subscriptions:
+    """All subscriptions of one plugin; thread-safe."""
+
+    def __init__(
+        self,
+        subscribe: Callable[..., list[str]],
+        unsubscribe: Callable[[str, Any], None],
+        ready: queue.SimpleQueue,
+        buffer_size: int,
+        max_subscribers: int,
+        heartbeat_timeout: float,
+    ) -> None:
+        self._subscribe = subscribe
+        self._unsubscribe = unsubscribe
+        self._ready = ready
+        self.buffer_size = buffer_size
+        self.max_subscribers = max_subscribers
+        self.heartbeat_timeout = heartbeat_timeout
+        self._lock = threading.Lock()
+        self._by_topic: dict[str, Subscription] = {}
+        self._by_request: dict[str, Subscription] = {}
+        self._serials = itertools.count(1)
+        self._retired_dropped = 0
+
+    # ---- manage requests -----------------------------------------------
+
+    def add(self, topics: list[str], snapshot: timedelta) -> Subscription:
+        """Subscribe a new app to ``topics``; request a snapshot if asked."""
+        with self._lock:
+            if len(self._by_topic) >= self.max_subscribers:
+                raise SubscriptionError(f"subscriber limit of {self.max_subscribers} reached")
+            p2p_topic = new_p2p_topic()
+            while p2p_topic in self._by_topic:  # 26**32 topics: never in practice
+                p2p_topic = new_p2p_topic()
+        sub = Subscription(next(self._serials), p2p_topic, topics, self.buffer_size, self._ready)
+        snapshot_ids: list[str] = []
+        subscribed: list[str] = []
+        try:
+            for topic in topics:
+                snapshot_ids.extend(self._subscribe(topic, sub, snapshot=snapshot) or [])
+                subscribed.append(topic)
+        except Exception:
+            sub.closed = True
+            for topic in subscribed:
+                self._unsubscribe_quietly(topic, sub)
+            raise
+        sub.snapshot_ids = frozenset(snapshot_ids)
+        with self._lock:
+            self._by_topic[p2p_topic] = sub
+            for snapshot_id in snapshot_ids:
+                self._by_request[snapshot_id] = sub
+        logger.info(
+            "%s subscribed%s; %d subscribers",
+            sub,
+            f" with a snapshot of {snapshot}" if snapshot_ids else "",
+            len(self._by_topic),
+        )
+        return sub
+
+    def remove(self, p2p_topic: str, reason: str) -> bool:
+        """End a subscription; False if ``p2p_topic`` is unknown."""
+        with self._lock:
+            sub = self._by_topic.pop(p2p_topic, None)
+            if sub is None:
+                return False
+            for snapshot_id in sub.snapshot_ids:
+                self._by_request.pop(snapshot_id, None)
+        self._retire(sub)
+        logger.info("%s %s; %d subscribers", sub, reason, len(self._by_topic))
+        return True
+
+    def heartbeat(self, p2p_topic: str) -> bool:
+        sub = self._by_topic.get(p2p_topic)
+        if sub is None:
+            return False
+        sub.last_seen = time.monotonic()
+        return True
+
+    def known(self, p2p_topic: str) -> bool:
+        return p2p_topic in self._by_topic
+
+    # ---- from the core -------------------------------------------------
+
+    def forward_request(self, request: SnapshotRequest) -> int:
+        """Hand a snapshot request to every subscriber but the one that made it."""
+        with self._lock:
+            requester = self._by_request.get(request.snapshot_id)
+            targets = [sub for sub in self._by_topic.values() if sub is not requester]
+        for sub in targets:
+            sub.put_nowait(request)
+        if targets:
+            logger.debug("forwarded snapshot request %s to %d subscribers", request.snapshot_id, len(targets))
+        return len(targets)
+
+    # ---- housekeeping (manage thread) ---------------------------------
+
+    def expire(self, now: float | None = None) -> int:
+        """Drop subscribers whose last heartbeat is older than the timeout."""
+        if self.heartbeat_timeout <= 0:
+            return 0
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            stale = [p2p for p2p, sub in self._by_topic.items() if now - sub.last_seen > self.heartbeat_timeout]
+        for p2p in stale:
+            self.remove(p2p, f"expired: no heartbeat for {self.heartbeat_timeout:g}s")
+        return len(stale)
+
+    def report_drops(self, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            subs = list(self._by_topic.values())
+        for sub in subs:
+            new = sub.dropped - sub.reported_dropped
+            if new and now - sub.last_drop_report >= DROP_REPORT_INTERVAL:
+                logger.warning(
+                    "%s is not keeping up: dropped %d messages (buffer of %d full); %d dropped in total",
+                    sub,
+                    new,
+                    sub.bound,
+                    sub.dropped,
+                )
+                sub.reported_dropped = sub.dropped
+                sub.last_drop_report = now
+
+    # ---- read-outs and shutdown ----------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._by_topic)
+
+    def all(self) -> list[Subscription]:
+        with self._lock:
+            return list(self._by_topic.values())
+
+    def dropped(self) -> int:
+        with self._lock:
+            return self._retired_dropped + sum(sub.dropped for sub in self._by_topic.values())
+
+    def buffered(self) -> int:
+        with self._lock:
+            return sum(len(sub.pending) for sub in self._by_topic.values())
+
+    def close_all(self) -> None:
+        with self._lock:
+            subs = list(self._by_topic.values())
+            self._by_topic.clear()
+            self._by_request.clear()
+        for sub in subs:
+            self._retire(sub)
+
+    def _retire(self, sub: Subscription) -> None:
+        sub.closed = True
+        for topic in sub.topics:
+            self._unsubscribe_quietly(topic, sub)
+        unsent = len(sub.pending)
+        sub.pending.clear()
+        with self._lock:
+            self._retired_dropped += sub.dropped
+        if unsent:
+            logger.debug("%s: discarded %d undelivered messages", sub, unsent)
+
+    def _unsubscribe_quietly(self, topic: str, sub: Subscription) -> None:
+        try:
+            self._unsubscribe(topic, sub)
+        except Exception:
+            logger.exception("failed to unsubscribe %s from %s", sub, topic)
