@@ -1,0 +1,48 @@
+"""Fixtures of the Suricata plugin tests: a stand-in command socket and short paths."""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+_spec = importlib.util.spec_from_file_location("threatbus_suricata_fake", Path(__file__).with_name("fake_suricata.py"))
+assert _spec is not None and _spec.loader is not None
+fake_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fake_module)
+FakeSuricata = fake_module.FakeSuricata
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path: unix socket paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="tbsc-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def suricata(short_dir: Path, tmp_path: Path) -> Iterator[Any]:
+    """A running stand-in Suricata whose reloads read tmp_path/threatbus.rules."""
+    fake = FakeSuricata(str(short_dir / "suricata.socket"), rules_file=tmp_path / "threatbus.rules")
+    fake.start()
+    yield fake
+    fake.close()
+
+
+@pytest.fixture
+def app_config(tmp_path: Path, suricata: Any) -> dict[str, Any]:
+    """Plugin config pointing at tmp_path and the stand-in socket."""
+    (tmp_path / "eve.json").touch()
+    return {
+        "rules_file": str(tmp_path / "threatbus.rules"),
+        "socket": suricata.path,
+        "eve": str(tmp_path / "eve.json"),
+        "reload_interval": 0.3,
+        "socket_timeout": 2,
+    }

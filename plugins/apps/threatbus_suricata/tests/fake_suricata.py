@@ -1,0 +1,179 @@
+"""A stand-in for Suricata's unix command socket (Suricata cannot be installed here).
+
+It follows the protocol of Suricata's user guide ("Interacting via Unix
+Socket") and its unix-manager: the client's first message is
+``{"version": "0.1" | "0.2"}``, answered with ``{"return": "OK"}``; with 0.2
+every command and every answer is one JSON object terminated by a newline.
+Answers are ``{"return": "OK" | "NOK", "message": ...}``. It implements the
+commands the plugin uses with Suricata's own messages: the rule reloads
+(``reload-rules``, ``ruleset-reload-rules``, ``ruleset-reload-nonblocking``
+answer "done") and ``dataset-add`` / ``dataset-remove`` with arguments
+``setname``, ``settype``, ``datavalue`` ("data added", "data already in set",
+"data removed", "set not found or wrong type"). Unknown commands get
+``NOK`` "Unknown command". Every command is recorded.
+
+A reload reads the rules file like Suricata would: datasets declared by
+``dataset:...,load <file>`` rules are (re)loaded from their files.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import socket
+import threading
+from pathlib import Path
+from typing import Any
+
+RELOADS = ("reload-rules", "ruleset-reload-rules", "ruleset-reload-nonblocking")
+DATASET_TYPES = ("string", "md5", "sha256", "ipv4", "ip")
+_DATASET_RULE = re.compile(r"dataset:isset,([A-Za-z0-9_-]+), type (\w+), load ([^;]+);")
+
+
+class FakeSuricata(threading.Thread):
+    def __init__(self, path: str, rules_file: Path | None = None) -> None:
+        super().__init__(name="fake-suricata", daemon=True)
+        self.path = path
+        self.rules_file = rules_file
+        self.commands: list[dict[str, Any]] = []
+        self.handshakes: list[str] = []
+        self.datasets: dict[str, tuple[str, set[str]]] = {}  # name -> (type, decoded values)
+        self.reloads = 0
+        self.refuse_reloads = False  # answer "Reload already in progress"
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._server.bind(path)
+        self._server.listen(8)
+        self._server.settimeout(0.1)
+        self._clients: list[threading.Thread] = []
+
+    # ---- what tests read ---------------------------------------------
+
+    def names(self) -> list[str]:
+        with self._lock:
+            return [c.get("command", "?") for c in self.commands]
+
+    def count(self, name: str) -> int:
+        return sum(1 for n in self.names() if n == name)
+
+    def reload_count(self) -> int:
+        return sum(1 for n in self.names() if n in RELOADS)
+
+    def dataset(self, name: str) -> set[str]:
+        with self._lock:
+            return set(self.datasets.get(name, ("", set()))[1])
+
+    # ---- server ------------------------------------------------------
+
+    def run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._server.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                break
+            client = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            client.start()
+            self._clients.append(client)
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(0.2)
+        buffer = b""
+        version = None
+        with conn:
+            while not self._stop.is_set():
+                try:
+                    chunk = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not chunk:
+                    return
+                buffer += chunk
+                if version is None:  # Suricata reads the version with one recv, no newline required
+                    try:
+                        hello = json.loads(buffer)
+                    except ValueError:
+                        return  # Suricata closes the connection on an invalid handshake
+                    buffer = b""
+                    version = hello.get("version") if isinstance(hello, dict) else None
+                    if version not in ("0.1", "0.2"):
+                        return
+                    with self._lock:
+                        self.handshakes.append(version)
+                    conn.sendall(b'{"return": "OK"}\n')
+                    continue
+                while b"\n" in buffer:
+                    line, _, buffer = buffer.partition(b"\n")
+                    conn.sendall(json.dumps(self._execute(line)).encode() + b"\n")
+
+    def _execute(self, line: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(line)
+        except ValueError:
+            return {"return": "NOK", "message": "Invalid command"}
+        with self._lock:
+            self.commands.append(request)
+        name = request.get("command")
+        arguments = request.get("arguments") or {}
+        if name in RELOADS:
+            if self.refuse_reloads:
+                return {"return": "NOK", "message": "Reload already in progress"}
+            self._reload()
+            return {"return": "OK", "message": "done"}
+        if name in ("dataset-add", "dataset-remove"):
+            return self._dataset(name, arguments)
+        if name == "version":
+            return {"return": "OK", "message": "7.0.0 stand-in"}
+        return {"return": "NOK", "message": "Unknown command"}
+
+    def _dataset(self, name: str, arguments: dict[str, Any]) -> dict[str, Any]:
+        for key in ("setname", "settype", "datavalue"):
+            if not isinstance(arguments.get(key), str):
+                return {"return": "NOK", "message": f"{key} is not a string"}
+        if arguments["settype"] not in DATASET_TYPES:
+            return {"return": "NOK", "message": "unknown settype"}
+        with self._lock:
+            found = self.datasets.get(arguments["setname"])
+            if found is None or found[0] != arguments["settype"]:
+                return {"return": "NOK", "message": "set not found or wrong type"}
+            value = _decode(arguments["settype"], arguments["datavalue"])
+            if name == "dataset-add":
+                if value in found[1]:
+                    return {"return": "OK", "message": "data already in set"}
+                found[1].add(value)
+                return {"return": "OK", "message": "data added"}
+            found[1].discard(value)
+            return {"return": "OK", "message": "data removed"}
+
+    def _reload(self) -> None:
+        with self._lock:
+            self.reloads += 1
+            if self.rules_file is None or not self.rules_file.exists():
+                return
+            for line in self.rules_file.read_text().splitlines():
+                if line.startswith("#"):
+                    continue
+                match = _DATASET_RULE.search(line)
+                if match:
+                    set_name, set_type, load = match.groups()
+                    values = {_decode(set_type, v) for v in Path(load.strip()).read_text().split()}
+                    self.datasets[set_name] = (set_type, values)
+
+    def close(self) -> None:
+        self._stop.set()
+        self._server.close()
+        self.join(2)
+        for client in self._clients:
+            client.join(2)
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
+
+def _decode(set_type: str, value: str) -> str:
+    return base64.b64decode(value).decode() if set_type == "string" else value

@@ -1,0 +1,371 @@
+"""The detections the plugin holds, persisted in the rules file it writes.
+
+The rules file is the single source of truth: every detection is one
+comment line ``# threatbus-entry {json}`` (indicator id, modified time, sid,
+how it is detected, the indicator itself), followed by its rule for
+rule-based detections. On start the state is rebuilt from that file, so a
+restart of the plugin neither loses detections nor changes their sids.
+Dataset and hash list files are derived from the same state and rewritten
+with it. Every file is written atomically: a temporary file in the same
+directory, fsync, then ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from threatbus.data import DecodeError, Indicator, from_payload
+from threatbus_suricata.mapping import (
+    DATASET,
+    RESERVED_SIDS,
+    RULE,
+    STATIC_SID_OFFSETS,
+    Detection,
+    Settings,
+    Unsupported,
+    classify,
+    dataset_path,
+    hashlist_path,
+    stable_sid,
+    static_rules,
+)
+
+logger = logging.getLogger(__name__)
+
+ENTRY_PREFIX = "# threatbus-entry "
+HEADER = (
+    "# Written by Threat Bus (threatbus-suricata). Do not edit: the file is rewritten on every change.\n"
+    "# Each '# threatbus-entry' line records one indicator; rules follow their entry.\n"
+)
+
+
+@dataclass
+class Entry:
+    """One indicator and its detection."""
+
+    indicator_id: str
+    modified: str
+    detection: Detection
+    sid: int | None = None
+    payload: dict[str, Any] | None = None
+    text: str = field(default="", compare=False)  # its lines in the rules file, rendered once
+
+    def record(self) -> dict[str, Any]:
+        detection = {k: v for k, v in asdict(self.detection).items() if v not in ("", (), None)}
+        return {
+            "id": self.indicator_id,
+            "modified": self.modified,
+            "sid": self.sid,
+            "detection": detection,
+            "indicator": self.payload,
+        }
+
+
+@dataclass
+class Match:
+    """An indicator an alert matched, with the value that matched."""
+
+    indicator_id: str
+    value: str
+    payload: dict[str, Any] | None
+
+
+@dataclass
+class Changes:
+    """What a flush has to do."""
+
+    write: bool = False  # files differ from disk
+    reload: bool = False  # rule lines changed: Suricata must reload its rules
+    dataset_ops: list[tuple[str, Detection]] = field(default_factory=list)  # (command, detection)
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so readers see the old or the new file, never a mix."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.chmod(tmp, 0o644)  # Suricata often runs as another user
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+class DetectionStore:
+    """All detections, indexed for applying indicators and for mapping alerts back.
+
+    Thread-safe: the detection worker applies indicators and flushes, the EVE
+    worker looks up alerts, the snapshot hook reads payloads.
+    """
+
+    def __init__(self, rules_file: Path, settings: Settings, sid_min: int, sid_max: int) -> None:
+        self.rules_file = rules_file
+        self.base = str(rules_file.with_suffix("")) if rules_file.suffix else str(rules_file)
+        self.directory = str(rules_file.parent)
+        self.settings = settings
+        self.sid_min = sid_min
+        self.sid_max = sid_max
+        self._lock = threading.RLock()
+        self.entries: dict[str, Entry] = {}
+        self.by_sid: dict[int, str] = {}
+        # (set or algorithm, value) -> ids of the indicators that share this entry
+        self.by_value: dict[tuple[str, str], list[str]] = {}
+        self._changes = Changes()
+        self._dirty_lists: set[str] = set()  # dataset names and hash algorithms to rewrite
+
+    # ---- applying indicators ------------------------------------------
+
+    def apply(self, indicator: Indicator) -> str:
+        """Add, update or remove the detection of ``indicator``.
+
+        Returns what happened: added, updated, removed, unchanged, stale or
+        unknown (removal of an indicator we do not hold). Raises ``Unsupported``.
+        """
+        if indicator.is_removal:
+            with self._lock:
+                old = self.entries.get(indicator.id)
+                if old is None:
+                    return "unknown"
+                self._remove(old)
+                return "removed"
+        detection = classify(indicator, self.settings)
+        modified = indicator.modified or ""
+        with self._lock:
+            old = self.entries.get(indicator.id)
+            if old is not None:
+                if modified < old.modified:
+                    return "stale"
+                if old.detection == detection:
+                    if modified != old.modified or old.payload != indicator.payload:
+                        old.modified, old.payload = modified, indicator.payload
+                        self._render(old)
+                        self._changes.write = True
+                    return "unchanged"
+            entry = Entry(indicator.id, modified, detection, payload=indicator.payload)
+            keep = old.sid if old is not None and old.detection.sid is None else None
+            self._add(entry, keep_sid=keep, replacing=old)
+            return "updated" if old is not None else "added"
+
+    def _add(self, entry: Entry, keep_sid: int | None = None, replacing: Entry | None = None) -> None:
+        detection = entry.detection
+        if detection.kind == RULE:
+            entry.sid = self._allocate_sid(entry, keep_sid)
+        if replacing is not None:
+            self._remove(replacing)
+        self._render(entry)
+        self.entries[entry.indicator_id] = entry
+        self._changes.write = True
+        if detection.kind == RULE:
+            assert entry.sid is not None
+            self.by_sid[entry.sid] = entry.indicator_id
+            self._changes.reload = True
+            return
+        key = (detection.set_name, detection.value)
+        holders = self.by_value.setdefault(key, [])
+        holders.append(entry.indicator_id)
+        if len(holders) == 1:
+            self._dirty_lists.add(detection.set_name)
+            if detection.kind == DATASET:
+                self._changes.dataset_ops.append(("dataset-add", detection))
+            else:  # hash lists are read by Suricata on a rule reload only
+                self._changes.reload = True
+
+    def _remove(self, entry: Entry) -> None:
+        detection = entry.detection
+        del self.entries[entry.indicator_id]
+        self._changes.write = True
+        if detection.kind == RULE:
+            if self.by_sid.get(entry.sid) == entry.indicator_id:  # type: ignore[arg-type]
+                del self.by_sid[entry.sid]  # type: ignore[arg-type]
+            self._changes.reload = True
+            return
+        key = (detection.set_name, detection.value)
+        holders = self.by_value.get(key, [])
+        if entry.indicator_id in holders:
+            holders.remove(entry.indicator_id)
+        if not holders:
+            self.by_value.pop(key, None)
+            self._dirty_lists.add(detection.set_name)
+            if detection.kind == DATASET:
+                self._changes.dataset_ops.append(("dataset-remove", detection))
+            else:
+                self._changes.reload = True
+
+    def _allocate_sid(self, entry: Entry, keep_sid: int | None) -> int:
+        detection = entry.detection
+        if detection.sid is not None:  # a rule given with its own sid
+            owner = self.by_sid.get(detection.sid)
+            if owner is not None and owner != entry.indicator_id:
+                raise Unsupported(f"sid {detection.sid} is already used by {owner}")
+            if self.sid_min <= detection.sid < self.sid_min + RESERVED_SIDS:
+                raise Unsupported(f"sid {detection.sid} is reserved for the plugin's own rules")
+            return detection.sid
+        low, high = self.sid_min + RESERVED_SIDS, self.sid_max
+        if keep_sid is not None and low <= keep_sid <= high and self.by_sid.get(keep_sid, entry.indicator_id) == entry.indicator_id:
+            return keep_sid
+        sid = stable_sid(entry.indicator_id, low, high)
+        # Collisions are rare in a wide range; probe to the next free sid.
+        for _ in range(high - low + 1):
+            owner = self.by_sid.get(sid)
+            if owner is None or owner == entry.indicator_id:
+                return sid
+            sid = low if sid == high else sid + 1
+        raise Unsupported(f"no free sid left in {low}-{high}")
+
+    def _render(self, entry: Entry) -> None:
+        line = ENTRY_PREFIX + orjson.dumps(entry.record()).decode() + "\n"
+        if entry.detection.kind == RULE:
+            assert entry.sid is not None
+            line += entry.detection.render(entry.indicator_id, entry.sid, self.settings.action) + "\n"
+        entry.text = line
+
+    # ---- flushing -----------------------------------------------------
+
+    def take_changes(self) -> Changes:
+        """The changes since the last call; the caller writes and reloads."""
+        with self._lock:
+            changes, self._changes = self._changes, Changes()
+            return changes
+
+    def requeue(self, changes: Changes) -> None:
+        """Give back the work of a flush that could not write the files."""
+        with self._lock:
+            self._changes.write |= changes.write
+            self._changes.reload |= changes.reload
+            self._changes.dataset_ops[:0] = changes.dataset_ops
+
+    def render(self) -> tuple[str, dict[str, str]]:
+        """The rules file and the data files that changed, by path."""
+        with self._lock:
+            counts = {a: 0 for a in STATIC_SID_OFFSETS}
+            for set_name, _value in self.by_value:
+                if set_name in counts:
+                    counts[set_name] += 1
+            parts = [HEADER, f"# mode: {self.settings.mode}\n"]
+            parts.extend(rule + "\n" for rule in static_rules(self.settings, self.sid_min, self.base, counts))
+            parts.extend(entry.text for entry in self.entries.values())
+            lists = self._dirty_lists
+            self._dirty_lists = set()
+            if self.settings.mode == "datasets":  # their files must exist before Suricata loads the rules
+                lists |= {self.settings.ip_set, self.settings.domain_set}
+            files: dict[str, list[str]] = {name: [] for name in lists}
+            for (set_name, _value), holders in self.by_value.items():
+                if set_name in files and holders:
+                    files[set_name].append(self.entries[holders[0]].detection.datavalue)
+            paths = {}
+            for name, values in files.items():
+                path = hashlist_path(self.base, name) if name in ("md5", "sha1", "sha256") else None
+                path = path or dataset_path(self.directory, name)
+                paths[path] = "".join(v + "\n" for v in values)
+            return "".join(parts), paths
+
+    def write(self) -> None:
+        """Write the data files, then the rules file that refers to them."""
+        rules, data_files = self.render()
+        try:
+            for path, text in data_files.items():
+                write_atomically(Path(path), text)
+            write_atomically(self.rules_file, rules)
+        except OSError:
+            with self._lock:  # write every list again next time
+                self._dirty_lists |= {name for (name, _v) in self.by_value}
+            raise
+
+    # ---- loading ------------------------------------------------------
+
+    def load(self) -> int:
+        """Rebuild the state from the rules file; returns the number of entries read.
+
+        Entries that cannot be read are logged and skipped. Entries whose
+        indicator maps differently under the current config (another mode,
+        another sid range) are re-mapped, and the next flush rewrites them.
+        """
+        try:
+            text = self.rules_file.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            logger.info("rules file %s does not exist yet; starting without detections", self.rules_file)
+            self._changes.write = self._changes.reload = True
+            return 0
+        loaded = 0
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.startswith(ENTRY_PREFIX):
+                continue
+            try:
+                self._load_entry(orjson.loads(line[len(ENTRY_PREFIX) :]))
+                loaded += 1
+            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, DecodeError) as err:
+                logger.warning("%s:%d: skipping unreadable entry: %s", self.rules_file, number, err)
+        with self._lock:
+            self._dirty_lists |= {name for (name, _v) in self.by_value}
+            self._changes.dataset_ops.clear()  # Suricata loads the sets from their files
+            rules, data_files = self.render()
+            self._dirty_lists |= {name for (name, _v) in self.by_value}
+            if rules != text or not all(os.path.exists(path) for path in data_files):
+                self._changes.write = self._changes.reload = True
+            else:
+                self._changes = Changes()
+        return loaded
+
+    def _load_entry(self, record: dict[str, Any]) -> None:
+        payload = record.get("indicator")
+        raw = dict(record["detection"])
+        raw["options"] = tuple(raw.get("options", ()))
+        detection = Detection(**raw)
+        if payload is not None:
+            indicator = from_payload(payload)
+            if not isinstance(indicator, Indicator) or indicator.id != record["id"]:
+                raise ValueError("embedded indicator does not match the entry")
+            try:
+                detection = classify(indicator, self.settings)
+            except Unsupported as err:
+                logger.warning("dropping detection of %s: %s", record["id"], err)
+                return
+        entry = Entry(str(record["id"]), str(record["modified"]), detection, payload=payload)
+        sid = record.get("sid")
+        with self._lock:
+            duplicate = self.entries.get(entry.indicator_id)
+            if duplicate is not None:
+                self._remove(duplicate)
+            self._add(entry, keep_sid=sid if isinstance(sid, int) else None)
+
+    # ---- reading ------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def indicator_of_sid(self, sid: int) -> Entry | None:
+        with self._lock:
+            indicator_id = self.by_sid.get(sid)
+            return self.entries.get(indicator_id) if indicator_id else None
+
+    def entry(self, indicator_id: str) -> Entry | None:
+        with self._lock:
+            return self.entries.get(indicator_id)
+
+    def holders(self, set_name: str, value: str) -> list[Match]:
+        with self._lock:
+            return [
+                Match(i, value, self.entries[i].payload) for i in self.by_value.get((set_name, value), ()) if i in self.entries
+            ]
+
+    def payloads(self) -> list[tuple[str, dict[str, Any]]]:
+        """(modified, indicator) of every held indicator."""
+        with self._lock:
+            return [(e.modified, e.payload) for e in self.entries.values() if e.payload is not None]
+
+    def static_sid(self, name: str) -> int:
+        return self.sid_min + STATIC_SID_OFFSETS[name]
