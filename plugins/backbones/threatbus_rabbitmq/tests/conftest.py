@@ -1,0 +1,284 @@
+"""Fixtures of the RabbitMQ backbone tests: unique broker names, raw AMQP access, rabbitmqctl.
+
+Every test uses exchange and queue names with a fresh uuid and deletes them
+afterwards, so tests of other engineers on the same broker are not disturbed.
+Only tests marked ``broker_disruptive`` restart the broker or close connections.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pika
+import pytest
+
+from threatbus.node import Node
+from threatbus.testing import (
+    RABBITMQ_HOST,
+    RABBITMQ_PORT,
+    ThreatBusProcess,
+    rabbitmq_reachable,
+    require_rabbitmq,
+    wait_until,
+)
+from threatbus_rabbitmq.settings import default_queue_suffix
+
+TESTS_DIR = Path(__file__).parent
+LAUNCHER = TESTS_DIR / "rabbitmq_node.py"
+BROKER_DEADLINE = 60.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # pika logs every frame at DEBUG; the tests' logs should show the backbone's own lines.
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    config.addinivalue_line(
+        "markers",
+        "broker_disruptive: restarts the shared RabbitMQ or closes connections (affects every user of the broker)",
+    )
+
+
+class Broker:
+    """Raw access to the test broker for one test, with cleanup of what the test named."""
+
+    def __init__(self) -> None:
+        self.id = uuid.uuid4().hex[:12]
+        self.exchange = f"tb-test-{self.id}"
+        self.queues: list[str] = []
+        self.exchanges: list[str] = [self.exchange, f"{self.exchange}.durable"]
+
+    def queue(self, label: str) -> str:
+        """A unique queue name suffix; the full queue name is ``threatbus.<suffix>``."""
+        suffix = f"{label}-{self.id}"
+        self.queues.append(f"threatbus.{suffix}")
+        return suffix
+
+    def node_queue(self, node_name: str, config_path: Path | str | None = None) -> str:
+        """The default queue name of a node (unique per node, stable across restarts)."""
+        node = Node.create(node_name, str(Path(config_path).resolve()) if config_path else None)
+        name = f"threatbus.{default_queue_suffix(node)}"
+        self.queues.append(name)
+        return name
+
+    def config(self, suffix: str | None = None, **overrides: Any) -> dict[str, Any]:
+        """The backbone section for a node of this test (fast reconnects)."""
+        section: dict[str, Any] = {
+            "host": RABBITMQ_HOST,
+            "port": RABBITMQ_PORT,
+            "username": "guest",
+            "password": "guest",
+            "exchange_name": self.exchange,
+            "reconnect": {"initial": 0.2, "max": 1.0},
+            "heartbeat": 10,
+            "queue": {},
+        }
+        if suffix is not None:
+            section["queue"]["name_suffix"] = suffix
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(section.get(key), dict):
+                section[key] = {**section[key], **value}
+            else:
+                section[key] = value
+        return section
+
+    def plugin_config(self, suffix: str | None = None, **overrides: Any) -> dict[str, Any]:
+        return {"backbones": {"rabbitmq": self.config(suffix, **overrides)}}
+
+    # ---- raw AMQP ------------------------------------------------------
+
+    def connect(self) -> pika.BlockingConnection:
+        return pika.BlockingConnection(pika.ConnectionParameters(RABBITMQ_HOST, RABBITMQ_PORT, heartbeat=30))
+
+    def publish_raw(self, bodies: list[bytes], exchange: str | None = None) -> None:
+        connection = self.connect()
+        try:
+            channel = connection.channel()
+            channel.confirm_delivery()
+            for body in bodies:
+                channel.basic_publish(exchange or self.exchange, "", body)
+        finally:
+            connection.close()
+
+    def message_count(self, queue: str) -> int:
+        connection = self.connect()
+        try:
+            return connection.channel().queue_declare(queue, passive=True).method.message_count
+        finally:
+            connection.close()
+
+    def cleanup(self) -> None:
+        if not rabbitmq_reachable():
+            return
+        connection = self.connect()
+        try:
+            for queue in self.queues:
+                channel = connection.channel()
+                channel.queue_delete(queue)
+            for exchange in self.exchanges:
+                channel = connection.channel()
+                channel.exchange_delete(exchange)
+        finally:
+            connection.close()
+
+
+@pytest.fixture
+def broker() -> Iterator[Broker]:
+    require_rabbitmq()
+    handle = Broker()
+    yield handle
+    handle.cleanup()
+
+
+# ---- rabbitmqctl -------------------------------------------------------
+
+
+class BrokerControl:
+    """``rabbitmqctl`` for the disruptive tests."""
+
+    @staticmethod
+    def run(*args: str, timeout: float = 60.0) -> str:
+        result = subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=timeout)
+        if result.returncode != 0:
+            raise AssertionError(f"rabbitmqctl {' '.join(args)} failed ({result.returncode}): {result.stderr}")
+        return result.stdout
+
+    def connections_matching(self, text: str) -> list[str]:
+        """Pids of broker connections whose client-given name contains ``text``."""
+        out = self.run("list_connections", "pid", "client_properties", "--formatter", "json", "--silent")
+        pids = []
+        for row in json.loads(out or "[]"):
+            for entry in row.get("client_properties") or []:  # [[name, type, value], ...]
+                if isinstance(entry, list) and entry and entry[0] == "connection_name" and text in str(entry[-1]):
+                    pids.append(row["pid"])
+        return pids
+
+    def close_connections(self, text: str) -> int:
+        """Close (as a network failure would) the broker connections named with ``text``; only ours."""
+        pids = self.connections_matching(text)
+        for pid in pids:
+            self.run("close_connection", pid, "threatbus test: connection killed")
+        return len(pids)
+
+    def wait_for_broker(self, deadline: float = BROKER_DEADLINE) -> None:
+        self.run("await_startup", "--timeout", str(int(deadline)), timeout=deadline + 10)
+        wait_until(rabbitmq_reachable, deadline, interval=0.2, what="RabbitMQ to accept connections")
+
+    def restart_app(self, while_down: Callable[[], None] | None = None) -> None:
+        """``stop_app``, run ``while_down``, then ``start_app`` (always) and wait until the broker is up."""
+        self.run("stop_app")
+        try:
+            if while_down is not None:
+                while_down()
+        finally:
+            self.run("start_app", timeout=120)
+            self.wait_for_broker()
+
+    @staticmethod
+    def available() -> bool:
+        try:
+            subprocess.run(["rabbitmqctl", "status"], capture_output=True, timeout=30, check=True)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return True
+
+
+@pytest.fixture
+def ctl(broker: Broker) -> BrokerControl:
+    control = BrokerControl()
+    if not control.available():
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("rabbitmqctl is needed for the broker restart tests")
+        pytest.skip("rabbitmqctl not available (needs the local RabbitMQ and the rights to manage it)")
+    return control
+
+
+# ---- node processes ----------------------------------------------------
+
+
+class NodeProcess(ThreatBusProcess):
+    """A real node process: ``rabbitmq_node.py`` runs the bus as ``threatbus`` does, plus a file app.
+
+    The app publishes every JSON line appended to ``inbox`` and writes every
+    message it receives (subscribed to ``stix2``) as a line to ``outbox``.
+    """
+
+    def __init__(self, workdir: Path, name: str, backbone: dict[str, Any], extra_env: dict[str, str] | None = None):
+        self.name = name
+        self.inbox = Path(workdir) / f"{name}.inbox.jsonl"
+        self.outbox = Path(workdir) / f"{name}.outbox.jsonl"
+        self.inbox.touch()
+        config = {
+            "logging": {"console": True, "console_verbosity": "DEBUG", "file": False},
+            "node": {"name": name},
+            "plugins": {"backbones": {"rabbitmq": backbone}, "apps": {}},
+            "testapp": {"inbox": str(self.inbox), "outbox": str(self.outbox)},
+        }
+        super().__init__(config, workdir, name=name, extra_env=extra_env)
+
+    def start(self, ready_line: str = "consumer: consuming queue", timeout: float = 30.0) -> NodeProcess:
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
+        self._log_file = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, str(LAUNCHER), str(self.config_path)],
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+        def ready() -> bool:
+            if self.process is not None and self.process.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
+            return ready_line in self.log()[offset:]
+
+        try:
+            wait_until(ready, timeout, interval=0.05, what=f"{self.name}: {ready_line!r}")
+        except AssertionError as err:
+            raise AssertionError(f"{err}\n--- log ---\n{self.log()[-5000:]}") from None
+        return self
+
+    def publish(self, messages: list[Any]) -> None:
+        with self.inbox.open("ab") as inbox:
+            inbox.write(b"".join(m.encode() + b"\n" for m in messages))
+
+    def received(self) -> list[dict[str, Any]]:
+        if not self.outbox.exists():
+            return []
+        return [json.loads(line) for line in self.outbox.read_bytes().splitlines() if line.strip()]
+
+    def wait_received(self, ids: set[str], timeout: float = 30.0) -> list[dict[str, Any]]:
+        """Wait until the app received every id in ``ids``; return all it received."""
+
+        def arrived() -> list[dict[str, Any]] | None:
+            got = self.received()
+            return got if ids <= {m.get("id") for m in got} else None
+
+        try:
+            return wait_until(arrived, timeout, interval=0.05, what=f"{len(ids)} messages at {self.name}")
+        except AssertionError:
+            got = {m.get("id") for m in self.received()}
+            raise AssertionError(
+                f"{self.name} got {len(ids & got)} of {len(ids)} messages\n--- log tail ---\n{self.log()[-5000:]}"
+            ) from None
+
+
+@pytest.fixture
+def spawn_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
+    """``spawn_node(name, backbone_section, extra_env=None)``: a node process (not started); killed at the end."""
+    made: list[NodeProcess] = []
+
+    def spawn(name: str, backbone: dict[str, Any], extra_env: dict[str, str] | None = None) -> NodeProcess:
+        node = NodeProcess(tmp_path, name, backbone, extra_env)
+        made.append(node)
+        return node
+
+    yield spawn
+    for node in made:
+        node.kill()

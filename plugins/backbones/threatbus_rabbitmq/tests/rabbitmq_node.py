@@ -1,0 +1,115 @@
+"""Run one Threat Bus node like the ``threatbus`` command, plus a test-only file app.
+
+Usage: ``python rabbitmq_node.py CONFIG``. The config is a normal Threat Bus
+config (backbone from its entry point) with an extra top-level section
+``testapp: {inbox: PATH, outbox: PATH}``: the app publishes every JSON line
+appended to ``inbox`` (validated like a real app does) and appends every
+message it receives for ``stix2`` to ``outbox``, one JSON line each. Signals
+and shutdown are those of ``threatbus.cli.run``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+from pathlib import Path
+from typing import Any
+
+import threatbus
+from threatbus import cli, config, plugins
+from threatbus import logging as threatbus_logging
+from threatbus.bus import Bus
+from threatbus.data import Message, decode
+from threatbus.errors import DecodeError
+from threatbus.node import Node
+from threatbus.stix import validate
+from threatbus.worker import StoppableWorker, stop_workers
+
+logger = logging.getLogger("testapp")
+
+POLL = 0.02
+
+
+class _InboxReader(StoppableWorker):
+    def __init__(self, path: Path, publish_queue: queue.Queue[Message]) -> None:
+        super().__init__(name="testapp-inbox")
+        self.path = path
+        self.publish_queue = publish_queue
+        self.offset = 0
+
+    def run(self) -> None:
+        while not self.wait(POLL):
+            with self.path.open("rb") as inbox:
+                inbox.seek(self.offset)
+                data = inbox.read()
+            complete = data[: data.rfind(b"\n") + 1]
+            self.offset += len(complete)
+            for line in complete.splitlines():
+                try:
+                    message = decode(line)
+                    validate(message)
+                except DecodeError as err:
+                    logger.warning("testapp: invalid line in inbox: %s", err)
+                    continue
+                self.publish_queue.put(message)
+
+
+class _OutboxWriter(StoppableWorker):
+    def __init__(self, path: Path, source: queue.Queue[Message]) -> None:
+        super().__init__(name="testapp-outbox")
+        self.path = path
+        self.source = source
+
+    def run(self) -> None:
+        with self.path.open("ab") as outbox:
+            for message in self.drain(self.source):
+                batch = [message]
+                while True:
+                    try:
+                        batch.append(self.source.get_nowait())
+                    except queue.Empty:
+                        break
+                outbox.write(b"".join(m.encode() + b"\n" for m in batch))
+                outbox.flush()
+
+
+class FileApp:
+    def __init__(self, inbox: str, outbox: str) -> None:
+        self.inbox = Path(inbox)
+        self.outbox = Path(outbox)
+        self.received: queue.Queue[Message] = queue.Queue()
+        self.workers: list[StoppableWorker] = []
+
+    @threatbus.app
+    def config_validators(self) -> list[Any]:
+        return []
+
+    @threatbus.app
+    def run(self, publish_queue: queue.Queue[Message], subscribe: Any) -> None:
+        subscribe("stix2", self.received)
+        self.workers = [_InboxReader(self.inbox, publish_queue), _OutboxWriter(self.outbox, self.received)]
+        for worker in self.workers:
+            worker.start()
+
+    @threatbus.app
+    def stop(self) -> None:
+        stop_workers(self.workers)
+
+
+def main(path: str) -> int:
+    threatbus_logging.configure_early()
+    settings, source = config.load(path)
+    config.validate(settings, config.core_validators())
+    node = Node.create(settings.node.name, str(Path(source).resolve()))
+    loaded = plugins.load(settings)
+    app = FileApp(settings.testapp.inbox, settings.testapp.outbox)
+    bus = Bus(settings, apps={"testapp": app}, backbones=loaded["backbones"], node=node)
+    bus.configure()
+    threatbus_logging.configure(bus.settings.logging, node.name)
+    logging.getLogger("threatbus_rabbitmq").setLevel(logging.DEBUG)
+    return cli.run(bus)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1]))
