@@ -1,0 +1,385 @@
+"""Run the Threat Bus benchmarks and write the results as JSON and a PNG chart.
+
+    .venv/bin/python -m benchmark.run --out benchmark/results           # full, a few minutes
+    .venv/bin/python -m benchmark.run --quick --out benchmark/results   # seconds, for smoke tests
+
+Exit status: 0 when every selected scenario ran (targets missed or not),
+1 when a scenario failed, 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from benchmark.nodes import Broker, broker_missing, loadavg, machine_busy, plugin_missing, stop_nodes
+from benchmark.scenarios import (
+    PROFILES,
+    Profile,
+    bus_scenario,
+    ceiling_scenario,
+    fanout_scenario,
+    start_inmem,
+    start_rabbitmq_pair,
+)
+from benchmark.stats import ratio
+
+logger = logging.getLogger("benchmark")
+
+REPO = Path(__file__).resolve().parent.parent
+SCENARIOS = ("inmem", "ceiling", "rabbitmq", "fanout")
+
+TARGET_INMEM_MSGS_PER_S = 10_000
+TARGET_CEILING_RATIO = 0.5
+TARGET_P99_MS = 10.0
+TARGET_P99_RATE = 1000
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmark.run", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", default=str(REPO / "benchmark" / "results"), help="results directory")
+    parser.add_argument("--quick", action="store_true", help="small counts: seconds instead of minutes")
+    parser.add_argument(
+        "--only",
+        default=",".join(SCENARIOS),
+        help=f"comma-separated scenarios to run, of {', '.join(SCENARIOS)} (memory is measured within "
+        "inmem and rabbitmq; fanout runs on each backbone selected or available)",
+    )
+    parser.add_argument("--fanout-backbones", default="inmem,rabbitmq", help="backbones to run the fan-out on")
+    parser.add_argument("--profile", action="store_true", help="record py-spy stacks of the nodes in saturation runs")
+    parser.add_argument("--note", default="", help="free text stored in the results, e.g. the load on the machine")
+    broker = parser.add_argument_group("RabbitMQ (ceiling and rabbitmq scenarios)")
+    broker.add_argument("--rabbitmq-host", default=os.environ.get("THREATBUS_TEST_RABBITMQ_HOST", "127.0.0.1"))
+    broker.add_argument(
+        "--rabbitmq-port", type=int, default=int(os.environ.get("THREATBUS_TEST_RABBITMQ_PORT", "5672"))
+    )
+    broker.add_argument("--rabbitmq-user", default="guest")
+    broker.add_argument("--rabbitmq-password", default="guest")
+    broker.add_argument("--rabbitmq-vhost", default="/")
+    queue = parser.add_argument_group(
+        "queue settings of the bus under test (WIRE.md defaults); the ceiling uses them too"
+    )
+    queue.add_argument("--queue-durable", action=argparse.BooleanOptionalAction, default=True)
+    queue.add_argument("--queue-lazy", action=argparse.BooleanOptionalAction, default=True)
+    queue.add_argument("--queue-max-items", type=int, default=0)
+    ceiling = parser.add_argument_group("raw pika ceiling: set these as the rabbitmq backbone publishes and consumes")
+    ceiling.add_argument("--ceiling-confirms", action=argparse.BooleanOptionalAction, default=True)
+    ceiling.add_argument("--ceiling-persistent", action=argparse.BooleanOptionalAction, default=None,
+                         help="delivery_mode 2 messages (default: as --queue-durable, like the backbone)")  # fmt: skip
+    ceiling.add_argument("--ceiling-confirm-window", type=int, default=1000, help="unconfirmed messages in flight")
+    ceiling.add_argument("--ceiling-prefetch", type=int, default=200, help="consumer prefetch count")
+    ceiling.add_argument("--ceiling-ack-every", type=int, default=50, help="ack (multiple) every N messages")
+    args = parser.parse_args(argv)
+    unknown = set(args.only.split(",")) - set(SCENARIOS)
+    if unknown:
+        parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}; choose from {', '.join(SCENARIOS)}")
+    return args
+
+
+def versions() -> dict[str, str | None]:
+    found: dict[str, str | None] = {}
+    for dist in ("threatbus", "threatbus-inmem", "threatbus-zmq", "threatbus-rabbitmq", "pyzmq", "pika", "orjson"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            found[dist] = None
+    return found
+
+
+def command_output(*command: str) -> str | None:
+    try:
+        done = subprocess.run(command, capture_output=True, text=True, timeout=15, cwd=REPO)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() or None if done.returncode == 0 else None
+
+
+def meta(args: argparse.Namespace, profile: Profile) -> dict[str, Any]:
+    return {
+        "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "mode": profile.name,
+        "profile": profile.__dict__,
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": versions(),
+        "rabbitmq_version": command_output("rabbitmqctl", "version"),
+        "git_commit": command_output("git", "rev-parse", "--short", "HEAD"),
+        "loadavg_before": loadavg(),
+        "note": args.note,
+    }
+
+
+def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets against the figures of this run."""
+    rows: list[dict[str, Any]] = []
+    inmem = scenarios.get("inmem", {}).get("saturation", {}).get("msgs_per_s")
+    rows.append(
+        {
+            "name": "inmem, one node: msgs/s at saturation",
+            "target": f">= {TARGET_INMEM_MSGS_PER_S}",
+            "measured": inmem,
+            "ratio_to_target": ratio(inmem, TARGET_INMEM_MSGS_PER_S),
+            "met": None if inmem is None else inmem >= TARGET_INMEM_MSGS_PER_S,
+        }
+    )
+    bus = scenarios.get("rabbitmq", {}).get("saturation", {}).get("msgs_per_s")
+    ceiling = scenarios.get("ceiling", {})
+    matched = ceiling.get("matched", {}).get("saturation", {}).get("msgs_per_s")
+    unconfirmed = ceiling.get("no_confirms", {}).get("saturation", {}).get("msgs_per_s")
+    bus_ratio = ratio(bus, matched)
+    rows.append(
+        {
+            "name": "rabbitmq, two nodes: msgs/s over raw pika ceiling (same settings)",
+            "target": f">= {TARGET_CEILING_RATIO}",
+            "measured": bus_ratio,
+            "bus_msgs_per_s": bus,
+            "ceiling_msgs_per_s": matched,
+            "ratio_to_no_confirms_ceiling": ratio(bus, unconfirmed),
+            "met": None if bus_ratio is None else bus_ratio >= TARGET_CEILING_RATIO,
+        }
+    )
+    p99 = next(
+        (
+            row.get("p99_ms")
+            for row in scenarios.get("rabbitmq", {}).get("latency", [])
+            if row.get("offered_rate") == TARGET_P99_RATE
+        ),
+        None,
+    )
+    rows.append(
+        {
+            "name": f"rabbitmq, two nodes: p99 latency app to app at {TARGET_P99_RATE} msg/s (ms)",
+            "target": f"< {TARGET_P99_MS}",
+            "measured": p99,
+            "ratio_to_target": ratio(p99, TARGET_P99_MS),
+            "met": None if p99 is None else p99 < TARGET_P99_MS,
+        }
+    )
+    return rows
+
+
+class Runner:
+    """Runs the selected scenarios, recording each one's result, skip reason or error."""
+
+    def __init__(self, args: argparse.Namespace, profile: Profile, workdir: Path) -> None:
+        self.args = args
+        self.profile = profile
+        self.workdir = workdir
+        self.selected = set(args.only.split(","))
+        self.scenarios: dict[str, Any] = {}
+        self.skipped: dict[str, str] = {}
+        self.errors: dict[str, str] = {}
+        self.broker_settings = {
+            "host": args.rabbitmq_host,
+            "port": args.rabbitmq_port,
+            "username": args.rabbitmq_user,
+            "password": args.rabbitmq_password,
+            "vhost": args.rabbitmq_vhost,
+        }
+        self.queue = {
+            "durable": args.queue_durable,
+            "lazy": args.queue_lazy,
+            "auto_delete": False,
+            "exclusive": False,
+            "max_items": args.queue_max_items,
+        }
+        self.profile_dir = workdir / "profiles" if args.profile else None
+
+    def attempt(self, name: str, action: Callable[[], Any], *needs: str | None) -> Any:
+        reasons = [n for n in needs if n]
+        if reasons:
+            self.skipped[name] = "; ".join(reasons)
+            logger.warning("skipping %s: %s", name, self.skipped[name])
+            return None
+        logger.info("running %s", name)
+        started = time.monotonic()
+        try:
+            result = action()
+        except Exception as err:
+            self.errors[name] = f"{type(err).__name__}: {err}"
+            logger.error("%s failed: %s\n%s", name, err, traceback.format_exc())
+            return None
+        logger.info("%s done in %.1fs", name, time.monotonic() - started)
+        self.scenarios[name] = result
+        return result
+
+    def run(self) -> None:
+        zmq_missing = plugin_missing("apps", "zmq")
+        rabbit_missing = plugin_missing("backbones", "rabbitmq")
+        broker_down = broker_missing(self.broker_settings)
+        fanout_on = set(self.args.fanout_backbones.split(",")) if "fanout" in self.selected else set()
+        if {"inmem"} & self.selected or "inmem" in fanout_on:
+            self.attempt("inmem", self.inmem, zmq_missing)
+        if "ceiling" in self.selected:
+            self.attempt("ceiling", self.ceiling, broker_down)
+        if {"rabbitmq"} & self.selected or "rabbitmq" in fanout_on:
+            self.attempt("rabbitmq", self.rabbitmq, zmq_missing, rabbit_missing, broker_down)
+        memory = {k: v.pop("memory") for k, v in self.scenarios.items() if isinstance(v, dict) and "memory" in v}
+        if memory:
+            self.scenarios["memory"] = memory
+        fanout = {k: v.pop("fanout") for k, v in self.scenarios.items() if isinstance(v, dict) and "fanout" in v}
+        if fanout:
+            self.scenarios["fanout"] = fanout
+        for name in ("inmem", "rabbitmq"):
+            # Ran only for the fan-out: do not report figures nobody asked for.
+            if name not in self.selected and name in self.scenarios:
+                kept = self.scenarios.pop(name)
+                self.scenarios.get("memory", {}).pop(name, None)
+                del kept
+
+    def _with_nodes(self, name: str, nodes: list[Any]) -> dict[str, Any]:
+        try:
+            result = bus_scenario(name, nodes, self.profile, self.profile_dir)
+            if "fanout" in self.selected and name in self.args.fanout_backbones.split(","):
+                try:
+                    result["fanout"] = fanout_scenario(name, nodes, self.profile)
+                except Exception as err:
+                    self.errors[f"fanout-{name}"] = f"{type(err).__name__}: {err}"
+                    logger.error("fan-out on %s failed: %s\n%s", name, err, traceback.format_exc())
+        finally:
+            result_codes = stop_nodes(nodes)
+        bad = {n: c for n, c in result_codes.items() if c != 0}
+        if bad:
+            raise RuntimeError(f"nodes did not stop cleanly: {bad} (logs in {self.workdir})")
+        return result
+
+    def inmem(self) -> dict[str, Any]:
+        return self._with_nodes("inmem", start_inmem(self.workdir))
+
+    def rabbitmq(self) -> dict[str, Any]:
+        broker = Broker(self.broker_settings)
+        try:
+            return self._with_nodes("rabbitmq", start_rabbitmq_pair(self.workdir, broker, self.queue))
+        finally:
+            failed = broker.cleanup()
+            if failed:
+                logger.warning("could not delete RabbitMQ objects: %s", ", ".join(failed))
+
+    def ceiling(self) -> dict[str, Any]:
+        args = self.args
+        matched = {
+            "confirms": args.ceiling_confirms,
+            "persistent": args.queue_durable if args.ceiling_persistent is None else args.ceiling_persistent,
+            "confirm_window": args.ceiling_confirm_window,
+            "prefetch": args.ceiling_prefetch,
+            "ack_every": args.ceiling_ack_every,
+            "latency_rate": TARGET_P99_RATE,
+        }
+        variants = {"matched": matched, "no_confirms": {**matched, "confirms": False, "latency_rate": None}}
+        broker = Broker(self.broker_settings)
+        try:
+            return ceiling_scenario(broker, self.queue, self.profile, variants)
+        finally:
+            failed = broker.cleanup()
+            if failed:
+                logger.warning("could not delete RabbitMQ objects: %s", ", ".join(failed))
+
+
+def summary(result: dict[str, Any]) -> str:
+    lines = [f"Threat Bus benchmark ({result['meta']['mode']}), {result['meta']['started']}"]
+    scenarios = result["scenarios"]
+    for name in ("inmem", "rabbitmq"):
+        data = scenarios.get(name)
+        if not data:
+            continue
+        sat = data["saturation"]
+        lines.append(
+            f"  {name:<9} saturation {sat['msgs_per_s']} msg/s, lost {sat['lost']}, cpu/msg {sat.get('node_cpu_us_per_msg')} µs"
+        )
+        for row in data["latency"]:
+            lines.append(
+                f"  {'':<9} {row['offered_rate']:>5}/s (sent {row['achieved_send_rate']}/s): "
+                f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, lost {row['lost']}"
+            )
+    for variant, data in scenarios.get("ceiling", {}).items():
+        if variant == "queue":
+            continue
+        lines.append(f"  ceiling {variant:<11} {data['saturation']['msgs_per_s']} msg/s")
+    for backbone, rows in scenarios.get("fanout", {}).items():
+        for row in rows:
+            sat, lat = row["saturation"], row["latency"]
+            lines.append(
+                f"  fanout {backbone:<8} {row['subscribers']:>3} subs: {sat['msgs_per_s']} msg/s = {sat['deliveries_per_s']} "
+                f"deliveries/s, lost {sat['lost']}; at {lat['offered_rate']}/s p99 {lat['p99_ms']} ms"
+            )
+    for backbone, nodes in scenarios.get("memory", {}).items():
+        for node, data in nodes.items():
+            lines.append(
+                f"  memory {backbone:<8} {node}: {data.get('rss_start_kb')} -> {data.get('rss_end_kb')} KiB over "
+                f"{data.get('messages')} msgs (flat: {data.get('flat')})"
+            )
+    for row in result["targets"]:
+        verdict = {True: "MET", False: "MISSED", None: "not measured"}[row["met"]]
+        lines.append(f"  target {row['name']}: {row['measured']} ({row['target']}) {verdict}")
+    for name, reason in result["skipped"].items():
+        lines.append(f"  SKIPPED {name}: {reason}")
+    for name, error in result["errors"].items():
+        lines.append(f"  FAILED {name}: {error}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.getLogger("pika").setLevel(logging.WARNING)
+    profile = PROFILES["quick" if args.quick else "full"]
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = Path(args.out)
+    workdir = out / f"bench-{stamp}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"meta": meta(args, profile)}
+    busy_before = machine_busy()
+    runner = Runner(args, profile, workdir)
+    runner.run()
+    busy_after = machine_busy()
+    result["meta"].update(
+        {
+            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "loadavg_after": loadavg(),
+            "machine_cpu_busy_fraction": round(
+                (busy_after[0] - busy_before[0]) / max(busy_after[1] - busy_before[1], 1), 3
+            ),
+            "node_logs": str(workdir),
+        }
+    )
+    result["scenarios"] = runner.scenarios
+    result["skipped"] = runner.skipped
+    result["errors"] = runner.errors
+    result["targets"] = targets(runner.scenarios)
+    json_path = workdir / "results.json"
+    json_path.write_bytes(orjson.dumps(result, option=orjson.OPT_INDENT_2 | orjson.OPT_SERIALIZE_NUMPY))
+    png_path = workdir / "results.png"
+    try:
+        from benchmark.chart import draw
+
+        draw(result, png_path)
+    except Exception as err:
+        runner.errors["chart"] = f"{type(err).__name__}: {err}"
+        logger.error("chart failed: %s\n%s", err, traceback.format_exc())
+    for latest, source in ((out / "latest.json", json_path), (out / "latest.png", png_path)):
+        if source.exists():
+            latest.write_bytes(source.read_bytes())
+    print(summary(result))
+    print(f"results: {json_path}\nchart:   {png_path}")
+    return 1 if runner.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

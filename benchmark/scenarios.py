@@ -1,0 +1,372 @@
+"""The measured scenarios: each starts what it needs, measures, and cleans up after itself."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmark import pika_clients, zmq_clients
+from benchmark.nodes import (
+    Broker,
+    BusNode,
+    ResourceSampler,
+    Sample,
+    rabbitmq_backbone,
+    read_cpu_seconds,
+    start_node,
+    stop_nodes,
+    unique_name,
+)
+from benchmark.procs import Child, shared_counter, stop_all
+from benchmark.stats import latency_summary, merge, rate
+
+logger = logging.getLogger(__name__)
+
+# Deliveries stop counting as "still coming" after this long without progress.
+IDLE_TIMEOUT = 5.0
+STARTUP_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How much to measure: ``quick`` (seconds, for the smoke test) or ``full``."""
+
+    name: str
+    saturation_count: int
+    rates: tuple[int, ...]
+    latency_seconds: float
+    ceiling_count: int
+    fanout_subscribers: tuple[int, ...]
+    fanout_count: int
+    fanout_rate: int
+    fanout_seconds: float
+    window: int = 500
+
+
+PROFILES = {
+    "quick": Profile("quick", 3_000, (200, 1000, 5000), 1.0, 3_000, (1, 10), 1_000, 200, 1.0),
+    "full": Profile("full", 100_000, (200, 1000, 5000), 8.0, 50_000, (1, 10, 50), 10_000, 200, 5.0),
+}
+
+
+def wait_for_count(read: Any, target: int, limit: float) -> int:
+    """Poll ``read()`` until it reaches ``target``, stalls for IDLE_TIMEOUT, or ``limit`` passes."""
+    start = last_change = time.monotonic()
+    last = read()
+    while last < target:
+        time.sleep(0.02)
+        now = read()
+        moment = time.monotonic()
+        if now != last:
+            last, last_change = now, moment
+        elif moment - last_change > IDLE_TIMEOUT or moment - start > limit:
+            break
+    return last
+
+
+def run_figures(
+    published: dict[str, Any], merged: dict[str, Any], copies: int, offered: float | None
+) -> dict[str, Any]:
+    """The figures of one run, from the publisher's report and the receivers' records."""
+    sent = published["sent"]
+    delivered = merged["received"]
+    end_ns = merged["last_recv_ns"]
+    figures = {
+        "offered_rate": offered,
+        "sent": sent,
+        "achieved_send_rate": rate(sent, published["start_ns"], published["end_ns"]),
+        "subscriptions": copies,
+        "expected_deliveries": sent * copies,
+        "delivered": delivered,
+        "lost": sent * copies - delivered,
+        "duplicates": merged["duplicates"],
+        # End to end: from the first send to the last delivery.
+        "msgs_per_s": rate(round(delivered / copies), published["start_ns"], end_ns),
+        "deliveries_per_s": rate(delivered, published["start_ns"], end_ns),
+        "duration_s": round((end_ns - published["start_ns"]) / 1e9, 3) if delivered else None,
+        **latency_summary(merged["latencies_ns"]),
+    }
+    for key in ("acked", "nacked", "window_waits"):
+        if key in published:
+            figures[key] = published[key]
+    return figures
+
+
+class Profiler:
+    """py-spy attached to the nodes during a run (``--profile``), raw collapsed stacks per node."""
+
+    def __init__(self, out: Path | None, nodes: list[BusNode], label: str) -> None:
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.files: list[str] = []
+        if out is None:
+            return
+        out.mkdir(parents=True, exist_ok=True)
+        for node in nodes:
+            path = out / f"profile-{label}-{node.name}.txt"
+            self.files.append(str(path))
+            self.processes.append(
+                subprocess.Popen(
+                    ["py-spy", "record", "--pid", str(node.pid), "--rate", "250", "--format", "raw",
+                     "--threads", "--nonblocking", "--output", str(path)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )  # fmt: skip
+        time.sleep(1.0)  # py-spy needs a moment to attach; no synchronisation depends on it
+
+    def finish(self) -> list[str]:
+        for process in self.processes:
+            process.send_signal(2)  # SIGINT: py-spy writes its output and exits
+        for process in self.processes:
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        return self.files
+
+
+class ZmqBench:
+    """One publishing app and receiving apps (``subscriptions`` spread over ``processes``)."""
+
+    def __init__(self, publish_node: BusNode, receive_node: BusNode, subscriptions: int, processes: int) -> None:
+        processes = max(1, min(processes, subscriptions))
+        shares = [subscriptions // processes + (1 if i < subscriptions % processes else 0) for i in range(processes)]
+        self.subscriptions = subscriptions
+        self.counters = [shared_counter() for _ in shares]
+        self.children: list[Child] = []
+        try:
+            self.receivers = [
+                self._child(
+                    f"zmq-receiver-{i}",
+                    zmq_clients.receiver_main,
+                    receive_node.manage_endpoint,
+                    receive_node.host,
+                    share,
+                    counter,
+                )
+                for i, (share, counter) in enumerate(zip(shares, self.counters, strict=True))
+            ]
+            self.publisher = self._child(
+                "zmq-publisher", zmq_clients.publisher_main, publish_node.sub_endpoint, self.counters
+            )
+            for receiver in self.receivers:
+                receiver.expect("subscribed", STARTUP_TIMEOUT)
+            self.publisher.expect("ready", STARTUP_TIMEOUT)
+        except BaseException:
+            self.close()
+            raise
+
+    def _child(self, name: str, target: Any, *args: Any) -> Child:
+        child = Child(name, target, *args)
+        self.children.append(child)
+        return child
+
+    def delivered(self) -> int:
+        return sum(c.value for c in self.counters)
+
+    def warmup(self, timeout: float = 30.0) -> None:
+        """Send marked messages until every subscription got one (ZeroMQ connects lazily)."""
+        self.publisher.send("warmup")
+        for receiver in self.receivers:
+            receiver.expect("warm", timeout)
+
+    def run(self, count: int, rate_per_s: float | None, window: int) -> dict[str, Any]:
+        run_id = uuid.uuid4().hex[:12]
+        base = self.delivered()
+        expected = count * self.subscriptions
+        budget = 60 + (count / rate_per_s if rate_per_s else count / 500)
+        published = self.publisher.request(
+            "run",
+            budget,
+            args={"run": run_id, "count": count, "rate": rate_per_s, "window": window, "copies": self.subscriptions},
+        )
+        wait_for_count(lambda: self.delivered() - base, expected, budget)
+        records = [r.request("collect", 60, run=run_id) for r in self.receivers]
+        return run_figures(published, merge(records), self.subscriptions, rate_per_s)
+
+    def close(self) -> None:
+        stop_all(self.children)
+
+
+def memory_summary(samples: list[Sample], node: str, start: int, count: int) -> dict[str, Any]:
+    """RSS of ``node`` against messages passed during a run of ``count`` messages."""
+    points = [(s.messages - start, s.rss_kb.get(node)) for s in samples if s.rss_kb.get(node) is not None]
+    points = [(m, r) for m, r in points if m >= 0]
+    if len(points) < 3:
+        return {"samples": points, "error": "too few samples"}
+    messages = np.array([m for m, _ in points], dtype=float)
+    rss = np.array([r for _, r in points], dtype=float)
+    second_half = messages >= count / 2
+    slope = None
+    if second_half.sum() >= 3 and np.ptp(messages[second_half]) > 0:
+        slope = float(np.polyfit(messages[second_half], rss[second_half], 1)[0])
+
+    def rss_at(fraction: float) -> int:
+        return int(rss[int(np.argmin(np.abs(messages - fraction * count)))])
+
+    at_20, at_end = rss_at(0.2), int(rss[-1])
+    return {
+        "messages": int(messages.max()),
+        "rss_start_kb": int(rss[0]),
+        "rss_at_20pct_kb": at_20,
+        "rss_at_50pct_kb": rss_at(0.5),
+        "rss_end_kb": at_end,
+        "rss_max_kb": int(rss.max()),
+        "growth_20pct_to_end_kb": at_end - at_20,
+        "slope_second_half_kb_per_10k_msgs": round(slope * 10_000, 1) if slope is not None else None,
+        # Flat: the second 80 % of the messages added less than 4 MiB (Python heaps settle early).
+        "flat": (at_end - at_20) < 4096,
+        "samples": [[int(m), int(r)] for m, r in points],
+    }
+
+
+def bus_scenario(
+    label: str,
+    nodes: list[BusNode],
+    profile: Profile,
+    profile_dir: Path | None,
+) -> dict[str, Any]:
+    """Saturation (with RSS sampled: the memory figures) and latency at fixed rates, app to app."""
+    publish_node, receive_node = nodes[0], nodes[-1]
+    bench = ZmqBench(publish_node, receive_node, subscriptions=1, processes=1)
+    result: dict[str, Any] = {"nodes": [n.name for n in nodes]}
+    try:
+        bench.warmup()
+        sampler = ResourceSampler({n.name: n.pid for n in nodes}, bench.delivered)
+        start = bench.delivered()
+        sampler.start()
+        cpu_before = {n.name: read_cpu_seconds(n.pid) for n in nodes}
+        profiler = Profiler(profile_dir, nodes, label)
+        saturation = bench.run(profile.saturation_count, None, profile.window)
+        profiles = profiler.finish()
+        cpu_after = {n.name: read_cpu_seconds(n.pid) for n in nodes}
+        sampler.sample()
+        sampler.close()
+        saturation["node_cpu_s"] = {
+            name: round(cpu_after[name] - cpu_before[name], 3)
+            for name in cpu_before
+            if cpu_before[name] is not None and cpu_after[name] is not None
+        }
+        saturation["node_cpu_us_per_msg"] = {
+            name: round(seconds * 1e6 / max(saturation["delivered"], 1), 1)
+            for name, seconds in saturation["node_cpu_s"].items()
+        }
+        if profiles:
+            saturation["profiles"] = profiles
+        result["saturation"] = saturation
+        result["memory"] = {
+            n.name: memory_summary(sampler.samples, n.name, start, profile.saturation_count) for n in nodes
+        }
+        result["latency"] = [
+            bench.run(int(r * profile.latency_seconds), r, max(profile.window, 2 * r)) for r in profile.rates
+        ]
+    finally:
+        bench.close()
+    return result
+
+
+def start_inmem(workdir: Path) -> list[BusNode]:
+    return [start_node(workdir, "bench-inmem", {"inmem": {}})]
+
+
+def start_rabbitmq_pair(workdir: Path, broker: Broker, queue: dict[str, Any]) -> list[BusNode]:
+    exchange = unique_name("exchange")
+    nodes = []
+    suffixes = [f"bench-{uuid.uuid4().hex[:12]}-{i}" for i in (1, 2)]
+    broker.forget_later(queues=[f"threatbus.{s}" for s in suffixes], exchanges=[exchange])
+    try:
+        for i, suffix in enumerate(suffixes, 1):
+            nodes.append(
+                start_node(workdir, f"bench-rabbitmq-{i}", rabbitmq_backbone(broker.broker, exchange, suffix, queue))
+            )
+    except BaseException:
+        stop_nodes(nodes)
+        raise
+    return nodes
+
+
+def ceiling_scenario(
+    broker: Broker, queue: dict[str, Any], profile: Profile, variants: dict[str, dict[str, Any]]
+) -> dict[str, Any]:
+    """Raw pika, one publishing and one consuming process, for each publisher variant."""
+    result: dict[str, Any] = {"queue": queue}
+    for name, variant in variants.items():
+        exchange, queue_name = unique_name("ceiling-exchange"), unique_name("ceiling-queue")
+        broker.declare_fanout_queue(exchange, queue_name, queue)
+        counter = shared_counter()
+        children: list[Child] = []
+        try:
+            consumer = Child(
+                "pika-consumer",
+                pika_clients.consumer_main,
+                broker.broker,
+                queue_name,
+                variant["prefetch"],
+                variant["ack_every"],
+                counter,
+            )
+            children.append(consumer)
+            consumer.expect("subscribed", STARTUP_TIMEOUT)
+            publisher = Child("pika-publisher", pika_clients.publisher_main, broker.broker, exchange)
+            children.append(publisher)
+            publisher.expect("ready", STARTUP_TIMEOUT)
+            publisher.send("warmup")
+            consumer.expect("warm", 30)
+            runs = {"saturation": (profile.ceiling_count, None)}
+            if variant.get("latency_rate"):
+                runs["latency"] = (int(variant["latency_rate"] * profile.latency_seconds), variant["latency_rate"])
+            figures: dict[str, Any] = {"settings": variant}
+            for run_name, (count, rate_per_s) in runs.items():
+                run_id = uuid.uuid4().hex[:12]
+                base = counter.value
+                budget = 60 + count / 500
+                published = publisher.request(
+                    "run",
+                    budget,
+                    args={
+                        "run": run_id,
+                        "count": count,
+                        "rate": rate_per_s,
+                        "confirms": variant["confirms"],
+                        "window": variant["confirm_window"],
+                        "persistent": variant["persistent"],
+                    },
+                )
+                wait_for_count(lambda base=base, counter=counter: counter.value - base, count, budget)
+                record = consumer.request("collect", 60, run=run_id)
+                figures[run_name] = run_figures(published, merge([record]), 1, rate_per_s)
+            result[name] = figures
+        finally:
+            stop_all(children)
+    return result
+
+
+def fanout_scenario(label: str, nodes: list[BusNode], profile: Profile) -> list[dict[str, Any]]:
+    """One publisher, N subscriptions on the last node: saturation and latency at a fixed rate."""
+    rows = []
+    for subscriptions in profile.fanout_subscribers:
+        bench = ZmqBench(nodes[0], nodes[-1], subscriptions, processes=1 if subscriptions == 1 else 2)
+        try:
+            bench.warmup(timeout=60)
+            cpu_before = {n.name: read_cpu_seconds(n.pid) for n in nodes}
+            saturation = bench.run(profile.fanout_count, None, profile.window)
+            cpu_after = {n.name: read_cpu_seconds(n.pid) for n in nodes}
+            saturation["node_cpu_us_per_delivery"] = {
+                name: round((cpu_after[name] - cpu_before[name]) * 1e6 / max(saturation["delivered"], 1), 1)
+                for name in cpu_before
+                if cpu_before[name] is not None and cpu_after[name] is not None
+            }
+            latency = bench.run(int(profile.fanout_rate * profile.fanout_seconds), profile.fanout_rate, profile.window)
+        finally:
+            bench.close()
+        rows.append({"subscribers": subscriptions, "saturation": saturation, "latency": latency})
+        logger.info("%s fan-out %d: %s msg/s", label, subscriptions, saturation["msgs_per_s"])
+    return rows
