@@ -7,7 +7,11 @@ The socket is an XPUB with two options that make it safe for many apps:
   that subscriber's bounded buffer and is retried; only when the buffer is
   full does the bus drop (and count) messages for it. Every frame carries one
   subscriber's p2p topic, so a full connection blocks only its own app.
-- ``XPUB_MANUAL``: the bus applies a ZeroMQ subscription only if it names a
+- ``XPUB_MANUAL``: the bus sees each app's ZeroMQ subscription arrive. Until
+  it does, the app's messages wait in its buffer, so nothing is lost between
+  the manage reply and the app's connect (the "slow joiner" problem of plain
+  PUB sockets; a snapshot answered quickly by another app would otherwise
+  never reach the requester). And the bus applies a ZeroMQ subscription only if it names a
   p2p topic that the manage endpoint handed out. A client that subscribes to
   everything (an empty prefix) therefore receives nothing: the p2p topic
   really is the subscriber's secret.
@@ -58,7 +62,7 @@ class PublisherWorker(StoppableWorker):
                     sub = None
                 if sub is not None:
                     for _ in range(BATCH):
-                        if sub not in blocked and sub.pending and not flush(sub):
+                        if sub.connected and sub not in blocked and sub.pending and not flush(sub):
                             blocked.add(sub)
                         try:
                             sub = get_nowait()
@@ -69,7 +73,7 @@ class PublisherWorker(StoppableWorker):
                     if now - last_retry >= RETRY_INTERVAL:
                         last_retry = now
                         for waiting in list(blocked):
-                            if waiting.closed or flush(waiting):
+                            if waiting.closed or not waiting.connected or flush(waiting):
                                 blocked.discard(waiting)
                 self._serve_subscriptions()
         except Exception:
@@ -112,10 +116,14 @@ class PublisherWorker(StoppableWorker):
             if not event:
                 continue
             topic = event[1:]
+            sub = self.subscriptions.get(topic[:P2P_TOPIC_LENGTH].decode("ascii", "replace"))
             if event[0] == 1:
-                p2p = topic[:P2P_TOPIC_LENGTH].decode("ascii", "replace")
-                if self.subscriptions.known(p2p):
+                if sub is not None:
                     sock.setsockopt(zmq.SUBSCRIBE, topic)
+                    sub.connected = True
+                    # Deliver what waited for the app since it subscribed at the manage endpoint.
+                    if sub.pending and sub not in self.blocked and not self._flush(sub):
+                        self.blocked.add(sub)
                 else:
                     self._log_refused(
                         "pub socket: refused a subscription to %r, which is not a p2p topic of a current subscriber "
@@ -124,3 +132,5 @@ class PublisherWorker(StoppableWorker):
                     )
             elif event[0] == 0:
                 sock.setsockopt(zmq.UNSUBSCRIBE, topic)
+                if sub is not None:
+                    sub.connected = False  # hold its messages (bounded) until it subscribes again

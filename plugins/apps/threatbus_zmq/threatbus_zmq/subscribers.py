@@ -51,6 +51,9 @@ class Subscription:
         self.reported_dropped = 0
         self.last_drop_report = 0.0
         self.closed = False
+        # Set by the publisher once the app's SUB socket subscribed to the p2p
+        # topic: until then messages wait in the buffer instead of being lost.
+        self.connected = False
         self.last_seen = time.monotonic()
         self._ready = ready
         prefix = p2p_topic.encode("ascii")
@@ -175,8 +178,8 @@ class Subscriptions:
         sub.last_seen = time.monotonic()
         return True
 
-    def known(self, p2p_topic: str) -> bool:
-        return p2p_topic in self._by_topic
+    def get(self, p2p_topic: str) -> Subscription | None:
+        return self._by_topic.get(p2p_topic)
 
     # ---- from the core -------------------------------------------------
 
