@@ -46,3 +46,19 @@ def app_config(tmp_path: Path, suricata: Any) -> dict[str, Any]:
         "reload_interval": 0.3,
         "socket_timeout": 2,
     }
+
+
+@pytest.fixture
+def start_suricata() -> Iterator[Any]:
+    """Starts more stand-in Suricatas on demand: ``start_suricata(socket_path, rules_file)``."""
+    started: list[Any] = []
+
+    def start(path: str, rules_file: Path | None = None) -> Any:
+        fake = FakeSuricata(path, rules_file=rules_file)
+        fake.start()
+        started.append(fake)
+        return fake
+
+    yield start
+    for fake in started:
+        fake.close()

@@ -43,7 +43,7 @@ class FakeSuricata(threading.Thread):
         self.reloads = 0
         self.refuse_reloads = False  # answer "Reload already in progress"
         self._lock = threading.Lock()
-        self._stop = threading.Event()
+        self._closing = threading.Event()
         self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._server.bind(path)
         self._server.listen(8)
@@ -69,7 +69,7 @@ class FakeSuricata(threading.Thread):
     # ---- server ------------------------------------------------------
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._closing.is_set():
             try:
                 conn, _ = self._server.accept()
             except TimeoutError:
@@ -85,7 +85,7 @@ class FakeSuricata(threading.Thread):
         buffer = b""
         version = None
         with conn:
-            while not self._stop.is_set():
+            while not self._closing.is_set():
                 try:
                     chunk = conn.recv(65536)
                 except TimeoutError:
@@ -166,7 +166,7 @@ class FakeSuricata(threading.Thread):
                     self.datasets[set_name] = (set_type, values)
 
     def close(self) -> None:
-        self._stop.set()
+        self._closing.set()
         self._server.close()
         self.join(2)
         for client in self._clients:

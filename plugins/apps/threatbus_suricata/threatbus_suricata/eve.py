@@ -23,7 +23,8 @@ class LogFollower:
     Rotation (the path now names another file): the rest of the old file is
     read, then the new one from its start. Truncation (the file shrank below
     the read position): reading restarts at the beginning. A missing file is
-    waited for. The first file is read from its end unless ``from_start``.
+    waited for and then read from its start. A file that exists when
+    following begins is read from its end unless ``from_start``.
     """
 
     def __init__(self, path: str, from_start: bool = False) -> None:
@@ -52,8 +53,9 @@ class LogFollower:
     def poll(self) -> list[bytes]:
         """The complete lines written since the last call (maybe none)."""
         if self._file is None and not self._open(at_end=not self.from_start):
+            self.from_start = True  # a file that appears later holds only new events
             return []
-        self.from_start = True  # files that appear later are read in full
+        self.from_start = True  # files after a rotation are read in full
         lines = self._read()
         if lines:
             return lines

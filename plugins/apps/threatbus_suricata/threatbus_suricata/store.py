@@ -59,7 +59,9 @@ class Entry:
     text: str = field(default="", compare=False)  # its lines in the rules file, rendered once
 
     def record(self) -> dict[str, Any]:
-        detection = {k: v for k, v in asdict(self.detection).items() if v not in ("", (), None)}
+        detection = {
+            k: v for k, v in asdict(self.detection).items() if k in ("kind", "value") or v not in ("", (), None)
+        }
         return {
             "id": self.indicator_id,
             "modified": self.modified,
