@@ -1,0 +1,245 @@
+"""deploy/: the Dockerfile, the compose file with its node configs, and the systemd unit are valid."""
+
+import re
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+from threatbus import config
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+COMPOSE = DEPLOY / "docker-compose.yml"
+UNIT = DEPLOY / "systemd" / "threatbus@.service"
+NODES = ("threatbus-1", "threatbus-2", "threatbus-3")
+CONTAINER_CONFIG = "/etc/threatbus/config.yaml"
+
+
+def compose():
+    return yaml.safe_load(COMPOSE.read_text())  # resolves the x-threatbus-node anchor
+
+
+def node_config_path(service):
+    mounts = [v for v in service["volumes"] if v.split(":")[1] == CONTAINER_CONFIG]
+    assert len(mounts) == 1, service["volumes"]
+    source, _, mode = mounts[0].split(":")
+    assert mode == "ro"
+    return (COMPOSE.parent / source).resolve()
+
+
+def parse_unit(path):
+    """systemd unit file -> {section: {key: [values]}} (keys may repeat, as systemd allows)."""
+    sections = defaultdict(lambda: defaultdict(list))
+    section = None
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("[") and line.endswith("]"):
+            section = line[1:-1]
+            continue
+        assert section is not None, f"{path}:{number}: key outside a section"
+        key, sep, value = line.partition("=")
+        assert sep and re.fullmatch(r"[A-Za-z][A-Za-z0-9]*", key.strip()), f"{path}:{number}: not key=value: {line}"
+        sections[section][key.strip()].append(value.strip())
+    return sections
+
+
+# ---- Dockerfile -----------------------------------------------------------
+
+
+def dockerfile_instructions():
+    text = (DEPLOY / "Dockerfile").read_text().replace("\\\n", " ")
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
+        for line in (raw.strip() for raw in text.splitlines())
+        if line and not line.startswith("#")
+    ]
+
+
+def test_the_image_installs_the_core_and_every_plugin_and_runs_unprivileged():
+    instructions = dockerfile_instructions()
+    kinds = [kind for kind, _ in instructions]
+    assert kinds.count("FROM") == 2  # build stage and a slim runtime stage
+    copies = " ".join(arg for kind, arg in instructions if kind == "COPY")
+    assert "threatbus ./threatbus" in copies and "plugins ./plugins" in copies
+    install = next(arg for kind, arg in instructions if kind == "RUN" and "pip install" in arg)
+    # every plugin directory of the repository is matched by the install globs
+    for pattern in ("plugins/backbones/*/", "plugins/apps/*/"):
+        assert pattern in install
+    plugin_dirs = [p for p in ROOT.glob("plugins/*/*") if (p / "setup.py").exists()]
+    assert {p.parent.name for p in plugin_dirs} <= {"backbones", "apps"}
+    user = [arg for kind, arg in instructions if kind == "USER"]
+    assert user and not user[-1].startswith(("root", "0"))
+    assert [arg for kind, arg in instructions if kind == "ENTRYPOINT"] == ['["threatbus"]']
+    assert [arg for kind, arg in instructions if kind == "CMD"] == [f'["-c", "{CONTAINER_CONFIG}"]']
+    healthcheck = next(arg for kind, arg in instructions if kind == "HEALTHCHECK")
+    assert "THREATBUS_HEALTHCHECK_URL" in healthcheck
+    env = " ".join(arg for kind, arg in instructions if kind == "ENV")
+    assert "THREATBUS_HEALTHCHECK_URL=http://127.0.0.1:13373/health" in env
+    ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
+    assert {".git", ".venv*"} <= set(ignore)
+
+
+# ---- compose --------------------------------------------------------------
+
+
+def test_compose_has_rabbitmq_and_three_nodes_each_with_its_own_config():
+    services = compose()["services"]
+    assert set(services) == {"rabbitmq", *NODES}
+    assert "healthcheck" in services["rabbitmq"]
+    paths = set()
+    for name in NODES:
+        service = services[name]
+        assert service["build"] == {"context": "..", "dockerfile": "deploy/Dockerfile"}
+        assert (COMPOSE.parent / service["build"]["context"] / service["build"]["dockerfile"]).is_file()
+        assert service["depends_on"] == {"rabbitmq": {"condition": "service_healthy"}}
+        assert service["stop_signal"] == "SIGTERM"
+        assert service["read_only"] is True and service["cap_drop"] == ["ALL"]
+        path = node_config_path(service)
+        assert path.is_file() and path.is_relative_to(DEPLOY)
+        paths.add(path)
+    assert len(paths) == 3
+
+
+def test_compose_publishes_distinct_host_ports_on_localhost_only():
+    services = compose()["services"]
+    published = []
+    for name in NODES:
+        for mapping in services[name]["ports"]:
+            host, host_port, container_port = mapping.split(":")
+            assert host == "127.0.0.1"
+            published.append(int(host_port))
+            assert 13370 <= int(container_port) <= 13373
+    assert len(published) == len(set(published)) == 12
+
+
+def test_node_configs_are_distinct_and_match_the_compose_file():
+    services = compose()["services"]
+    rabbitmq = services["rabbitmq"]["environment"]
+    names, queues = set(), set()
+    for name in NODES:
+        settings, _ = config.load(node_config_path(services[name]))
+        config.validate(settings, config.core_validators())
+        names.add(settings.node.name)
+        backbone = settings.plugins.backbones.rabbitmq
+        queues.add(backbone.queue.name_suffix)
+        assert backbone.host == "rabbitmq"
+        assert (backbone.username, backbone.vhost) == (
+            rabbitmq["RABBITMQ_DEFAULT_USER"],
+            rabbitmq["RABBITMQ_DEFAULT_VHOST"],
+        )
+        assert "password" not in backbone  # from the environment:
+        assert "THREATBUS_PLUGINS__BACKBONES__RABBITMQ__PASSWORD" in services[name]["environment"]
+        # the image's HEALTHCHECK asks 127.0.0.1:13373; Prometheus reaches the node from outside
+        assert (settings.http.host, settings.http.port) == ("0.0.0.0", 13373)
+        container_ports = {int(m.split(":")[2]) for m in services[name]["ports"]}
+        zmq = settings.plugins.apps.zmq
+        assert container_ports == {zmq.manage, zmq.pub, zmq.sub, settings.http.port}
+    assert names == set(NODES)
+    assert len(queues) == 3  # nodes sharing a queue would split the messages
+
+
+@pytest.mark.parametrize("name", NODES)
+def test_node_configs_pass_threatbus_check_with_the_installed_plugins(name, monkeypatch):
+    monkeypatch.setenv("THREATBUS_PLUGINS__BACKBONES__RABBITMQ__PASSWORD", "from-env")
+    path = node_config_path(compose()["services"][name])
+    result = subprocess.run(
+        [sys.executable, "-m", "threatbus", "check", "-c", str(path)], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"config OK: node '{name}', backbone rabbitmq, apps zmq" in result.stdout
+
+
+def docker_compose_works():
+    if shutil.which("docker") is None:
+        return False
+    probe = subprocess.run(["docker", "compose", "version"], capture_output=True, timeout=30)
+    return probe.returncode == 0
+
+
+@pytest.mark.skipif(not docker_compose_works(), reason="the docker client has no compose plugin here")
+def test_docker_compose_accepts_the_file():
+    result = subprocess.run(
+        ["docker", "compose", "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# ---- systemd --------------------------------------------------------------
+
+
+def test_the_unit_is_hardened():
+    service = parse_unit(UNIT)["Service"]
+
+    def one(key):
+        assert len(service[key]) == 1, f"{key}: {service[key]}"
+        return service[key][0]
+
+    assert one("DynamicUser") == "yes"
+    for key in (
+        "NoNewPrivileges",
+        "PrivateTmp",
+        "PrivateDevices",
+        "ProtectHome",
+        "ProtectKernelTunables",
+        "ProtectKernelModules",
+        "ProtectControlGroups",
+        "RestrictNamespaces",
+        "RestrictSUIDSGID",
+        "LockPersonality",
+        "MemoryDenyWriteExecute",
+    ):
+        assert one(key) == "yes", key
+    assert one("ProtectSystem") == "strict"
+    assert one("CapabilityBoundingSet") == ""
+    assert one("SystemCallArchitectures") == "native"
+    assert service["SystemCallFilter"][0] == "@system-service"
+
+
+def test_the_unit_still_lets_the_bus_connect_listen_and_write_its_log():
+    unit = parse_unit(UNIT)
+    service = unit["Service"]
+    families = service["RestrictAddressFamilies"][0].split()
+    assert {"AF_INET", "AF_INET6", "AF_UNIX"} <= set(families)  # broker, app ports, /metrics, journal
+    assert not any(f.startswith("~") for f in families)
+    assert service["ExecStart"] == ["/opt/threatbus/bin/threatbus -c /etc/threatbus/%i.yaml"]
+    assert service["KillSignal"] == ["SIGTERM"]
+    assert service["RestartPreventExitStatus"] == ["2"]  # invalid config: no restart loop
+    # writable despite ProtectSystem=strict: working directory and log directory
+    assert service["StateDirectory"] == ["threatbus/%i"]
+    assert service["WorkingDirectory"] == ["/var/lib/threatbus/%i"]
+    assert service["LogsDirectory"] == ["threatbus"]
+    assert service["ConfigurationDirectory"] == ["threatbus"]
+    # no capabilities: every port the bus listens on by default is unprivileged
+    assert all(port > 1023 for port in (13370, 13371, 13372, 13373))
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+    assert "network-online.target" in unit["Unit"]["After"][0]
+
+
+systemd_analyze = shutil.which("systemd-analyze")
+
+
+@pytest.mark.skipif(systemd_analyze is None, reason="systemd-analyze is not installed")
+def test_systemd_accepts_the_unit_and_rates_it_well(tmp_path):
+    # verify needs the ExecStart binary to exist: point it at this environment's threatbus
+    executable = Path(sys.executable).parent / "threatbus"
+    instance = tmp_path / "threatbus@site-a.service"
+    instance.write_text(UNIT.read_text().replace("/opt/threatbus/bin/threatbus", str(executable)))
+    verify = subprocess.run([systemd_analyze, "verify", str(instance)], capture_output=True, text=True, timeout=60)
+    assert verify.returncode == 0, verify.stderr
+    assert "Unknown key" not in verify.stderr and "Unknown lvalue" not in verify.stderr, verify.stderr
+    security = subprocess.run(
+        [systemd_analyze, "security", "--offline=yes", "--no-pager", str(instance)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    exposure = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout)
+    assert exposure, security.stdout + security.stderr
+    assert float(exposure.group(1)) <= 2.0, security.stdout
