@@ -80,10 +80,16 @@ class FakeApp:
         reply = self.manage.subscribe(topic, snapshot)
         assert is_success(reply), reply
         self.p2p_topic: str = reply["topic"]
-        self.receiver = Receiver(target.host, reply["pub_port"], self.p2p_topic, target.context, rcvhwm=rcvhwm)
+        monitor: list[zmq.Socket] = []
+        watch = (
+            None if target.ours else lambda sock: monitor.append(sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED))
+        )
+        self.receiver = Receiver(
+            target.host, reply["pub_port"], self.p2p_topic, target.context, rcvhwm=rcvhwm, before_connect=watch
+        )
         self._sender: Sender | None = None
-        if not target.ours:
-            _wait_connected(self.receiver.socket)
+        if monitor:
+            _wait_connected(self.receiver.socket, monitor[0])
 
     def recv(self, timeout: float = 10.0) -> tuple[str, Message]:
         got = self.receiver.recv(timeout)
@@ -109,12 +115,11 @@ class FakeApp:
         self.manage.close()
 
 
-def _wait_connected(socket: zmq.Socket, timeout: float = 5.0) -> None:
+def _wait_connected(socket: zmq.Socket, monitor: zmq.Socket, timeout: float = 5.0) -> None:
     """For the original bus only: it cannot tell when a subscription takes effect
     (ours holds messages until then), so wait for the ZeroMQ handshake."""
     from zmq.utils.monitor import recv_monitor_message
 
-    monitor = socket.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED)
     try:
         assert monitor.poll(int(timeout * 1000)), "no handshake with the original's pub socket"
         recv_monitor_message(monitor)

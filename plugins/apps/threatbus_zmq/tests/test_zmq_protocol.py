@@ -15,6 +15,13 @@ from threatbus.testing import Subscriber, get_within, indicator, sighting, wait_
 from threatbus_zmq.client import Receiver, is_success
 
 
+def same(bus, message):
+    """What must arrive unchanged: the whole object on our bus; the original
+    re-serialises STIX with the stix2 library (timestamps lose trailing zeros),
+    so only ids are compared there."""
+    return message.payload if bus.ours else message.payload["id"]
+
+
 def test_subscribe_reply_carries_a_secret_p2p_topic_and_the_ports(bus):
     manage = bus.manage_client()
     replies = [manage.subscribe("stix2/indicator"), manage.subscribe(["stix2/indicator", "stix2/sighting"], 0)]
@@ -68,12 +75,13 @@ def test_indicator_and_sighting_round_trip_between_two_apps(bus):
     producer.send(seen)
 
     kind, got = indicators_only.recv()
-    assert (kind, got.payload) == ("indicator", ioc.payload)
+    assert (kind, same(bus, got)) == ("indicator", same(bus, ioc))
     kind, got = sightings_only.recv()
-    assert (kind, got.payload) == ("sighting", seen.payload)
-    assert [(k, m.payload) for k, m in both.recv_many(2)] == [("indicator", ioc.payload), ("sighting", seen.payload)]
+    assert (kind, same(bus, got)) == ("sighting", same(bus, seen))
+    received = [(k, same(bus, m)) for k, m in both.recv_many(2)]
+    assert received == [("indicator", same(bus, ioc)), ("sighting", same(bus, seen))]
     kind, got = producer.recv()
-    assert (kind, got.payload) == ("sighting", seen.payload)  # a producer's own subscription sees it too
+    assert (kind, same(bus, got)) == ("sighting", same(bus, seen))  # a producer's own subscription sees it too
     indicators_only.assert_nothing()
     sightings_only.assert_nothing()
     if bus.bus is not None:
@@ -95,7 +103,7 @@ def test_snapshot_request_goes_to_other_apps_and_envelopes_only_to_the_requester
         answerer.send(SnapshotEnvelope.wrap(request, ioc))
 
     received = requester.recv_many(2)
-    assert [(kind, message.payload) for kind, message in received] == [("indicator", a.payload) for a in answers]
+    assert [(kind, same(bus, message)) for kind, message in received] == [("indicator", same(bus, a)) for a in answers]
     assert all(isinstance(message, Indicator) for _, message in received)
     requester.assert_nothing()  # not its own request, nothing else
     answerer.assert_nothing(0.2)  # envelopes go to the requester only
@@ -133,8 +141,9 @@ def test_garbage_on_the_sub_socket_is_rejected_and_valid_messages_around_it_arri
         b"stix2/indicator \xff\xfe\x00",
         b"other/topic " + valid[0].encode(),
         b"threatbus/snapshotenvelope " + valid[0].encode(),
-        [b"stix2/indicator", valid[0].encode()],
     ]
+    if bus.ours:  # the original reads frame by frame and re-publishes the previous message for a lone '{...' frame
+        garbage.append([b"stix2/indicator", valid[0].encode()])
     producer.send(valid[0])
     for frame in garbage[:4]:
         producer.send_frame(frame)
@@ -143,7 +152,7 @@ def test_garbage_on_the_sub_socket_is_rejected_and_valid_messages_around_it_arri
         producer.send_frame(frame)
     producer.send(valid[2])
     producer.send(valid[3])
-    assert [message.payload for _, message in consumer.recv_many(4)] == [v.payload for v in valid]
+    assert [same(bus, message) for _, message in consumer.recv_many(4)] == [same(bus, v) for v in valid]
     consumer.assert_nothing()
     producer.close(linger=1)
     if bus.bus is not None:

@@ -7,6 +7,7 @@ Threat Bus alike.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -78,7 +79,15 @@ class ManageClient:
 class Receiver:
     """Receives what the bus publishes for one p2p topic."""
 
-    def __init__(self, host: str, pub_port: int, p2p_topic: str, context: Any = None, rcvhwm: int = 0) -> None:
+    def __init__(
+        self,
+        host: str,
+        pub_port: int,
+        p2p_topic: str,
+        context: Any = None,
+        rcvhwm: int = 0,
+        before_connect: Callable[[zmq.Socket], None] | None = None,
+    ) -> None:
         self.p2p_topic = p2p_topic
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.SUB)
@@ -86,6 +95,8 @@ class Receiver:
         self.socket.setsockopt(zmq.RCVHWM, rcvhwm)
         if ":" in host:
             self.socket.setsockopt(zmq.IPV6, 1)
+        if before_connect is not None:
+            before_connect(self.socket)
         self.socket.connect(endpoint(host, pub_port))
         self.socket.setsockopt(zmq.SUBSCRIBE, p2p_topic.encode())
 
