@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -151,12 +152,14 @@ class BrokerControl:
 
     def connections_matching(self, text: str) -> list[str]:
         """Pids of broker connections whose client-given name contains ``text``."""
-        out = self.run("list_connections", "pid", "client_properties", "--formatter", "json", "--silent")
+        # Tab-separated: <rabbit@host.1.2.3>  [{"product", ...},{"connection_name","..."}]
+        out = self.run("list_connections", "pid", "client_properties", "--silent")
         pids = []
-        for row in json.loads(out or "[]"):
-            for entry in row.get("client_properties") or []:  # [[name, type, value], ...]
-                if isinstance(entry, list) and entry and entry[0] == "connection_name" and text in str(entry[-1]):
-                    pids.append(row["pid"])
+        for line in out.splitlines():
+            pid, _, properties = line.partition("\t")
+            for match in re.finditer(r'\{"connection_name","([^"]*)"\}', properties):
+                if text in match.group(1):
+                    pids.append(pid.strip())
         return pids
 
     def close_connections(self, text: str) -> int:

@@ -9,7 +9,6 @@ only through ``wake()`` / ``add_callback_threadsafe``. Every AMQP step is an
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 import pika
@@ -170,6 +169,9 @@ class AmqpWorker(StoppableWorker):
         was_connected = self.connected
         self.connected = False
         self._channel = None
+        connection = self._connection
+        if connection is None or not connection.is_open:
+            return  # the whole connection is going: _on_connection_closed tells why
         if not self._closing:
             logger.error("%s: channel closed by the broker: %s", self.role, describe_close(reason))
             if not was_connected:
@@ -193,9 +195,9 @@ class AmqpWorker(StoppableWorker):
         """Called by subclasses once the channel is fully set up."""
         self.connected = True
         self.connects += 1
-        if self._failures or self.connects > 1:
+        if self.connects > 1:
             logger.info(
-                "%s: connected to %s again after %d failed attempt(s)", self.role, self.settings.url, self._failures
+                "%s: reconnected to %s (%d failed attempt(s) before)", self.role, self.settings.url, self._failures
             )
         else:
             logger.info("%s: connected to %s", self.role, self.settings.url)
@@ -242,9 +244,7 @@ class AmqpWorker(StoppableWorker):
 
 def _flatten(err: BaseException) -> str:
     # pika wraps the real cause (refused, DNS, TLS, auth) in AMQPConnectionWorkflowFailed.
-    text = str(err) or repr(err)
+    inner = err.args[0] if err.args else None
+    attempts = getattr(inner, "exceptions", None)
+    text = repr(attempts[-1]) if attempts else (str(err) or repr(err))
     return " ".join(text.split())[:400]
-
-
-def monotonic_deadline(seconds: float) -> float:
-    return time.monotonic() + seconds

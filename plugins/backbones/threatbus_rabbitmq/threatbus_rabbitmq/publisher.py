@@ -154,8 +154,6 @@ class Publisher(AmqpWorker):
                 return
             in_flight[self._next_tag] = message
             self._next_tag += 1
-        if self._shutdown_deadline is not None:
-            self._check_shutdown()
 
     def _on_confirm(self, frame: Any) -> None:
         method = frame.method
@@ -201,18 +199,21 @@ class Publisher(AmqpWorker):
         self._check_shutdown()
 
     def _check_shutdown(self) -> None:
-        if self._closing:
+        """Close once the feeder is done and everything is confirmed, or at the deadline."""
+        if self._closing or self._shutdown_deadline is None:
             return
-        self.remove_timeout(self._shutdown_timer)
-        self._shutdown_timer = None
         done = self.feeder_done.is_set() and not self.outbox.items and not self._in_flight
-        assert self._shutdown_deadline is not None
         if done or time.monotonic() >= self._shutdown_deadline:
+            self.remove_timeout(self._shutdown_timer)
+            self._shutdown_timer = None
             self.close()
-            return
-        if self.outbox.items:
-            self._flush()
-        self._shutdown_timer = self.call_later(_SHUTDOWN_CHECK, self._check_shutdown)
+        elif self._shutdown_timer is None:
+            self._shutdown_timer = self.call_later(_SHUTDOWN_CHECK, self._shutdown_step)
+
+    def _shutdown_step(self) -> None:
+        self._shutdown_timer = None
+        self._flush()
+        self._check_shutdown()
 
     def on_exit(self) -> None:
         # on_lost already moved the unconfirmed messages back into the outbox.
@@ -250,11 +251,8 @@ class Feeder(StoppableWorker):
             for message in self.drain(self.inq):
                 self._take(message)
             # The apps stopped before the backbone: what they published is in inq; send it too.
-            while True:
-                try:
-                    self._take(self.inq.get_nowait())
-                except queue.Empty:
-                    break
+            for message in self.leftovers(self.inq):
+                self._take(message)
         finally:
             self.publisher.feeder_done.set()
             self.publisher.wake()
