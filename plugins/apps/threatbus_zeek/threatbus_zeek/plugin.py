@@ -163,55 +163,55 @@ class ZeekLink(StoppableWorker):
 
     def run(self) -> None:
         while not self.stopping:
+            established = False
+            problem: BaseException | None = None
             try:
-                connection = self._connect()
+                with connect(
+                    self.settings.uri,
+                    ssl=self.ssl_context,
+                    open_timeout=CONNECT_TIMEOUT,
+                    close_timeout=2,
+                    compression=None,
+                    additional_headers={"X-Application-Name": "threatbus"},
+                ) as connection:
+                    self._handshake(connection)
+                    established = True
+                    self._backoff.reset()
+                    self._serve(connection)
             except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed, ZeekRefused) as err:
-                delay = self._backoff.next_delay()
-                logger.warning("cannot connect to Zeek at %s: %s; retrying in %.1fs", self.settings.uri, err, delay)
-                self.wait(delay)
-                continue
-            self._backoff.reset()
-            try:
-                self._serve(connection)
-            except ConnectionClosed as err:
-                logger.warning("connection to Zeek at %s lost: %s; reconnecting", self.settings.uri, err)
-            except Exception:
-                logger.exception("Zeek link failed; reconnecting")
+                problem = err
+            except Exception as err:
+                problem = err
+                logger.exception("Zeek link failed")
             finally:
                 self.stats.connected = False
-                connection.close()
-            if not self.stopping:
-                self.wait(self._backoff.next_delay())
+            if self.stopping:
+                break
+            delay = self._backoff.next_delay()
+            if established:
+                logger.warning(
+                    "connection to Zeek at %s lost: %s; reconnecting in %.1fs", self.settings.uri, problem, delay
+                )
+            else:
+                logger.warning("cannot connect to Zeek at %s: %s; retrying in %.1fs", self.settings.uri, problem, delay)
+            self.wait(delay)
 
-    def _connect(self) -> ClientConnection:
-        connection = connect(
-            self.settings.uri,
-            ssl=self.ssl_context,
-            open_timeout=CONNECT_TIMEOUT,
-            close_timeout=2,
-            compression=None,
-            additional_headers={"X-Application-Name": "threatbus"},
-        )
+    def _handshake(self, connection: ClientConnection) -> None:
+        connection.send(broker.handshake([MATCH_TOPIC]).decode())
+        raw = connection.recv(timeout=CONNECT_TIMEOUT)
         try:
-            connection.send(broker.handshake([MATCH_TOPIC]).decode())
-            raw = connection.recv(timeout=CONNECT_TIMEOUT)
-            try:
-                answer = broker.decode_message(raw)
-            except DecodeError as err:
-                raise ZeekRefused(f"unexpected handshake answer ({err}): {describe(raw)}") from None
-            if isinstance(answer, broker.ErrorMessage):
-                raise ZeekRefused(f"handshake refused: {answer.code}: {answer.context}")
-            if not isinstance(answer, broker.Ack):
-                raise ZeekRefused(f"expected an ack to the handshake, got {describe(raw)}")
-        except BaseException:
-            connection.close()
-            raise
+            answer = broker.decode_message(raw)
+        except DecodeError as err:
+            raise ZeekRefused(f"unexpected handshake answer ({err}): {describe(raw)}") from None
+        if isinstance(answer, broker.ErrorMessage):
+            raise ZeekRefused(f"handshake refused: {answer.code}: {answer.context}")
+        if not isinstance(answer, broker.Ack):
+            raise ZeekRefused(f"expected an ack to the handshake, got {describe(raw)}")
         self.stats.connects += 1
         self.stats.connected = True
         logger.info(
             "connected to Zeek at %s (endpoint %s, version %s)", self.settings.uri, answer.endpoint, answer.version
         )
-        return connection
 
     def _serve(self, connection: ClientConnection) -> None:
         if self.settings.snapshot > timedelta(0):
