@@ -237,7 +237,7 @@ def test_unsupported_indicators_are_counted_not_fatal(app_config: dict[str, Any]
     app = SuricataApp()
     with bus_with(app, app_config) as bus:
         bus.publish_queue.put(indicator("a@b.example", "email-addr:value"))
-        bus.publish_queue.put(new_indicator("alert ip any any -> any any (msg:\"no sid\";)", pattern_type="suricata"))
+        bus.publish_queue.put(new_indicator('alert ip any any -> any any (msg:"no sid";)', pattern_type="suricata"))
         bus.publish_queue.put(indicator("6.6.6.6"))
         wait_until(lambda: len(rules(app_config)) == 1, what="the one mappable rule")
         wait_until(lambda: bus.metrics.value(APP_REJECTED, plugin="suricata") == 2, what="two rejected")
@@ -245,16 +245,16 @@ def test_unsupported_indicators_are_counted_not_fatal(app_config: dict[str, Any]
 
 def test_config_errors_name_the_key(tmp_path: Path, app_config: dict[str, Any]) -> None:
     app_config["rules_file"] = str(tmp_path / "missing" / "threatbus.rules")
-    with pytest.raises(ConfigError, match=r"plugins\.apps\.suricata\.rules_file must be a file path in an existing"):
-        with bus_with(SuricataApp(), app_config):
-            pass
+    with (
+        pytest.raises(ConfigError, match=r"plugins\.apps\.suricata\.rules_file must be a file path in an existing"),
+        bus_with(SuricataApp(), app_config),
+    ):
+        pass
     app_config["rules_file"] = str(tmp_path / "threatbus.rules")
     app_config["sid_min"], app_config["sid_max"] = 100, 200
-    with pytest.raises(PluginError, match="sid_max"):
-        with bus_with(SuricataApp(), app_config):
-            pass
+    with pytest.raises(PluginError, match="sid_max"), bus_with(SuricataApp(), app_config):
+        pass
     app_config["sid_max"] = 10**6
     app_config["mode"] = "magic"
-    with pytest.raises(ConfigError, match="mode must be one of rules, datasets"):
-        with bus_with(SuricataApp(), app_config):
-            pass
+    with pytest.raises(ConfigError, match="mode must be one of rules, datasets"), bus_with(SuricataApp(), app_config):
+        pass

@@ -94,6 +94,18 @@ def test_waits_for_a_missing_file_and_reads_it_from_the_start(tmp_path: Path) ->
     follower.close()
 
 
+def test_reopening_the_same_file_replays_nothing(tmp_path: Path) -> None:
+    eve = tmp_path / "eve.json"
+    eve.touch()
+    follower = LogFollower(str(eve), from_start=True)
+    append(eve, '{"n": 1}\n')
+    assert follower.poll() == [b'{"n": 1}']
+    follower.close()  # as after a read error
+    append(eve, '{"n": 2}\n')
+    assert follower.poll() == [b'{"n": 2}']
+    follower.close()
+
+
 def test_bad_and_blank_lines_are_passed_on_or_skipped(tmp_path: Path) -> None:
     eve = tmp_path / "eve.json"
     eve.touch()

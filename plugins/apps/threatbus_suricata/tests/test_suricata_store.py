@@ -53,7 +53,9 @@ def test_rules_are_written_atomically_and_parse(tmp_path: Path) -> None:
 def test_restart_rebuilds_the_state_with_the_same_sids(tmp_path: Path) -> None:
     store = store_at(tmp_path)
     indicators = [indicator(f"192.0.2.{n}") for n in range(10)]
-    indicators.append(new_indicator('alert tcp any any -> any 1 (msg:"given"; sid:77; rev:1;)', pattern_type="suricata"))
+    indicators.append(
+        new_indicator('alert tcp any any -> any 1 (msg:"given"; sid:77; rev:1;)', pattern_type="suricata")
+    )
     indicators.append(indicator("d41d8cd98f00b204e9800998ecf8427e", "file:hashes.MD5"))
     for ind in indicators:
         store.apply(ind)
@@ -174,6 +176,6 @@ def test_unreadable_entries_are_skipped(tmp_path: Path) -> None:
     store.apply(good)
     store.write()
     path = tmp_path / "threatbus.rules"
-    path.write_text(path.read_text() + "# threatbus-entry {not json\n# threatbus-entry {\"id\": 1}\n")
+    path.write_text(path.read_text() + '# threatbus-entry {not json\n# threatbus-entry {"id": 1}\n')
     again = store_at(tmp_path)
     assert len(again) == 1 and again.entry(good.id) is not None

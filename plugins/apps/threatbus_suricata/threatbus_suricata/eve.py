@@ -39,16 +39,27 @@ class LogFollower:
 
     def _open(self, at_end: bool) -> bool:
         try:
-            handle = open(self.path, "rb")  # noqa: SIM115 - kept open across calls
+            handle = open(self.path, "rb")  # kept open across polls
         except FileNotFoundError:
             return False
         stat = os.fstat(handle.fileno())
+        inode = (stat.st_dev, stat.st_ino)
         self._file = handle
-        self._inode = (stat.st_dev, stat.st_ino)
-        self._position = handle.seek(0, os.SEEK_END) if at_end else 0
-        self._partial = b""
+        if inode == self._inode and stat.st_size >= self._position:
+            # The same file again (after a read error): go on where we were, replay nothing.
+            handle.seek(self._position)
+            at_end = True
+        else:
+            self._position = handle.seek(0, os.SEEK_END) if at_end else 0
+            self._partial = b""
+        self._inode = inode
         logger.info("following %s from %s", self.path, "its end" if at_end else "its start")
         return True
+
+    def begin(self) -> None:
+        """Open the file now, so that lines written from here on are read (called before polling)."""
+        if self._file is None and not self._open(at_end=not self.from_start):
+            self.from_start = True
 
     def poll(self) -> list[bytes]:
         """The complete lines written since the last call (maybe none)."""
@@ -66,7 +77,9 @@ class LogFollower:
         if (stat.st_dev, stat.st_ino) != self._inode:
             lines = self._read()  # whatever was written to the old file before the switch
             if self._partial:
-                logger.warning("%s rotated with an incomplete last line; dropping %d bytes", self.path, len(self._partial))
+                logger.warning(
+                    "%s rotated with an incomplete last line; dropping %d bytes", self.path, len(self._partial)
+                )
             self._file.close()
             self._file = None
             self.rotations += 1
@@ -116,7 +129,17 @@ def event_time(event: dict[str, Any]) -> datetime | None:
     return None
 
 
-CONTEXT_FIELDS = ("timestamp", "flow_id", "in_iface", "src_ip", "src_port", "dest_ip", "dest_port", "proto", "app_proto")
+CONTEXT_FIELDS = (
+    "timestamp",
+    "flow_id",
+    "in_iface",
+    "src_ip",
+    "src_port",
+    "dest_ip",
+    "dest_port",
+    "proto",
+    "app_proto",
+)
 ALERT_FIELDS = ("action", "gid", "signature_id", "rev", "signature", "category", "severity")
 
 

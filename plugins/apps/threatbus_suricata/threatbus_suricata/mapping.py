@@ -33,7 +33,9 @@ HASH_ALGORITHMS = {"MD5": "md5", "SHA-1": "sha1", "SHA-256": "sha256"}
 HASH_KEYWORDS = {"md5": "filemd5", "sha1": "filesha1", "sha256": "filesha256"}
 
 _INDICATOR_ID = re.compile(r"^indicator--[A-Za-z0-9-]{1,64}$")
-_DOMAIN = re.compile(r"^(?=.{1,253}$)([a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*$")
+_DOMAIN = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*$"
+)
 _SID = re.compile(r"(?:^|[(;\s])sid\s*:\s*(\d{1,10})\s*;")
 _RULE_START = re.compile(r"^(alert|drop|reject|rejectsrc|rejectdst|rejectboth|pass)\s+\S+")
 # Characters that cannot appear literally inside a content string.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import queue
@@ -85,10 +86,8 @@ class DetectionWorker(StoppableWorker):
             timeout = POLL_INTERVAL
             if self.next_flush is not None:
                 timeout = max(0.0, min(timeout, self.next_flush - time.monotonic()))
-            try:
+            with contextlib.suppress(queue.Empty):
                 self.handle(self.inbox.get(timeout=timeout))
-            except queue.Empty:
-                pass
             if self.next_flush is not None and time.monotonic() >= self.next_flush:
                 self.next_flush = None
                 if not self.app.flush():
@@ -279,7 +278,12 @@ class SuricataApp:
         self.workers.append(DetectionWorker(self, self.inbox))
         eve = config.get("eve") or ""
         if eve:
-            self.workers.append(EveWorker(self, LogFollower(eve, from_start=bool(config["eve_from_start"]))))
+            follower = LogFollower(eve, from_start=bool(config["eve_from_start"]))
+            try:
+                follower.begin()  # alerts written from now on are not missed
+            except OSError as err:
+                raise PluginError(f"{PREFIX}: cannot read EVE log {eve}: {err}") from err
+            self.workers.append(EveWorker(self, follower))
         for worker in self.workers:
             worker.start()
         snapshot = timedelta(days=int(config["snapshot"]))
@@ -445,10 +449,16 @@ class SuricataApp:
         )
         metrics.counter("threatbus_suricata_reloads", "Rule reloads requested", lambda: c.reloads, plugin=NAME)
         metrics.counter(
-            "threatbus_suricata_dataset_commands", "dataset-add/remove commands", lambda: c.dataset_commands, plugin=NAME
+            "threatbus_suricata_dataset_commands",
+            "dataset-add/remove commands",
+            lambda: c.dataset_commands,
+            plugin=NAME,
         )
         metrics.counter(
-            "threatbus_suricata_socket_errors", "Failed talks with the command socket", lambda: c.socket_errors, plugin=NAME
+            "threatbus_suricata_socket_errors",
+            "Failed talks with the command socket",
+            lambda: c.socket_errors,
+            plugin=NAME,
         )
         metrics.counter(
             "threatbus_suricata_unmapped_alerts",

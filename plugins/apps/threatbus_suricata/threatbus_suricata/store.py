@@ -12,6 +12,7 @@ directory, fsync, then ``os.replace``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
@@ -100,10 +101,8 @@ def write_atomically(path: Path, text: str) -> None:
         os.chmod(tmp, 0o644)  # Suricata often runs as another user
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
-        except OSError:
-            pass
         raise
 
 
@@ -217,7 +216,11 @@ class DetectionStore:
                 raise Unsupported(f"sid {detection.sid} is reserved for the plugin's own rules")
             return detection.sid
         low, high = self.sid_min + RESERVED_SIDS, self.sid_max
-        if keep_sid is not None and low <= keep_sid <= high and self.by_sid.get(keep_sid, entry.indicator_id) == entry.indicator_id:
+        if (
+            keep_sid is not None
+            and low <= keep_sid <= high
+            and self.by_sid.get(keep_sid, entry.indicator_id) == entry.indicator_id
+        ):
             return keep_sid
         sid = stable_sid(entry.indicator_id, low, high)
         # Collisions are rare in a wide range; probe to the next free sid.
@@ -361,7 +364,9 @@ class DetectionStore:
     def holders(self, set_name: str, value: str) -> list[Match]:
         with self._lock:
             return [
-                Match(i, value, self.entries[i].payload) for i in self.by_value.get((set_name, value), ()) if i in self.entries
+                Match(i, value, self.entries[i].payload)
+                for i in self.by_value.get((set_name, value), ())
+                if i in self.entries
             ]
 
     def payloads(self) -> list[tuple[str, dict[str, Any]]]:
