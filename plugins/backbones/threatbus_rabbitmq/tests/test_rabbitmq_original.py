@@ -1,0 +1,218 @@
+"""Interop with a node of the original Threat Bus 2022.5.16 on the same exchange.
+
+The original runs from its own venv (``.venv-original`` at the repo root,
+created here on first use with pip from PyPI and then reused). It gets its
+intel from a ZeroMQ client (its zmq app); our node runs in-process with the
+backbone's defaults. Intel must flow both ways.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pika
+import pytest
+import yaml
+import zmq
+
+from threatbus.testing import (
+    RABBITMQ_HOST,
+    RABBITMQ_PORT,
+    Subscriber,
+    free_port,
+    indicator,
+    running_bus,
+    sighting,
+    wait_until,
+)
+from threatbus_rabbitmq import RabbitMQBackbone
+
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.e2e]
+
+REPO = Path(__file__).resolve().parents[4]
+ORIGINAL_VENV = REPO / ".venv-original"
+ORIGINAL_PACKAGES = ["threatbus==2022.5.16", "threatbus-rabbitmq==2022.5.16", "threatbus-zmq==2022.5.16"]
+PROBE = "import threatbus, threatbus_rabbitmq, threatbus_zmq"
+
+
+def _usable(venv: Path) -> bool:
+    python = venv / "bin" / "python"
+    if not python.exists():
+        return False
+    # -I: not our checkout's `threatbus` package from the working directory or PYTHONPATH.
+    return subprocess.run([str(python), "-I", "-c", PROBE], capture_output=True, timeout=60).returncode == 0
+
+
+@pytest.fixture(scope="session")
+def original_threatbus() -> Path:
+    """The ``threatbus`` command of the original release (its venv is created once and cached)."""
+    with open(Path(tempfile.gettempdir()) / "threatbus-venv-original.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test runs build it once
+        if not _usable(ORIGINAL_VENV):
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(ORIGINAL_VENV)], check=True, timeout=120)
+            pip = [
+                str(ORIGINAL_VENV / "bin" / "python"),
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+            ]
+            result = subprocess.run([*pip, *ORIGINAL_PACKAGES], capture_output=True, text=True, timeout=600)
+            if result.returncode != 0 or not _usable(ORIGINAL_VENV):
+                errors = "\n".join(line for line in result.stderr.splitlines() if "is ignored" not in line)
+                pytest.fail(f"cannot install the original Threat Bus into {ORIGINAL_VENV}:\n{errors[-3000:]}")
+    return ORIGINAL_VENV / "bin" / "threatbus"
+
+
+@pytest.fixture
+def original_node(original_threatbus: Path, broker: Any, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """An original node with its zmq app, on the test's exchange; yields its ports and queue."""
+    ports = {"manage": free_port(), "pub": free_port(), "sub": free_port()}
+    suffix = broker.queue("original")
+    config = {
+        "logging": {"console": True, "console_verbosity": "DEBUG", "file": False},
+        "plugins": {
+            "apps": {"zmq": {"host": "127.0.0.1", **ports}},
+            "backbones": {
+                "rabbitmq": {
+                    "host": RABBITMQ_HOST,
+                    "port": RABBITMQ_PORT,
+                    "username": "guest",
+                    "password": "guest",
+                    "vhost": "/",
+                    "exchange_name": broker.exchange,
+                    "queue": {
+                        "name_suffix": suffix,
+                        "name_join_symbol": ".",
+                        "durable": True,
+                        "auto_delete": False,
+                        "lazy": True,
+                        "exclusive": False,
+                        "max_items": 0,
+                    },
+                }
+            },
+        },
+    }
+    path = tmp_path / "original.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log_path = tmp_path / "original.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("THREATBUS_", "PYTHON"))}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [str(original_threatbus), "-c", str(path)], stdout=log, stderr=subprocess.STDOUT, env=env, cwd=tmp_path
+        )
+    try:
+        queue = f"threatbus.{suffix}"
+        wait_until(lambda: _consumers(queue) == 1, 30, interval=0.1, what="the original node to consume its queue")
+        yield {**ports, "queue": queue, "log": log_path}
+    finally:
+        process.terminate()
+        try:
+            process.wait(20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _consumers(queue: str) -> int:
+    connection = pika.BlockingConnection(pika.ConnectionParameters(RABBITMQ_HOST, RABBITMQ_PORT))
+    try:
+        return connection.channel().queue_declare(queue, passive=True).method.consumer_count
+    except pika.exceptions.ChannelClosedByBroker:
+        return 0  # not declared yet
+    finally:
+        if connection.is_open:
+            connection.close()
+
+
+class ZmqClient:
+    """A client of the original's zmq app, speaking the protocol of WIRE.md."""
+
+    def __init__(self, ports: dict[str, Any]) -> None:
+        self.context = zmq.Context()
+        manage = self.context.socket(zmq.REQ)
+        manage.setsockopt(zmq.LINGER, 0)
+        manage.setsockopt(zmq.RCVTIMEO, 10_000)
+        manage.connect(f"tcp://127.0.0.1:{ports['manage']}")
+        manage.send_json({"action": "subscribe", "topic": "stix2", "snapshot": 0})
+        reply = manage.recv_json()
+        manage.close()
+        assert reply["status"] == "success", reply
+        self.p2p_topic = reply["topic"]
+        self.sub = self.context.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.connect(f"tcp://127.0.0.1:{reply['pub_port']}")
+        self.sub.setsockopt(zmq.SUBSCRIBE, self.p2p_topic.encode())
+        self.pub = self.context.socket(zmq.PUB)
+        self.pub.setsockopt(zmq.LINGER, 0)
+        self.pub.connect(f"tcp://127.0.0.1:{reply['sub_port']}")
+
+    def send(self, topic: str, message: Any) -> None:
+        self.pub.send(f"{topic} ".encode() + message.encode())
+
+    def receive(self, timeout: float = 10.0) -> dict[str, Any]:
+        if not self.sub.poll(int(timeout * 1000)):
+            raise AssertionError(f"the original node sent nothing within {timeout}s")
+        frame = self.sub.recv().decode()
+        _topic, _, body = frame.partition(" ")
+        return json.loads(body)
+
+    def close(self) -> None:
+        self.context.destroy(linger=0)
+
+
+def test_our_node_and_an_original_node_share_intel_both_ways(broker, original_node):
+    # Our node with the defaults, only the exchange is the test's own.
+    backbone = RabbitMQBackbone()
+    config = {
+        "backbones": {"rabbitmq": {"host": RABBITMQ_HOST, "port": RABBITMQ_PORT, "exchange_name": broker.exchange}}
+    }
+    node_name = f"ours-{broker.id}"
+    broker.node_queue(node_name)
+    client = ZmqClient(original_node)
+    try:
+        with running_bus(backbones={"rabbitmq": backbone}, plugin_config=config, node_name=node_name) as bus:
+            wait_until(lambda: bus.health()["connected"], 20, what="our node to connect")
+            ours = Subscriber(bus)
+
+            # original -> ours: a ZeroMQ publisher reaches the original's SUB socket only once
+            # connected, so send until it arrives; our dedup makes the repeats harmless.
+            theirs = indicator("10.30.0.1")
+            deadline = time.monotonic() + 20
+            got = None
+            while got is None and time.monotonic() < deadline:
+                client.send("stix2/indicator", theirs)
+                try:
+                    got = ours.queue.get(timeout=0.3)
+                except Exception:
+                    continue
+            assert got is not None, f"nothing from the original node\n{original_node['log'].read_text()[-3000:]}"
+            assert got.id == theirs.id and got.pattern == theirs.pattern
+
+            # ours -> original: an indicator and a sighting published on our node.
+            mine = indicator("10.30.0.2")
+            seen = sighting(of=theirs, source="ours")
+            bus.publish_queue.put(mine)
+            bus.publish_queue.put(seen)
+            # The original also echoes `theirs` (its own app's intel) to the client: skip those.
+            received: dict[str, Any] = {}
+            while not {mine.id, seen.id} <= received.keys():
+                message = client.receive(15)
+                received[message["id"]] = message
+            assert received[mine.id]["pattern"] == mine.pattern
+            assert received[seen.id]["sighting_of_ref"] == theirs.id
+            assert received[seen.id]["x_threatbus_source"] == "ours"
+            assert backbone.consumer.rejected == 0
+    finally:
+        client.close()
