@@ -1,25 +1,38 @@
 """The local cluster tool (threatbus.cluster, `threatbus cluster ...`) without a broker.
 
-The nodes here run the in-memory backbone and no app, so these tests need
-neither RabbitMQ nor the zmq plugin; the cluster on the real RabbitMQ is in
-test_cluster_rabbitmq.py.
+Most nodes here run the in-memory backbone and no app, so those tests need
+neither RabbitMQ nor the zmq plugin. The last test runs three nodes on the
+real RabbitMQ, each with a ZeroMQ app.
 """
 
 import json
 import os
 import random
+import re
 import signal
 import socket
 import stat
 import subprocess
 import sys
 import urllib.request
+import uuid
 
+import pika
 import pytest
+import zmq
+from prometheus_client.parser import text_string_to_metric_families
 
 from threatbus import cluster, config
 from threatbus.cluster import BrokerSpec, Cluster, ClusterError, plan
-from threatbus.testing import free_port, wait_until
+from threatbus.testing import (
+    RABBITMQ_HOST,
+    RABBITMQ_PORT,
+    free_port,
+    indicator,
+    require_rabbitmq,
+    sighting,
+    wait_until,
+)
 
 
 def free_base(nodes):
@@ -262,3 +275,233 @@ def test_health_of_a_port_nobody_serves():
     healthy, detail = cluster.health(free_port())
     assert not healthy
     assert "not reachable" in detail
+
+
+# ---- three nodes on the real RabbitMQ, an app on each ----------------------
+
+P2P_TOPIC = re.compile(rb"[a-z]{32}")
+
+
+class WireApp:
+    """A ZeroMQ app written from WIRE.md, as suricata-threatbus and friends speak it.
+
+    It subscribes at the manage endpoint, receives its p2p topic on the pub
+    port and publishes on the sub port. Its publishing socket is an XPUB (a
+    PUB that also sees subscriptions): it waits until the bus's SUB socket
+    has subscribed, so no message is lost to ZeroMQ's slow joiner.
+    """
+
+    def __init__(self, context, manage_port, topic="stix2"):
+        self.context = context
+        self.received = {}  # id -> number of times received
+        self.order = []
+        self.subscribe(manage_port, topic)
+
+    def subscribe(self, manage_port, topic):
+        manage = self.context.socket(zmq.REQ)
+        manage.setsockopt(zmq.LINGER, 0)
+        manage.setsockopt(zmq.RCVTIMEO, 10_000)
+        manage.connect(f"tcp://127.0.0.1:{manage_port}")
+        manage.send_json({"action": "subscribe", "topic": topic, "snapshot": 0})
+        reply = manage.recv_json()
+        manage.close()
+        assert reply["status"] == "success", reply
+        self.topic = reply["topic"].encode()
+        assert P2P_TOPIC.fullmatch(self.topic), reply
+        self.sub = self.context.socket(zmq.SUB)
+        self.sub.setsockopt(zmq.LINGER, 0)
+        self.sub.connect(f"tcp://127.0.0.1:{reply['pub_port']}")
+        self.sub.setsockopt(zmq.SUBSCRIBE, self.topic)
+        self.pub = self.context.socket(zmq.XPUB)
+        self.pub.setsockopt(zmq.LINGER, 5000)
+        self.pub.connect(f"tcp://127.0.0.1:{reply['sub_port']}")
+        if not self.pub.poll(10_000):
+            raise AssertionError(f"the bus's sub socket on port {reply['sub_port']} never subscribed")
+        assert self.pub.recv() == b"\x01"  # subscribed to everything
+
+    def send(self, message):
+        self.pub.send(f"{message.topic} ".encode() + message.encode())
+
+    def send_raw(self, frame):
+        self.pub.send(frame)
+
+    def drain(self, timeout=0.0):
+        """Read what arrived (waiting up to ``timeout`` for the first frame)."""
+        while self.sub.poll(int(timeout * 1000)):
+            timeout = 0
+            frame = self.sub.recv()
+            assert frame.startswith(self.topic), frame[:80]
+            kind, _, body = frame[len(self.topic) :].partition(b" ")
+            payload = json.loads(body)
+            assert kind.decode() == payload["type"], frame[:120]
+            self.received[payload["id"]] = self.received.get(payload["id"], 0) + 1
+            self.order.append(payload)
+
+    def wait_for(self, ids, timeout=30):
+        ids = set(ids)
+        wait_until(lambda: self.drain(0.05) or ids <= self.received.keys(), timeout, what=f"{len(ids)} messages")
+
+    def close(self):
+        self.sub.close(linger=0)
+        self.pub.close(linger=0)
+
+
+def metric(port, name, **labels):
+    """Sum of the samples of ``name`` on the node whose /metrics is on ``port`` that carry ``labels``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
+
+
+@pytest.fixture
+def broker_names():
+    """Unique RabbitMQ names for one test; the exchanges and queues are deleted afterwards."""
+    require_rabbitmq()
+    run_id = uuid.uuid4().hex[:10]
+    names = {"exchange": f"threatbus-e2e-{run_id}", "prefix": f"e2e{run_id}"}
+    yield names
+    connection = pika.BlockingConnection(pika.ConnectionParameters(RABBITMQ_HOST, RABBITMQ_PORT))
+    channel = connection.channel()
+    for index in (1, 2, 3):
+        channel.queue_delete(f"threatbus.{names['prefix']}-{index}")
+    for exchange in (names["exchange"], f"{names['exchange']}.durable"):
+        channel.exchange_delete(exchange)
+    connection.close()
+
+
+def queue_length(name):
+    connection = pika.BlockingConnection(pika.ConnectionParameters(RABBITMQ_HOST, RABBITMQ_PORT))
+    try:
+        return connection.channel().queue_declare(name, passive=True).method.message_count
+    finally:
+        connection.close()
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.e2e
+def test_three_nodes_share_intel_and_a_killed_node_catches_up(tmp_path, broker_names):
+    base = free_base(3)
+    directory = tmp_path / "cluster"
+    common = ("--dir", str(directory))
+    prefix = broker_names["prefix"]
+    names = [f"{prefix}-{index}" for index in (1, 2, 3)]
+    manage = [base + 10 * i for i in range(3)]
+    http = [base + 10 * i + 3 for i in range(3)]
+    up = run_cli(
+        "up",
+        "--nodes",
+        "3",
+        "--base-port",
+        str(base),
+        "--prefix",
+        prefix,
+        "--exchange",
+        broker_names["exchange"],
+        "--rabbitmq-host",
+        RABBITMQ_HOST,
+        "--rabbitmq-port",
+        str(RABBITMQ_PORT),
+        *common,
+    )
+    context = zmq.Context()
+    apps = []
+    try:
+        assert up.returncode == 0, up.stderr
+        assert up.stdout.count("healthy") == 3
+        apps = [WireApp(context, port) for port in manage]
+        wait_until(
+            lambda: all(metric(port, "threatbus_subscribers", plugin="zmq") == 1 for port in http),
+            10,
+            what="one zmq subscriber per node",
+        )
+
+        # intel from node 1 reaches every app; a sighting from node 2 comes back to node 1
+        intel = indicator("10.7.0.1")
+        apps[0].send(intel)
+        for app in apps:
+            app.wait_for([intel.id])
+        seen = sighting(intel, source="e2e-node-2")
+        apps[1].send(seen)
+        apps[0].wait_for([seen.id])
+        returned = next(m for m in apps[0].order if m["id"] == seen.id)
+        assert returned["sighting_of_ref"] == intel.id
+        assert returned["x_threatbus_source"] == "e2e-node-2"
+
+        # a batch from every node, and one invalid message on node 3
+        batches = [[indicator(f"10.7.{i + 1}.{n}") for n in range(20)] for i in range(3)]
+        for app, batch in zip(apps, batches, strict=True):
+            for message in batch:
+                app.send(message)
+        apps[2].send_raw(b'stix2/indicator {"type": "indicator", "id": "indicator--not-a-uuid"}')
+        everything = {intel.id, seen.id} | {m.id for batch in batches for m in batch}
+        for app in apps:
+            app.wait_for(everything)
+            assert set(app.received) == everything
+            assert set(app.received.values()) == {1}  # exactly once, the invalid one never
+
+        # the metrics of every node agree with what was sent
+        sent = [1 + 20, 1 + 20, 20]
+        for port, count in zip(http, sent, strict=True):
+            wait_until(
+                lambda port=port, count=count: (
+                    metric(port, "threatbus_backbone_published_total") == count
+                    and metric(port, "threatbus_backbone_consumed_total") == len(everything)
+                    and metric(port, "threatbus_delivered_total", plugin="zmq") == len(everything)
+                ),
+                20,
+                what=f"the metrics of the node on {port} to settle",
+            )
+            assert metric(port, "threatbus_app_received_total", plugin="zmq") == count
+            assert metric(port, "threatbus_dropped_total") == 0
+            assert metric(port, "threatbus_backbone_connected") == 1
+        assert [metric(port, "threatbus_app_rejected_total", plugin="zmq") for port in http] == [0, 0, 1]
+        assert [metric(port, "threatbus_node_info", node=name) for port, name in zip(http, names, strict=True)] == [
+            1,
+            1,
+            1,
+        ]
+
+        # node 2 dies hard; what is sent meanwhile waits in its durable queue
+        handle = Cluster(directory)
+        pid = handle.pid(names[1])
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: handle.pid(names[1]) is None, 10, what="node 2 to die")
+        apps[1].close()
+        meanwhile = [indicator(f"10.7.9.{n}") for n in range(15)]
+        for message in meanwhile:
+            apps[0].send(message)
+        for app in (apps[0], apps[2]):
+            app.wait_for({m.id for m in meanwhile})
+        queue_2 = f"threatbus.{names[1]}"
+        wait_until(lambda: queue_length(queue_2) == len(meanwhile), 20, what="the backlog in node 2's queue")
+
+        # restarted, it consumes the backlog, and its app (subscribing again) gets new intel
+        start = run_cli("start", names[1], *common)
+        assert start.returncode == 0, start.stderr
+        wait_until(
+            lambda: metric(http[1], "threatbus_backbone_consumed_total") == len(meanwhile),
+            20,
+            what="node 2 to consume its backlog",
+        )
+        assert queue_length(queue_2) == 0
+        assert f"({len(meanwhile)} message(s) waiting)" in (directory / f"{names[1]}.log").read_text()
+        apps[1] = WireApp(context, manage[1])
+        after = indicator("10.7.10.1")
+        apps[2].send(after)
+        for app in apps:
+            app.wait_for([after.id])
+        assert metric(http[1], "threatbus_backbone_consumed_total") == len(meanwhile) + 1
+        # (The backlog itself reaches no app: the node consumes it before any ZeroMQ app
+        # can subscribe again, and ZeroMQ subscriptions do not outlive a node.)
+    finally:
+        for app in apps:
+            app.close()
+        context.term()
+        down = run_cli("down", *common)
+    assert down.returncode == 0, down.stderr
+    assert down.stdout.split("\n")[:3] == [f"{name}: stopped" for name in names]
