@@ -147,13 +147,22 @@ def test_node_configs_are_distinct_and_match_the_compose_file():
 
 @pytest.mark.parametrize("name", NODES)
 def test_node_configs_pass_threatbus_check_with_the_installed_plugins(name, monkeypatch):
-    monkeypatch.setenv("THREATBUS_PLUGINS__BACKBONES__RABBITMQ__PASSWORD", "from-env")
+    # as compose passes it: a numeric password must stay a string ("@str", see the compose file)
+    value = compose()["services"][name]["environment"]["THREATBUS_PLUGINS__BACKBONES__RABBITMQ__PASSWORD"]
+    assert value.startswith("@str ${THREATBUS_RABBITMQ_PASSWORD")
+    monkeypatch.setenv("THREATBUS_PLUGINS__BACKBONES__RABBITMQ__PASSWORD", "@str 123456")
     path = node_config_path(compose()["services"][name])
     result = subprocess.run(
         [sys.executable, "-m", "threatbus", "check", "-c", str(path)], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
     assert f"config OK: node '{name}', backbone rabbitmq, apps zmq" in result.stdout
+
+
+def test_a_numeric_password_from_the_environment_stays_a_string(monkeypatch):
+    monkeypatch.setenv("THREATBUS_PLUGINS__BACKBONES__RABBITMQ__PASSWORD", "@str 123456")
+    settings, _ = config.load(DEPLOY / "config" / "node-1.yaml")
+    assert settings.plugins.backbones.rabbitmq.password == "123456"
 
 
 def docker_compose_works():
