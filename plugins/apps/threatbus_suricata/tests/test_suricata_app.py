@@ -205,6 +205,21 @@ def test_datasets_mode_adds_and_removes_entries_without_reloads(app_config: dict
         assert suricata.reload_count() == 1
 
 
+def test_datasets_mode_reloads_instead_of_sending_many_commands(app_config: dict[str, Any], suricata: Any) -> None:
+    app_config.update(mode="datasets", dataset_command_limit=5, reload_interval=1.0)
+    app = SuricataApp()
+    with bus_with(app, app_config) as bus:
+        wait_until(lambda: suricata.reload_count() == 1, what="the initial load of the static rules")
+        for n in range(20):
+            bus.publish_queue.put(indicator(f"198.51.100.{n}"))
+        wait_until(lambda: suricata.reload_count() == 2, what="one reload for the burst")
+        assert suricata.dataset("threatbus-ip") == {f"198.51.100.{n}" for n in range(20)}  # read from the file
+        assert suricata.count("dataset-add") == 0
+        bus.publish_queue.put(indicator("198.51.100.99"))
+        wait_until(lambda: suricata.count("dataset-add") == 1, what="a single change as a command")
+        assert suricata.reload_count() == 2
+
+
 def test_unreachable_suricata_gets_the_rules_once_it_is_up(
     app_config: dict[str, Any], short_dir: Path, start_suricata: Any
 ) -> None:

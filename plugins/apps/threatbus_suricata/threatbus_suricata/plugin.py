@@ -159,6 +159,7 @@ class SuricataApp:
         self.workers: list[StoppableWorker] = []
         self.reload_interval = 2.0
         self.reload_command = RELOAD_COMMANDS[0]
+        self.dataset_command_limit = 1000
         self.own_snapshot_ids: set[str] = set()
         self.reload_pending = False
 
@@ -228,6 +229,13 @@ class SuricataApp:
             ),
             choice(f"{PREFIX}.reload_command", RELOAD_COMMANDS, default=RELOAD_COMMANDS[0]),
             option(
+                f"{PREFIX}.dataset_command_limit",
+                int,
+                default=1000,
+                check=lambda v: v >= 0,
+                expected="a number of commands (0 or more)",
+            ),
+            option(
                 f"{PREFIX}.socket_timeout",
                 (int, float),
                 default=5.0,
@@ -265,6 +273,7 @@ class SuricataApp:
         rules_file = Path(config["rules_file"]).absolute()
         self.reload_interval = float(config["reload_interval"])
         self.reload_command = config["reload_command"]
+        self.dataset_command_limit = int(config["dataset_command_limit"])
         self.publish_queue = publish_queue
         self.unsubscribe = unsubscribe
         self.store = DetectionStore(rules_file, settings, sid_min, sid_max)
@@ -344,6 +353,10 @@ class SuricataApp:
                 return False
             logger.debug("wrote %s (%d detections)", store.rules_file, len(store))
         self.reload_pending |= changes.reload
+        if len(changes.dataset_ops) > self.dataset_command_limit:
+            # One reload (Suricata reads the dataset files) is cheaper than thousands of commands.
+            logger.info("%d dataset changes: reloading instead of sending each", len(changes.dataset_ops))
+            self.reload_pending = True
         try:
             if not self.reload_pending:
                 self._dataset_commands(changes.dataset_ops)

@@ -17,7 +17,7 @@ import logging
 import os
 import tempfile
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from threatbus_suricata.mapping import (
 logger = logging.getLogger(__name__)
 
 ENTRY_PREFIX = "# threatbus-entry "
+SETTINGS_PREFIX = "# threatbus-settings "
 HEADER = (
     "# Written by Threat Bus (threatbus-suricata). Do not edit: the file is rewritten on every change.\n"
     "# Each '# threatbus-entry' line records one indicator; rules follow their entry.\n"
@@ -60,9 +61,11 @@ class Entry:
     text: str = field(default="", compare=False)  # its lines in the rules file, rendered once
 
     def record(self) -> dict[str, Any]:
-        detection = {
-            k: v for k, v in asdict(self.detection).items() if k in ("kind", "value") or v not in ("", (), None)
-        }
+        detection = {}
+        for name in _DETECTION_FIELDS:
+            value = getattr(self.detection, name)
+            if name in ("kind", "value") or value not in ("", (), None):
+                detection[name] = value
         return {
             "id": self.indicator_id,
             "modified": self.modified,
@@ -70,6 +73,9 @@ class Entry:
             "detection": detection,
             "indicator": self.payload,
         }
+
+
+_DETECTION_FIELDS = tuple(f.name for f in fields(Detection))
 
 
 @dataclass
@@ -167,7 +173,8 @@ class DetectionStore:
             entry.sid = self._allocate_sid(entry, keep_sid)
         if replacing is not None:
             self._remove(replacing)
-        self._render(entry)
+        if not entry.text or (detection.kind == RULE and entry.sid != keep_sid):
+            self._render(entry)
         self.entries[entry.indicator_id] = entry
         self._changes.write = True
         if detection.kind == RULE:
@@ -260,7 +267,7 @@ class DetectionStore:
             for set_name, _value in self.by_value:
                 if set_name in counts:
                     counts[set_name] += 1
-            parts = [HEADER, f"# mode: {self.settings.mode}\n"]
+            parts = [HEADER, SETTINGS_PREFIX + self._fingerprint() + "\n"]
             parts.extend(rule + "\n" for rule in static_rules(self.settings, self.sid_min, self.base, counts))
             parts.extend(entry.text for entry in self.entries.values())
             lists = self._dirty_lists
@@ -277,6 +284,11 @@ class DetectionStore:
                 path = path or dataset_path(self.directory, name)
                 paths[path] = "".join(v + "\n" for v in values)
             return "".join(parts), paths
+
+    def _fingerprint(self) -> str:
+        """What decides the mapping; entries written under the same fingerprint are reused as they are."""
+        settings = {**vars(self.settings), "sid_min": self.sid_min, "sid_max": self.sid_max, "base": self.base}
+        return orjson.dumps(settings, option=orjson.OPT_SORT_KEYS).decode()
 
     def write(self) -> None:
         """Write the data files, then the rules file that refers to them."""
@@ -306,11 +318,15 @@ class DetectionStore:
             self._changes.write = self._changes.reload = True
             return 0
         loaded = 0
-        for number, line in enumerate(text.splitlines(), 1):
+        lines = text.splitlines()
+        # Written under the same config: the entries' mapping and lines can be reused unchanged.
+        same = SETTINGS_PREFIX + self._fingerprint() in lines[:5]
+        for number, line in enumerate(lines, 1):
             if not line.startswith(ENTRY_PREFIX):
                 continue
             try:
-                self._load_entry(orjson.loads(line[len(ENTRY_PREFIX) :]))
+                rule = lines[number] if number < len(lines) else ""
+                self._load_entry(orjson.loads(line[len(ENTRY_PREFIX) :]), line, rule, same)
                 loaded += 1
             except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, DecodeError) as err:
                 logger.warning("%s:%d: skipping unreadable entry: %s", self.rules_file, number, err)
@@ -325,12 +341,15 @@ class DetectionStore:
                 self._changes = Changes()
         return loaded
 
-    def _load_entry(self, record: dict[str, Any]) -> None:
+    def _load_entry(self, record: dict[str, Any], line: str, next_line: str, same_settings: bool) -> None:
         payload = record.get("indicator")
         raw = dict(record["detection"])
         raw["options"] = tuple(raw.get("options", ()))
         detection = Detection(**raw)
-        if payload is not None:
+        text = ""
+        if same_settings and (detection.kind != RULE or not next_line.startswith("#")):
+            text = line + "\n" + (next_line + "\n" if detection.kind == RULE else "")
+        elif payload is not None:
             indicator = from_payload(payload)
             if not isinstance(indicator, Indicator) or indicator.id != record["id"]:
                 raise ValueError("embedded indicator does not match the entry")
@@ -339,7 +358,7 @@ class DetectionStore:
             except Unsupported as err:
                 logger.warning("dropping detection of %s: %s", record["id"], err)
                 return
-        entry = Entry(str(record["id"]), str(record["modified"]), detection, payload=payload)
+        entry = Entry(str(record["id"]), str(record["modified"]), detection, payload=payload, text=text)
         sid = record.get("sid")
         with self._lock:
             duplicate = self.entries.get(entry.indicator_id)
