@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import subprocess
 import sys
 import uuid
@@ -285,3 +286,31 @@ def spawn_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
     yield spawn
     for node in made:
         node.kill()
+
+
+# ---- TLS ---------------------------------------------------------------
+
+
+def make_certificate(directory: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for ``localhost`` / 127.0.0.1 (it is its own CA) and its key."""
+    cert, key = directory / f"{name}.pem", directory / f"{name}.key"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+            "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(ca_file, cert_file, key_file): a self-signed server certificate that is its own CA."""
+    if shutil.which("openssl") is None:
+        pytest.fail("the TLS tests need the openssl command (apt-get install openssl)")
+    cert, key = make_certificate(tmp_path, "server")
+    return cert, cert, key
