@@ -151,7 +151,7 @@ class SuricataApp:
 
     def __init__(self) -> None:
         self.counters = Counters()
-        self.store: DetectionStore | None = None  # type: ignore[assignment]
+        self.store: DetectionStore | None = None
         self.socket: SuricataSocket | None = None
         self.publish_queue: queue.Queue[Message] | None = None
         self.inbox: queue.Queue[Message] = queue.Queue()
