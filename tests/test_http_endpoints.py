@@ -1,8 +1,10 @@
 """The per-node metrics and health endpoints (threatbus.observability) and their place in the bus."""
 
 import json
+import logging
 import signal
 import socket
+import struct
 import time
 import urllib.error
 import urllib.request
@@ -283,3 +285,22 @@ def test_a_threatbus_process_serves_both_endpoints_and_stops_on_sigterm(tmp_path
     assert code == 0
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+def test_clients_hanging_up_early_are_no_errors(caplog, capsys):
+    bus = make_bus(SwitchableBackbone(), {"port": 0})
+    bus.start()
+    try:
+        for n in range(2000):  # a large answer, so that the hang-up hits the write
+            bus.metrics.gauge("threatbus_padding", "x" * 50, lambda: 1, n=str(n))
+        for _ in range(5):
+            client = socket.create_connection(("127.0.0.1", bus.http.port))
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # RST on close
+            client.sendall(b"GET /metrics HTTP/1.0\r\n\r\n")
+            client.close()
+        assert get(bus.http.url + "/health")[0] == 200
+    finally:
+        bus.stop()  # joins the request threads
+    errors = [r for r in caplog.records if r.name == "threatbus.observability" and r.levelno >= logging.WARNING]
+    assert errors == []
+    assert "Traceback" not in capsys.readouterr().err  # socketserver's default handle_error prints one

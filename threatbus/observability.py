@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import sys
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -49,6 +50,13 @@ class _Server(ThreadingHTTPServer):
         self.address_family = socket.AF_INET6 if ":" in address[0] else socket.AF_INET
         self.endpoints = endpoints
         super().__init__(address, _Handler)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The default prints a traceback to stderr; a client that hangs up early is no error of ours.
+        if isinstance(sys.exc_info()[1], ConnectionError):
+            logger.debug("HTTP client %s went away", client_address[0])
+        else:
+            logger.exception("error serving an HTTP request from %s", client_address[0])
 
 
 class _Handler(BaseHTTPRequestHandler):
