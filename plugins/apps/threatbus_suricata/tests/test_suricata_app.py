@@ -235,6 +235,27 @@ def test_unreachable_suricata_gets_the_rules_once_it_is_up(
         assert late.handshakes == ["0.2"]
 
 
+def test_a_restarted_suricata_is_reconnected_without_losing_a_change(
+    app_config: dict[str, Any], suricata: Any, start_suricata: Any
+) -> None:
+    app = SuricataApp()
+    with bus_with(app, app_config) as bus:
+        wait_until(lambda: suricata.reload_count() == 1, what="the first reload")
+        suricata.close()  # Suricata restarts: a new socket at the same path
+        restarted = start_suricata(app_config["socket"], Path(app_config["rules_file"]))
+        bus.publish_queue.put(indicator("6.6.6.6"))
+        wait_until(lambda: restarted.reload_count() == 1, what="the reload on the new connection")
+        assert bus.metrics.value("threatbus_suricata_socket_errors") == 0
+
+
+def test_a_foreign_rules_file_is_not_overwritten(app_config: dict[str, Any]) -> None:
+    path = Path(app_config["rules_file"])
+    path.write_text('alert ip any any -> any any (msg:"mine"; sid:1;)\n')
+    with pytest.raises(PluginError, match="not written by Threat Bus"), bus_with(SuricataApp(), app_config):
+        pass
+    assert path.read_text() == 'alert ip any any -> any any (msg:"mine"; sid:1;)\n'
+
+
 def test_snapshot_requests_are_answered_with_held_indicators(app_config: dict[str, Any], suricata: Any) -> None:
     app = SuricataApp()
     with bus_with(app, app_config) as bus:

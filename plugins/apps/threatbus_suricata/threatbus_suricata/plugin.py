@@ -24,7 +24,7 @@ from threatbus.stix import InvalidIntel, new_sighting, timestamp, validate
 from threatbus.worker import POLL_INTERVAL, Backoff, StoppableWorker, stop_workers
 from threatbus_suricata.eve import LogFollower, event_time, matches, sighting_context
 from threatbus_suricata.mapping import ACTIONS, MODES, RESERVED_SIDS, Settings, Unsupported
-from threatbus_suricata.store import DetectionStore
+from threatbus_suricata.store import DetectionStore, ForeignFile
 from threatbus_suricata.suricata_socket import CommandFailed, SocketError, SuricataSocket
 
 logger = logging.getLogger(__name__)
@@ -86,14 +86,18 @@ class DetectionWorker(StoppableWorker):
             timeout = POLL_INTERVAL
             if self.next_flush is not None:
                 timeout = max(0.0, min(timeout, self.next_flush - time.monotonic()))
-            with contextlib.suppress(queue.Empty):
-                self.handle(self.inbox.get(timeout=timeout))
-            if self.next_flush is not None and time.monotonic() >= self.next_flush:
-                self.next_flush = None
-                if not self.app.flush():
-                    self.next_flush = time.monotonic() + self.backoff.next_delay()
-                else:
-                    self.backoff.reset()
+            try:
+                with contextlib.suppress(queue.Empty):
+                    self.handle(self.inbox.get(timeout=timeout))
+                if self.next_flush is not None and time.monotonic() >= self.next_flush:
+                    self.next_flush = None
+                    if not self.app.flush():
+                        self.next_flush = time.monotonic() + self.backoff.next_delay()
+                    else:
+                        self.backoff.reset()
+            except Exception:  # a bug must not end the worker: log it and go on
+                logger.exception("suricata detection worker failed; continuing")
+                self.next_flush = time.monotonic() + self.backoff.next_delay()
         # Apply what already arrived and persist it, so nothing accepted is lost.
         while True:
             try:
@@ -139,7 +143,11 @@ class EveWorker(StoppableWorker):
                     self.wait(5)
                     continue
                 for line in lines:
-                    self.app.handle_eve_line(line)
+                    try:
+                        self.app.handle_eve_line(line)
+                    except Exception:  # a bug must not end the follower: log the line and go on
+                        self.app.counters.bad_lines += 1
+                        logger.exception("cannot handle EVE line %r", line[:200])
                 if not lines:
                     self.wait(0.2)
         finally:
@@ -281,6 +289,8 @@ class SuricataApp:
             loaded = self.store.load()
         except OSError as err:
             raise PluginError(f"{PREFIX}: cannot read rules file {rules_file}: {err}") from err
+        except ForeignFile as err:
+            raise PluginError(f"{PREFIX}.rules_file: {err}") from None
         self.socket = SuricataSocket(str(config["socket"]), timeout=float(config["socket_timeout"]))
         self._register_metrics(metrics)
 

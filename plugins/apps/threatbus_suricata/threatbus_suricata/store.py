@@ -49,6 +49,10 @@ HEADER = (
 )
 
 
+class ForeignFile(Exception):
+    """The rules file exists but is not the plugin's own."""
+
+
 @dataclass
 class Entry:
     """One indicator and its detection."""
@@ -317,6 +321,11 @@ class DetectionStore:
             logger.info("rules file %s does not exist yet; starting without detections", self.rules_file)
             self._changes.write = self._changes.reload = True
             return 0
+        if text.strip() and not text.startswith(HEADER.splitlines()[0]):
+            raise ForeignFile(
+                f"{self.rules_file} exists but was not written by Threat Bus; refusing to overwrite it "
+                "(configure another rules_file, or remove the file)"
+            )
         loaded = 0
         lines = text.splitlines()
         # Written under the same config: the entries' mapping and lines can be reused unchanged.

@@ -65,9 +65,22 @@ class SuricataSocket:
         logger.debug("connected to Suricata command socket %s", self.path)
 
     def command(self, name: str, arguments: dict[str, Any] | None = None) -> Any:
-        """Run one command; returns Suricata's message. Raises SocketError or CommandFailed."""
+        """Run one command; returns Suricata's message. Raises SocketError or CommandFailed.
+
+        A connection that broke since its last use (Suricata restarted) is
+        opened again once; the commands the plugin sends are idempotent.
+        """
         if self._sock is None:
             self.connect()
+            return self._command(name, arguments)
+        try:
+            return self._command(name, arguments)
+        except SocketError as err:
+            logger.debug("command socket connection broke (%s); connecting again", err)
+            self.connect()
+            return self._command(name, arguments)
+
+    def _command(self, name: str, arguments: dict[str, Any] | None) -> Any:
         assert self._sock is not None
         request: dict[str, Any] = {"command": name}
         if arguments is not None:
