@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import ssl
 import time
 
 import pytest
@@ -232,6 +233,19 @@ def test_tls_verification_fails_without_the_ca_unless_skipped(make_zeek, tls_fil
     config["apps"]["zeek"]["tls"]["skip_verify"] = True
     with running_bus(apps={"zeek": ZeekApp()}, plugin_config=config):
         zeek.wait_for_client()
+
+
+def test_anonymous_tls_as_brokers_default(make_zeek):
+    """Zeek 5.x to 7.x without certificates: Broker encrypts with anonymous ECDH ciphers."""
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.set_ciphers("AECDH-AES256-SHA@SECLEVEL=0")
+    zeek = make_zeek(ssl_context=server)
+    config = {"apps": {"zeek": {"port": zeek.port, "tls": {"anonymous": True}}}}
+    with running_bus(apps={"zeek": ZeekApp()}, plugin_config=config) as bus:
+        client = zeek.wait_for_client()
+        assert client.connection.socket.cipher()[0] == "AECDH-AES256-SHA"
+        bus.publish_queue.put(indicator("6.6.6.6"))
+        assert intel_args(zeek.next_event())[0] == "ThreatBus::add_intel"
 
 
 @pytest.mark.parametrize(

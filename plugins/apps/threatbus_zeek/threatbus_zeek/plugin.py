@@ -44,6 +44,8 @@ ZEEK_ERRORS = "threatbus_zeek_errors"  # counter: error messages Zeek sent back
 RECONNECTS = "threatbus_zeek_connects"  # counter: successful (re)connections
 
 CONNECT_TIMEOUT = 5.0
+# The cipher Broker selects for TLS without certificates.
+ANONYMOUS_CIPHERS = "AECDH-AES256-SHA"
 # How long the worker waits for intel before it looks at Zeek's messages again.
 POLL = 0.05
 # Messages sent in a row before the worker reads from Zeek again.
@@ -69,6 +71,7 @@ class ZeekSettings:
     cert_file: str = ""
     key_file: str = ""
     skip_verify: bool = False
+    anonymous: bool = False
 
     @classmethod
     def from_config(cls, config: Any) -> ZeekSettings:
@@ -85,12 +88,13 @@ class ZeekSettings:
             cert_file=tls.get("cert_file") or "",
             key_file=tls.get("key_file") or "",
             skip_verify=bool(tls.get("skip_verify", False)),
+            anonymous=bool(tls.get("anonymous", False)),
         )
 
     @property
     def uri(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'wss' if self.tls else 'ws'}://{host}:{self.port}{broker.WEBSOCKET_PATH}"
+        return f"{'wss' if self.tls or self.anonymous else 'ws'}://{host}:{self.port}{broker.WEBSOCKET_PATH}"
 
     @property
     def snapshot(self) -> timedelta:
@@ -102,6 +106,8 @@ class ZeekSettings:
 
     def ssl_context(self) -> ssl.SSLContext | None:
         """The client TLS context, or None for plain ``ws://``. Raises ``PluginError`` on bad files."""
+        if self.anonymous:
+            return _anonymous_context()
         if not self.tls:
             return None
         try:
@@ -114,6 +120,24 @@ class ZeekSettings:
             context.check_hostname = False
             context.verify_mode = ssl.CERT_NONE
         return context
+
+
+def _anonymous_context() -> ssl.SSLContext:
+    """TLS as Broker speaks it by default (Zeek 5.x to 7.x without certificates): anonymous ECDH ciphers.
+
+    This encrypts but authenticates neither side.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        context.set_ciphers(ANONYMOUS_CIPHERS + "@SECLEVEL=0")
+    except ssl.SSLError:
+        try:
+            context.set_ciphers(ANONYMOUS_CIPHERS)
+        except ssl.SSLError as err:
+            raise PluginError(f"{PREFIX}.tls.anonymous: this OpenSSL has no anonymous ciphers: {err}") from err
+    return context
 
 
 @dataclass
@@ -336,6 +360,7 @@ class ZeekApp:
             option(f"{PREFIX}.tls.cert_file", str, default=""),
             option(f"{PREFIX}.tls.key_file", str, default=""),
             option(f"{PREFIX}.tls.skip_verify", bool, default=False),
+            option(f"{PREFIX}.tls.anonymous", bool, default=False),
         ]
 
     @threatbus.app
