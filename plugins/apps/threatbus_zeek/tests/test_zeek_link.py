@@ -19,7 +19,7 @@ from zeekclient import brokertypes
 import threatbus
 from threatbus.data import Indicator, Sighting, SnapshotEnvelope, SnapshotRequest, SnapshotType
 from threatbus.errors import ConfigError, PluginError
-from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, SUBSCRIBERS
+from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, DROPPED, QUEUE_DEPTH, SUBSCRIBERS
 from threatbus.testing import Subscriber, assert_nothing_more, get_within, indicator, running_bus, wait_until
 from threatbus_zeek import INTEL_TOPIC, MATCH_TOPIC, ZeekApp
 from threatbus_zeek.plugin import RECONNECTS, SKIPPED, ZEEK_ERRORS
@@ -117,6 +117,22 @@ def test_reconnects_after_zeek_restarts_and_keeps_what_came_meanwhile(zeek, zeek
         bus.publish_queue.put(after)
         assert intel_args(zeek.next_event())[1][2] == after.id
     assert "connection to Zeek at ws://127.0.0.1" in caplog.text
+
+
+def test_queue_size_bounds_what_waits_for_zeek(zeek, zeek_config):
+    zeek_config["apps"]["zeek"]["queue_size"] = 2
+    zeek.stop()
+    with running_bus(apps={"zeek": ZeekApp()}, plugin_config=zeek_config) as bus:
+        iocs = [indicator(f"10.0.0.{n}") for n in range(5)]
+        for ioc in iocs:
+            bus.publish_queue.put(ioc)
+        wait_until(lambda: bus.metrics.value(DROPPED) == 3, what="the backbone to drop what does not fit")
+        assert bus.metrics.value(QUEUE_DEPTH, queue="zeek") == 2
+        zeek.start()
+        zeek.wait_for_client(timeout=15)
+        assert [intel_args(zeek.next_event())[1][2] for _ in range(2)] == [iocs[0].id, iocs[1].id]
+        assert_nothing_more(zeek.received)
+        assert bus.metrics.value(QUEUE_DEPTH, queue="zeek") == 0
 
 
 class IntelSource:
