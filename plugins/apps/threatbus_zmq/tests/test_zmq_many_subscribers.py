@@ -6,6 +6,7 @@ import time
 
 import pytest
 import zmq
+
 from threatbus.data import decode
 from threatbus.metrics import DROPPED, SUBSCRIBERS
 from threatbus.testing import indicator, wait_until
