@@ -248,6 +248,16 @@ def test_a_restarted_suricata_is_reconnected_without_losing_a_change(
         assert bus.metrics.value("threatbus_suricata_socket_errors") == 0
 
 
+def test_a_refused_reload_is_retried(app_config: dict[str, Any], suricata: Any) -> None:
+    suricata.refuse_reloads = True  # "Reload already in progress"
+    app = SuricataApp()
+    with bus_with(app, app_config):
+        wait_until(lambda: suricata.reload_count() >= 1, what="a refused reload")
+        assert suricata.reloads == 0
+        suricata.refuse_reloads = False
+        wait_until(lambda: suricata.reloads == 1, timeout=15, what="the retried reload")
+
+
 def test_a_foreign_rules_file_is_not_overwritten(app_config: dict[str, Any]) -> None:
     path = Path(app_config["rules_file"])
     path.write_text('alert ip any any -> any any (msg:"mine"; sid:1;)\n')
