@@ -4,13 +4,26 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.request
+import uuid
 from collections import defaultdict
 from pathlib import Path
 
+import pika
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
-from threatbus import config
+from threatbus import cluster, config
+from threatbus.testing import (
+    RABBITMQ_HOST,
+    RABBITMQ_PORT,
+    ThreatBusProcess,
+    free_port,
+    indicator,
+    require_rabbitmq,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -252,3 +265,113 @@ def test_systemd_accepts_the_unit_and_rates_it_well(tmp_path):
     exposure = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", security.stdout)
     assert exposure, security.stdout + security.stderr
     assert float(exposure.group(1)) <= 2.0, security.stdout
+
+
+# ---- the guide's RabbitMQ permissions, on the real broker ------------------
+
+
+def rabbitmqctl(*args):
+    return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def site_user():
+    """A vhost and user made with the guide's commands, with a unique node suffix; removed afterwards."""
+    require_rabbitmq()
+    if shutil.which("rabbitmqctl") is None:
+        pytest.skip("rabbitmqctl is not installed here (the broker runs elsewhere)")
+    status = rabbitmqctl("status")
+    if status.returncode != 0:
+        first = (status.stderr or status.stdout).strip().splitlines()[:1]
+        pytest.skip(f"rabbitmqctl cannot manage the broker from here: {first}")
+    guide = (DEPLOY / "README.md").read_text()
+    command = re.search(r"rabbitmqctl set_permissions -p (\S+) (\S+) \\\n\s*'([^']+)' '([^']+)' '([^']+)'", guide)
+    assert command, "the guide's set_permissions command is not where this test expects it"
+    vhost, user, *regexes = command.groups()
+    assert (vhost, user) == ("threatbus-site-a", "site-a-node-1")
+    assert len(set(regexes)) == 1  # configure, write, read
+    run_id = uuid.uuid4().hex[:8]
+    names = {
+        "vhost": f"{vhost}-{run_id}",
+        "user": f"{user}-{run_id}",
+        "password": uuid.uuid4().hex,
+        "suffix": f"node-{run_id}",
+    }
+    regex = regexes[0].replace(r"\.node-1", rf"\.{names['suffix']}")
+    assert rabbitmqctl("add_vhost", names["vhost"]).returncode == 0
+    try:
+        assert rabbitmqctl("add_user", names["user"], names["password"]).returncode == 0
+        granted = rabbitmqctl("set_permissions", "-p", names["vhost"], names["user"], regex, regex, regex)
+        assert granted.returncode == 0, granted.stderr
+        yield names
+    finally:
+        # Retried: another test may be restarting the broker right now.
+        for what, name in (("user", names["user"]), ("vhost", names["vhost"])):
+            wait_until(
+                lambda what=what, name=name: removed(rabbitmqctl(f"delete_{what}", name)),
+                60,
+                interval=1,
+                what=f"rabbitmqctl delete_{what} {name}",
+            )
+
+
+def removed(result):
+    return result.returncode == 0 or "does not exist" in result.stdout + result.stderr
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.e2e
+def test_the_guides_permissions_let_a_node_run_and_nothing_more(site_user, tmp_path):
+    port = free_port()
+    node = ThreatBusProcess(
+        {
+            "node": {"name": "site-a-node"},
+            "http": {"port": port},
+            "plugins": {
+                "backbones": {
+                    "rabbitmq": {
+                        "host": RABBITMQ_HOST,
+                        "port": RABBITMQ_PORT,
+                        "username": site_user["user"],
+                        "password": site_user["password"],
+                        "vhost": site_user["vhost"],
+                        "queue": {"name_suffix": site_user["suffix"]},
+                    }
+                }
+            },
+        },
+        tmp_path,
+    ).start()
+    credentials = pika.PlainCredentials(site_user["user"], site_user["password"])
+    parameters = pika.ConnectionParameters(
+        RABBITMQ_HOST, RABBITMQ_PORT, virtual_host=site_user["vhost"], credentials=credentials
+    )
+    try:
+        # declared, bound and consuming (health needs both connections up)
+        wait_until(lambda: cluster.health(port)[0], 20, what="the node to connect with the site user")
+        # the user may publish intel to the exchange the backbone publishes to; the node consumes it
+        connection = pika.BlockingConnection(parameters)
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish("threatbus.durable", "", indicator("10.8.0.1").encode())
+        connection.close()
+        wait_until(lambda: consumed(port) == 1, 10, what="the node to consume the message")
+        # and nothing else: another exchange, another node's queue
+        for declare in (
+            lambda ch: ch.exchange_declare("other", "fanout"),
+            lambda ch: ch.queue_declare("threatbus.some-other-node"),
+        ):
+            connection = pika.BlockingConnection(parameters)
+            with pytest.raises(pika.exceptions.ChannelClosedByBroker, match="ACCESS_REFUSED"):
+                declare(connection.channel())
+            connection.close()
+        assert "ACCESS_REFUSED" not in node.log()
+    finally:
+        assert node.stop() == 0
+
+
+def consumed(port):
+    """threatbus_backbone_consumed_total of the node whose /metrics is on ``port``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        families = text_string_to_metric_families(response.read().decode())
+        return sum(s.value for f in families for s in f.samples if s.name == "threatbus_backbone_consumed_total")
