@@ -243,3 +243,19 @@ def test_a_full_subscriber_queue_loses_messages_counted_not_the_consumer(broker)
         assert tiny.qsize() == 2
         assert bus.metrics.value(DROPPED, where="rabbitmq") == 3
         assert backbone.consumer.consumed == 5
+
+
+def test_what_cannot_be_sent_is_dropped_and_counted_without_stalling_the_publisher(broker):
+    with node(broker, "odd") as (bus, backbone):
+        connected(bus)
+        subscriber = Subscriber(bus)
+        broken = indicator("10.11.0.1")
+        broken.payload["x_odd"] = {1, 2}  # a set: no JSON for it
+        bus.publish_queue.put(broken)
+        bus.publish_queue.put("not a message")  # type: ignore[arg-type]
+        fine = indicator("10.11.0.2")
+        bus.publish_queue.put(fine)
+        assert get_within(subscriber.queue).id == fine.id
+        assert_nothing_more(subscriber.queue)
+        assert bus.metrics.value(DROPPED, where="rabbitmq-invalid") == 2
+        assert backbone.publisher.connected and len(backbone.outbox) == 0

@@ -42,7 +42,7 @@ class PacedProducer(threading.Thread):
     """Puts ``messages`` into a node's publish queue at a steady rate, as an app would."""
 
     def __init__(self, bus: Bus, messages: list[Any], per_second: float) -> None:
-        super().__init__(name="paced-producer", daemon=True)
+        super().__init__(name="paced-producer")
         self.bus, self.messages, self.interval = bus, messages, 1.0 / per_second
         self.sent = 0
 
@@ -83,20 +83,26 @@ def test_killed_connections_lose_nothing_and_repeat_nothing(broker, ctl):
 
 
 def test_broker_restart_mid_stream_holds_then_delivers_everything_once(broker, ctl):
-    intel = [indicator(f"10.21.{i // 250}.{i % 250}") for i in range(N)]
-    ids = {m.id for m in intel}
-    with node(broker, "restart-a") as (bus_a, backbone_a, at_a), node(broker, "restart-b") as (_bus_b, _, at_b):
-        producer = PacedProducer(bus_a, intel, per_second=1000)
+    before = [indicator(f"10.21.{i // 250}.{i % 250}") for i in range(1500)]
+    during = [indicator(f"10.22.{i // 250}.{i % 250}") for i in range(500)]
+    after = [indicator(f"10.23.{i // 250}.{i % 250}") for i in range(500)]
+    ids = {m.id for m in before + during + after}
+    with node(broker, "restart-a") as (bus_a, backbone_a, at_a), node(broker, "restart-b") as (_, _, at_b):
+        producer = PacedProducer(bus_a, before, per_second=1000)
         producer.start()
-        wait_until(lambda: len(at_b.items) >= N // 4, 30, what="a quarter before the restart")
+        wait_until(lambda: len(at_b.items) >= 300, 30, what="messages flowing before the restart")
 
         def while_down() -> None:
             # Apps keep publishing during the outage: the node holds their messages.
             wait_until(lambda: not bus_a.health()["connected"], 20, what="node a to notice the outage")
-            wait_until(lambda: bus_a.health()["outbox"] >= 200, 20, what="messages held during the outage")
+            for message in during:
+                bus_a.publish_queue.put(message)
+            wait_until(lambda: bus_a.health()["outbox"] >= len(during), 20, what="messages held during the outage")
 
         ctl.restart_app(while_down)
         producer.join(30)
+        for message in after:
+            bus_a.publish_queue.put(message)
         assert_all_once(at_a, ids, "node a", timeout=90)
         assert_all_once(at_b, ids, "node b", timeout=90)
         assert backbone_a.publisher.connects >= 2

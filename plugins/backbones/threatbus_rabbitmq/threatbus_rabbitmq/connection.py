@@ -68,14 +68,18 @@ class AmqpWorker(StoppableWorker):
     def run(self) -> None:
         try:
             while not self.stopping:
-                self._serve_one_connection()
+                try:
+                    self._serve_one_connection()
+                except Exception:
+                    # A bug must not end the backbone for good: drop the connection and start afresh.
+                    logger.exception("%s: unexpected error; reconnecting", self.role)
+                    self.connected = False
+                    self.on_lost()
                 if self.stopping:
                     break
                 delay = self.backoff.next_delay()
                 logger.info("%s: reconnecting to %s in %.1fs", self.role, self.settings.url, delay)
                 self.wait(delay)
-        except Exception:
-            logger.exception("%s: unexpected error; the worker stops", self.role)
         finally:
             self.connected = False
             self.on_exit()

@@ -21,7 +21,6 @@ from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
 from threatbus.data import decode, describe
-from threatbus.errors import DecodeError
 from threatbus.routing import TopicRouter
 from threatbus_rabbitmq.connection import AmqpWorker
 from threatbus_rabbitmq.settings import BrokerSettings
@@ -40,18 +39,21 @@ class Deduplicator:
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self._order: deque[Hashable] = deque()
-        self._keys: set[Hashable] = set()
+        self._order: deque[int] = deque()
+        self._keys: set[int] = set()
 
     def seen(self, key: Hashable) -> bool:
         if self.size <= 0:
             return False
-        if key in self._keys:
+        # Keep only the 64-bit hash (the default window of 100k keys takes a few MB, not tens):
+        # a collision within the window is about as likely as 1 in 10^9.
+        digest = hash(key)
+        if digest in self._keys:
             return True
         if len(self._order) >= self.size:
             self._keys.discard(self._order.popleft())
-        self._order.append(key)
-        self._keys.add(key)
+        self._order.append(digest)
+        self._keys.add(digest)
         return False
 
     def __len__(self) -> int:
@@ -164,16 +166,21 @@ class Consumer(AmqpWorker):
         self.consumed += 1
         try:
             message = decode(body)
-        except DecodeError as err:
+            repeated = self.dedup.seen(message.dedup_key)
+        except Exception as err:  # DecodeError, or anything else odd input may provoke
             self.rejected += 1
             self._log_poison(err, body, method)
             self._flush_acks()
             channel.basic_reject(method.delivery_tag, requeue=False)
             return
-        if self.dedup.seen(message.dedup_key):
+        if repeated:
             self.duplicates += 1
         else:
-            self.router.route(message)
+            try:
+                self.router.route(message)
+            except Exception:
+                # A broken subscriber must not stop the consumer nor block the queue.
+                logger.exception("consumer: delivering %s to local subscribers failed", message.type_name)
         self._ack(method.delivery_tag)
 
     def _ack(self, tag: int) -> None:
@@ -196,7 +203,7 @@ class Consumer(AmqpWorker):
             self._channel.basic_ack(self._last_tag, multiple=True)
         self._unacked = 0
 
-    def _log_poison(self, err: DecodeError, body: bytes, method: Basic.Deliver) -> None:
+    def _log_poison(self, err: Exception, body: bytes, method: Basic.Deliver) -> None:
         now = time.monotonic()
         if now - self._poison_window_start > _POISON_LOG_WINDOW:
             if self._poison_suppressed:

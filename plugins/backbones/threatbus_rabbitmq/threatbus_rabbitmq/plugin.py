@@ -58,7 +58,7 @@ class RabbitMQBackbone:
         self.publisher = Publisher(settings, self.outbox)
         self.consumer = Consumer(settings, self.router)
         self.feeder = Feeder(inq, self.outbox, self.publisher)
-        self._register_metrics(metrics, self.publisher, self.consumer, self.outbox)
+        self._register_metrics(metrics, self.publisher, self.consumer, self.outbox, self.feeder)
         logger.info(
             "RabbitMQ backbone on node '%s': broker %s, exchange '%s'%s, queue '%s' (durable=%s, lazy=%s)",
             node.name,
@@ -73,7 +73,9 @@ class RabbitMQBackbone:
         self.publisher.start()
         self.feeder.start()
 
-    def _register_metrics(self, metrics: Metrics, publisher: Publisher, consumer: Consumer, outbox: Outbox) -> None:
+    def _register_metrics(
+        self, metrics: Metrics, publisher: Publisher, consumer: Consumer, outbox: Outbox, feeder: Feeder
+    ) -> None:
         label = {"backbone": NAME}
         metrics.counter(BACKBONE_PUBLISHED, "Messages confirmed by the broker", lambda: publisher.published, **label)
         metrics.counter(BACKBONE_CONSUMED, "Messages consumed from the broker", lambda: consumer.consumed, **label)
@@ -83,6 +85,12 @@ class RabbitMQBackbone:
         metrics.counter(DELIVERED, "Messages handed to local subscribers", lambda: self.router.delivered, plugin=NAME)
         metrics.counter(DROPPED, "Messages lost to full subscriber queues", lambda: self.router.dropped, where=NAME)
         metrics.counter(DROPPED, "Messages lost to a full outbox", lambda: outbox.dropped, where=f"{NAME}-outbox")
+        metrics.counter(
+            DROPPED,
+            "Objects from the node that are no message or cannot be encoded",
+            lambda: publisher.unencodable + feeder.invalid,
+            where=f"{NAME}-invalid",
+        )
         metrics.gauge(QUEUE_DEPTH, "Messages waiting to be published", outbox.__len__, queue=f"{NAME}-outbox")
         metrics.gauge(
             QUEUE_DEPTH,

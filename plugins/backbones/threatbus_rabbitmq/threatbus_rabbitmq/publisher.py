@@ -78,6 +78,7 @@ class Publisher(AmqpWorker):
         self.published = 0  # confirmed by the broker
         self.nacked = 0
         self.resent = 0
+        self.unencodable = 0
         self._wake_pending = threading.Event()
         self._in_flight: dict[int, Message] = {}
         self._next_tag = 1
@@ -147,7 +148,13 @@ class Publisher(AmqpWorker):
         while items and len(in_flight) < limit:
             message = items.popleft()
             try:
-                channel.basic_publish(exchange, "", message.encode(), properties)
+                body = message.encode()
+            except Exception as err:  # a payload JSON cannot express: no retry helps
+                self.unencodable += 1
+                logger.error("publisher: dropped a %s that cannot be encoded: %s", type(message).__name__, err)
+                continue
+            try:
+                channel.basic_publish(exchange, "", body, properties)
             except Exception as err:
                 items.appendleft(message)
                 logger.warning("publisher: publish failed, message kept for resending: %s", err)
