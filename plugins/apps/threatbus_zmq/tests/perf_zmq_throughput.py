@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import zmq
+
 from threatbus.testing import ThreatBusProcess, free_port, indicator
 from threatbus_zmq.client import ManageClient, Receiver, Sender
 from threatbus_zmq.wire import outbound_frame
@@ -37,7 +38,10 @@ def main(count: int = 50_000) -> None:
             sender = Sender("127.0.0.1", ports["sub"], context)
             sender.wait_ready()
 
-            frames = [outbound_frame("stix2/indicator", indicator(f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}")) for i in range(count)]
+            frames = [
+                outbound_frame("stix2/indicator", indicator(f"10.{i // 65536 % 256}.{i // 256 % 256}.{i % 256}"))
+                for i in range(count)
+            ]
             start = time.perf_counter()
             received = 0
             sent = 0
