@@ -171,6 +171,20 @@ def test_raw_tcp_garbage_on_every_port_does_not_stop_the_bus(bus):
     assert consumer.recv()[1].payload == ioc.payload
 
 
+def test_an_oversized_frame_is_refused_and_the_bus_keeps_serving(our_bus):
+    from threatbus.data import MAX_MESSAGE_BYTES
+
+    consumer = our_bus.fake_app("stix2/indicator")
+    rogue = our_bus.sender()
+    rogue.send_frame(b"stix2/indicator " + b" " * (MAX_MESSAGE_BYTES + 4096))
+    rogue.close(linger=1)
+    ioc = indicator("8.8.4.4")
+    consumer.send(ioc)
+    kind, got = consumer.recv()
+    assert (kind, got.payload) == ("indicator", ioc.payload)
+    consumer.assert_nothing()
+
+
 def test_a_client_subscribing_to_everything_on_pub_gets_nothing(our_bus):
     eavesdropper = Receiver(our_bus.host, our_bus.pub, "", our_bus.context)
     consumer = our_bus.fake_app("stix2/indicator")

@@ -10,7 +10,7 @@ import zmq
 
 import threatbus
 from threatbus.config import option, port
-from threatbus.data import Message, SnapshotRequest
+from threatbus.data import MAX_MESSAGE_BYTES, Message, SnapshotRequest
 from threatbus.errors import PluginError
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, DROPPED, QUEUE_DEPTH, SUBSCRIBERS, Metrics
 from threatbus.node import Node
@@ -28,6 +28,7 @@ PREFIX = f"plugins.apps.{NAME}"
 DEFAULT_SEND_HWM = 1000
 # Frames from apps queued inside ZeroMQ before the sending app's own socket holds them back.
 RECEIVE_HWM = 100_000
+MAX_MANAGE_BYTES = 64 * 1024
 
 
 def _positive(value: Any) -> bool:
@@ -122,6 +123,9 @@ class ZmqApp:
         sockets["pub"].setsockopt(zmq.XPUB_MANUAL, 1)
         sockets["pub"].setsockopt(zmq.SNDHWM, config["send_hwm"])
         sockets["sub"].setsockopt(zmq.RCVHWM, RECEIVE_HWM)
+        # ZeroMQ disconnects a peer that sends more than this, before the bus allocates it.
+        sockets["sub"].setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 1024)
+        sockets["manage"].setsockopt(zmq.MAXMSGSIZE, MAX_MANAGE_BYTES)
         sockets["sub"].setsockopt(zmq.SUBSCRIBE, b"")  # everything: invalid input is logged, not ignored
         try:
             for name, sock in sockets.items():
