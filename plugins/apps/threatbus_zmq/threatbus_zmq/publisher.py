@@ -60,14 +60,18 @@ class PublisherWorker(StoppableWorker):
                     sub = get(timeout=IDLE_WAIT)
                 except queue.Empty:
                     sub = None
-                if sub is not None:
-                    for _ in range(BATCH):
-                        if sub.connected and sub not in blocked and sub.pending and not flush(sub):
-                            blocked.add(sub)
-                        try:
-                            sub = get_nowait()
-                        except queue.Empty:
-                            break
+                # Drain a batch of ready subscribers, then look at blocked ones and new connections.
+                for _ in range(BATCH):
+                    if sub is None:
+                        break
+                    if sub.connected and sub not in blocked and sub.pending and not flush(sub):
+                        blocked.add(sub)
+                    try:
+                        sub = get_nowait()
+                    except queue.Empty:
+                        sub = None
+                if sub is not None and sub.connected and sub not in blocked and sub.pending and not flush(sub):
+                    blocked.add(sub)
                 if blocked:
                     now = time.monotonic()
                     if now - last_retry >= RETRY_INTERVAL:

@@ -1,0 +1,101 @@
+"""The publisher thread on its own, with a fake socket."""
+
+from __future__ import annotations
+
+import queue
+
+import zmq
+
+from threatbus.testing import indicator, wait_until
+from threatbus_zmq.publisher import BATCH, PublisherWorker
+from threatbus_zmq.subscribers import Subscription, Subscriptions
+from threatbus_zmq.wire import new_p2p_topic
+
+
+class FakeSocket:
+    """Accepts ``accept`` frames, then reports a full connection (zmq.Again)."""
+
+    def __init__(self, accept: int = 10**9) -> None:
+        self.frames: list[bytes] = []
+        self.accept = accept
+
+    def send(self, frame: bytes, flags: int = 0) -> None:
+        if len(self.frames) >= self.accept:
+            raise zmq.Again()
+        self.frames.append(frame)
+
+    def recv(self, flags: int = 0) -> bytes:
+        raise zmq.Again()
+
+    def close(self, linger: int | None = None) -> None:
+        pass
+
+
+def subscriptions(ready: queue.SimpleQueue) -> Subscriptions:
+    return Subscriptions(lambda *a, **k: [], lambda *a: None, ready, 100, 10, 0)
+
+
+def connected(ready: queue.SimpleQueue, bound: int = 100) -> Subscription:
+    sub = Subscription(1, new_p2p_topic(), ["stix2"], bound, ready)
+    sub.connected = True
+    return sub
+
+
+def run_worker(sock: FakeSocket, ready: queue.SimpleQueue) -> PublisherWorker:
+    worker = PublisherWorker(sock, subscriptions(ready), ready)  # type: ignore[arg-type]
+    worker.start()
+    return worker
+
+
+def test_more_ready_subscribers_than_one_batch_are_all_served():
+    ready: queue.SimpleQueue = queue.SimpleQueue()
+    subs = [connected(ready) for _ in range(BATCH + 3)]
+    message = indicator()
+    for sub in subs:
+        sub.put_nowait(message)
+    sock = FakeSocket()
+    worker = run_worker(sock, ready)
+    try:
+        wait_until(lambda: len(sock.frames) == len(subs), 10, what="every subscriber served")
+        assert sorted(frame[:32] for frame in sock.frames) == sorted(sub.p2p_topic.encode() for sub in subs)
+        assert sock.frames[0][32:].startswith(b"indicator {")
+    finally:
+        worker.stop()
+        worker.join(5)
+
+
+def test_a_full_connection_keeps_messages_in_the_bounded_buffer_and_drops_beyond():
+    ready: queue.SimpleQueue = queue.SimpleQueue()
+    sub = connected(ready, bound=5)
+    sock = FakeSocket(accept=2)
+    worker = run_worker(sock, ready)
+    try:
+        messages = [indicator(f"10.0.0.{i}") for i in range(10)]
+        for message in messages:
+            sub.put_nowait(message)
+        wait_until(lambda: len(sock.frames) == 2 and sub in worker.blocked, 10, what="the connection to fill")
+        assert len(sub.pending) <= 5 and sub.dropped >= 3
+        assert len(sub.pending) + sub.dropped + len(sock.frames) == 10
+        sock.accept = 100  # the app reads again
+        wait_until(lambda: not sub.pending, 10, what="the buffer to drain")
+        assert len(sock.frames) + sub.dropped == 10
+    finally:
+        worker.stop()
+        worker.join(5)
+
+
+def test_messages_wait_until_the_app_connects_and_closed_subscriptions_get_nothing():
+    ready: queue.SimpleQueue = queue.SimpleQueue()
+    waiting = Subscription(1, new_p2p_topic(), ["stix2"], 100, ready)
+    gone = connected(ready)
+    gone.closed = True
+    sock = FakeSocket()
+    worker = run_worker(sock, ready)
+    try:
+        waiting.put_nowait(indicator())
+        gone.put_nowait(indicator())
+        wait_until(lambda: ready.empty(), 5, what="the publisher to look at both")
+        assert sock.frames == [] and len(waiting.pending) == 1 and not gone.pending
+    finally:
+        worker.stop()
+        worker.join(5)
