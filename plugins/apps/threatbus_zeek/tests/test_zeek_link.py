@@ -90,6 +90,29 @@ def test_indicators_become_intel_events(zeek, zeek_config, caplog):
     assert f"skipping indicator {mac.id} for Zeek: Zeek's Intel framework has no type for mac-addr:value" in caplog.text
 
 
+def test_a_mapping_bug_costs_one_indicator_not_the_connection(zeek, zeek_config, monkeypatch, caplog):
+    from threatbus_zeek import plugin
+
+    real = plugin.to_zeek_intel
+    broken = indicator("6.6.6.6")
+
+    def to_zeek_intel(message):
+        if message.id == broken.id:
+            raise RuntimeError("simulated bug")
+        return real(message)
+
+    monkeypatch.setattr(plugin, "to_zeek_intel", to_zeek_intel)
+    with running_bus(apps={"zeek": ZeekApp()}, plugin_config=zeek_config) as bus:
+        zeek.wait_for_client()
+        fine = indicator("7.7.7.7")
+        bus.publish_queue.put(broken)
+        bus.publish_queue.put(fine)
+        assert intel_args(zeek.next_event())[1][2] == fine.id
+        assert bus.metrics.value(RECONNECTS, plugin="zeek") == 1
+        assert bus.metrics.value(SKIPPED, plugin="zeek") == 1
+    assert f"cannot map indicator {broken.id} for Zeek; skipped" in caplog.text
+
+
 def test_module_namespace_names_the_events(zeek, zeek_config):
     zeek_config["apps"]["zeek"]["module_namespace"] = "Tenzir"
     with running_bus(apps={"zeek": ZeekApp()}, plugin_config=zeek_config) as bus:

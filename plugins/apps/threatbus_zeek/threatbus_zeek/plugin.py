@@ -48,8 +48,8 @@ CONNECT_TIMEOUT = 5.0
 ANONYMOUS_CIPHERS = "AECDH-AES256-SHA"
 # How long the worker waits for intel before it looks at Zeek's messages again.
 POLL = 0.05
-# Messages sent in a row before the worker reads from Zeek again.
-SEND_BATCH = 512
+# Messages sent (or read) in a row before the worker turns to the other direction.
+BATCH = 512
 
 _NAMESPACE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(::[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -248,7 +248,7 @@ class ZeekLink(StoppableWorker):
     # ---- Threat Bus -> Zeek --------------------------------------------
 
     def _send_intel(self, connection: ClientConnection) -> None:
-        for sent in range(SEND_BATCH):
+        for sent in range(BATCH):
             if self._pending is None:
                 try:
                     message = self.intel_queue.get(timeout=POLL if sent == 0 else 0)
@@ -273,6 +273,11 @@ class ZeekLink(StoppableWorker):
             self.stats.skipped += 1
             logger.debug("skipping indicator %s for Zeek: %s", message.id, err)
             return None
+        except Exception:
+            # A bug must cost this one indicator, not the connection.
+            self.stats.skipped += 1
+            logger.exception("cannot map indicator %s for Zeek; skipped", message.id)
+            return None
         logger.debug(
             "%s Zeek intel %s %s (%s)",
             "removing" if intel.remove else "adding",
@@ -285,7 +290,7 @@ class ZeekLink(StoppableWorker):
     # ---- Zeek -> Threat Bus --------------------------------------------
 
     def _read_zeek(self, connection: ClientConnection) -> None:
-        while not self.stopping:
+        for _ in range(BATCH):  # bounded, so a chatty Zeek cannot starve the intel going out
             try:
                 raw = connection.recv(timeout=0)
             except TimeoutError:
