@@ -1,7 +1,7 @@
 """Throughput and latency of one node (inmem backbone) from one ZeroMQ app to another.
 
 Not collected by pytest (no test_ prefix): run it by hand,
-  .venv/bin/python plugins/apps/threatbus_zmq/tests/perf_zmq_throughput.py [COUNT]
+  .venv/bin/python plugins/apps/threatbus_zmq/tests/perf_zmq_throughput.py [COUNT [CONSUMERS]]
 It starts a real threatbus process on free ports, one consumer app and one
 producer app (both with this package's client), and prints msgs/s and
 latency percentiles.
@@ -22,7 +22,7 @@ from threatbus_zmq.client import ManageClient, Receiver, Sender
 from threatbus_zmq.wire import outbound_frame
 
 
-def main(count: int = 50_000) -> None:
+def main(count: int = 50_000, consumers: int = 1) -> None:
     ports = {"manage": free_port(), "pub": free_port(), "sub": free_port()}
     config = {
         "logging": {"console": True, "console_verbosity": "INFO", "file": False},
@@ -35,6 +35,11 @@ def main(count: int = 50_000) -> None:
             manage = ManageClient("127.0.0.1", ports["manage"], 5, context)
             reply = manage.subscribe("stix2/indicator")
             receiver = Receiver("127.0.0.1", ports["pub"], reply["topic"], context)
+            # Further consumers (CONSUMERS - 1) are read in step with the first one below.
+            extra = []
+            for _ in range(consumers - 1):
+                other = manage.subscribe("stix2/indicator")
+                extra.append(Receiver("127.0.0.1", ports["pub"], other["topic"], context))
             sender = Sender("127.0.0.1", ports["sub"], context)
             sender.wait_ready()
 
@@ -51,8 +56,15 @@ def main(count: int = 50_000) -> None:
                     sent += 1
                 while received < sent and receiver.recv_frame(0 if sent < count else 5) is not None:
                     received += 1
+                    for other in extra:
+                        assert other.recv_frame(5) is not None
             elapsed = time.perf_counter() - start
-            print(f"throughput: {count} indicators in {elapsed:.2f}s = {count / elapsed:,.0f} msgs/s")
+            print(
+                f"throughput: {count} indicators to {consumers} consumer(s) in {elapsed:.2f}s = "
+                f"{count / elapsed:,.0f} msgs/s in, {count * consumers / elapsed:,.0f} frames/s out"
+            )
+            for other in extra:
+                other.close()
 
             latencies = []
             for i in range(500):
@@ -76,4 +88,4 @@ def main(count: int = 50_000) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 50_000)
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 50_000, int(sys.argv[2]) if len(sys.argv) > 2 else 1)
