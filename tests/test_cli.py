@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from lineapp_plugin import install_lineapp
+
 from threatbus.data import decode
 from threatbus.testing import ThreatBusProcess, free_port, indicator, wait_until
 

@@ -93,3 +93,23 @@ def test_required_key_message(tmp_path):
     settings, _ = config.load(path)
     with pytest.raises(ConfigError, match="plugins.apps.x.manage is required"):
         config.validate(settings, [config.port("plugins.apps.x.manage", required=True)])
+
+
+def test_file_that_is_not_named_yaml_is_refused(tmp_path):
+    path = tmp_path / "config.yaml.example"
+    path.write_text("plugins:\n  backbones:\n    inmem: {}\n")
+    with pytest.raises(ConfigError, match=r"must be YAML named \*.yaml or \*.yml"):
+        config.load(path)
+
+
+def test_numeric_value_for_a_string_key_explains_the_fix(tmp_path, monkeypatch):
+    path = tmp_path / "c.yaml"
+    path.write_text("plugins:\n  apps:\n    x: {}\n")
+    monkeypatch.setenv("THREATBUS_PLUGINS__APPS__X__PASSWORD", "123456")
+    settings, _ = config.load(path)
+    with pytest.raises(ConfigError, match="got 123456.*'@str 123456'"):
+        config.validate(settings, [config.option("plugins.apps.x.password", str)])
+    monkeypatch.setenv("THREATBUS_PLUGINS__APPS__X__PASSWORD", "@str 123456")
+    settings, _ = config.load(path)
+    config.validate(settings, [config.option("plugins.apps.x.password", str)])
+    assert settings.plugins.apps.x.password == "123456"

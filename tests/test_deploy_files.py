@@ -22,6 +22,7 @@ from threatbus.testing import (
     free_port,
     indicator,
     require_rabbitmq,
+    unavailable,
     wait_until,
 )
 
@@ -279,11 +280,11 @@ def site_user():
     """A vhost and user made with the guide's commands, with a unique node suffix; removed afterwards."""
     require_rabbitmq()
     if shutil.which("rabbitmqctl") is None:
-        pytest.skip("rabbitmqctl is not installed here (the broker runs elsewhere)")
+        unavailable("rabbitmqctl is not installed here (the broker runs elsewhere)")
     status = rabbitmqctl("status")
     if status.returncode != 0:
         first = (status.stderr or status.stdout).strip().splitlines()[:1]
-        pytest.skip(f"rabbitmqctl cannot manage the broker from here: {first}")
+        unavailable(f"rabbitmqctl cannot manage the broker from here: {first}")
     guide = (DEPLOY / "README.md").read_text()
     command = re.search(r"rabbitmqctl set_permissions -p (\S+) (\S+) \\\n\s*'([^']+)' '([^']+)' '([^']+)'", guide)
     assert command, "the guide's set_permissions command is not where this test expects it"

@@ -17,6 +17,7 @@ logger = logging.getLogger(__name__)
 
 ENV_PREFIX = "THREATBUS"
 DEFAULT_FILE_NAMES = ("config.yaml", "config.yml")
+YAML_SUFFIXES = (".yaml", ".yml")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _UNSET = object()
 
@@ -46,6 +47,8 @@ def option(
     """
     kinds = kind if isinstance(kind, tuple) else (kind,)
     wanted = expected or " or ".join(_TYPE_WORDS.get(k, k.__name__) for k in kinds)
+    # YAML and dynaconf's environment parsing turn 123456 into a number.
+    hint = " (quote numbers in YAML; in the environment write '@str 123456')" if kinds == (str,) else ""
 
     def valid(value: Any) -> bool:
         if value is None and not required:
@@ -63,7 +66,7 @@ def option(
         condition=valid,
         messages={
             "must_exist_true": f"{name} is required",
-            "condition": f"{name} must be {wanted}, got {{value!r}}",
+            "condition": f"{name} must be {wanted}, got {{value!r}}{hint}",
         },
         **kwargs,
     )
@@ -109,6 +112,9 @@ def find_config_file(path: str | os.PathLike[str] | None) -> Path | None:
         candidate = Path(path)
         if not candidate.is_file():
             raise ConfigError(f"config file {str(candidate)!r} does not exist or is not a file")
+        if candidate.suffix.lower() not in YAML_SUFFIXES:
+            # dynaconf picks its loader by suffix and would silently read nothing.
+            raise ConfigError(f"config file {str(candidate)!r} must be YAML named *.yaml or *.yml")
         return candidate
     for name in DEFAULT_FILE_NAMES:
         if Path(name).is_file():
