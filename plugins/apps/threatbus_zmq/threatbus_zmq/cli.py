@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -360,6 +361,8 @@ def tail(args: argparse.Namespace, out: TextIO) -> int:
                         unreachable = True
         return EXIT_OK
     except BrokenPipeError:
+        # The reader went away (`| head`): stop quietly, also at interpreter exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
         return EXIT_OK
     finally:
         if p2p:
