@@ -259,3 +259,32 @@ def test_what_cannot_be_sent_is_dropped_and_counted_without_stalling_the_publish
         assert_nothing_more(subscriber.queue)
         assert bus.metrics.value(DROPPED, where="rabbitmq-invalid") == 2
         assert backbone.publisher.connected and len(backbone.outbox) == 0
+
+
+def test_an_unexpected_error_in_the_consumer_reconnects_instead_of_dying(broker, caplog):
+    with node(broker, "buggy") as (bus, backbone):
+        connected(bus)
+        subscriber = Subscriber(bus)
+        consumer = backbone.consumer
+        original_ack = consumer._ack
+        failures = []
+
+        def ack_failing_once(tag: int) -> None:
+            if not failures:
+                failures.append(tag)
+                raise RuntimeError("injected bug")
+            original_ack(tag)
+
+        consumer._ack = ack_failing_once  # type: ignore[method-assign]
+        first, second = indicator("10.12.0.1"), indicator("10.12.0.2")
+        bus.publish_queue.put(first)
+        assert get_within(subscriber.queue).id == first.id
+        wait_until(lambda: consumer.connects == 2 and consumer.connected, 15, what="the consumer to reconnect")
+        bus.publish_queue.put(second)
+        # The unacked first message came again and was recognised as a repeat.
+        assert get_within(subscriber.queue).id == second.id
+        assert_nothing_more(subscriber.queue)
+        assert consumer.duplicates == 1
+    # pika aborts the connection on an exception in a callback and logs it; we log the loss.
+    assert any("injected bug" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
+    assert any("consumer: connection to" in r.getMessage() and "lost" in r.getMessage() for r in ours(caplog))

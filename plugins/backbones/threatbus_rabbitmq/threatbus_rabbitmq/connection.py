@@ -71,8 +71,7 @@ class AmqpWorker(StoppableWorker):
                 try:
                     self._serve_one_connection()
                 except Exception:
-                    # A bug must not end the backbone for good: drop the connection and start afresh.
-                    logger.exception("%s: unexpected error; reconnecting", self.role)
+                    logger.exception("%s: unexpected error while closing; reconnecting", self.role)
                     self.connected = False
                     self.on_lost()
                 if self.stopping:
@@ -114,7 +113,17 @@ class AmqpWorker(StoppableWorker):
         self._connection = connection
         self._tick_handle = connection.ioloop.call_later(POLL_INTERVAL, self._on_tick)
         try:
-            connection.ioloop.start()
+            try:
+                connection.ioloop.start()
+            except Exception:
+                # A bug must not end the backbone for good, nor leave a half-dead connection
+                # (an exclusive consumer would lock us out of our own queue): close it, start afresh.
+                logger.exception("%s: unexpected error; closing the connection and reconnecting", self.role)
+                self.connected = False
+                if connection.is_open:
+                    self._closing = True
+                    connection.close()
+                    connection.ioloop.start()  # until _on_connection_closed stops it
         finally:
             self._connection = None
             self._channel = None
