@@ -6,12 +6,15 @@ import logging
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from datetime import timedelta
 from typing import Any
 
 import orjson
 import pytest
 
+import threatbus
 from threatbus.bus import Bus
+from threatbus.data import SnapshotEnvelope
 from threatbus.metrics import BACKBONE_CONNECTED, BACKBONE_REJECTED, DROPPED
 from threatbus.testing import (
     Subscriber,
@@ -31,11 +34,29 @@ pytestmark = pytest.mark.rabbitmq
 
 
 @contextmanager
-def node(broker: Any, label: str, **overrides: Any) -> Iterator[tuple[Bus, RabbitMQBackbone]]:
+def node(
+    broker: Any, label: str, apps: dict[str, object] | None = None, **overrides: Any
+) -> Iterator[tuple[Bus, RabbitMQBackbone]]:
     backbone = RabbitMQBackbone()
     config = broker.plugin_config(broker.queue(label), **overrides)
-    with running_bus(backbones={"rabbitmq": backbone}, plugin_config=config, node_name=f"{label}-{broker.id}") as bus:
+    with running_bus(
+        apps=apps, backbones={"rabbitmq": backbone}, plugin_config=config, node_name=f"{label}-{broker.id}"
+    ) as bus:
         yield bus, backbone
+
+
+class HoldingApp:
+    """An app that answers snapshot requests with the indicators it holds."""
+
+    def __init__(self, held: list[Any]) -> None:
+        self.held = held
+        self.requests: list[Any] = []
+
+    @threatbus.app
+    def snapshot(self, snapshot_request: Any, result_queue: Any) -> None:
+        self.requests.append(snapshot_request)
+        for item in self.held:
+            result_queue.put(SnapshotEnvelope.wrap(snapshot_request, item))
 
 
 def ours(caplog: Any) -> list[logging.LogRecord]:
@@ -288,3 +309,16 @@ def test_an_unexpected_error_in_the_consumer_reconnects_instead_of_dying(broker,
     # pika aborts the connection on an exception in a callback and logs it; we log the loss.
     assert any("injected bug" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR)
     assert any("consumer: connection to" in r.getMessage() and "lost" in r.getMessage() for r in ours(caplog))
+
+
+def test_a_snapshot_request_is_answered_by_an_app_on_another_node(broker):
+    held = [indicator("10.13.0.1"), indicator("10.13.0.2")]
+    holder = HoldingApp(held)
+    with node(broker, "asker") as (asker, _), node(broker, "holder", apps={"holder": holder}) as (other, _):
+        connected(asker, other)
+        requester = Subscriber(asker, "stix2/indicator", snapshot=timedelta(days=2))
+        envelopes = collect(requester.queue, 2, timeout=15)
+        assert {e.stix.id for e in envelopes} == {i.id for i in held}
+        assert {e.snapshot_id for e in envelopes} == set(requester.snapshot_ids)
+        assert_nothing_more(requester.queue)
+        assert [r.snapshot for r in holder.requests] == [timedelta(days=2)]
