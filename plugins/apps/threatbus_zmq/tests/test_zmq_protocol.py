@@ -128,6 +128,16 @@ def test_snapshot_request_from_another_app_plugin_reaches_zmq_apps(inprocess_bus
     assert isinstance(envelope, SnapshotEnvelope) and envelope.stix.payload == answer.payload
 
 
+def test_snapshot_request_from_another_node_reaches_every_zmq_app(inprocess_bus):
+    apps = [inprocess_bus.fake_app("stix2/indicator"), inprocess_bus.fake_app("stix2/sighting")]
+    remote = SnapshotRequest.create(SnapshotType.SIGHTING, timedelta(hours=6))
+    inprocess_bus.bus.publish_queue.put(remote)  # as a backbone delivers it from another node
+    for app in apps:
+        kind, request = app.recv()
+        assert kind == "snapshotrequest" and request.payload == remote.payload
+        app.assert_nothing(0.2)
+
+
 def test_garbage_on_the_sub_socket_is_rejected_and_valid_messages_around_it_arrive(bus):
     consumer = bus.fake_app("stix2")
     producer = bus.sender()
