@@ -7,6 +7,7 @@ Only tests marked ``broker_disruptive`` restart the broker or close connections.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -116,18 +118,25 @@ class Broker:
             connection.close()
 
     def cleanup(self) -> None:
-        if not rabbitmq_reachable():
+        """Delete the test's queues and exchanges (waiting a while if a restart test has the broker down)."""
+        try:
+            wait_until(rabbitmq_reachable, 30, interval=0.2, what="RabbitMQ for cleanup")
+        except AssertionError:
             return
         connection = self.connect()
         try:
-            for queue in self.queues:
+            for kind, name in [("queue", q) for q in self.queues] + [("exchange", x) for x in self.exchanges]:
                 channel = connection.channel()
-                channel.queue_delete(queue)
-            for exchange in self.exchanges:
-                channel = connection.channel()
-                channel.exchange_delete(exchange)
+                try:
+                    if kind == "queue":
+                        channel.queue_delete(name)
+                    else:
+                        channel.exchange_delete(name)
+                except pika.exceptions.ChannelClosedByBroker:
+                    continue  # already gone
         finally:
-            connection.close()
+            if connection.is_open:
+                connection.close()
 
 
 @pytest.fixture
@@ -194,13 +203,17 @@ class BrokerControl:
 
 
 @pytest.fixture
-def ctl(broker: Broker) -> BrokerControl:
+def ctl(broker: Broker) -> Iterator[BrokerControl]:
+    """rabbitmqctl; held by one disruptive test at a time on this machine, across concurrent test runs."""
     control = BrokerControl()
     if not control.available():
         if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
             pytest.fail("rabbitmqctl is needed for the broker restart tests")
         pytest.skip("rabbitmqctl not available (needs the local RabbitMQ and the rights to manage it)")
-    return control
+    with open(Path(tempfile.gettempdir()) / "threatbus-rabbitmq-disruptive.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        control.wait_for_broker()  # a concurrent run may just have restarted it
+        yield control
 
 
 # ---- node processes ----------------------------------------------------
