@@ -11,7 +11,7 @@ setup(
     packages=find_packages(exclude=["tests"]),
     package_data={"threatbus_zeek": ["scripts/*.zeek"]},
     include_package_data=True,
-    install_requires=["threatbus>=2026.11.24", "websockets>=13.0"],
+    install_requires=["threatbus>=2026.11.24", "websockets>=15.0"],
     extras_require={"test": ["pytest", "zeek-client>=1.5"]},
     entry_points={"threatbus.app": ["zeek = threatbus_zeek:ZeekApp"]},
 )

@@ -227,10 +227,6 @@ class TlsFiles:
     def server_context(self) -> ssl.SSLContext:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.load_cert_chain(self.cert, self.key)
-        # No TLS 1.3 session tickets: websockets' sync server waits on select() and then reads
-        # the socket blocking; a ticket-only record makes that read block, and about one
-        # handshake in 30 then stalled until its timeout (seen with websockets 17.4).
-        context.num_tickets = 0
         return context
 
 

@@ -7,18 +7,20 @@ bus. The Zeek side is ``scripts/threatbus.zeek`` in this package.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import queue
 import re
 import ssl
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
-from websockets.sync.client import ClientConnection, connect
 
 import threatbus
 from threatbus import stix
@@ -157,8 +159,17 @@ class ZeekRefused(Exception):
     """Zeek answered the handshake with something other than an ack."""
 
 
+class ZeekGone(Exception):
+    """Zeek closed the connection."""
+
+
 class ZeekLink(StoppableWorker):
     """Connects to Zeek, sends intel from ``intel_queue``, publishes Zeek's matches.
+
+    The thread runs an asyncio loop: websockets' asyncio client drives TLS
+    through memory buffers in this one thread (its threaded client reads and
+    writes one TLS connection from two threads, which stalled handshakes with
+    TLS 1.3 session tickets in our tests).
 
     Reconnects with backoff whenever the connection fails or drops. An
     intel event whose send failed is kept and sent first after the next
@@ -183,26 +194,38 @@ class ZeekLink(StoppableWorker):
         self._pending: str | None = None
         self._backoff = Backoff(initial=0.5, maximum=30.0)
 
+    def run(self) -> None:
+        asyncio.run(self._main())
+
     # ---- connection ----------------------------------------------------
 
-    def run(self) -> None:
+    async def _main(self) -> None:
         while not self.stopping:
             established = False
             problem: BaseException | None = None
             try:
-                with connect(
+                async with connect(
                     self.settings.uri,
                     ssl=self.ssl_context,
                     open_timeout=CONNECT_TIMEOUT,
                     close_timeout=2,
                     compression=None,
+                    proxy=None,
                     additional_headers={"X-Application-Name": "threatbus"},
                 ) as connection:
-                    self._handshake(connection)
+                    await self._handshake(connection)
                     established = True
                     self._backoff.reset()
-                    self._serve(connection)
-            except (OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed, ZeekRefused) as err:
+                    await self._serve(connection)
+            except (
+                OSError,
+                TimeoutError,
+                InvalidHandshake,
+                InvalidURI,
+                ConnectionClosed,
+                ZeekRefused,
+                ZeekGone,
+            ) as err:
                 problem = err
             except Exception as err:
                 problem = err
@@ -218,11 +241,17 @@ class ZeekLink(StoppableWorker):
                 )
             else:
                 logger.warning("cannot connect to Zeek at %s: %s; retrying in %.1fs", self.settings.uri, problem, delay)
-            self.wait(delay)
+            await self._sleep(delay)
 
-    def _handshake(self, connection: ClientConnection) -> None:
-        connection.send(broker.handshake([MATCH_TOPIC]).decode())
-        raw = connection.recv(timeout=CONNECT_TIMEOUT)
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, less if the worker is asked to stop."""
+        deadline = time.monotonic() + seconds
+        while not self.stopping and time.monotonic() < deadline:
+            await asyncio.sleep(min(POLL, max(0.0, deadline - time.monotonic())))
+
+    async def _handshake(self, connection: ClientConnection) -> None:
+        await connection.send(broker.handshake([MATCH_TOPIC]).decode())
+        raw = await asyncio.wait_for(connection.recv(), CONNECT_TIMEOUT)
         try:
             answer = broker.decode_message(raw)
         except DecodeError as err:
@@ -237,29 +266,45 @@ class ZeekLink(StoppableWorker):
             "connected to Zeek at %s (endpoint %s, version %s)", self.settings.uri, answer.endpoint, answer.version
         )
 
-    def _serve(self, connection: ClientConnection) -> None:
+    async def _serve(self, connection: ClientConnection) -> None:
+        """Send intel and read Zeek's messages until the connection fails or the worker stops."""
         if self.settings.snapshot > timedelta(0):
             # Zeek keeps its intel only in memory: ask the bus for the recent intel on every (re)connect.
             self.subscribe(TOPIC_INDICATOR, self.intel_queue, snapshot=self.settings.snapshot)
-        while not self.stopping:
-            self._send_intel(connection)
-            self._read_zeek(connection)
+        tasks = [
+            asyncio.create_task(self._send_intel(connection), name="zeek-send"),
+            asyncio.create_task(self._read_zeek(connection), name="zeek-read"),
+            asyncio.create_task(self._sleep(float("inf")), name="zeek-stop-watch"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            task.result()  # raises what ended the connection
 
     # ---- Threat Bus -> Zeek --------------------------------------------
 
-    def _send_intel(self, connection: ClientConnection) -> None:
-        for sent in range(BATCH):
-            if self._pending is None:
-                try:
-                    message = self.intel_queue.get(timeout=POLL if sent == 0 else 0)
-                except queue.Empty:
-                    return
-                self._pending = self._encode(message)
+    async def _send_intel(self, connection: ClientConnection) -> None:
+        while True:
+            for _ in range(BATCH):
                 if self._pending is None:
-                    continue
-            connection.send(self._pending)
-            self._pending = None
-            self.stats.sent += 1
+                    try:
+                        message = self.intel_queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    self._pending = self._encode(message)
+                    if self._pending is None:
+                        continue
+                await connection.send(self._pending)
+                self._pending = None
+                self.stats.sent += 1
+            else:
+                await asyncio.sleep(0)  # a full batch went out: let the reader run, then go on
+                continue
+            await asyncio.sleep(POLL)  # the queue is empty: look again soon
 
     def _encode(self, message: Message) -> str | None:
         """The data message to send to Zeek for ``message``, or None to skip it."""
@@ -289,13 +334,16 @@ class ZeekLink(StoppableWorker):
 
     # ---- Zeek -> Threat Bus --------------------------------------------
 
-    def _read_zeek(self, connection: ClientConnection) -> None:
-        for _ in range(BATCH):  # bounded, so a chatty Zeek cannot starve the intel going out
+    async def _read_zeek(self, connection: ClientConnection) -> None:
+        async for raw in connection:
             try:
-                raw = connection.recv(timeout=0)
-            except TimeoutError:
-                return
-            self._handle(raw)
+                self._handle(raw)
+            except Exception:
+                # A bug must cost this one message, not the connection.
+                self.stats.rejected += 1
+                logger.exception("cannot handle message from Zeek; dropped: %s", describe(raw))
+        reason = f", {connection.close_reason}" if connection.close_reason else ""
+        raise ZeekGone(f"closed by Zeek (code {connection.close_code}{reason})")
 
     def _handle(self, raw: str | bytes) -> None:
         try:
