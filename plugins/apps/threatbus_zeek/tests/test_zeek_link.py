@@ -22,7 +22,7 @@ from threatbus.errors import ConfigError, PluginError
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, DROPPED, QUEUE_DEPTH, SUBSCRIBERS
 from threatbus.testing import Subscriber, assert_nothing_more, get_within, indicator, running_bus, wait_until
 from threatbus_zeek import INTEL_TOPIC, MATCH_TOPIC, ZeekApp
-from threatbus_zeek.plugin import RECONNECTS, SKIPPED, ZEEK_ERRORS
+from threatbus_zeek.plugin import CONNECTS, SKIPPED, ZEEK_ERRORS
 
 
 def connected(bus, value=1):
@@ -57,7 +57,7 @@ def test_handshake_subscribes_to_matches(zeek, zeek_config):
         assert client.topics == [MATCH_TOPIC]
         assert client.headers.get("X-Application-Name") == "threatbus"
         wait_until(connected(bus), what="the zeek app to report the connection")
-        assert bus.metrics.value(RECONNECTS, plugin="zeek") == 1
+        assert bus.metrics.value(CONNECTS, plugin="zeek") == 1
 
 
 def test_indicators_become_intel_events(zeek, zeek_config, caplog):
@@ -108,7 +108,7 @@ def test_a_mapping_bug_costs_one_indicator_not_the_connection(zeek, zeek_config,
         bus.publish_queue.put(broken)
         bus.publish_queue.put(fine)
         assert intel_args(zeek.next_event())[1][2] == fine.id
-        assert bus.metrics.value(RECONNECTS, plugin="zeek") == 1
+        assert bus.metrics.value(CONNECTS, plugin="zeek") == 1
         assert bus.metrics.value(SKIPPED, plugin="zeek") == 1
     assert f"cannot map indicator {broken.id} for Zeek; skipped" in caplog.text
 
@@ -134,7 +134,7 @@ def test_reconnects_after_zeek_restarts_and_keeps_what_came_meanwhile(zeek, zeek
         zeek.wait_for_client(timeout=15)
         assert intel_args(zeek.next_event())[1][:3] == ["7.7.7.7", "Intel::ADDR", while_down.id]
         wait_until(connected(bus))
-        assert bus.metrics.value(RECONNECTS, plugin="zeek") == 2
+        assert bus.metrics.value(CONNECTS, plugin="zeek") == 2
 
         after = indicator("8.8.8.8")
         bus.publish_queue.put(after)
@@ -230,7 +230,7 @@ def test_bad_input_from_zeek_is_counted_dropped_and_survived(zeek, zeek_config, 
         assert bus.metrics.value(APP_REJECTED, plugin="zeek") == 3
         assert bus.metrics.value(ZEEK_ERRORS, plugin="zeek") == 1
         assert bus.metrics.value(APP_RECEIVED, plugin="zeek") == 1
-        assert bus.metrics.value(RECONNECTS, plugin="zeek") == 1
+        assert bus.metrics.value(CONNECTS, plugin="zeek") == 1
     assert "dropping malformed message from Zeek: not valid JSON" in caplog.text
     assert "dropping invalid intel match from Zeek: intel_match: source must be a STIX indicator id" in caplog.text
     assert "Zeek reported an error: deserialization_failed: input #3" in caplog.text

@@ -43,14 +43,14 @@ MATCH_TOPIC = "threatbus/zeek/sighting"
 
 SKIPPED = "threatbus_zeek_skipped"  # counter: indicators Zeek cannot express
 ZEEK_ERRORS = "threatbus_zeek_errors"  # counter: error messages Zeek sent back
-RECONNECTS = "threatbus_zeek_connects"  # counter: successful (re)connections
+CONNECTS = "threatbus_zeek_connects"  # counter: successful (re)connections
 
 CONNECT_TIMEOUT = 5.0
 # The cipher Broker selects for TLS without certificates.
 ANONYMOUS_CIPHERS = "AECDH-AES256-SHA"
-# How long the worker waits for intel before it looks at Zeek's messages again.
+# How often the sender looks at an empty intel queue, and the link at its stop flag (seconds).
 POLL = 0.05
-# Messages sent (or read) in a row before the worker turns to the other direction.
+# Messages sent in a row before the sender lets the reader run.
 BATCH = 512
 
 _NAMESPACE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(::[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -446,7 +446,7 @@ class ZeekApp:
             SKIPPED, "Indicators Zeek's Intel framework cannot express", lambda: stats.skipped, plugin=PLUGIN
         )
         metrics.counter(ZEEK_ERRORS, "Error messages Zeek sent back", lambda: stats.zeek_errors, plugin=PLUGIN)
-        metrics.counter(RECONNECTS, "Successful connections to Zeek", lambda: stats.connects, plugin=PLUGIN)
+        metrics.counter(CONNECTS, "Successful connections to Zeek", lambda: stats.connects, plugin=PLUGIN)
 
     @threatbus.app
     def stop(self) -> None:
