@@ -191,6 +191,39 @@ def read_cpu_seconds(pid: int) -> float | None:
         return None
 
 
+def broker_pid() -> int | None:
+    """The pid of a RabbitMQ server on this host (its Erlang VM), to count its CPU; None if not found."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if cmdline and cmdline[0].endswith(b"beam.smp") and b"rabbit" in cmdline and b"boot" in cmdline:
+            return int(entry.name)
+    return None
+
+
+class CpuMeter:
+    """CPU seconds that each of some processes used between ``start()`` and ``stop()``."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self._before: dict[str, float | None] = {}
+
+    def start(self) -> None:
+        self._before = {name: read_cpu_seconds(pid) for name, pid in self.pids.items()}
+
+    def stop(self) -> dict[str, float]:
+        used = {}
+        for name, pid in self.pids.items():
+            before, after = self._before.get(name), read_cpu_seconds(pid)
+            if before is not None and after is not None:
+                used[name] = round(after - before, 3)
+        return used
+
+
 def machine_busy() -> tuple[int, int]:
     """(busy, total) jiffies of all CPUs, from /proc/stat."""
     with open("/proc/stat") as stat:

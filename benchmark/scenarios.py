@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
+import sys
 import time
 import uuid
 from dataclasses import dataclass
@@ -16,10 +18,11 @@ from benchmark import pika_clients, zmq_clients
 from benchmark.nodes import (
     Broker,
     BusNode,
+    CpuMeter,
     ResourceSampler,
     Sample,
+    broker_pid,
     rabbitmq_backbone,
-    read_cpu_seconds,
     start_node,
     stop_nodes,
     unique_name,
@@ -52,7 +55,7 @@ class Profile:
 
 PROFILES = {
     "quick": Profile("quick", 3_000, (200, 1000, 5000), 1.0, 3_000, (1, 10), 1_000, 200, 1.0),
-    "full": Profile("full", 100_000, (200, 1000, 5000), 8.0, 50_000, (1, 10, 50), 10_000, 200, 5.0),
+    "full": Profile("full", 200_000, (200, 1000, 5000), 8.0, 50_000, (1, 10, 50), 10_000, 200, 5.0),
 }
 
 
@@ -91,6 +94,8 @@ def run_figures(
         "msgs_per_s": rate(round(delivered / copies), published["start_ns"], end_ns),
         "deliveries_per_s": rate(delivered, published["start_ns"], end_ns),
         "duration_s": round((end_ns - published["start_ns"]) / 1e9, 3) if delivered else None,
+        # At a fixed rate: the bus fell behind (a backlog of over a second), so latency is queueing.
+        "saturated": bool(offered) and (delivered < sent * copies or end_ns - published["end_ns"] > 1e9),
         **latency_summary(merged["latencies_ns"]),
     }
     for key in ("acked", "nacked", "window_waits"):
@@ -99,8 +104,23 @@ def run_figures(
     return figures
 
 
+def with_cpu(figures: dict[str, Any], cpu: dict[str, float]) -> dict[str, Any]:
+    """Add CPU seconds per process and microseconds per message (per delivery with fan-out)."""
+    count = max(figures["delivered"], 1)
+    figures["cpu_s"] = cpu
+    figures["cpu_us_per_msg"] = {name: round(seconds * 1e6 / count, 1) for name, seconds in cpu.items()}
+    return figures
+
+
 class Profiler:
-    """py-spy attached to the nodes during a run (``--profile``), raw collapsed stacks per node."""
+    """py-spy attached to the nodes during a run (``--profile``), raw collapsed stacks per node.
+
+    Only samples of the thread holding the GIL are kept (``--gil``): at 250 Hz each
+    sample stands for 4 ms of Python work, which ``benchmark.profile_summary``
+    turns into microseconds per message.
+    """
+
+    RATE = 250
 
     def __init__(self, out: Path | None, nodes: list[BusNode], label: str) -> None:
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -108,13 +128,17 @@ class Profiler:
         if out is None:
             return
         out.mkdir(parents=True, exist_ok=True)
+        py_spy = Path(sys.executable).with_name("py-spy")
+        command = str(py_spy) if py_spy.exists() else shutil.which("py-spy")
+        if command is None:
+            raise RuntimeError("--profile needs py-spy: pip install -r benchmark/requirements.txt")
         for node in nodes:
             path = out / f"profile-{label}-{node.name}.txt"
             self.files.append(str(path))
             self.processes.append(
                 subprocess.Popen(
-                    ["py-spy", "record", "--pid", str(node.pid), "--rate", "250", "--format", "raw",
-                     "--threads", "--nonblocking", "--output", str(path)],
+                    [command, "record", "--pid", str(node.pid), "--rate", str(self.RATE), "--format", "raw",
+                     "--threads", "--gil", "--nonblocking", "--output", str(path)],
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
                 )
@@ -136,8 +160,16 @@ class Profiler:
 class ZmqBench:
     """One publishing app and receiving apps (``subscriptions`` spread over ``processes``)."""
 
-    def __init__(self, publish_node: BusNode, receive_node: BusNode, subscriptions: int, processes: int) -> None:
+    def __init__(
+        self,
+        publish_node: BusNode,
+        receive_node: BusNode,
+        subscriptions: int,
+        processes: int,
+        watch: dict[str, int] | None = None,
+    ) -> None:
         processes = max(1, min(processes, subscriptions))
+        self.watch = dict(watch or {})
         shares = [subscriptions // processes + (1 if i < subscriptions % processes else 0) for i in range(processes)]
         self.subscriptions = subscriptions
         self.counters = [shared_counter() for _ in shares]
@@ -163,6 +195,9 @@ class ZmqBench:
         except BaseException:
             self.close()
             raise
+        self.watch["publishing app"] = self.publisher.process.pid
+        for i, receiver in enumerate(self.receivers):
+            self.watch[f"receiving app {i + 1}"] = receiver.process.pid
 
     def _child(self, name: str, target: Any, *args: Any) -> Child:
         child = Child(name, target, *args)
@@ -183,14 +218,17 @@ class ZmqBench:
         base = self.delivered()
         expected = count * self.subscriptions
         budget = 60 + (count / rate_per_s if rate_per_s else count / 500)
+        meter = CpuMeter(self.watch)
+        meter.start()
         published = self.publisher.request(
             "run",
             budget,
             args={"run": run_id, "count": count, "rate": rate_per_s, "window": window, "copies": self.subscriptions},
         )
         wait_for_count(lambda: self.delivered() - base, expected, budget)
+        cpu = meter.stop()
         records = [r.request("collect", 60, run=run_id) for r in self.receivers]
-        return run_figures(published, merge(records), self.subscriptions, rate_per_s)
+        return with_cpu(run_figures(published, merge(records), self.subscriptions, rate_per_s), cpu)
 
     def close(self) -> None:
         stop_all(self.children)
@@ -209,21 +247,23 @@ def memory_summary(samples: list[Sample], node: str, start: int, count: int) -> 
     if second_half.sum() >= 3 and np.ptp(messages[second_half]) > 0:
         slope = float(np.polyfit(messages[second_half], rss[second_half], 1)[0])
 
-    def rss_at(fraction: float) -> int:
-        return int(rss[int(np.argmin(np.abs(messages - fraction * count)))])
+    def rss_near(wanted: float) -> int:
+        return int(rss[int(np.argmin(np.abs(messages - wanted)))])
 
-    at_20, at_end = rss_at(0.2), int(rss[-1])
+    at_half, at_end = rss_near(count / 2), int(rss[-1])
     return {
         "messages": int(messages.max()),
         "rss_start_kb": int(rss[0]),
-        "rss_at_20pct_kb": at_20,
-        "rss_at_50pct_kb": rss_at(0.5),
+        "rss_at_25pct_kb": rss_near(count / 4),
+        "rss_at_50pct_kb": at_half,
+        "rss_after_100k_kb": rss_near(100_000) if messages.max() >= 100_000 else None,
         "rss_end_kb": at_end,
         "rss_max_kb": int(rss.max()),
-        "growth_20pct_to_end_kb": at_end - at_20,
+        "growth_second_half_kb": at_end - at_half,
         "slope_second_half_kb_per_10k_msgs": round(slope * 10_000, 1) if slope is not None else None,
-        # Flat: the second 80 % of the messages added less than 4 MiB (Python heaps settle early).
-        "flat": (at_end - at_20) < 4096,
+        # Flat: the second half of the messages added less than 4 MiB. Bounded caches (the rabbitmq
+        # dedup window, the STIX pattern caches) fill during the first 100k messages by design.
+        "flat": (at_end - at_half) < 4096,
         "samples": [[int(m), int(r)] for m, r in points],
     }
 
@@ -236,29 +276,20 @@ def bus_scenario(
 ) -> dict[str, Any]:
     """Saturation (with RSS sampled: the memory figures) and latency at fixed rates, app to app."""
     publish_node, receive_node = nodes[0], nodes[-1]
-    bench = ZmqBench(publish_node, receive_node, subscriptions=1, processes=1)
+    bench = ZmqBench(publish_node, receive_node, subscriptions=1, processes=1, watch=watched(nodes))
     result: dict[str, Any] = {"nodes": [n.name for n in nodes]}
+    sampler = ResourceSampler({n.name: n.pid for n in nodes}, bench.delivered)
     try:
         bench.warmup()
-        sampler = ResourceSampler({n.name: n.pid for n in nodes}, bench.delivered)
         start = bench.delivered()
         sampler.start()
-        cpu_before = {n.name: read_cpu_seconds(n.pid) for n in nodes}
         profiler = Profiler(profile_dir, nodes, label)
-        saturation = bench.run(profile.saturation_count, None, profile.window)
-        profiles = profiler.finish()
-        cpu_after = {n.name: read_cpu_seconds(n.pid) for n in nodes}
+        try:
+            saturation = bench.run(profile.saturation_count, None, profile.window)
+        finally:
+            profiles = profiler.finish()
         sampler.sample()
         sampler.close()
-        saturation["node_cpu_s"] = {
-            name: round(cpu_after[name] - cpu_before[name], 3)
-            for name in cpu_before
-            if cpu_before[name] is not None and cpu_after[name] is not None
-        }
-        saturation["node_cpu_us_per_msg"] = {
-            name: round(seconds * 1e6 / max(saturation["delivered"], 1), 1)
-            for name, seconds in saturation["node_cpu_s"].items()
-        }
         if profiles:
             saturation["profiles"] = profiles
         result["saturation"] = saturation
@@ -269,8 +300,19 @@ def bus_scenario(
             bench.run(int(r * profile.latency_seconds), r, max(profile.window, 2 * r)) for r in profile.rates
         ]
     finally:
+        if sampler.is_alive():
+            sampler.close()
         bench.close()
     return result
+
+
+def watched(nodes: list[BusNode]) -> dict[str, int]:
+    """The processes whose CPU time each run records: the nodes and, if found, the broker."""
+    pids = {n.name: n.pid for n in nodes}
+    broker = broker_pid()
+    if broker is not None and any("rabbitmq" in n.name for n in nodes):
+        pids["rabbitmq broker"] = broker
+    return pids
 
 
 def start_inmem(workdir: Path) -> list[BusNode]:
@@ -281,7 +323,8 @@ def start_rabbitmq_pair(workdir: Path, broker: Broker, queue: dict[str, Any]) ->
     exchange = unique_name("exchange")
     nodes = []
     suffixes = [f"bench-{uuid.uuid4().hex[:12]}-{i}" for i in (1, 2)]
-    broker.forget_later(queues=[f"threatbus.{s}" for s in suffixes], exchanges=[exchange])
+    # The backbone publishes through a durable bridge exchange `<exchange>.durable` bound to the main one.
+    broker.forget_later(queues=[f"threatbus.{s}" for s in suffixes], exchanges=[exchange, f"{exchange}.durable"])
     try:
         for i, suffix in enumerate(suffixes, 1):
             nodes.append(
@@ -320,6 +363,10 @@ def ceiling_scenario(
             publisher.expect("ready", STARTUP_TIMEOUT)
             publisher.send("warmup")
             consumer.expect("warm", 30)
+            watch = {"pika publisher": publisher.process.pid, "pika consumer": consumer.process.pid}
+            broker_process = broker_pid()
+            if broker_process is not None:
+                watch["rabbitmq broker"] = broker_process
             runs = {"saturation": (profile.ceiling_count, None)}
             if variant.get("latency_rate"):
                 runs["latency"] = (int(variant["latency_rate"] * profile.latency_seconds), variant["latency_rate"])
@@ -328,6 +375,8 @@ def ceiling_scenario(
                 run_id = uuid.uuid4().hex[:12]
                 base = counter.value
                 budget = 60 + count / 500
+                meter = CpuMeter(watch)
+                meter.start()
                 published = publisher.request(
                     "run",
                     budget,
@@ -341,8 +390,9 @@ def ceiling_scenario(
                     },
                 )
                 wait_for_count(lambda base=base, counter=counter: counter.value - base, count, budget)
+                cpu = meter.stop()
                 record = consumer.request("collect", 60, run=run_id)
-                figures[run_name] = run_figures(published, merge([record]), 1, rate_per_s)
+                figures[run_name] = with_cpu(run_figures(published, merge([record]), 1, rate_per_s), cpu)
             result[name] = figures
         finally:
             stop_all(children)
@@ -353,17 +403,12 @@ def fanout_scenario(label: str, nodes: list[BusNode], profile: Profile) -> list[
     """One publisher, N subscriptions on the last node: saturation and latency at a fixed rate."""
     rows = []
     for subscriptions in profile.fanout_subscribers:
-        bench = ZmqBench(nodes[0], nodes[-1], subscriptions, processes=1 if subscriptions == 1 else 2)
+        bench = ZmqBench(
+            nodes[0], nodes[-1], subscriptions, processes=1 if subscriptions == 1 else 2, watch=watched(nodes)
+        )
         try:
             bench.warmup(timeout=60)
-            cpu_before = {n.name: read_cpu_seconds(n.pid) for n in nodes}
             saturation = bench.run(profile.fanout_count, None, profile.window)
-            cpu_after = {n.name: read_cpu_seconds(n.pid) for n in nodes}
-            saturation["node_cpu_us_per_delivery"] = {
-                name: round((cpu_after[name] - cpu_before[name]) * 1e6 / max(saturation["delivered"], 1), 1)
-                for name in cpu_before
-                if cpu_before[name] is not None and cpu_after[name] is not None
-            }
             latency = bench.run(int(profile.fanout_rate * profile.fanout_seconds), profile.fanout_rate, profile.window)
         finally:
             bench.close()

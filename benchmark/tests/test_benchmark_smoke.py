@@ -1,0 +1,116 @@
+"""Smoke test of the benchmark: the quick mode runs end to end and writes sane results.
+
+It checks that the harness works and its numbers are plausible, not that the
+targets are met (that is what ``make bench`` reports, on a quiet machine).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # `benchmark` is a directory of the repository, not an installed package
+    sys.path.insert(0, str(REPO))
+
+from benchmark.nodes import Sample  # noqa: E402
+from benchmark.scenarios import memory_summary  # noqa: E402
+from benchmark.stats import RunRecord, latency_summary, merge  # noqa: E402
+
+pytestmark = pytest.mark.e2e
+
+
+def run_quick(out: Path, *options: str) -> tuple[int, dict, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmark.run", "--quick", "--out", str(out), *options],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=110,
+    )
+    results = sorted(out.glob("bench-*/results.json"))
+    assert results, f"no results.json written\nstdout:\n{done.stdout}\nstderr:\n{done.stderr[-4000:]}"
+    return done.returncode, orjson.loads(results[-1].read_bytes()), done.stdout + done.stderr
+
+
+def test_quick_inmem_run_writes_plausible_results(tmp_path: Path) -> None:
+    code, result, output = run_quick(tmp_path, "--only", "inmem,fanout", "--fanout-backbones", "inmem")
+    assert code == 0, output[-4000:]
+    assert result["errors"] == {} and result["skipped"] == {}
+    assert result["meta"]["mode"] == "quick" and result["meta"]["cpus"] >= 1
+
+    inmem = result["scenarios"]["inmem"]
+    saturation = inmem["saturation"]
+    assert saturation["sent"] == 3000
+    assert saturation["lost"] == 0 and saturation["duplicates"] == 0
+    assert 100 < saturation["msgs_per_s"] < 1_000_000
+    assert 0 < saturation["p50_ms"] <= saturation["p99_ms"] < 5_000
+    assert saturation["cpu_us_per_msg"]["bench-inmem"] > 0 and "publishing app" in saturation["cpu_us_per_msg"]
+
+    assert [row["offered_rate"] for row in inmem["latency"]] == [200, 1000, 5000]
+    for row in inmem["latency"]:
+        assert row["lost"] == 0, row
+        assert row["delivered"] == row["sent"] == int(row["offered_rate"])  # one second each in quick mode
+        assert 0 < row["p50_ms"] <= row["p99_ms"] <= row["max_ms"] < 5_000
+        assert 0.5 * row["offered_rate"] < row["achieved_send_rate"] < 1.5 * row["offered_rate"]
+
+    memory = result["scenarios"]["memory"]["inmem"]["bench-inmem"]
+    assert memory["messages"] == 3000
+    assert 10_000 < memory["rss_end_kb"] < 2_000_000  # a Python process: tens of MiB
+    assert len(memory["samples"]) >= 3
+
+    fanout = result["scenarios"]["fanout"]["inmem"]
+    assert [row["subscribers"] for row in fanout] == [1, 10]
+    ten = fanout[1]["saturation"]
+    assert ten["expected_deliveries"] == ten["delivered"] == 10 * ten["sent"]
+
+    names = [t["name"] for t in result["targets"]]
+    assert len(names) == 3 and result["targets"][0]["measured"] == saturation["msgs_per_s"]
+    assert result["targets"][1]["met"] is None  # rabbitmq not run: not measured, not failed
+
+    png = Path(result["meta"]["node_logs"]) / "results.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "latest.json").read_bytes() == (png.parent / "results.json").read_bytes()
+
+
+def test_unknown_scenario_is_a_usage_error(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "benchmark.run", "--only", "nonsense", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert "unknown scenario(s): nonsense" in done.stderr
+
+
+def test_records_drop_duplicates_and_merge_across_receivers() -> None:
+    first, second = RunRecord(), RunRecord()
+    first.add(1, sent_ns=1_000_000, recv_ns=2_000_000)
+    first.add(1, sent_ns=1_000_000, recv_ns=2_500_000)  # the same delivery again
+    second.add(2, sent_ns=500_000, recv_ns=4_500_000)
+    merged = merge([first.export(), second.export()])
+    assert merged["received"] == 2 and merged["duplicates"] == 1
+    assert merged["first_sent_ns"] == 500_000 and merged["last_recv_ns"] == 4_500_000
+    summary = latency_summary(merged["latencies_ns"])
+    assert summary["max_ms"] == 4.0 and 1.0 <= summary["p50_ms"] <= 4.0
+    assert latency_summary(merge([])["latencies_ns"])["p99_ms"] is None
+
+
+def test_memory_summary_tells_flat_from_growing() -> None:
+    count = 100_000
+    flat = [Sample(i, i * 1000, {"n": 40_000 + (500 if i > 5 else 0)}) for i in range(101)]
+    growing = [Sample(i, i * 1000, {"n": 40_000 + i * 100}) for i in range(101)]  # 10 MB per 100k messages
+    assert memory_summary(flat, "n", 0, count)["flat"] is True
+    leak = memory_summary(growing, "n", 0, count)
+    assert leak["flat"] is False
+    assert leak["slope_second_half_kb_per_10k_msgs"] == pytest.approx(1000, rel=0.01)
+    assert leak["messages"] == count
