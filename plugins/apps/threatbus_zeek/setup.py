@@ -8,9 +8,9 @@ setup(
     long_description_content_type="text/markdown",
     license="BSD-3-Clause",
     python_requires=">=3.10",
-    packages=find_packages(exclude=["tests"]),
-    package_data={"threatbus_zeek": ["scripts/*.zeek"]},
-    include_package_data=True,
+    # The Zeek scripts are data in a directory without __init__.py: list it as a package of its own.
+    packages=[*find_packages(exclude=["tests"]), "threatbus_zeek.scripts"],
+    package_data={"threatbus_zeek.scripts": ["*.zeek"]},
     install_requires=["threatbus>=2026.11.24", "websockets>=15.0"],
     extras_require={"test": ["pytest", "zeek-client>=1.5"]},
     entry_points={"threatbus.app": ["zeek = threatbus_zeek:ZeekApp"]},

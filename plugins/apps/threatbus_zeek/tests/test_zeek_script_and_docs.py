@@ -1,0 +1,111 @@
+"""The shipped Zeek script and the README agree with the plugin.
+
+Zeek cannot run here, so these tests check what can go out of step without
+it: topics, module name, event signatures against the Broker types the
+plugin sends and expects, the conditional blocks, the packaging of the
+script, and the README's list of config keys.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from zeekclient import brokertypes
+
+from threatbus.stix import new_indicator
+from threatbus_zeek import INTEL_TOPIC, MATCH_TOPIC, ZeekApp, script_path
+from threatbus_zeek.mapping import to_zeek_intel
+
+PLUGIN_DIR = Path(__file__).resolve().parents[1]
+SCRIPT = script_path().read_text()
+
+# Zeek types of event parameters -> the brokertypes class their values travel as.
+ZEEK_TO_BROKER = {
+    "string": brokertypes.String,
+    "double": brokertypes.Real,
+    "time": brokertypes.Timestamp,
+    "count": brokertypes.Count,
+    "Intel::Type": brokertypes.Enum,
+    "table[string] of string": brokertypes.Table,
+}
+
+
+def declared_event(name: str) -> list[str]:
+    """The parameter types of ``global <name>: event(...)`` in the script."""
+    match = re.search(rf"global {name}: event\((.*?)\)(?: &is_used)?;", SCRIPT, re.S)
+    assert match, f"event {name} is not declared in threatbus.zeek"
+    params = [p.strip() for p in re.split(r",\s*(?![^\[]*\])", " ".join(match[1].split()))]
+    return [param.split(":", 1)[1].strip() for param in params]
+
+
+def test_script_is_in_the_package():
+    assert script_path().is_file()
+    assert (script_path().parent / "__load__.zeek").read_text().strip() == "@load ./threatbus"
+
+
+def test_script_module_and_topics_match_the_plugin_defaults():
+    assert re.search(r"^module ThreatBus;$", SCRIPT, re.M)
+    assert f'const intel_topic = "{INTEL_TOPIC}" &redef;' in SCRIPT
+    assert f'const match_topic = "{MATCH_TOPIC}" &redef;' in SCRIPT
+    assert "const listen_port = 9997/tcp &redef;" in SCRIPT
+
+
+def test_add_and_remove_events_take_what_the_plugin_sends():
+    intel = to_zeek_intel(new_indicator("[ipv4-addr:value = '6.6.6.6']", name="x"))
+    sent = brokertypes.ZeekEvent.from_broker(intel.event("ThreatBus"))
+    assert [ZEEK_TO_BROKER[t] for t in declared_event("add_intel")] == [type(a) for a in sent.args]
+
+    removal = to_zeek_intel(new_indicator("[ipv4-addr:value = '6.6.6.6']", x_threatbus_update="REMOVE"))
+    sent = brokertypes.ZeekEvent.from_broker(removal.event("ThreatBus"))
+    assert [ZEEK_TO_BROKER[t] for t in declared_event("remove_intel")] == [type(a) for a in sent.args]
+
+
+def test_intel_match_sends_what_the_plugin_reads():
+    # mapping.sighting_from_match reads (ts: real, source, indicator, Intel::Type enum, table of strings).
+    assert [ZEEK_TO_BROKER[t] for t in declared_event("intel_match")] == [
+        brokertypes.Real,
+        brokertypes.String,
+        brokertypes.String,
+        brokertypes.Enum,
+        brokertypes.Table,
+    ]
+    assert (
+        "event ThreatBus::add_intel(indicator: string, indicator_type: Intel::Type, source: string, desc: string)"
+        in (" ".join(SCRIPT.split()))
+    )
+
+
+def test_script_blocks_are_balanced():
+    opened = len(re.findall(r"^\s*@if(?:def|ndef)?\b", SCRIPT, re.M))
+    assert opened == len(re.findall(r"^\s*@endif\b", SCRIPT, re.M))
+    code = re.sub(r"#.*", "", re.sub(r'"(?:[^"\\]|\\.)*"', '""', SCRIPT))
+    assert code.count("{") == code.count("}")
+    assert code.count("(") == code.count(")")
+    for version_switch in ("Cluster::listen_websocket", "Cluster::subscribe", "Cluster::publish"):
+        assert f"@ifdef ( {version_switch} )" in SCRIPT
+
+
+def test_readme_documents_every_config_key():
+    readme = (PLUGIN_DIR / "README.md").read_text()
+    names = [validator.names[0] for validator in ZeekApp().config_validators()]
+    assert names, "no validators"
+    for name in names:
+        key = name.removeprefix("plugins.apps.zeek.")
+        assert f"`{key}`" in readme, f"README.md does not document {key}"
+
+
+def test_build_ships_the_zeek_script(tmp_path):
+    """What setuptools copies into a build (and so into wheels) includes the scripts (package_data)."""
+    subprocess.run(
+        [sys.executable, "setup.py", "-q", "build_py", "--build-lib", str(tmp_path)],
+        cwd=PLUGIN_DIR,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    scripts = tmp_path / "threatbus_zeek" / "scripts"
+    assert (scripts / "threatbus.zeek").read_text() == SCRIPT
+    assert (scripts / "__load__.zeek").is_file()
