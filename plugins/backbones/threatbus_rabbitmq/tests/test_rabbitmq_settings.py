@@ -70,8 +70,6 @@ def test_durable_exchange_opt_in_and_bridge_choices():
     assert settings_for({"exchange_durable": True}).publish_exchange == "threatbus"
     assert settings_for({"bridge_exchange": ""}).publish_exchange == "threatbus"
     assert settings_for({"exchange_name": "x", "bridge_exchange": "x-keep"}).publish_exchange == "x-keep"
-    with pytest.raises(ConfigError, match="bridge_exchange must differ"):
-        settings_for({"exchange_name": "x", "bridge_exchange": "x"})
 
 
 @pytest.mark.parametrize(
@@ -84,7 +82,8 @@ def test_durable_exchange_opt_in_and_bridge_choices():
         ({"queue": {"max_items": -1}}, "queue.max_items must be an integer >= 0"),
         ({"ssl": {"ca_file": "/nonexistent/ca.pem"}}, "ssl.ca_file must be the path of a readable file"),
         ({"password_file": "/nonexistent/secret"}, "password_file must be the path of a readable file"),
-        ({"reconnect": {"initial": 5, "max": 1}}, "reconnect.max"),
+        ({"reconnect": {"initial": 5, "max": 1}}, "reconnect.max must be >= reconnect.initial"),
+        ({"exchange_name": "x", "bridge_exchange": "x"}, "bridge_exchange must differ from exchange_name"),
     ],
 )
 def test_invalid_values_name_the_key(section, message):
@@ -112,7 +111,7 @@ def test_tls_settings(tmp_path, tls_files):
     assert s.port == 5671 and s.url.startswith("amqps://")
     assert s.ssl_options is not None and s.ssl_options.server_hostname == "localhost"
     assert s.parameters("publisher").ssl_options is s.ssl_options
-    with pytest.raises(ConfigError, match="key_file is set but ssl.cert_file is not"):
+    with pytest.raises(ConfigError, match=re.escape(f"{PREFIX}.ssl.key_file is set but ssl.cert_file is not")):
         settings_for({"ssl": {"enabled": True, "key_file": str(key)}})
     with pytest.raises(ConfigError, match="cannot load CA/certificate/key"):
         settings_for({"ssl": {"enabled": True, "ca_file": str(key)}})
@@ -138,3 +137,10 @@ def test_readme_documents_every_config_key():
     keys = [v.names[0].removeprefix(f"{PREFIX}.") for v in validators()]
     missing = [key for key in keys if f"`{key}`" not in text]
     assert not missing, f"README.md does not document: {missing}"
+
+
+def test_a_config_error_never_echoes_the_password():
+    with pytest.raises(ConfigError) as caught:
+        settings_for({"password": "hunter2", "exchange_name": "x", "bridge_exchange": "x", "reconnect": {"max": 0.1}})
+    assert "hunter2" not in str(caught.value)
+    assert "reconnect.max must be" in str(caught.value) and "bridge_exchange must differ" in str(caught.value)

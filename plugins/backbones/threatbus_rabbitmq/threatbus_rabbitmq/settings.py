@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pika
+from dynaconf import Validator
 
 from threatbus.config import option, port
 from threatbus.errors import ConfigError
@@ -77,7 +78,33 @@ def validators() -> list[Any]:
         option(f"{p}.reconnect.initial", (int, float), default=0.5, check=_positive, expected="seconds > 0"),
         option(f"{p}.reconnect.max", (int, float), default=30.0, check=_positive, expected="seconds > 0"),
         option(f"{p}.stop_timeout", (int, float), default=5.0, check=_positive, expected="seconds > 0"),
+        # Rules across keys (static messages: a section may hold a password, never echo it).
+        _rule(f"{p}.reconnect", _backoff_ordered, f"{p}.reconnect.max must be >= reconnect.initial"),
+        _rule(f"{p}.ssl", _key_with_cert, f"{p}.ssl.key_file is set but ssl.cert_file is not: set both or neither"),
+        _rule(p, _bridge_differs, f"{p}.bridge_exchange must differ from exchange_name"),
     ]
+
+
+def _rule(name: str, condition: Any, message: str) -> Validator:
+    def valid(value: Any) -> bool:
+        try:
+            return value is None or bool(condition(value))
+        except (TypeError, ValueError):
+            return True  # a wrong type is reported by the key's own validator
+
+    return Validator(name, condition=valid, messages={"condition": message})
+
+
+def _backoff_ordered(section: Any) -> bool:
+    return float(section.get("max") or 30.0) >= float(section.get("initial") or 0.5)
+
+
+def _key_with_cert(section: Any) -> bool:
+    return not section.get("key_file") or bool(section.get("cert_file"))
+
+
+def _bridge_differs(section: Any) -> bool:
+    return section.get("bridge_exchange") != (section.get("exchange_name") or "threatbus")
 
 
 def _get(config: Any, dotted: str, default: Any = None) -> Any:
