@@ -50,13 +50,20 @@ def function_name(frame: str) -> str:
     return f"{match.group(1)} ({Path(match.group(2)).name})"
 
 
-def summarise(path: Path, messages: int | None, rate: int, top: int) -> str:
+def summarise(path: Path, messages: int | None, rate: int, top: int, cpu_us_per_msg: float | None = None) -> str:
+    """With ``cpu_us_per_msg`` (the node's measured CPU per message), shares of samples are
+    scaled to it; else each sample counts 1/``rate`` s of GIL time spread over ``messages``.
+    On a busy machine GIL time exceeds CPU time (a thread can hold the GIL while preempted),
+    so the scaled figures are the better estimate."""
     threads = parse(path)
     total = sum(count for stacks in threads.values() for _, count in stacks)
     us_per_sample = 1e6 / rate / messages if messages else None
     lines = [f"# {path.name}: {total} samples = {total / rate:.1f} s holding the GIL"]
     if us_per_sample:
         lines[0] += f" = {total * us_per_sample:.1f} µs per message"
+    if cpu_us_per_msg and total:
+        us_per_sample = cpu_us_per_msg / total
+        lines[0] += f"; scaled to the measured {cpu_us_per_msg} µs CPU per message"
     ranked = sorted(threads.items(), key=lambda item: -sum(c for _, c in item[1]))
     for thread, stacks in ranked:
         inclusive: Counter[str] = Counter()
@@ -83,11 +90,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     parser.add_argument("files", nargs="+", type=Path, help="py-spy record --format raw --threads output")
     parser.add_argument("--messages", type=int, help="messages the node handled while profiled")
+    parser.add_argument("--cpu-us-per-msg", type=float, help="scale to the node's CPU per message (results JSON)")
     parser.add_argument("--rate", type=int, default=250, help="py-spy's sampling rate (--rate of the recording)")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
     for path in args.files:
-        print(summarise(path, args.messages, args.rate, args.top))
+        print(summarise(path, args.messages, args.rate, args.top, args.cpu_us_per_msg))
     return 0
 
 

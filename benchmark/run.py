@@ -181,6 +181,32 @@ def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
     return rows
 
 
+def log_problems(nodes: list[Any], limit: int = 20) -> list[str]:
+    """WARNING and ERROR lines of the nodes' logs (a clean run has none)."""
+    found = []
+    for node in nodes:
+        for line in node.process.log().splitlines():
+            if " WARNING " in line or " ERROR " in line or "Traceback" in line:
+                found.append(line.strip()[:300])
+    return found[:limit]
+
+
+def summarise_profiles(saturation: dict[str, Any]) -> None:
+    """Write a summary next to each py-spy profile (GIL time per message; the node's CPU for comparison)."""
+    from benchmark.profile_summary import summarise
+
+    for path in saturation.get("profiles", []):
+        profile = Path(path)
+        node = profile.stem.split("-", 2)[-1]  # profile-<label>-<node name>
+        cpu = saturation.get("cpu_us_per_msg", {}).get(node)
+        text = summarise(profile, saturation.get("delivered"), 250, 30)
+        header = (
+            f"node CPU (all threads, libzmq I/O threads and system time included): {cpu} µs per message\n"
+            "GIL time below exceeds CPU time when the machine is oversubscribed (preempted holding the GIL)\n"
+        )
+        profile.with_suffix(".summary.txt").write_text(header + text + "\n")
+
+
 class Runner:
     """Runs the selected scenarios, recording each one's result, skip reason or error."""
 
@@ -269,6 +295,13 @@ class Runner:
         bad = {n: c for n, c in result_codes.items() if c != 0}
         if bad:
             raise RuntimeError(f"nodes did not stop cleanly: {bad} (logs in {self.workdir})")
+        problems = log_problems(nodes)
+        if problems:
+            # E.g. a broker restart by someone else's test: the figures of this run are disturbed.
+            result["node_log_problems"] = problems
+            logger.warning("%s: the nodes logged %d warning(s)/error(s), first: %s", name, len(problems), problems[0])
+        if self.profile_dir is not None:
+            summarise_profiles(result.get("saturation", {}))
         return result
 
     def inmem(self) -> dict[str, Any]:
@@ -343,6 +376,12 @@ def summary(result: dict[str, Any]) -> str:
     for row in result["targets"]:
         verdict = {True: "MET", False: "MISSED", None: "not measured"}[row["met"]]
         lines.append(f"  target {row['name']}: {row['measured']} ({row['target']}) {verdict}")
+    for name in ("inmem", "rabbitmq"):
+        problems = scenarios.get(name, {}).get("node_log_problems")
+        if problems:
+            lines.append(
+                f"  WARNING {name}: nodes logged {len(problems)} warning(s)/error(s), figures disturbed? {problems[0]}"
+            )
     for name, reason in result["skipped"].items():
         lines.append(f"  SKIPPED {name}: {reason}")
     for name, error in result["errors"].items():
