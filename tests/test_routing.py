@@ -70,3 +70,13 @@ def test_unknown_prefix_gets_nothing():
     sink = queue.Queue()
     router.subscribe("stix2/indicatorx", sink)
     assert router.route(indicator()) == 0
+
+
+def test_drops_are_logged_rate_limited(caplog):
+    router = TopicRouter()
+    full = queue.Queue(maxsize=1)
+    router.subscribe("stix2", full)
+    for _ in range(100):
+        router.route(indicator())
+    assert router.dropped == 99
+    assert caplog.text.count("subscriber queue full") <= 5

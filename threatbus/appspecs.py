@@ -23,12 +23,13 @@ from dynaconf import Validator
 from threatbus.data import Message, SnapshotRequest
 from threatbus.metrics import Metrics
 from threatbus.node import Node
+from threatbus.routing import Sink
 
 hookspec = pluggy.HookspecMarker("threatbus.app")
 
 SubscribeCallback = Callable[..., "list[str]"]
 """``subscribe(topic, queue, snapshot=timedelta(0)) -> [snapshot_id, ...]``"""
-UnsubscribeCallback = Callable[[str, "queue.Queue[Message]"], None]
+UnsubscribeCallback = Callable[[str, Sink], None]
 """``unsubscribe(topic, queue)``"""
 
 
@@ -65,7 +66,8 @@ def run(
         intel of that period (one request per snapshot type the topic
         covers); the answers (``SnapshotEnvelope``) arrive in the same
         queue. Returns the ids of the requests made, empty without snapshot.
-        The backbone puts with ``put_nowait``: a bounded ``queue.Queue``
+        The queue is any object with ``put_nowait`` (``routing.Sink``); the
+        backbone never blocks on it: a bounded ``queue.Queue``
         loses (and counts) what does not fit; an unbounded
         ``queue.SimpleQueue`` is the fastest hand-over.
     :param unsubscribe: ``unsubscribe(topic, queue)`` ends a subscription.

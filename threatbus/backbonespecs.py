@@ -24,6 +24,7 @@ from dynaconf import Validator
 from threatbus.data import Message
 from threatbus.metrics import Metrics
 from threatbus.node import Node
+from threatbus.routing import Sink
 
 hookspec = pluggy.HookspecMarker("threatbus.backbone")
 
@@ -70,7 +71,7 @@ def stop() -> None:
 
 
 @hookspec
-def subscribe(topic: str, queue: queue.Queue[Message]) -> None:
+def subscribe(topic: str, queue: Sink) -> None:
     """Deliver every message whose topic starts with ``topic`` into ``queue``.
 
     Delivery must never block the backbone: use ``queue.put_nowait`` and
@@ -79,7 +80,7 @@ def subscribe(topic: str, queue: queue.Queue[Message]) -> None:
 
 
 @hookspec
-def unsubscribe(topic: str, queue: queue.Queue[Message]) -> None:
+def unsubscribe(topic: str, queue: Sink) -> None:
     """End a subscription made with ``subscribe``; unknown ones are ignored."""
 
 

@@ -17,6 +17,7 @@ from threatbus.metrics import QUEUE_DEPTH, Metrics
 from threatbus.node import Node
 from threatbus.observability import ObservabilityServer
 from threatbus.plugins import APP_GROUP, BACKBONE_GROUP
+from threatbus.routing import Sink
 from threatbus.snapshots import SnapshotRouter
 
 logger = logging.getLogger(__name__)
@@ -193,7 +194,7 @@ class Bus:
 
     # ---- what apps call ------------------------------------------------
 
-    def subscribe(self, topic: str, queue: queue.Queue[Message], snapshot: timedelta = timedelta(0)) -> list[str]:
+    def subscribe(self, topic: str, queue: Sink, snapshot: timedelta = timedelta(0)) -> list[str]:
         """Subscribe ``queue`` to ``topic`` on the backbone; request a snapshot if asked."""
         logger.debug("subscribe %s (snapshot %s)", topic, snapshot)
         self.backbones.hook.subscribe(topic=topic, queue=queue)
@@ -201,7 +202,7 @@ class Bus:
             return self.snapshots.request(topic, queue, snapshot)
         return []
 
-    def unsubscribe(self, topic: str, queue: queue.Queue[Message]) -> None:
+    def unsubscribe(self, topic: str, queue: Sink) -> None:
         logger.debug("unsubscribe %s", topic)
         self.backbones.hook.unsubscribe(topic=topic, queue=queue)
         self.snapshots.forget(queue)

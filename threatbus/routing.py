@@ -9,6 +9,7 @@ from collections import defaultdict
 from typing import Any, Protocol
 
 from threatbus.data import TOPICS, Message
+from threatbus.ratelimit import RateLimitedLog
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ class TopicRouter:
         self._targets: dict[str, tuple[Sink, ...]] = {}
         self.delivered = 0
         self.dropped = 0
+        self._log_drop = RateLimitedLog(logger)
 
     def subscribe(self, topic: str, sink: Sink) -> None:
         with self._lock:
@@ -86,7 +88,7 @@ class TopicRouter:
                 handed += 1
             except queue.Full:
                 self.dropped += 1
-                logger.warning("subscriber queue full, dropped %s %s", message.type_name, _message_ref(message))
+                self._log_drop("subscriber queue full, dropped %s %s", message.type_name, _message_ref(message))
         self.delivered += handed
         return handed
 

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from datetime import timedelta
 
 from threatbus.data import Message, SnapshotEnvelope, SnapshotRequest, SnapshotType
+from threatbus.routing import Sink
 from threatbus.worker import StoppableWorker
 
 logger = logging.getLogger(__name__)
@@ -33,10 +34,10 @@ class SnapshotRouter(StoppableWorker):
         self._publish_queue = publish_queue
         self._ask_apps = ask_apps
         self._lock = threading.Lock()
-        self._requesters: OrderedDict[str, queue.Queue[Message]] = OrderedDict()
+        self._requesters: OrderedDict[str, Sink] = OrderedDict()
         self._seen_requests: OrderedDict[str, None] = OrderedDict()
 
-    def request(self, topic: str, requester: queue.Queue[Message], period: timedelta) -> list[str]:
+    def request(self, topic: str, requester: Sink, period: timedelta) -> list[str]:
         """Ask all apps for the intel of ``period`` on ``topic``; answers go to ``requester``."""
         ids = []
         for snapshot_type in SnapshotType.for_topic(topic):
@@ -52,7 +53,7 @@ class SnapshotRouter(StoppableWorker):
             ids.append(request.snapshot_id)
         return ids
 
-    def forget(self, requester: queue.Queue[Message]) -> None:
+    def forget(self, requester: Sink) -> None:
         """Stop routing envelopes to ``requester`` (it unsubscribed)."""
         with self._lock:
             for snapshot_id in [sid for sid, q in self._requesters.items() if q is requester]:

@@ -77,8 +77,9 @@ def assert_nothing_more(source: queue.Queue[Any], within: float = 0.3) -> None:
 
 
 def indicator(value: str = "6.6.6.6", object_path: str = "ipv4-addr:value", **properties: Any) -> Indicator:
-    """A valid point indicator for ``[object_path = 'value']``."""
-    return new_indicator(f"[{object_path} = '{value}']", **properties)
+    """A valid point indicator for ``[object_path = 'value']``, or for ``pattern=`` if given."""
+    pattern = properties.pop("pattern", f"[{object_path} = '{value}']")
+    return new_indicator(pattern, **properties)
 
 
 def sighting(of: Indicator | None = None, source: str = "test", **kwargs: Any) -> Sighting:

@@ -12,8 +12,8 @@ import orjson
 import zmq
 
 from threatbus.data import describe
+from threatbus.ratelimit import RateLimitedLog
 from threatbus.worker import StoppableWorker
-from threatbus_zmq.ratelimit import RateLimitedLog
 from threatbus_zmq.subscribers import SubscriptionError, Subscriptions
 from threatbus_zmq.wire import STATUS_ERROR, STATUS_SUCCESS, STATUS_UNKNOWN, is_p2p_topic
 

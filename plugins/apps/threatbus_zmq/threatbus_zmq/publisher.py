@@ -25,8 +25,8 @@ import time
 
 import zmq
 
+from threatbus.ratelimit import RateLimitedLog
 from threatbus.worker import StoppableWorker
-from threatbus_zmq.ratelimit import RateLimitedLog
 from threatbus_zmq.subscribers import Subscription, Subscriptions
 from threatbus_zmq.wire import P2P_TOPIC_LENGTH
 

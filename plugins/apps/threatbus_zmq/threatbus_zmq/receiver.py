@@ -10,8 +10,8 @@ import zmq
 from threatbus import stix
 from threatbus.data import Indicator, Message, Sighting, SnapshotEnvelope, decode, describe
 from threatbus.errors import DecodeError
+from threatbus.ratelimit import RateLimitedLog
 from threatbus.worker import StoppableWorker
-from threatbus_zmq.ratelimit import RateLimitedLog
 from threatbus_zmq.wire import ENVELOPE_TOPIC, STIX2_PREFIX
 
 logger = logging.getLogger(__name__)
