@@ -20,6 +20,7 @@ from threatbus.config import port
 from threatbus.data import decode
 from threatbus.errors import DecodeError
 from threatbus.stix import validate
+from threatbus.testing import install_test_plugin
 from threatbus.worker import StoppableWorker
 
 logger = logging.getLogger(__name__)
@@ -99,9 +100,5 @@ class LineApp:
 
 def install_lineapp(directory: Path) -> Path:
     """Make LineApp an installed plugin for processes with ``directory`` on PYTHONPATH."""
-    dist_info = directory / "threatbus_lineapp-0.0.dist-info"
-    dist_info.mkdir(parents=True, exist_ok=True)
-    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: threatbus-lineapp\nVersion: 0.0\n")
-    (dist_info / "entry_points.txt").write_text("[threatbus.app]\nlineapp = lineapp_plugin:LineApp\n")
-    (directory / "lineapp_plugin.py").write_text(Path(__file__).read_text())
-    return directory
+    source = Path(__file__).read_text()
+    return install_test_plugin(directory, "threatbus.app", "lineapp", "threatbus_lineapp", source, "LineApp")

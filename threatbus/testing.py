@@ -167,6 +167,22 @@ def unavailable(reason: str) -> None:
     pytest.skip(reason)
 
 
+def install_test_plugin(directory: Path, group: str, name: str, module: str, source: str, attribute: str) -> Path:
+    """Make ``module.attribute`` an installed plugin for processes with ``directory`` on PYTHONPATH.
+
+    Writes the module's ``source`` and a ``*.dist-info`` folder whose entry
+    point ``name`` in ``group`` (``threatbus.app`` / ``threatbus.backbone``)
+    names it: a real ``threatbus`` process finds it like any installed plugin.
+    """
+    directory = Path(directory)
+    (directory / f"{module}.py").write_text(source)
+    dist_info = directory / f"{module}-0.0.dist-info"
+    dist_info.mkdir(parents=True, exist_ok=True)
+    (dist_info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {module.replace('_', '-')}\nVersion: 0.0\n")
+    (dist_info / "entry_points.txt").write_text(f"[{group}]\n{name} = {module}:{attribute}\n")
+    return directory
+
+
 class ThreatBusProcess:
     """A real ``threatbus`` process started from a config dict, with its log captured."""
 

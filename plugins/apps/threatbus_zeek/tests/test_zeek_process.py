@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 from zeekclient import brokertypes
 
-from threatbus.testing import ThreatBusProcess, indicator, wait_until
+from threatbus.testing import ThreatBusProcess, indicator, install_test_plugin, wait_until
 from threatbus_zeek import INTEL_TOPIC, MATCH_TOPIC
 
 PROBE = """
@@ -69,11 +69,7 @@ class Probe:
 
 
 def install_probe(directory: Path) -> None:
-    (directory / "zeek_e2e_probe.py").write_text(PROBE)
-    dist = directory / "zeek_e2e_probe-0.0.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: zeek-e2e-probe\nVersion: 0.0\n")
-    (dist / "entry_points.txt").write_text("[threatbus.app]\nprobe = zeek_e2e_probe:Probe\n")
+    install_test_plugin(directory, "threatbus.app", "probe", "zeek_e2e_probe", PROBE, "Probe")
 
 
 @pytest.mark.e2e
