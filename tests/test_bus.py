@@ -215,3 +215,16 @@ def test_stop_delivers_everything_already_published():
         for _ in range(500):
             app.publish_queue.put(indicator())
     assert sink.qsize() == 500
+
+
+def test_config_error_raised_in_run_stays_a_config_error():
+    class NeedsKey(RecordingApp):
+        @threatbus.app
+        def run(self, config):
+            raise ConfigError("plugins.apps.needskey.key_file: cannot read /nonexistent")
+
+    settings = settings_from({"plugins": {"apps": {"needskey": {}}, "backbones": {"inmem": {}}}})
+    bus = Bus(settings, apps={"needskey": NeedsKey()}, backbones={"inmem": InMemoryBackbone()})
+    bus.configure()
+    with pytest.raises(ConfigError, match="key_file"):
+        bus.start()

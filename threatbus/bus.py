@@ -124,7 +124,7 @@ class Bus:
                 )
         except Exception as err:
             self.stop()
-            if isinstance(err, PluginError):
+            if isinstance(err, (PluginError, ConfigError)):
                 raise
             raise PluginError(f"failed to start: {err}") from err
         logger.info(
@@ -143,7 +143,7 @@ class Bus:
             logger.debug("starting %s plugin '%s'", kind[:-1], name)
         try:
             caller(**kwargs)
-        except PluginError:
+        except (PluginError, ConfigError):
             raise
         except Exception as err:
             raise PluginError(f"{kind[:-1]} plugin '{name}' failed in {hook}: {err}") from err

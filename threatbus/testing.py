@@ -196,11 +196,15 @@ class ThreatBusProcess:
         self.process: subprocess.Popen[bytes] | None = None
         self._log_file: Any = None
 
+    def command(self) -> list[str]:
+        """The command line of the process; override to run another launcher."""
+        return [sys.executable, "-m", "threatbus", "-c", str(self.config_path)]
+
     def start(self, ready_line: str = "is running", timeout: float = 30.0) -> ThreatBusProcess:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.extra_env}
         self._log_file = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "threatbus", "-c", str(self.config_path)],
+            self.command(),
             stdout=self._log_file,
             stderr=subprocess.STDOUT,
             env=env,
