@@ -90,13 +90,16 @@ def stop_nodes(nodes: list[BusNode]) -> dict[str, int | str]:
     return codes
 
 
-def rabbitmq_backbone(broker: dict[str, Any], exchange: str, suffix: str, queue: dict[str, Any]) -> dict[str, Any]:
-    """The ``plugins.backbones`` section of a rabbitmq node (WIRE.md keys)."""
+def rabbitmq_backbone(
+    broker: dict[str, Any], exchange: str, suffix: str, queue: dict[str, Any], extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The ``plugins.backbones`` section of a rabbitmq node (WIRE.md keys, plus ``extra`` keys)."""
     return {
         "rabbitmq": {
             **broker,
             "exchange_name": exchange,
             "queue": {"name_suffix": suffix, "name_join_symbol": ".", **queue},
+            **(extra or {}),
         }
     }
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import orjson
+import yaml
 
 if not __package__:  # run as a script (python benchmark/run.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -74,6 +75,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     broker.add_argument("--rabbitmq-user", default="guest")
     broker.add_argument("--rabbitmq-password", default="guest")
     broker.add_argument("--rabbitmq-vhost", default="/")
+    broker.add_argument(
+        "--rabbitmq-option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra key of the nodes' plugins.backbones.rabbitmq section, value in YAML, e.g. "
+        "exchange_durable=true or prefetch=500 (repeatable; the ceiling is not changed)",
+    )
     queue = parser.add_argument_group(
         "queue settings of the bus under test (WIRE.md defaults); the ceiling uses them too"
     )
@@ -88,6 +97,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ceiling.add_argument("--ceiling-prefetch", type=int, default=200, help="consumer prefetch count")
     ceiling.add_argument("--ceiling-ack-every", type=int, default=50, help="ack (multiple) every N messages")
     args = parser.parse_args(argv)
+    args.rabbitmq_extra = {}
+    for item in args.rabbitmq_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            parser.error(f"--rabbitmq-option expects KEY=VALUE, got {item!r}")
+        args.rabbitmq_extra[key] = yaml.safe_load(value)
     unknown = set(args.only.split(",")) - set(SCENARIOS)
     if unknown:
         parser.error(f"unknown scenario(s): {', '.join(sorted(unknown))}; choose from {', '.join(SCENARIOS)}")
@@ -126,6 +141,7 @@ def meta(args: argparse.Namespace, profile: Profile) -> dict[str, Any]:
         "git_commit": command_output("git", "rev-parse", "--short", "HEAD"),
         "loadavg_before": loadavg(),
         "note": args.note,
+        "rabbitmq_backbone_options": args.rabbitmq_extra,
     }
 
 
@@ -310,7 +326,8 @@ class Runner:
     def rabbitmq(self) -> dict[str, Any]:
         broker = Broker(self.broker_settings)
         try:
-            return self._with_nodes("rabbitmq", start_rabbitmq_pair(self.workdir, broker, self.queue))
+            nodes = start_rabbitmq_pair(self.workdir, broker, self.queue, self.args.rabbitmq_extra)
+            return self._with_nodes("rabbitmq", nodes)
         finally:
             failed = broker.cleanup()
             if failed:

@@ -319,7 +319,9 @@ def start_inmem(workdir: Path) -> list[BusNode]:
     return [start_node(workdir, "bench-inmem", {"inmem": {}})]
 
 
-def start_rabbitmq_pair(workdir: Path, broker: Broker, queue: dict[str, Any]) -> list[BusNode]:
+def start_rabbitmq_pair(
+    workdir: Path, broker: Broker, queue: dict[str, Any], extra: dict[str, Any] | None = None
+) -> list[BusNode]:
     exchange = unique_name("exchange")
     nodes = []
     suffixes = [f"bench-{uuid.uuid4().hex[:12]}-{i}" for i in (1, 2)]
@@ -328,7 +330,9 @@ def start_rabbitmq_pair(workdir: Path, broker: Broker, queue: dict[str, Any]) ->
     try:
         for i, suffix in enumerate(suffixes, 1):
             nodes.append(
-                start_node(workdir, f"bench-rabbitmq-{i}", rabbitmq_backbone(broker.broker, exchange, suffix, queue))
+                start_node(
+                    workdir, f"bench-rabbitmq-{i}", rabbitmq_backbone(broker.broker, exchange, suffix, queue, extra)
+                )
             )
     except BaseException:
         stop_nodes(nodes)
