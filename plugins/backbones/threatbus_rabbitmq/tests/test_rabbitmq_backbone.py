@@ -65,7 +65,12 @@ def ours(caplog: Any) -> list[logging.LogRecord]:
 
 
 def connected(*buses: Bus) -> None:
+    """Both connections up (the consumer may still hold back until an app subscribes: wait_for_subscribers)."""
     wait_until(lambda: all(bus.health()["connected"] for bus in buses), 20, what="backbones to connect")
+
+
+def consuming(*buses: Bus) -> None:
+    wait_until(lambda: all(bus.health()["consuming"] for bus in buses), 20, what="backbones to consume")
 
 
 def test_every_node_the_sender_included_gets_each_message_once(broker):
@@ -144,9 +149,10 @@ def test_a_second_node_on_the_same_queue_is_refused_loudly(broker, caplog):
     config = broker.plugin_config(suffix)
     first, second = RabbitMQBackbone(), RabbitMQBackbone()
     with running_bus(backbones={"rabbitmq": first}, plugin_config=config, node_name=f"one-{broker.id}") as bus_one:
-        connected(bus_one)
+        at_one = Subscriber(bus_one)
+        consuming(bus_one)
         with running_bus(backbones={"rabbitmq": second}, plugin_config=config, node_name=f"two-{broker.id}") as bus_two:
-            at_one, at_two = Subscriber(bus_one), Subscriber(bus_two)
+            at_two = Subscriber(bus_two)
             wait_until(
                 lambda: any("ACCESS_REFUSED" in r.getMessage() for r in ours(caplog)),
                 15,
@@ -314,7 +320,9 @@ def test_an_unexpected_error_in_the_consumer_reconnects_instead_of_dying(broker,
 def test_a_snapshot_request_is_answered_by_an_app_on_another_node(broker):
     held = [indicator("10.13.0.1"), indicator("10.13.0.2")]
     holder = HoldingApp(held)
-    with node(broker, "asker") as (asker, _), node(broker, "holder", apps={"holder": holder}) as (other, _):
+    # The holder's app subscribes to nothing: its node consumes at once instead of waiting for a subscriber.
+    apps = {"holder": holder}
+    with node(broker, "asker") as (asker, _), node(broker, "holder", apps, wait_for_subscribers=0) as (other, _):
         connected(asker, other)
         requester = Subscriber(asker, "stix2/indicator", snapshot=timedelta(days=2))
         envelopes = collect(requester.queue, 2, timeout=15)

@@ -37,6 +37,7 @@ def test_defaults_are_those_of_the_original_plus_a_unique_queue():
     assert s.bridge_exchange == "threatbus.durable" and s.publish_exchange == "threatbus.durable"
     assert s.persistent and s.ssl_options is None and s.url == "amqp://guest@localhost:5672/"
     assert (s.prefetch, s.max_in_flight, s.outbox_size, s.dedup_window) == (200, 1000, 100_000, 100_000)
+    assert s.queue_type == "classic" and not s.quorum and s.wait_for_subscribers == 15
 
 
 def test_default_queue_is_stable_per_node_and_differs_between_nodes():
@@ -65,6 +66,32 @@ def test_original_queue_keys_shape_the_declaration():
     assert (s.queue_durable, s.queue_auto_delete, s.queue_exclusive, s.persistent) == (False, True, True, False)
 
 
+def test_quorum_queue_opt_in_declares_without_queue_mode():
+    s = settings_for({"queue": {"type": "quorum", "max_items": 10, "lazy": True}, "wait_for_subscribers": 0})
+    assert s.quorum and s.persistent and s.wait_for_subscribers == 0
+    assert dict(s.queue_arguments) == {"x-queue-type": "quorum", "x-single-active-consumer": True, "x-max-length": 10}
+    assert dict(settings_for({"queue": {"type": "classic"}}).queue_arguments) == {"x-queue-mode": "lazy"}
+
+
+@pytest.mark.parametrize(
+    ("queue", "at_odds"),
+    [
+        ({"durable": False}, "queue.durable"),
+        ({"exclusive": True}, "queue.exclusive"),
+        ({"auto_delete": True}, "queue.auto_delete"),
+        ({"durable": False, "auto_delete": True}, "queue.durable, queue.auto_delete"),
+    ],
+)
+def test_quorum_queue_needs_a_durable_shared_queue(queue, at_odds):
+    message = f"{PREFIX}.queue.type quorum needs queue.durable true, queue.exclusive false and queue.auto_delete false"
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        settings_for({"queue": {"type": "quorum", **queue}})
+    # resolve() names exactly the keys at odds (for configs that skipped the validators).
+    with pytest.raises(ConfigError, match=re.escape(f"at odds: {at_odds}")):
+        resolve({"queue": {"type": "quorum", **queue}}, Node.create("n1"))
+    settings_for({"queue": queue})  # fine for a classic queue
+
+
 def test_durable_exchange_opt_in_and_bridge_choices():
     assert settings_for({"exchange_durable": True}).bridge_exchange == ""
     assert settings_for({"exchange_durable": True}).publish_exchange == "threatbus"
@@ -84,6 +111,8 @@ def test_durable_exchange_opt_in_and_bridge_choices():
         ({"password_file": "/nonexistent/secret"}, "password_file must be the path of a readable file"),
         ({"reconnect": {"initial": 5, "max": 1}}, "reconnect.max must be >= reconnect.initial"),
         ({"exchange_name": "x", "bridge_exchange": "x"}, "bridge_exchange must differ from exchange_name"),
+        ({"queue": {"type": "stream"}}, "queue.type must be one of classic, quorum"),
+        ({"wait_for_subscribers": -1}, "wait_for_subscribers must be seconds >= 0 (0 consumes at once)"),
     ],
 )
 def test_invalid_values_name_the_key(section, message):

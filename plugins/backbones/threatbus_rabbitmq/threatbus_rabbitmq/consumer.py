@@ -7,6 +7,11 @@ messages after reconnects), routes it with the ``TopicRouter`` (never blocks)
 and only then acknowledges it. Acks are batched (``multiple=True``). Poison
 messages are logged, counted and rejected without requeue: the broker drops
 them, or dead-letters them where the operator set a dead-letter policy.
+
+After the node starts, the first connection declares and binds the queue but
+holds back ``basic_consume`` until an app subscribes to intel locally (or
+``wait_for_subscribers`` seconds pass): apps reconnect to a restarted node
+within seconds, and what waited in the durable queue is meant for them.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from typing import Any
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
-from threatbus.data import decode, describe
+from threatbus.data import TOPIC_INDICATOR, TOPIC_SIGHTING, decode, describe
 from threatbus.routing import TopicRouter
 from threatbus_rabbitmq.connection import AmqpWorker
 from threatbus_rabbitmq.settings import BrokerSettings
@@ -32,6 +37,10 @@ ACK_DELAY = 0.01
 # Poison messages: at most this many log lines per window, then a summary.
 _POISON_LOG_BURST = 20
 _POISON_LOG_WINDOW = 10.0
+# While holding back consumption, how often the subscriptions are looked at.
+HOLD_CHECK = 0.1
+# Subscriptions that make the consumer start: the core's own (threatbus/*, snapshots) do not count.
+INTEL_TOPICS = (TOPIC_INDICATOR, TOPIC_SIGHTING)
 
 
 class Deduplicator:
@@ -73,6 +82,11 @@ class Consumer(AmqpWorker):
         self.rejected = 0
         self.duplicates = 0
         self.backlog_at_connect = 0  # messages waiting in the queue when we last connected
+        # Hold back consuming after start until an app subscribes (only the first time).
+        self._hold_pending = settings.wait_for_subscribers > 0
+        self._hold_deadline: float | None = None  # monotonic; set when the hold begins, kept across reconnects
+        self._hold_timer: Any = None
+        self.holding = False  # queue declared and bound, consumption held back
         self._consumer_tag: str | None = None
         self._unacked = 0
         self._last_tag = 0
@@ -120,17 +134,20 @@ class Consumer(AmqpWorker):
         if others:
             logger.error(
                 "consumer: queue '%s' already has %d consumer(s): another Threat Bus node uses the same queue name "
-                "(set a distinct queue.name_suffix per node) or our previous connection is not yet gone; "
-                "not sharing it: each node must see every message",
+                "(set a distinct queue.name_suffix per node) or our previous connection is not yet gone; %s",
                 s.queue_name,
                 others,
+                "this node stands by (single active consumer of the quorum queue) and receives nothing while "
+                "the other consumes"
+                if s.quorum
+                else "not sharing it: each node must see every message",
             )
         exchanges = [s.exchange, *([s.bridge_exchange] if s.bridge_exchange else [])]
         self._bind(channel, exchanges)
 
     def _bind(self, channel: Channel, exchanges: list[str]) -> None:
         if not exchanges:
-            self._consume(channel)
+            self._consume_or_hold(channel)
             return
         first, rest = exchanges[0], exchanges[1:]
         channel.queue_bind(
@@ -140,13 +157,82 @@ class Consumer(AmqpWorker):
             callback=lambda _f: self._bind(channel, rest),
         )
 
+    # ---- holding back after start -------------------------------------
+
+    def intel_subscribed(self) -> bool:
+        """True when a local app subscribed to indicators or sightings (the core's own subscriptions aside)."""
+        return any(self.router.subscribers(topic) for topic in INTEL_TOPICS)
+
+    @property
+    def hold_seconds_left(self) -> float | None:
+        if not self.holding or self._hold_deadline is None:
+            return None
+        return max(0.0, self._hold_deadline - time.monotonic())
+
+    def _consume_or_hold(self, channel: Channel) -> None:
+        if not self._hold_pending or self.intel_subscribed():
+            self._hold_pending = False
+            self._consume(channel)
+            return
+        now = time.monotonic()
+        if self._hold_deadline is None:
+            self._hold_deadline = now + self.settings.wait_for_subscribers
+            logger.info(
+                "consumer: holding %d waiting message(s) in queue '%s' until an app subscribes to intel, "
+                "at most %.0fs (wait_for_subscribers)",
+                self.backlog_at_connect,
+                self.settings.queue_name,
+                self.settings.wait_for_subscribers,
+            )
+        else:  # the connection dropped during the hold: hold on until the same deadline
+            logger.info(
+                "consumer: still holding %d waiting message(s) until an app subscribes, at most %.1fs more",
+                self.backlog_at_connect,
+                max(0.0, self._hold_deadline - now),
+            )
+        self.holding = True
+        self._check_hold(channel)
+
+    def _check_hold(self, channel: Channel) -> None:
+        self._hold_timer = None
+        if not self.holding or self._closing or self.stopping or channel is not self._channel or not channel.is_open:
+            return  # stopping, or the channel went: the next connection (if any) holds on
+        assert self._hold_deadline is not None
+        left = self._hold_deadline - time.monotonic()
+        if self.intel_subscribed():
+            waited = self.settings.wait_for_subscribers - max(0.0, left)
+            logger.info("consumer: an app subscribed after %.1fs of holding: consuming now", waited)
+        elif left <= 0:
+            logger.warning(
+                "consumer: no app subscribed to intel within %.0fs (wait_for_subscribers): consuming queue '%s' "
+                "anyway; what waited there (%d message(s) at connect) reaches no local app",
+                self.settings.wait_for_subscribers,
+                self.settings.queue_name,
+                self.backlog_at_connect,
+            )
+        else:
+            self._hold_timer = self.call_later(min(HOLD_CHECK, left), lambda: self._check_hold(channel))
+            return
+        self._end_hold()
+        self._hold_pending = False
+        self._consume(channel)
+
+    def _end_hold(self) -> None:
+        self.holding = False
+        if self._hold_timer is not None:
+            self.remove_timeout(self._hold_timer)
+            self._hold_timer = None
+
+    # ---- consuming -----------------------------------------------------
+
     def _consume(self, channel: Channel) -> None:
-        # Exclusive: a second node on our queue gets ACCESS_REFUSED instead of half the intel (and so do we).
+        # Classic queues: an exclusive consumer, so a second node on our queue gets ACCESS_REFUSED instead of
+        # half the intel (and so do we). Quorum queues ignore the flag; their single active consumer does it.
         self._consumer_tag = channel.basic_consume(
             self.settings.queue_name,
             self._on_message,
             auto_ack=False,
-            exclusive=True,
+            exclusive=not self.settings.quorum,
             callback=lambda _f: self._on_consuming(),
         )
 
@@ -230,6 +316,7 @@ class Consumer(AmqpWorker):
         # Delivery tags belong to the channel: unacked messages come again and the dedup window catches them.
         self._unacked = 0
         self._consumer_tag = None
+        self._end_hold()
         if self._ack_timer is not None:
             self.remove_timeout(self._ack_timer)
             self._ack_timer = None

@@ -60,11 +60,12 @@ class RabbitMQBackbone:
         self.feeder = Feeder(inq, self.outbox, self.publisher)
         self._register_metrics(metrics, self.publisher, self.consumer, self.outbox, self.feeder)
         logger.info(
-            "RabbitMQ backbone on node '%s': broker %s, exchange '%s'%s, queue '%s' (durable=%s, lazy=%s)",
+            "RabbitMQ backbone on node '%s': broker %s, exchange '%s'%s, %s queue '%s' (durable=%s, lazy=%s)",
             node.name,
             settings.url,
             settings.exchange,
             f" via durable bridge exchange '{settings.bridge_exchange}'" if settings.bridge_exchange else "",
+            settings.queue_type,
             settings.queue_name,
             settings.queue_durable,
             dict(settings.queue_arguments).get("x-queue-mode") == "lazy",
@@ -101,7 +102,7 @@ class RabbitMQBackbone:
         metrics.gauge(
             BACKBONE_CONNECTED,
             "1 while both connections to the broker are up",
-            lambda: int(publisher.connected and consumer.connected),
+            lambda: int(publisher.connected and (consumer.connected or consumer.holding)),
             **label,
         )
 
@@ -135,11 +136,17 @@ class RabbitMQBackbone:
         publisher, consumer = self.publisher, self.consumer
         publishing = bool(publisher and publisher.connected)
         consuming = bool(consumer and consumer.connected)
+        # Holding back consumption after start (wait_for_subscribers): connected, queue bound, not consuming yet.
+        holding = bool(consumer and consumer.holding)
         return {
             "backbone": NAME,
-            "connected": publishing and consuming,
+            "connected": publishing and (consuming or holding),
             "publisher_connected": publishing,
-            "consumer_connected": consuming,
+            "consumer_connected": consuming or holding,
+            "consuming": consuming,
+            "waiting_for_subscribers": holding,
+            "hold_seconds_left": consumer.hold_seconds_left if consumer else None,
+            "held_messages": consumer.backlog_at_connect if holding and consumer else 0,
             "broker": self.settings.url if self.settings else None,
             "exchange": self.settings.exchange if self.settings else None,
             "queue": self.settings.queue_name if self.settings else None,

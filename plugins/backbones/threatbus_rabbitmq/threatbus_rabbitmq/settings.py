@@ -13,7 +13,7 @@ from typing import Any
 import pika
 from dynaconf import Validator
 
-from threatbus.config import option, port
+from threatbus.config import choice, option, port
 from threatbus.errors import ConfigError
 from threatbus.node import Node
 
@@ -23,6 +23,7 @@ NAME = "rabbitmq"
 PREFIX = f"plugins.backbones.{NAME}"
 AMQP_PORT = 5672
 AMQPS_PORT = 5671
+QUEUE_TYPES = ("classic", "quorum")
 
 
 def _positive(value: Any) -> bool:
@@ -58,6 +59,7 @@ def validators() -> list[Any]:
         option(f"{p}.queue.exclusive", bool, default=False),
         option(f"{p}.queue.max_items", int, default=0, check=_non_negative, expected="an integer >= 0"),
         # --- additions of this release ---
+        choice(f"{p}.queue.type", QUEUE_TYPES, default="classic"),
         option(f"{p}.password_file", str, default=None, **readable),
         option(f"{p}.exchange_durable", bool, default=False),
         option(f"{p}.bridge_exchange", str, default=None),
@@ -78,10 +80,18 @@ def validators() -> list[Any]:
         option(f"{p}.reconnect.initial", (int, float), default=0.5, check=_positive, expected="seconds > 0"),
         option(f"{p}.reconnect.max", (int, float), default=30.0, check=_positive, expected="seconds > 0"),
         option(f"{p}.stop_timeout", (int, float), default=5.0, check=_positive, expected="seconds > 0"),
+        option(
+            f"{p}.wait_for_subscribers",
+            (int, float),
+            default=15.0,
+            check=_non_negative,
+            expected="seconds >= 0 (0 consumes at once)",
+        ),
         # Rules across keys (static messages: a section may hold a password, never echo it).
         _rule(f"{p}.reconnect", _backoff_ordered, f"{p}.reconnect.max must be >= reconnect.initial"),
         _rule(f"{p}.ssl", _key_with_cert, f"{p}.ssl.key_file is set but ssl.cert_file is not: set both or neither"),
         _rule(p, _bridge_differs, f"{p}.bridge_exchange must differ from exchange_name"),
+        _rule(f"{p}.queue", _quorum_compatible, f"{p}.queue.type quorum {QUORUM_NEEDS}"),
     ]
 
 
@@ -105,6 +115,21 @@ def _key_with_cert(section: Any) -> bool:
 
 def _bridge_differs(section: Any) -> bool:
     return section.get("bridge_exchange") != (section.get("exchange_name") or "threatbus")
+
+
+QUORUM_NEEDS = "needs queue.durable true, queue.exclusive false and queue.auto_delete false"
+
+
+def _quorum_conflicts(section: Any) -> list[str]:
+    """The queue keys at odds with ``type: quorum`` (RabbitMQ's quorum queues are durable and shared)."""
+    if section.get("type") != "quorum":
+        return []
+    wrong = {"durable": False, "exclusive": True, "auto_delete": True}
+    return [f"queue.{key}" for key, bad in wrong.items() if section.get(key, not bad) == bad]
+
+
+def _quorum_compatible(section: Any) -> bool:
+    return not _quorum_conflicts(section)
 
 
 def _get(config: Any, dotted: str, default: Any = None) -> Any:
@@ -133,6 +158,7 @@ class BrokerSettings:
     queue_durable: bool = True
     queue_auto_delete: bool = False
     queue_exclusive: bool = False
+    queue_type: str = "classic"
     queue_arguments: tuple[tuple[str, Any], ...] = ()
     heartbeat: int = 30
     connect_timeout: float = 10.0
@@ -143,6 +169,7 @@ class BrokerSettings:
     reconnect_initial: float = 0.5
     reconnect_max: float = 30.0
     stop_timeout: float = 5.0
+    wait_for_subscribers: float = 15.0
     node_name: str = ""
     ssl_options: pika.SSLOptions | None = None
 
@@ -156,6 +183,10 @@ class BrokerSettings:
     @property
     def publish_exchange(self) -> str:
         return self.bridge_exchange or self.exchange
+
+    @property
+    def quorum(self) -> bool:
+        return self.queue_type == "quorum"
 
     @property
     def persistent(self) -> bool:
@@ -232,7 +263,18 @@ def resolve(config: Any, node: Node) -> BrokerSettings:
     if bridge == exchange:
         raise ConfigError(f"{PREFIX}.bridge_exchange must differ from exchange_name ({exchange!r})")
     suffix = _get(config, "queue.name_suffix") or default_queue_suffix(node)
-    arguments: dict[str, Any] = {"x-queue-mode": "lazy" if _get(config, "queue.lazy", True) else "default"}
+    queue_type = _get(config, "queue.type", "classic")
+    conflicts = _quorum_conflicts(_get(config, "queue", {}))
+    if conflicts:
+        raise ConfigError(f"{PREFIX}.queue.type quorum {QUORUM_NEEDS}; at odds: {', '.join(conflicts)}")
+    arguments: dict[str, Any]
+    if queue_type == "quorum":
+        # Quorum queues refuse x-queue-mode (406) and ignore the exclusive flag of basic.consume
+        # (RabbitMQ 3.10): single active consumer keeps a second node on the queue standing by.
+        arguments = {"x-queue-type": "quorum", "x-single-active-consumer": True}
+    else:
+        # Exactly the original's declaration (no x-queue-type): existing queues stay compatible.
+        arguments = {"x-queue-mode": "lazy" if _get(config, "queue.lazy", True) else "default"}
     max_items = int(_get(config, "queue.max_items", 0))
     if max_items > 0:
         arguments["x-max-length"] = max_items
@@ -256,6 +298,7 @@ def resolve(config: Any, node: Node) -> BrokerSettings:
         queue_durable=bool(_get(config, "queue.durable", True)),
         queue_auto_delete=bool(_get(config, "queue.auto_delete", False)),
         queue_exclusive=bool(_get(config, "queue.exclusive", False)),
+        queue_type=queue_type,
         queue_arguments=tuple(arguments.items()),
         heartbeat=int(_get(config, "heartbeat", 30)),
         connect_timeout=float(_get(config, "connect_timeout", 10.0)),
@@ -266,6 +309,7 @@ def resolve(config: Any, node: Node) -> BrokerSettings:
         reconnect_initial=reconnect_initial,
         reconnect_max=reconnect_max,
         stop_timeout=float(_get(config, "stop_timeout", 5.0)),
+        wait_for_subscribers=float(_get(config, "wait_for_subscribers", 15.0)),
         node_name=node.name,
         ssl_options=_ssl_options(config, host) if use_ssl else None,
     )
