@@ -24,6 +24,7 @@ def _throughput(ax: Any, result: dict[str, Any]) -> None:
         ("matched", "raw pika\n(same settings)"),
         ("matched_after", "raw pika, again\nafter the bus"),
         ("no_confirms", "raw pika\nno confirms"),
+        ("two_queues", "raw pika\n2 queues"),
     ):
         value = scenarios.get("ceiling", {}).get(variant, {}).get("saturation", {}).get("msgs_per_s")
         if value:

@@ -146,13 +146,20 @@ class Broker:
         self.queues.extend(queues)
         self.exchanges.extend(exchanges)
 
-    def cleanup(self) -> list[str]:
-        """Delete every queue and exchange of this run; names of those that could not be deleted."""
+    def cleanup(self, attempts: int = 10) -> list[str]:
+        """Delete every queue and exchange of this run; names of those that could not be deleted.
+
+        Retries the connection for a while: the broker may be restarting (another test's outage).
+        """
         failed = []
-        try:
-            connection, channel = self._channel()
-        except Exception:
-            return self.queues + self.exchanges
+        for attempt in range(attempts):
+            try:
+                connection, channel = self._channel()
+                break
+            except Exception:
+                if attempt == attempts - 1:
+                    return self.queues + self.exchanges
+                time.sleep(2)
         try:
             for queue in self.queues:
                 try:

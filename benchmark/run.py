@@ -343,7 +343,12 @@ class Runner:
             "ack_every": args.ceiling_ack_every,
             "latency_rate": TARGET_P99_RATE,
         }
-        variants = {"matched": matched, "no_confirms": {**matched, "confirms": False, "latency_rate": None}}
+        variants = {
+            "matched": matched,
+            "no_confirms": {**matched, "confirms": False, "latency_rate": None},
+            # For reference: the broker work of two nodes (a queue each), still without the nodes.
+            "two_queues": {**matched, "queues": 2, "latency_rate": None},
+        }
         if again:
             variants = {"matched": {**matched, "latency_rate": None}}
         broker = Broker(self.broker_settings)
@@ -370,7 +375,7 @@ def summary(result: dict[str, Any]) -> str:
                 f"  {'':<9} {row['offered_rate']:>5}/s (sent {row['achieved_send_rate']}/s): "
                 f"p50 {row['p50_ms']} ms, p99 {row['p99_ms']} ms, lost {row['lost']}"
             )
-    for variant, data in scenarios.get("ceiling", {}).items():  # matched, no_confirms, matched_after
+    for variant, data in scenarios.get("ceiling", {}).items():  # matched, no_confirms, two_queues, matched_after
         if variant == "queue":
             continue
         lines.append(

@@ -234,6 +234,16 @@ class ZmqBench:
         stop_all(self.children)
 
 
+MAX_MEMORY_POINTS = 200
+
+
+def thin(points: list[Any], limit: int) -> list[Any]:
+    if len(points) <= limit:
+        return points
+    step = len(points) / (limit - 1)
+    return [points[int(i * step)] for i in range(limit - 1)] + [points[-1]]
+
+
 def memory_summary(samples: list[Sample], node: str, start: int, count: int) -> dict[str, Any]:
     """RSS of ``node`` against messages passed during a run of ``count`` messages."""
     points = [(s.messages - start, s.rss_kb.get(node)) for s in samples if s.rss_kb.get(node) is not None]
@@ -264,7 +274,8 @@ def memory_summary(samples: list[Sample], node: str, start: int, count: int) -> 
         # Flat: the second half of the messages added less than 4 MiB. Bounded caches (the rabbitmq
         # dedup window, the STIX pattern caches) fill during the first 100k messages by design.
         "flat": (at_end - at_half) < 4096,
-        "samples": [[int(m), int(r)] for m, r in points],
+        # At most MAX_MEMORY_POINTS samples (evenly thinned, the last kept) keep the JSON small.
+        "samples": [[int(m), int(r)] for m, r in thin(points, MAX_MEMORY_POINTS)],
     }
 
 
@@ -323,6 +334,9 @@ def start_rabbitmq_pair(
     workdir: Path, broker: Broker, queue: dict[str, Any], extra: dict[str, Any] | None = None
 ) -> list[BusNode]:
     exchange = unique_name("exchange")
+    # The backbone holds a fresh node's queue until an app subscribes (wait_for_subscribers, 15 s);
+    # node 1 has no subscriber, so without this it would start consuming in the middle of a run.
+    extra = {"wait_for_subscribers": 0, **(extra or {})}
     nodes = []
     suffixes = [f"bench-{uuid.uuid4().hex[:12]}-{i}" for i in (1, 2)]
     # The backbone publishes through a durable bridge exchange `<exchange>.durable` bound to the main one.
@@ -343,31 +357,39 @@ def start_rabbitmq_pair(
 def ceiling_scenario(
     broker: Broker, queue: dict[str, Any], profile: Profile, variants: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
-    """Raw pika, one publishing and one consuming process, for each publisher variant."""
+    """Raw pika: one publishing process, one consuming process per queue (``queues``, default 1)."""
     result: dict[str, Any] = {"queue": queue}
     for name, variant in variants.items():
-        exchange, queue_name = unique_name("ceiling-exchange"), unique_name("ceiling-queue")
-        broker.declare_fanout_queue(exchange, queue_name, queue)
-        counter = shared_counter()
+        exchange = unique_name("ceiling-exchange")
+        queues = [unique_name("ceiling-queue") for _ in range(variant.get("queues", 1))]
+        for queue_name in queues:
+            broker.declare_fanout_queue(exchange, queue_name, queue)
+        counters = [shared_counter() for _ in queues]
         children: list[Child] = []
         try:
-            consumer = Child(
-                "pika-consumer",
-                pika_clients.consumer_main,
-                broker.broker,
-                queue_name,
-                variant["prefetch"],
-                variant["ack_every"],
-                counter,
-            )
-            children.append(consumer)
-            consumer.expect("subscribed", STARTUP_TIMEOUT)
+            consumers = []
+            for i, (queue_name, counter) in enumerate(zip(queues, counters, strict=True)):
+                consumer = Child(
+                    f"pika-consumer-{i + 1}",
+                    pika_clients.consumer_main,
+                    broker.broker,
+                    queue_name,
+                    variant["prefetch"],
+                    variant["ack_every"],
+                    counter,
+                )
+                children.append(consumer)
+                consumers.append(consumer)
+            for consumer in consumers:
+                consumer.expect("subscribed", STARTUP_TIMEOUT)
             publisher = Child("pika-publisher", pika_clients.publisher_main, broker.broker, exchange)
             children.append(publisher)
             publisher.expect("ready", STARTUP_TIMEOUT)
             publisher.send("warmup")
-            consumer.expect("warm", 30)
-            watch = {"pika publisher": publisher.process.pid, "pika consumer": consumer.process.pid}
+            for consumer in consumers:
+                consumer.expect("warm", 30)
+            watch = {"pika publisher": publisher.process.pid}
+            watch.update({f"pika consumer {i + 1}": c.process.pid for i, c in enumerate(consumers)})
             broker_process = broker_pid()
             if broker_process is not None:
                 watch["rabbitmq broker"] = broker_process
@@ -377,7 +399,7 @@ def ceiling_scenario(
             figures: dict[str, Any] = {"settings": variant}
             for run_name, (count, rate_per_s) in runs.items():
                 run_id = uuid.uuid4().hex[:12]
-                base = counter.value
+                base = sum(c.value for c in counters)
                 budget = 60 + count / 500
                 meter = CpuMeter(watch)
                 meter.start()
@@ -393,10 +415,10 @@ def ceiling_scenario(
                         "persistent": variant["persistent"],
                     },
                 )
-                wait_for_count(lambda base=base, counter=counter: counter.value - base, count, budget)
+                wait_for_count(lambda b=base, cs=counters: sum(c.value for c in cs) - b, count * len(queues), budget)
                 cpu = meter.stop()
-                record = consumer.request("collect", 60, run=run_id)
-                figures[run_name] = with_cpu(run_figures(published, merge([record]), 1, rate_per_s), cpu)
+                records = [consumer.request("collect", 60, run=run_id) for consumer in consumers]
+                figures[run_name] = with_cpu(run_figures(published, merge(records), len(queues), rate_per_s), cpu)
             result[name] = figures
         finally:
             stop_all(children)
