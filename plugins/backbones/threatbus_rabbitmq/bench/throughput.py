@@ -36,6 +36,9 @@ def config(exchange: str, label: str) -> dict:
                 "host": "127.0.0.1",
                 "exchange_name": exchange,
                 "queue": {"name_suffix": f"bench-{label}-{exchange}"},
+                # The sending node has no app subscribed: consume at once rather than hold its queue
+                # for wait_for_subscribers and drain the pile in the middle of the measurement.
+                "wait_for_subscribers": 0 if label == "tx" else 15,
             }
         }
     }

@@ -102,3 +102,19 @@ def test_a_second_node_on_the_same_quorum_queue_stands_by_then_takes_over(broker
                 bus_two.publish_queue.put(message)
             assert [m.id for m in collect(at_two.queue, 10)] == [m.id for m in later]
             assert_nothing_more(at_two.queue)
+
+
+def test_switching_an_existing_classic_queue_to_quorum_is_explained(broker, caplog):
+    suffix = broker.queue("switch")
+    with node(broker, "switch", suffix, wait_for_subscribers=0) as (bus, _):
+        consuming(bus)
+    caplog.clear()
+    with node(broker, "switch", suffix, **QUORUM) as (bus, _):
+        wait_until(
+            lambda: any("PRECONDITION_FAILED" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR),
+            15,
+            what="the 406 of the queue declaration",
+        )
+        explained = next(r.getMessage() for r in caplog.records if "channel closed by the broker" in r.getMessage())
+        assert "x-queue-type" in explained and "queue.type" in explained
+        assert not bus.health()["consuming"]

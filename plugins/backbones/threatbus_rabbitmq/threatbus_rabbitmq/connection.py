@@ -28,8 +28,9 @@ _EXPLAIN = {
     "or the user lacks permissions",
     404: "not found",
     406: "precondition failed: an exchange or queue of that name exists with other arguments "
-    "(durable, x-queue-mode, x-max-length ...); every node on the exchange must use the same "
-    "exchange_durable and each queue its original settings, or delete the object",
+    "(durable, x-queue-type, x-queue-mode, x-max-length ...); every node on the exchange must use the same "
+    "exchange_durable and each queue its original settings (queue.type, durable, lazy, max_items), "
+    "or delete the object",
 }
 
 
