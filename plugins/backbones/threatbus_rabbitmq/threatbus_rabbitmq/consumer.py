@@ -203,7 +203,9 @@ class Consumer(AmqpWorker):
             waited = self.settings.wait_for_subscribers - max(0.0, left)
             logger.info("consumer: an app subscribed after %.1fs of holding: consuming now", waited)
         elif left <= 0:
-            logger.warning(
+            # A warning when intel is at stake; a node whose apps only publish sees this at every start.
+            logger.log(
+                logging.WARNING if self.backlog_at_connect else logging.INFO,
                 "consumer: no app subscribed to intel within %.0fs (wait_for_subscribers): consuming queue '%s' "
                 "anyway; what waited there (%d message(s) at connect) reaches no local app",
                 self.settings.wait_for_subscribers,
