@@ -223,19 +223,27 @@ class NodeProcess(ThreatBusProcess):
     """A real node process: ``rabbitmq_node.py`` runs the bus as ``threatbus`` does, plus a file app.
 
     The app publishes every JSON line appended to ``inbox`` and writes every
-    message it receives (subscribed to ``stix2``) as a line to ``outbox``.
+    message it receives (subscribed to ``stix2``) as a line to ``outbox``. It
+    subscribes only while the file ``subscribe_trigger`` exists (``app_back()``
+    creates it, ``app_away()`` removes it before a restart).
     """
 
     def __init__(self, workdir: Path, name: str, backbone: dict[str, Any], extra_env: dict[str, str] | None = None):
         self.name = name
         self.inbox = Path(workdir) / f"{name}.inbox.jsonl"
         self.outbox = Path(workdir) / f"{name}.outbox.jsonl"
+        self.subscribe_trigger = Path(workdir) / f"{name}.subscribe"
         self.inbox.touch()
+        self.subscribe_trigger.touch()
         config = {
             "logging": {"console": True, "console_verbosity": "DEBUG", "file": False},
             "node": {"name": name},
             "plugins": {"backbones": {"rabbitmq": backbone}, "apps": {}},
-            "testapp": {"inbox": str(self.inbox), "outbox": str(self.outbox)},
+            "testapp": {
+                "inbox": str(self.inbox),
+                "outbox": str(self.outbox),
+                "subscribe_when": str(self.subscribe_trigger),
+            },
         }
         super().__init__(config, workdir, name=name, extra_env=extra_env)
 
@@ -260,6 +268,13 @@ class NodeProcess(ThreatBusProcess):
         except AssertionError as err:
             raise AssertionError(f"{err}\n--- log ---\n{self.log()[-5000:]}") from None
         return self
+
+    def app_away(self) -> None:
+        """From the next start on, the app subscribes only when ``app_back()`` is called."""
+        self.subscribe_trigger.unlink(missing_ok=True)
+
+    def app_back(self) -> None:
+        self.subscribe_trigger.touch()
 
     def publish(self, messages: list[Any]) -> None:
         with self.inbox.open("ab") as inbox:

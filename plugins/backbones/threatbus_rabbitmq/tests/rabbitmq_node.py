@@ -4,7 +4,9 @@ Usage: ``python rabbitmq_node.py CONFIG``. The config is a normal Threat Bus
 config (backbone from its entry point) with an extra top-level section
 ``testapp: {inbox: PATH, outbox: PATH}``: the app publishes every JSON line
 appended to ``inbox`` (validated like a real app does) and appends every
-message it receives for ``stix2`` to ``outbox``, one JSON line each. Signals
+message it receives for ``stix2`` to ``outbox``, one JSON line each. With
+``subscribe_when: PATH`` it subscribes only once that file exists (an app that
+reconnects to a restarted node a while after it started). Signals
 and shutdown are those of ``threatbus.cli.run``.
 """
 
@@ -74,10 +76,25 @@ class _OutboxWriter(StoppableWorker):
                 outbox.flush()
 
 
+class _LateSubscriber(StoppableWorker):
+    def __init__(self, trigger: Path, subscribe: Any) -> None:
+        super().__init__(name="testapp-subscriber")
+        self.trigger = trigger
+        self.subscribe = subscribe
+
+    def run(self) -> None:
+        while not self.wait(POLL):
+            if self.trigger.exists():
+                logger.info("testapp: subscribing to stix2 now")
+                self.subscribe()
+                return
+
+
 class FileApp:
-    def __init__(self, inbox: str, outbox: str) -> None:
+    def __init__(self, inbox: str, outbox: str, subscribe_when: str | None = None) -> None:
         self.inbox = Path(inbox)
         self.outbox = Path(outbox)
+        self.subscribe_when = Path(subscribe_when) if subscribe_when else None
         self.received: queue.Queue[Message] = queue.Queue()
         self.workers: list[StoppableWorker] = []
 
@@ -87,8 +104,11 @@ class FileApp:
 
     @threatbus.app
     def run(self, publish_queue: queue.Queue[Message], subscribe: Any) -> None:
-        subscribe("stix2", self.received)
         self.workers = [_InboxReader(self.inbox, publish_queue), _OutboxWriter(self.outbox, self.received)]
+        if self.subscribe_when is None:
+            subscribe("stix2", self.received)
+        else:
+            self.workers.append(_LateSubscriber(self.subscribe_when, lambda: subscribe("stix2", self.received)))
         for worker in self.workers:
             worker.start()
 
@@ -103,7 +123,7 @@ def main(path: str) -> int:
     config.validate(settings, config.core_validators())
     node = Node.create(settings.node.name, str(Path(source).resolve()))
     loaded = plugins.load(settings)
-    app = FileApp(settings.testapp.inbox, settings.testapp.outbox)
+    app = FileApp(settings.testapp.inbox, settings.testapp.outbox, settings.testapp.get("subscribe_when"))
     bus = Bus(settings, apps={"testapp": app}, backbones=loaded["backbones"], node=node)
     bus.configure()
     threatbus_logging.configure(bus.settings.logging, node.name)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from typing import Any
 
@@ -74,9 +75,17 @@ def test_a_stopped_node_catches_up_from_its_durable_queue(broker, spawn_node, tm
     node1.wait_received({i.id for i in meanwhile})
     wait_until(lambda: broker.message_count(queue2) == len(meanwhile), 20, what="the backlog in node 2's queue")
 
-    node2.start()
-    assert "(200 message(s) waiting)" in node2.log()
+    # Restarted, its app takes a while to subscribe again (as a ZeroMQ app reconnecting): the backlog waits.
+    node2.app_away()
+    node2.start(ready_line="holding 200 waiting message(s)")
+    end = time.monotonic() + 2.0
+    while time.monotonic() < end:
+        assert "consumer: consuming queue" not in node2.log().split("holding 200")[-1]
+        time.sleep(0.1)  # sampling over a window, not synchronisation
+    assert broker.message_count(queue2) == 200
+    node2.app_back()
     all_ids = {i.id for i in before + meanwhile}
     assert_exactly_once(node2.wait_received(all_ids), all_ids, name2)
+    assert "an app subscribed after" in node2.log() and "(200 message(s) waiting)" in node2.log()
     assert node1.stop() == 0
     assert node2.stop() == 0
