@@ -94,6 +94,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rate", type=int, default=250, help="py-spy's sampling rate (--rate of the recording)")
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args(argv)
+    missing = [str(p) for p in args.files if not p.is_file()]
+    if missing:
+        parser.error(f"no such file: {', '.join(missing)}")
     for path in args.files:
         print(summarise(path, args.messages, args.rate, args.top, args.cpu_us_per_msg))
     return 0
