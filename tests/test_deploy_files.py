@@ -337,6 +337,8 @@ def test_the_guides_permissions_let_a_node_run_and_nothing_more(site_user, tmp_p
                         "password": site_user["password"],
                         "vhost": site_user["vhost"],
                         "queue": {"name_suffix": site_user["suffix"]},
+                        # No app on purpose: consume at once instead of holding for a subscriber.
+                        "wait_for_subscribers": 0,
                     }
                 }
             },
