@@ -19,9 +19,9 @@ help:
 
 dev-mode: $(VENV)/.installed
 
-$(VENV)/.installed: setup.py requirements-dev.txt $(addsuffix /setup.py,$(PLUGINS))
+$(VENV)/.installed: setup.py requirements-dev.txt benchmark/requirements.txt $(addsuffix /setup.py,$(PLUGINS))
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -e . \
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt -r benchmark/requirements.txt -e . \
 		$(foreach plugin,$(PLUGINS),-e '$(plugin)[test]')
 	touch $@
 
