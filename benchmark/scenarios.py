@@ -21,13 +21,14 @@ from benchmark.nodes import (
     CpuMeter,
     ResourceSampler,
     Sample,
+    broker_missing,
     broker_pid,
     rabbitmq_backbone,
     start_node,
     stop_nodes,
     unique_name,
 )
-from benchmark.procs import Child, shared_counter, stop_all
+from benchmark.procs import Child, ChildError, shared_counter, stop_all
 from benchmark.stats import latency_summary, merge, rate
 
 logger = logging.getLogger(__name__)
@@ -358,72 +359,95 @@ def start_rabbitmq_pair(
 def ceiling_scenario(
     broker: Broker, queue: dict[str, Any], profile: Profile, variants: dict[str, dict[str, Any]]
 ) -> dict[str, Any]:
-    """Raw pika: one publishing process, one consuming process per queue (``queues``, default 1)."""
+    """Raw pika: one publishing process, one consuming process per queue (``queues``, default 1).
+
+    A variant whose connection the broker closed (another test restarting it) is tried once more.
+    """
     result: dict[str, Any] = {"queue": queue}
     for name, variant in variants.items():
-        exchange = unique_name("ceiling-exchange")
-        queues = [unique_name("ceiling-queue") for _ in range(variant.get("queues", 1))]
-        for queue_name in queues:
-            broker.declare_fanout_queue(exchange, queue_name, queue)
-        counters = [shared_counter() for _ in queues]
-        children: list[Child] = []
         try:
-            consumers = []
-            for i, (queue_name, counter) in enumerate(zip(queues, counters, strict=True)):
-                consumer = Child(
-                    f"pika-consumer-{i + 1}",
-                    pika_clients.consumer_main,
-                    broker.broker,
-                    queue_name,
-                    variant["prefetch"],
-                    variant["ack_every"],
-                    counter,
-                )
-                children.append(consumer)
-                consumers.append(consumer)
-            for consumer in consumers:
-                consumer.expect("subscribed", STARTUP_TIMEOUT)
-            publisher = Child("pika-publisher", pika_clients.publisher_main, broker.broker, exchange)
-            children.append(publisher)
-            publisher.expect("ready", STARTUP_TIMEOUT)
-            publisher.send("warmup")
-            for consumer in consumers:
-                consumer.expect("warm", 30)
-            watch = {"pika publisher": publisher.process.pid}
-            watch.update({f"pika consumer {i + 1}": c.process.pid for i, c in enumerate(consumers)})
-            broker_process = broker_pid()
-            if broker_process is not None:
-                watch["rabbitmq broker"] = broker_process
-            runs = {"saturation": (profile.ceiling_count, None)}
-            if variant.get("latency_rate"):
-                runs["latency"] = (int(variant["latency_rate"] * profile.latency_seconds), variant["latency_rate"])
-            figures: dict[str, Any] = {"settings": variant}
-            for run_name, (count, rate_per_s) in runs.items():
-                run_id = uuid.uuid4().hex[:12]
-                base = sum(c.value for c in counters)
-                budget = 60 + count / 500
-                meter = CpuMeter(watch)
-                meter.start()
-                published = publisher.request(
-                    "run",
-                    budget,
-                    args={
-                        "run": run_id,
-                        "count": count,
-                        "rate": rate_per_s,
-                        "confirms": variant["confirms"],
-                        "window": variant["confirm_window"],
-                        "persistent": variant["persistent"],
-                    },
-                )
-                wait_for_count(lambda b=base, cs=counters: sum(c.value for c in cs) - b, count * len(queues), budget)
-                cpu = meter.stop()
-                records = [consumer.request("collect", 60, run=run_id) for consumer in consumers]
-                figures[run_name] = with_cpu(run_figures(published, merge(records), len(queues), rate_per_s), cpu)
-            result[name] = figures
-        finally:
-            stop_all(children)
+            result[name] = _ceiling_variant(broker, queue, profile, variant)
+        except ChildError as err:
+            logger.warning("ceiling %s failed (%s); waiting for the broker and trying once more", name, err)
+            wait_for_broker(broker.broker)
+            broker.cleanup()
+            result[name] = _ceiling_variant(broker, queue, profile, variant)
+            result[name]["retried_after"] = str(err)
     return result
+
+
+def wait_for_broker(settings: dict[str, Any], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while broker_missing(settings) and time.monotonic() < deadline:
+        time.sleep(1)
+    time.sleep(2)  # a restarted broker accepts connections a moment before it serves them
+
+
+def _ceiling_variant(
+    broker: Broker, queue: dict[str, Any], profile: Profile, variant: dict[str, Any]
+) -> dict[str, Any]:
+    exchange = unique_name("ceiling-exchange")
+    queues = [unique_name("ceiling-queue") for _ in range(variant.get("queues", 1))]
+    for queue_name in queues:
+        broker.declare_fanout_queue(exchange, queue_name, queue)
+    counters = [shared_counter() for _ in queues]
+    children: list[Child] = []
+    try:
+        consumers = []
+        for i, (queue_name, counter) in enumerate(zip(queues, counters, strict=True)):
+            consumer = Child(
+                f"pika-consumer-{i + 1}",
+                pika_clients.consumer_main,
+                broker.broker,
+                queue_name,
+                variant["prefetch"],
+                variant["ack_every"],
+                counter,
+            )
+            children.append(consumer)
+            consumers.append(consumer)
+        for consumer in consumers:
+            consumer.expect("subscribed", STARTUP_TIMEOUT)
+        publisher = Child("pika-publisher", pika_clients.publisher_main, broker.broker, exchange)
+        children.append(publisher)
+        publisher.expect("ready", STARTUP_TIMEOUT)
+        publisher.send("warmup")
+        for consumer in consumers:
+            consumer.expect("warm", 30)
+        watch = {"pika publisher": publisher.process.pid}
+        watch.update({f"pika consumer {i + 1}": c.process.pid for i, c in enumerate(consumers)})
+        broker_process = broker_pid()
+        if broker_process is not None:
+            watch["rabbitmq broker"] = broker_process
+        runs = {"saturation": (profile.ceiling_count, None)}
+        if variant.get("latency_rate"):
+            runs["latency"] = (int(variant["latency_rate"] * profile.latency_seconds), variant["latency_rate"])
+        figures: dict[str, Any] = {"settings": variant}
+        for run_name, (count, rate_per_s) in runs.items():
+            run_id = uuid.uuid4().hex[:12]
+            base = sum(c.value for c in counters)
+            budget = 60 + count / 500
+            meter = CpuMeter(watch)
+            meter.start()
+            published = publisher.request(
+                "run",
+                budget,
+                args={
+                    "run": run_id,
+                    "count": count,
+                    "rate": rate_per_s,
+                    "confirms": variant["confirms"],
+                    "window": variant["confirm_window"],
+                    "persistent": variant["persistent"],
+                },
+            )
+            wait_for_count(lambda b=base, cs=counters: sum(c.value for c in cs) - b, count * len(queues), budget)
+            cpu = meter.stop()
+            records = [consumer.request("collect", 60, run=run_id) for consumer in consumers]
+            figures[run_name] = with_cpu(run_figures(published, merge(records), len(queues), rate_per_s), cpu)
+        return figures
+    finally:
+        stop_all(children)
 
 
 def fanout_scenario(label: str, nodes: list[BusNode], profile: Profile) -> list[dict[str, Any]]:
