@@ -60,6 +60,7 @@ class BusNode:
 
 def start_node(workdir: Path, name: str, backbone: dict[str, Any], host: str = "127.0.0.1") -> BusNode:
     """Start one node with the given ``plugins.backbones`` section and the zmq app."""
+    Path(workdir).mkdir(parents=True, exist_ok=True)
     manage, pub, sub = free_port(), free_port(), free_port()
     config = {
         "logging": {"console": True, "console_verbosity": "INFO", "file": False},

@@ -38,6 +38,7 @@ from benchmark.scenarios import (
     fanout_scenario,
     start_inmem,
     start_rabbitmq_pair,
+    wait_for_broker,
 )
 from benchmark.stats import ratio
 
@@ -324,14 +325,29 @@ class Runner:
         return self._with_nodes("inmem", start_inmem(self.workdir))
 
     def rabbitmq(self) -> dict[str, Any]:
-        broker = Broker(self.broker_settings)
-        try:
-            nodes = start_rabbitmq_pair(self.workdir, broker, self.queue, self.args.rabbitmq_extra)
-            return self._with_nodes("rabbitmq", nodes)
-        finally:
-            failed = broker.cleanup()
-            if failed:
-                logger.warning("could not delete RabbitMQ objects: %s", ", ".join(failed))
+        result: dict[str, Any] = {}
+        first: dict[str, Any] = {}
+        for attempt in (1, 2):
+            broker = Broker(self.broker_settings)
+            try:
+                nodes = start_rabbitmq_pair(self.workdir / f"rabbitmq-{attempt}", broker, self.queue,
+                                            self.args.rabbitmq_extra)  # fmt: skip
+                result = self._with_nodes("rabbitmq", nodes)
+            finally:
+                failed = broker.cleanup()
+                if failed:
+                    logger.warning("could not delete RabbitMQ objects: %s", ", ".join(failed))
+            lost = [line for line in result.get("node_log_problems", []) if "connection" in line and "lost" in line]
+            if attempt == 2 or not lost:
+                break
+            # Someone restarted the broker or closed our connections: the figures are not the bus's.
+            logger.warning("rabbitmq: broker connections were lost during the run (%s); running it again", lost[0])
+            wait_for_broker(self.broker_settings)
+            first = result
+            result = {}
+        if attempt == 2:
+            result["disturbed_first_attempt"] = first.get("node_log_problems", [])[:5]
+        return result
 
     def ceiling(self, again: bool = False) -> dict[str, Any]:
         args = self.args
