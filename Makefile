@@ -43,7 +43,7 @@ format: dev-mode
 	$(BIN)/ruff check --fix .
 
 bench: dev-mode broker
-	$(BIN)/python benchmark/run.py
+	$(BIN)/python -m benchmark.run --out benchmark/results
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info plugins/*/*/*.egg-info .pytest_cache .ruff_cache
