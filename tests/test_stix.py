@@ -73,6 +73,10 @@ def test_validate_rejects_bad_pattern_and_timestamps():
         validate(Indicator({**good.payload, "pattern": "[ipv4-addr:value = "}))
     with pytest.raises(InvalidIntel, match="valid_from"):
         validate(Indicator({**good.payload, "valid_from": "yesterday"}))
+    with pytest.raises(InvalidIntel, match="created"):
+        validate(Indicator({**good.payload, "created": ["not", "hashable", {}]}))
+    with pytest.raises(InvalidIntel, match="modified"):
+        validate(Indicator({**good.payload, "modified": "2026-13-01T00:00:00Z"}))
     with pytest.raises(InvalidIntel, match="spec_version"):
         validate(Indicator({**good.payload, "spec_version": "2.0"}))
 

@@ -99,23 +99,33 @@ def _simple_match(pattern: str) -> PointIndicator | None:
     return None
 
 
-@functools.lru_cache(maxsize=65536)
 def pattern_errors(pattern: str) -> tuple[str, ...]:
     """Why a STIX 2.1 pattern is invalid; empty when it is valid."""
+    # Point patterns are nearly all intel and nearly all unique: the regex
+    # answers them without filling a cache; only the parser's verdicts are kept.
     if _simple_match(pattern) is not None:
         return ()
+    return _parser_errors(pattern)
+
+
+@functools.lru_cache(maxsize=16384)
+def _parser_errors(pattern: str) -> tuple[str, ...]:
     try:
         return tuple(run_validator(pattern, stix_version="2.1"))
     except Exception as err:  # the ANTLR-based validator raises on some inputs
         return (f"FAIL: {err}",)
 
 
-@functools.lru_cache(maxsize=65536)
 def point_indicator(pattern: str) -> PointIndicator | None:
     """The single value a pattern matches, or None for any other pattern."""
     point = _simple_match(pattern)
     if point is not None or pattern_errors(pattern):
         return point
+    return _parsed_point_indicator(pattern)
+
+
+@functools.lru_cache(maxsize=16384)
+def _parsed_point_indicator(pattern: str) -> PointIndicator | None:
     inspected = Pattern(pattern).inspect()
     if inspected.observation_ops or inspected.qualifiers or len(inspected.comparisons) != 1:
         return None
@@ -130,10 +140,14 @@ def point_indicator(pattern: str) -> PointIndicator | None:
 
 
 def _check_timestamps(payload: dict[str, Any], *keys: str) -> None:
+    checked = set()  # created, modified and valid_from are mostly one value: check it once
     for key in keys:
         value = payload.get(key)
-        if value is not None and (not isinstance(value, str) or not _TIMESTAMP.match(value)):
+        if value is None:
+            continue
+        if not isinstance(value, str) or (value not in checked and not _TIMESTAMP.match(value)):
             raise InvalidIntel(f"{payload['type']} {payload['id']}: '{key}' is not a STIX timestamp: {value!r}")
+        checked.add(value)
 
 
 def _check_spec_version(payload: dict[str, Any]) -> None:
