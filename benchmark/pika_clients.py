@@ -23,6 +23,8 @@ from benchmark.stats import RunRecord
 
 # Publishing without confirms: hand the I/O loop this many messages at a time so it can write.
 UNCONFIRMED_CHUNK = 200
+# Paced publishing sleeps at least this long (due messages then go out together).
+PACING_MIN_DELAY = 0.002
 
 
 def connection_parameters(broker: dict[str, Any]) -> pika.ConnectionParameters:
@@ -128,7 +130,9 @@ class _PublishRun:
             if self.interval_ns:
                 now = time.monotonic_ns()
                 if now < self.next_due:
-                    self.connection.ioloop.call_later((self.next_due - now) / 1e9, self._pump)
+                    # The I/O loop polls with millisecond timeouts: a shorter delay would spin.
+                    delay = max((self.next_due - now) / 1e9, PACING_MIN_DELAY)
+                    self.connection.ioloop.call_later(delay, self._pump)
                     return
                 self.next_due += self.interval_ns
             elif not self.confirms and burst >= UNCONFIRMED_CHUNK:
