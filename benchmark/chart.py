@@ -21,8 +21,8 @@ def _throughput(ax: Any, result: dict[str, Any]) -> None:
         if value:
             bars.append((label, value, COLOURS[name]))
     for variant, label in (
-        ("matched", "raw pika\n(same settings)"),
-        ("matched_after", "raw pika, again\nafter the bus"),
+        ("matched", "raw pika\nsame settings"),
+        ("matched_after", "raw pika\nagain, after"),
         ("no_confirms", "raw pika\nno confirms"),
         ("two_queues", "raw pika\n2 queues"),
     ):
