@@ -11,7 +11,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from threatbus.bus import Bus
 from threatbus.data import Indicator, Message, Sighting
 from threatbus.node import Node
 from threatbus.stix import new_indicator, new_sighting
+from threatbus.worker import StoppableWorker
 
 T = TypeVar("T")
 
@@ -250,22 +250,18 @@ class ThreatBusProcess:
             self._log_file.close()
 
 
-class ThreadedCollector(threading.Thread):
+class ThreadedCollector(StoppableWorker):
     """Drains a queue in the background into a list, for tests with many messages."""
 
     def __init__(self, source: queue.Queue[T]) -> None:
-        super().__init__(daemon=True)
+        super().__init__(name="test-collector")
         self.source = source
         self.items: list[Any] = []
-        self._done = threading.Event()
 
     def run(self) -> None:
-        while not self._done.is_set():
-            try:
-                self.items.append(self.source.get(timeout=0.1))
-            except queue.Empty:
-                continue
+        for item in self.drain(self.source):
+            self.items.append(item)
 
     def close(self) -> None:
-        self._done.set()
+        self.stop()
         self.join(2)
