@@ -8,6 +8,7 @@ import threading
 from collections import defaultdict
 from typing import Any, Protocol
 
+import threatbus
 from threatbus.data import TOPICS, Message
 from threatbus.ratelimit import RateLimitedLog
 
@@ -91,6 +92,24 @@ class TopicRouter:
                 self._log_drop("subscriber queue full, dropped %s %s", message.type_name, _message_ref(message))
         self.delivered += handed
         return handed
+
+
+class RoutedBackbone:
+    """Mixin for backbones: the ``subscribe`` and ``unsubscribe`` hooks on ``self.router``.
+
+    The backbone creates ``self.router = TopicRouter()`` and calls
+    ``self.router.route(message)`` for every message it delivers locally.
+    """
+
+    router: TopicRouter
+
+    @threatbus.backbone
+    def subscribe(self, topic: str, queue: Sink) -> None:
+        self.router.subscribe(topic, queue)
+
+    @threatbus.backbone
+    def unsubscribe(self, topic: str, queue: Sink) -> None:
+        self.router.unsubscribe(topic, queue)
 
 
 def _message_ref(message: Message) -> str:

@@ -10,7 +10,7 @@ import threatbus
 from threatbus.data import Message
 from threatbus.metrics import DELIVERED, DROPPED, Metrics
 from threatbus.node import Node
-from threatbus.routing import TopicRouter
+from threatbus.routing import RoutedBackbone, TopicRouter
 from threatbus.worker import StoppableWorker
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ class _Distributor(StoppableWorker):
             self.router.route(message)
 
 
-class InMemoryBackbone:
+class InMemoryBackbone(RoutedBackbone):
     """Backbone for a single node: no broker, no persistence."""
 
     def __init__(self) -> None:
@@ -56,14 +56,6 @@ class InMemoryBackbone:
         if self.worker is not None:
             self.worker.stop()
             self.worker.join(5)
-
-    @threatbus.backbone
-    def subscribe(self, topic: str, queue: queue.Queue[Message]) -> None:
-        self.router.subscribe(topic, queue)
-
-    @threatbus.backbone
-    def unsubscribe(self, topic: str, queue: queue.Queue[Message]) -> None:
-        self.router.unsubscribe(topic, queue)
 
     @threatbus.backbone
     def health(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from threatbus.metrics import (
     Metrics,
 )
 from threatbus.node import Node
-from threatbus.routing import TopicRouter
+from threatbus.routing import RoutedBackbone, TopicRouter
 from threatbus.worker import stop_workers
 from threatbus_rabbitmq.consumer import Consumer
 from threatbus_rabbitmq.publisher import Feeder, Outbox, Publisher
@@ -31,7 +31,7 @@ DUPLICATES = "threatbus_backbone_duplicates"  # counter{backbone}: repeats dropp
 RESENT = "threatbus_backbone_resent"  # counter{backbone}: unconfirmed publishes sent again
 
 
-class RabbitMQBackbone:
+class RabbitMQBackbone(RoutedBackbone):
     """Backbone for several nodes: publishes to a fanout exchange, consumes the node's own queue.
 
     Threads: ``rabbitmq-feeder`` (bus inq -> outbox), ``rabbitmq-publisher``
@@ -122,14 +122,6 @@ class RabbitMQBackbone:
             self.consumer.rejected if self.consumer else 0,
             self.consumer.duplicates if self.consumer else 0,
         )
-
-    @threatbus.backbone
-    def subscribe(self, topic: str, queue: queue.Queue[Message]) -> None:
-        self.router.subscribe(topic, queue)
-
-    @threatbus.backbone
-    def unsubscribe(self, topic: str, queue: queue.Queue[Message]) -> None:
-        self.router.unsubscribe(topic, queue)
 
     @threatbus.backbone
     def health(self) -> dict[str, Any]:
