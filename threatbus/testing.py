@@ -28,6 +28,13 @@ from threatbus.worker import StoppableWorker
 
 T = TypeVar("T")
 
+ORIGINAL_RELEASE = "2022.5.16"
+ORIGINAL_PACKAGES = tuple(
+    f"{name}=={ORIGINAL_RELEASE}" for name in ("threatbus", "threatbus-inmem", "threatbus-rabbitmq", "threatbus-zmq")
+)
+# Where the original's venv is built once and reused: the repo root, or $THREATBUS_ORIGINAL_VENV.
+ORIGINAL_VENV = Path(os.environ.get("THREATBUS_ORIGINAL_VENV", Path(__file__).resolve().parents[1] / ".venv-original"))
+
 RABBITMQ_HOST = os.environ.get("THREATBUS_TEST_RABBITMQ_HOST", "127.0.0.1")
 RABBITMQ_PORT = int(os.environ.get("THREATBUS_TEST_RABBITMQ_PORT", "5672"))
 
@@ -134,6 +141,39 @@ class Subscriber:
         self.topic = topic
         args = {} if snapshot is None else {"snapshot": snapshot}
         self.snapshot_ids = bus.subscribe(topic, self.queue, **args)
+
+
+def _original_usable(venv: Path) -> bool:
+    python = venv / "bin" / "python"
+    if not python.exists():
+        return False
+    # -I: not our checkout's `threatbus` package from the working directory or PYTHONPATH.
+    probe = "import threatbus, threatbus_inmem, threatbus_rabbitmq, threatbus_zmq"
+    return subprocess.run([str(python), "-I", "-c", probe], capture_output=True, timeout=60).returncode == 0
+
+
+def original_threatbus(venv: Path = ORIGINAL_VENV) -> Path:
+    """The ``threatbus`` command of the original Threat Bus 2022.5.16, for interop tests.
+
+    Its packages are installed from PyPI into a venv of their own on first
+    use (about 15 s), then reused; parallel test runs build it once. Fails
+    the calling test, with pip's errors, if it cannot be installed.
+    """
+    import fcntl
+    import tempfile
+
+    import pytest
+
+    with open(Path(tempfile.gettempdir()) / "threatbus-venv-original.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not _original_usable(venv):
+            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=120)
+            pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
+            result = subprocess.run([*pip, *ORIGINAL_PACKAGES], capture_output=True, text=True, timeout=600)
+            if result.returncode != 0 or not _original_usable(venv):
+                errors = "\n".join(line for line in result.stderr.splitlines() if "is ignored" not in line)
+                pytest.fail(f"cannot install the original Threat Bus into {venv}:\n{errors[-3000:]}")
+    return venv / "bin" / "threatbus"
 
 
 def free_port() -> int:

@@ -2,9 +2,10 @@
 
 ``bus`` runs each test against an in-process bus (our plugin object
 registered with ``running_bus``) and against a real ``threatbus`` process.
-Set THREATBUS_ZMQ_ORIGINAL to the ``threatbus`` executable of the original
-Threat Bus 2022.5.16 (with threatbus-zmq and threatbus-inmem installed) to run
-the protocol tests against it as well.
+The protocol tests also run against a node of the original Threat Bus
+2022.5.16 (``threatbus.testing.original_threatbus`` installs it into a venv of
+its own on first use); THREATBUS_ZMQ_ORIGINAL may name another ``threatbus``
+executable of that release.
 """
 
 from __future__ import annotations
@@ -23,12 +24,11 @@ import zmq
 
 from threatbus.bus import Bus
 from threatbus.data import Message
-from threatbus.testing import ThreatBusProcess, free_port, running_bus, wait_until
+from threatbus.testing import ThreatBusProcess, free_port, original_threatbus, running_bus, wait_until
 from threatbus_zmq import ZmqApp
 from threatbus_zmq.client import ManageClient, Receiver, Sender, is_success
 
-ORIGINAL = os.environ.get("THREATBUS_ZMQ_ORIGINAL")
-TARGETS = ["inprocess", "process"] + (["original"] if ORIGINAL else [])
+TARGETS = ["inprocess", "process", "original"]
 
 
 @dataclass
@@ -185,7 +185,7 @@ class _OriginalProcess:
 
 @contextmanager
 def _original(tmp_path: Path, manage: int, pub: int, sub: int) -> Iterator[_OriginalProcess]:
-    assert ORIGINAL is not None
+    original = os.environ.get("THREATBUS_ZMQ_ORIGINAL") or str(original_threatbus())
     config = tmp_path / "original.yaml"
     config.write_text(
         yaml.safe_dump(
@@ -198,7 +198,7 @@ def _original(tmp_path: Path, manage: int, pub: int, sub: int) -> Iterator[_Orig
     log_path = tmp_path / "original.log"
     with ExitStack() as stack:
         log = stack.enter_context(open(log_path, "wb"))
-        proc = subprocess.Popen([ORIGINAL, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen([original, "-c", str(config)], stdout=log, stderr=subprocess.STDOUT)
         handle = _OriginalProcess(log_path)
         try:
             wait_until(lambda: "ZeroMQ app plugin started" in handle.log(), 30, what="the original to start")

@@ -8,12 +8,9 @@ backbone's defaults. Intel must flow both ways.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +21,7 @@ import pytest
 import yaml
 import zmq
 
+from threatbus import testing
 from threatbus.testing import (
     RABBITMQ_HOST,
     RABBITMQ_PORT,
@@ -38,40 +36,11 @@ from threatbus_rabbitmq import RabbitMQBackbone
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.e2e]
 
-REPO = Path(__file__).resolve().parents[4]
-ORIGINAL_VENV = REPO / ".venv-original"
-ORIGINAL_PACKAGES = ["threatbus==2022.5.16", "threatbus-rabbitmq==2022.5.16", "threatbus-zmq==2022.5.16"]
-PROBE = "import threatbus, threatbus_rabbitmq, threatbus_zmq"
-
-
-def _usable(venv: Path) -> bool:
-    python = venv / "bin" / "python"
-    if not python.exists():
-        return False
-    # -I: not our checkout's `threatbus` package from the working directory or PYTHONPATH.
-    return subprocess.run([str(python), "-I", "-c", PROBE], capture_output=True, timeout=60).returncode == 0
-
 
 @pytest.fixture(scope="session")
 def original_threatbus() -> Path:
     """The ``threatbus`` command of the original release (its venv is created once and cached)."""
-    with open(Path(tempfile.gettempdir()) / "threatbus-venv-original.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # parallel test runs build it once
-        if not _usable(ORIGINAL_VENV):
-            subprocess.run([sys.executable, "-m", "venv", "--clear", str(ORIGINAL_VENV)], check=True, timeout=120)
-            pip = [
-                str(ORIGINAL_VENV / "bin" / "python"),
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-            ]
-            result = subprocess.run([*pip, *ORIGINAL_PACKAGES], capture_output=True, text=True, timeout=600)
-            if result.returncode != 0 or not _usable(ORIGINAL_VENV):
-                errors = "\n".join(line for line in result.stderr.splitlines() if "is ignored" not in line)
-                pytest.fail(f"cannot install the original Threat Bus into {ORIGINAL_VENV}:\n{errors[-3000:]}")
-    return ORIGINAL_VENV / "bin" / "threatbus"
+    return testing.original_threatbus()
 
 
 @pytest.fixture
