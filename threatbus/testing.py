@@ -176,6 +176,16 @@ def original_threatbus(venv: Path = ORIGINAL_VENV) -> Path:
     return venv / "bin" / "threatbus"
 
 
+def terminate(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
+    """SIGTERM a child process and reap it; SIGKILL it if it outlives ``timeout``."""
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that was free a moment ago."""
     with socket.socket() as sock:

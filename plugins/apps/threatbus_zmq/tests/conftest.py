@@ -24,7 +24,7 @@ import zmq
 
 from threatbus.bus import Bus
 from threatbus.data import Message
-from threatbus.testing import ThreatBusProcess, free_port, original_threatbus, running_bus, wait_until
+from threatbus.testing import ThreatBusProcess, free_port, original_threatbus, running_bus, terminate, wait_until
 from threatbus_zmq import ZmqApp
 from threatbus_zmq.client import ManageClient, Receiver, Sender, is_success
 
@@ -204,12 +204,7 @@ def _original(tmp_path: Path, manage: int, pub: int, sub: int) -> Iterator[_Orig
             wait_until(lambda: "ZeroMQ app plugin started" in handle.log(), 30, what="the original to start")
             yield handle
         finally:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            terminate(proc, 10)
 
 
 @pytest.fixture(params=TARGETS)

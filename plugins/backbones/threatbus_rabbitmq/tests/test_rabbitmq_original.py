@@ -30,6 +30,7 @@ from threatbus.testing import (
     indicator,
     running_bus,
     sighting,
+    terminate,
     wait_until,
 )
 from threatbus_rabbitmq import RabbitMQBackbone
@@ -86,12 +87,7 @@ def original_node(original_threatbus: Path, broker: Any, tmp_path: Path) -> Iter
         wait_until(lambda: _consumers(queue) == 1, 30, interval=0.1, what="the original node to consume its queue")
         yield {**ports, "queue": queue, "log": log_path}
     finally:
-        process.terminate()
-        try:
-            process.wait(20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        terminate(process, 20)
 
 
 def _consumers(queue: str) -> int:
