@@ -23,6 +23,7 @@ BACKBONE_CONSUMED = "threatbus_backbone_consumed"  # counter{backbone}
 BACKBONE_REJECTED = "threatbus_backbone_rejected"  # counter{backbone}: poison messages
 DELIVERED = "threatbus_delivered"  # counter{plugin}: handed to subscribers
 DROPPED = "threatbus_dropped"  # counter{where}: lost to full buffers
+FILTERED = "threatbus_filtered"  # counter{plugin,rule,reason}: held back by a policy filter (threatbus.policy)
 SUBSCRIBERS = "threatbus_subscribers"  # gauge{plugin}
 QUEUE_DEPTH = "threatbus_queue_depth"  # gauge{queue}
 BACKBONE_CONNECTED = "threatbus_backbone_connected"  # gauge{backbone}: 1 up, 0 down

@@ -315,3 +315,36 @@ class ThreadedCollector(StoppableWorker):
     def close(self) -> None:
         self.stop()
         self.join(2)
+
+
+# TLP marking ids by name (INTEL.md), for tests of policy filters.
+TLP1 = {
+    "white": "marking-definition--613f2e26-407d-48c7-9eca-b8e91df99dc9",
+    "green": "marking-definition--34098fce-860f-48ae-8e50-ebd3cc5e41da",
+    "amber": "marking-definition--f88d31f6-486f-44da-b317-01333bde0b82",
+    "red": "marking-definition--5e57c739-391a-4eb3-b6be-7d15ca92d5ed",
+}
+TLP2 = {
+    "clear": "marking-definition--94868c89-83c2-464b-929b-a1a8aa3c8487",
+    "green": "marking-definition--bab4a63c-aed9-4cf5-a766-dfca5abac2bb",
+    "amber": "marking-definition--55d920b0-5e8b-4f79-9ee9-91f868d9b421",
+    "amber+strict": "marking-definition--939a9414-2ddd-4d32-a0cd-375ea402b003",
+    "red": "marking-definition--e828b379-4e03-4974-9ac4-e53a884c97c1",
+}
+
+
+def intel_mix() -> dict[str, Indicator]:
+    """Indicators by name covering what policy filters look at: every TLP (1.0 and 2.0), unmarked,
+    low and high confidence, flagged for detection or not. Values are distinct (10.0.0.x)."""
+    specs: dict[str, dict[str, Any]] = {
+        "red": {"object_marking_refs": [TLP1["red"]], "confidence": 90, "x_opencti_detection": True},
+        "red2": {"object_marking_refs": [TLP2["red"]], "confidence": 90, "x_misp_to_ids": True},
+        "amber_strict": {"object_marking_refs": [TLP2["amber+strict"]], "confidence": 90, "x_misp_to_ids": True},
+        "amber": {"object_marking_refs": [TLP1["amber"]], "confidence": 80, "x_opencti_detection": True},
+        "green": {"object_marking_refs": [TLP2["green"]], "confidence": 30, "x_opencti_detection": True},
+        "clear": {"object_marking_refs": [TLP2["clear"]], "confidence": 70},
+        "white": {"object_marking_refs": [TLP1["white"]], "confidence": 95, "x_misp_to_ids": True},
+        "unmarked": {"confidence": 10, "x_opencti_detection": True},
+        "unmarked_noconf": {},
+    }
+    return {name: indicator(f"10.0.0.{i + 1}", **props) for i, (name, props) in enumerate(specs.items())}
