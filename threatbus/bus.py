@@ -10,7 +10,7 @@ from typing import Any
 
 import pluggy
 
-from threatbus import appspecs, backbonespecs, config
+from threatbus import appspecs, backbonespecs, config, policy
 from threatbus.data import TOPIC_SNAPSHOT_ENVELOPE, TOPIC_SNAPSHOT_REQUEST, Message, SnapshotRequest
 from threatbus.errors import ConfigError, PluginError
 from threatbus.metrics import QUEUE_DEPTH, Metrics
@@ -79,6 +79,12 @@ class Bus:
                 "Each backbone already delivers to every local subscriber, so two would deliver everything twice"
             )
         validators = config.core_validators()
+        # Policy filters (threatbus.policy): every app gets one, every backbone an export and an import filter.
+        for name in self.plugin_names(self.apps):
+            validators.extend(policy.validators(f"plugins.apps.{name}", allow_list=True))
+        for name in self.plugin_names(self.backbones):
+            for direction in ("export", "import"):
+                validators.extend(policy.validators(f"plugins.backbones.{name}.{direction}"))
         for manager in (self.backbones, self.apps):
             for plugin_validators in manager.hook.config_validators():
                 validators.extend(plugin_validators or [])
@@ -117,8 +123,7 @@ class Bus:
                     name,
                     "apps",
                     publish_queue=self.publish_queue,
-                    subscribe=self.subscribe,
-                    unsubscribe=self.unsubscribe,
+                    **self._app_subscription(name),
                     node=self.node,
                     metrics=self.metrics,
                 )
@@ -206,6 +211,18 @@ class Bus:
         logger.debug("unsubscribe %s", topic)
         self.backbones.hook.unsubscribe(topic=topic, queue=queue)
         self.snapshots.forget(queue)
+
+    def _app_subscription(self, name: str) -> dict[str, Any]:
+        """The app's subscribe and unsubscribe: the bus's own, behind the app's filter if it has one."""
+        key = f"plugins.apps.{name}"
+        app_filter = policy.Filter.from_config(self.settings.get(key), key, allow_list=True)
+        if app_filter is None:
+            return {"subscribe": self.subscribe, "unsubscribe": self.unsubscribe}
+        stats = policy.FilterStats()
+        stats.register(self.metrics, plugin=name, rule="app")
+        gate = policy.AppGate(app_filter, stats, self.subscribe, self.unsubscribe)
+        logger.info("app '%s' receives only what passes its filter %s", name, app_filter.spec)
+        return {"subscribe": gate.subscribe, "unsubscribe": gate.unsubscribe}
 
     def _ask_apps(self, request: SnapshotRequest) -> None:
         # Each app on its own: one failing plugin must not keep the others from answering.

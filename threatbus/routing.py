@@ -6,10 +6,13 @@ import logging
 import queue
 import threading
 from collections import defaultdict
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import threatbus
 from threatbus.data import TOPICS, Message
+from threatbus.metrics import Metrics
+from threatbus.policy import Filter, FilterStats
 from threatbus.ratelimit import RateLimitedLog
 
 logger = logging.getLogger(__name__)
@@ -95,13 +98,23 @@ class TopicRouter:
 
 
 class RoutedBackbone:
-    """Mixin for backbones: the ``subscribe`` and ``unsubscribe`` hooks on ``self.router``.
+    """Mixin for backbones: the ``subscribe`` and ``unsubscribe`` hooks on ``self.router``, and the node's policy.
 
     The backbone creates ``self.router = TopicRouter()`` and calls
     ``self.router.route(message)`` for every message it delivers locally.
+
+    A backbone that carries messages between nodes calls ``configure_policy``
+    in ``run``, then ``exporting(message)`` before a message of its apps
+    leaves the node and ``importing(message)`` before it delivers a message
+    that came from another node (``plugins.backbones.<name>.export.filter``
+    and ``.import.filter``, see ``threatbus.policy``).
     """
 
     router: TopicRouter
+    export_filter: Filter | None = None
+    import_filter: Filter | None = None
+    export_stats: FilterStats | None = None
+    import_stats: FilterStats | None = None
 
     @threatbus.backbone
     def subscribe(self, topic: str, queue: Sink) -> None:
@@ -110,6 +123,40 @@ class RoutedBackbone:
     @threatbus.backbone
     def unsubscribe(self, topic: str, queue: Sink) -> None:
         self.router.unsubscribe(topic, queue)
+
+    def configure_policy(self, name: str, config: Any, metrics: Metrics) -> None:
+        """Compile the export and import filters of ``config`` (the bus validated them) and count what they hold."""
+        for direction in ("export", "import"):
+            section = config.get(direction) if isinstance(config, Mapping) else None
+            compiled = Filter.from_config(section, f"plugins.backbones.{name}.{direction}")
+            if compiled is None:
+                continue
+            stats = FilterStats()
+            stats.register(metrics, plugin=name, rule=direction)
+            setattr(self, f"{direction}_filter", compiled)
+            setattr(self, f"{direction}_stats", stats)
+            logger.info("%s: %s filter %s", name, direction, compiled.spec)
+
+    def exporting(self, message: Message) -> bool:
+        """True when ``message`` from this node's apps may leave the node.
+
+        What the export filter holds back is handed to the local subscribers
+        here and now: the node's own apps still get it.
+        """
+        reason = self.export_filter.check(message) if self.export_filter is not None else None
+        if reason is None:
+            return True
+        self.export_stats.held(reason)  # type: ignore[union-attr]
+        self.router.route(message)
+        return False
+
+    def importing(self, message: Message) -> bool:
+        """True when ``message`` from another node may be delivered on this one."""
+        reason = self.import_filter.check(message) if self.import_filter is not None else None
+        if reason is None:
+            return True
+        self.import_stats.held(reason)  # type: ignore[union-attr]
+        return False
 
 
 def _message_ref(message: Message) -> str:

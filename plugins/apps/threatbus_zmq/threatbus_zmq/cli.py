@@ -124,10 +124,26 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--snapshot", type=float, default=0, metavar="DAYS", help="request a snapshot of the last DAYS")
     tail.add_argument("--count", type=int, metavar="N", help="exit after N messages")
     tail.add_argument(
+        "--filter",
+        type=_json_object,
+        metavar="JSON",
+        help='receive only what passes this policy filter, e.g. \'{"tlp": "amber", "min_confidence": 50}\'',
+    )
+    tail.add_argument(
         "--heartbeat", type=float, default=5.0, metavar="SECONDS", help="heartbeat interval (default: %(default)s)"
     )
     _connection_options(tail)
     return parser
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 # ---- publish --------------------------------------------------------------
@@ -312,7 +328,7 @@ def tail(args: argparse.Namespace, out: TextIO) -> int:
     receiver: Receiver | None = None
     p2p = ""
     try:
-        reply = manage.subscribe(topic, args.snapshot)
+        reply = manage.subscribe(topic, args.snapshot, args.filter)
         if not is_success(reply):
             print(f"threatbus-zmq: the bus refused the subscription: {reply}", file=sys.stderr)
             return EXIT_USAGE

@@ -63,8 +63,14 @@ class ManageClient:
             self._socket.close(linger=0)
             self._socket = None
 
-    def subscribe(self, topic: str | list[str], snapshot: float = 0) -> dict[str, Any]:
-        return self.request({"action": "subscribe", "topic": topic, "snapshot": snapshot})
+    def subscribe(
+        self, topic: str | list[str], snapshot: float = 0, filter: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Subscribe; ``filter`` (the keys of ``threatbus.policy``) narrows what this subscriber gets."""
+        request: dict[str, Any] = {"action": "subscribe", "topic": topic, "snapshot": snapshot}
+        if filter is not None:
+            request["filter"] = filter
+        return self.request(request)
 
     def unsubscribe(self, p2p_topic: str) -> dict[str, Any]:
         return self.request({"action": "unsubscribe", "topic": p2p_topic})

@@ -12,6 +12,7 @@ import orjson
 import zmq
 
 from threatbus.data import describe
+from threatbus.policy import Filter, FilterError
 from threatbus.ratelimit import RateLimitedLog
 from threatbus.worker import StoppableWorker
 from threatbus_zmq.subscribers import SubscriptionError, Subscriptions
@@ -37,6 +38,17 @@ def parse_topics(value: Any) -> list[str]:
         if not isinstance(topic, str) or not topic or len(topic) > MAX_TOPIC_LENGTH:
             raise BadRequest(f"each topic must be a non-empty string of at most {MAX_TOPIC_LENGTH} characters")
     return list(dict.fromkeys(topics))
+
+
+def parse_filter(value: Any) -> Filter | None:
+    """The client's own filter (optional ``"filter"``, the keys of ``threatbus.policy``); it narrows the app's."""
+    if value is None:
+        return None
+    try:
+        compiled = Filter(value, "filter")
+    except FilterError as err:
+        raise BadRequest(str(err)) from None
+    return compiled if compiled else None
 
 
 def parse_snapshot(value: Any) -> timedelta:
@@ -126,8 +138,9 @@ class ManageWorker(StoppableWorker):
     def _subscribe(self, request: dict[str, Any]) -> dict[str, Any]:
         topics = parse_topics(request.get("topic"))
         snapshot = parse_snapshot(request.get("snapshot"))
+        client_filter = parse_filter(request.get("filter"))
         try:
-            sub = self.subscriptions.add(topics, snapshot)
+            sub = self.subscriptions.add(topics, snapshot, client_filter)
         except SubscriptionError as err:
             logger.warning("refused subscription to %s: %s", ", ".join(topics), err)
             return {"status": STATUS_ERROR, "reason": str(err)}

@@ -168,6 +168,7 @@ class ZmqApp:
         metrics.counter(DELIVERED, "Messages handed to subscribers", lambda: publisher.delivered, plugin=NAME)
         metrics.counter(DROPPED, "Messages lost to full buffers", subs.dropped, where=NAME, plugin=NAME)
         metrics.gauge(SUBSCRIBERS, "Subscribed apps", lambda: len(subs), plugin=NAME)
+        subs.filtered.register(metrics, plugin=NAME, rule="client")
         metrics.gauge(QUEUE_DEPTH, "Messages waiting in a queue of the node", subs.buffered, queue="zmq-subscribers")
 
     @threatbus.app

@@ -20,6 +20,7 @@ from datetime import timedelta
 from typing import Any
 
 from threatbus.data import TOPIC_SNAPSHOT_ENVELOPE, Message, SnapshotEnvelope, SnapshotRequest
+from threatbus.policy import Filter, FilterStats
 from threatbus_zmq.wire import KINDS, new_p2p_topic
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,16 @@ class Subscription:
     ``collections.deque`` appends and pops are atomic, so no lock is needed.
     """
 
-    def __init__(self, serial: int, p2p_topic: str, topics: list[str], bound: int, ready: queue.SimpleQueue) -> None:
+    def __init__(
+        self,
+        serial: int,
+        p2p_topic: str,
+        topics: list[str],
+        bound: int,
+        ready: queue.SimpleQueue,
+        client_filter: Filter | None = None,
+        filtered: FilterStats | None = None,
+    ) -> None:
         self.serial = serial
         self.p2p_topic = p2p_topic
         self.topics = topics
@@ -56,6 +66,9 @@ class Subscription:
         self.connected = False
         self.last_seen = time.monotonic()
         self._ready = ready
+        # The client's own filter, behind the app's (which the core applies before this queue).
+        self.filter = client_filter
+        self.filtered = filtered or FilterStats()
         prefix = p2p_topic.encode("ascii")
         self._prefixes = {cls: prefix + kind.encode() + b" " for cls, kind in KINDS.items()}
         # Envelopes reach this queue through the snapshot router (ours by
@@ -72,6 +85,11 @@ class Subscription:
         """Buffer ``message`` for the app; when the buffer is full, count it as dropped."""
         if self.closed:
             return
+        if self.filter is not None:
+            reason = self.filter.check(message)
+            if reason is not None:
+                self.filtered.held(reason)
+                return
         if len(self.pending) >= self.bound:
             self.dropped += 1
             return
@@ -123,18 +141,21 @@ class Subscriptions:
         self._by_request: dict[str, Subscription] = {}
         self._serials = itertools.count(1)
         self._retired_dropped = 0
+        self.filtered = FilterStats()  # what client filters held back, all clients together
 
     # ---- manage requests -----------------------------------------------
 
-    def add(self, topics: list[str], snapshot: timedelta) -> Subscription:
-        """Subscribe a new app to ``topics``; request a snapshot if asked."""
+    def add(self, topics: list[str], snapshot: timedelta, client_filter: Filter | None = None) -> Subscription:
+        """Subscribe a new app to ``topics`` behind its own filter, if any; request a snapshot if asked."""
         with self._lock:
             if len(self._by_topic) >= self.max_subscribers:
                 raise SubscriptionError(f"subscriber limit of {self.max_subscribers} reached")
             p2p_topic = new_p2p_topic()
             while p2p_topic in self._by_topic:  # 26**32 topics: never in practice
                 p2p_topic = new_p2p_topic()
-        sub = Subscription(next(self._serials), p2p_topic, topics, self.buffer_size, self._ready)
+        sub = Subscription(
+            next(self._serials), p2p_topic, topics, self.buffer_size, self._ready, client_filter, self.filtered
+        )
         snapshot_ids: list[str] = []
         subscribed: list[str] = []
         try:
@@ -152,9 +173,10 @@ class Subscriptions:
             for snapshot_id in snapshot_ids:
                 self._by_request[snapshot_id] = sub
         logger.info(
-            "%s subscribed%s; %d subscribers",
+            "%s subscribed%s%s; %d subscribers",
             sub,
             f" with a snapshot of {snapshot}" if snapshot_ids else "",
+            f" behind its filter {client_filter.spec}" if client_filter is not None else "",
             len(self._by_topic),
         )
         return sub

@@ -47,6 +47,10 @@ class InMemoryBackbone(RoutedBackbone):
             DELIVERED, "Messages handed to local subscribers", lambda: self.router.delivered, plugin="inmem"
         )
         metrics.counter(DROPPED, "Messages lost to full queues", lambda: self.router.dropped, where="inmem")
+        sections = [config.get(direction) for direction in ("export", "import")] if config else []
+        if any(isinstance(section, dict) and section.get("filter") for section in sections):
+            # One node, no other nodes: everything stays local, so export and import filters change nothing.
+            logger.info("inmem: export and import filters have no effect (no other nodes)")
         self.worker = _Distributor(inq, self.router)
         self.worker.start()
         logger.info("in-memory backbone running on node '%s'", node.name)

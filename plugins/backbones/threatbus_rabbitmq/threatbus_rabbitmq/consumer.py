@@ -19,13 +19,13 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
-from threatbus.data import TOPIC_INDICATOR, TOPIC_SIGHTING, decode, describe
+from threatbus.data import TOPIC_INDICATOR, TOPIC_SIGHTING, Message, decode, describe
 from threatbus.routing import TopicRouter
 from threatbus_rabbitmq.connection import AmqpWorker
 from threatbus_rabbitmq.settings import BrokerSettings
@@ -74,9 +74,13 @@ class Consumer(AmqpWorker):
 
     role = "consumer"
 
-    def __init__(self, settings: BrokerSettings, router: TopicRouter) -> None:
+    def __init__(
+        self, settings: BrokerSettings, router: TopicRouter, importing: Callable[[Message], bool] | None = None
+    ) -> None:
         super().__init__(settings)
         self.router = router
+        # The node's import filter (RoutedBackbone.importing), for messages other nodes published.
+        self.importing = importing
         self.dedup = Deduplicator(settings.dedup_window)
         self.consumed = 0
         self.rejected = 0
@@ -250,7 +254,7 @@ class Consumer(AmqpWorker):
 
     # ---- the hot path --------------------------------------------------
 
-    def _on_message(self, channel: Channel, method: Basic.Deliver, _properties: BasicProperties, body: bytes) -> None:
+    def _on_message(self, channel: Channel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
         self.consumed += 1
         try:
             message = decode(body)
@@ -263,6 +267,12 @@ class Consumer(AmqpWorker):
             return
         if repeated:
             self.duplicates += 1
+        elif (
+            self.importing is not None
+            and properties.app_id != self.settings.queue_name  # our own messages passed the export filter
+            and not self.importing(message)
+        ):
+            pass  # held back by the import filter, counted there
         else:
             try:
                 self.router.route(message)

@@ -56,8 +56,9 @@ class RabbitMQBackbone(RoutedBackbone):
         self.settings = settings
         self.outbox = Outbox(settings.outbox_size)
         self.publisher = Publisher(settings, self.outbox)
-        self.consumer = Consumer(settings, self.router)
-        self.feeder = Feeder(inq, self.outbox, self.publisher)
+        self.configure_policy(NAME, config, metrics)
+        self.consumer = Consumer(settings, self.router, importing=self.importing)
+        self.feeder = Feeder(inq, self.outbox, self.publisher, exporting=self.exporting)
         self._register_metrics(metrics, self.publisher, self.consumer, self.outbox, self.feeder)
         logger.info(
             "RabbitMQ backbone on node '%s': broker %s, exchange '%s'%s, %s queue '%s' (durable=%s, lazy=%s)",

@@ -15,6 +15,7 @@ import queue
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import pika
@@ -83,8 +84,10 @@ class Publisher(AmqpWorker):
         self._in_flight: dict[int, Message] = {}
         self._next_tag = 1
         self._oldest_tag = 1
+        # app_id (our queue's name, unique per node) lets our consumer tell our own messages from other
+        # nodes' for the import filter; original nodes ignore it.
         self._properties = pika.BasicProperties(
-            content_type="application/json", delivery_mode=2 if settings.persistent else 1
+            content_type="application/json", delivery_mode=2 if settings.persistent else 1, app_id=settings.queue_name
         )
         self._shutdown_deadline: float | None = None
         self._shutdown_timer: Any = None
@@ -238,17 +241,27 @@ class Publisher(AmqpWorker):
 class Feeder(StoppableWorker):
     """Moves messages from the bus's ``inq`` into the outbox and wakes the publisher."""
 
-    def __init__(self, inq: queue.Queue[Message], outbox: Outbox, publisher: Publisher) -> None:
+    def __init__(
+        self,
+        inq: queue.Queue[Message],
+        outbox: Outbox,
+        publisher: Publisher,
+        exporting: Callable[[Message], bool] | None = None,
+    ) -> None:
         super().__init__(name="rabbitmq-feeder")
         self.inq = inq
         self.outbox = outbox
         self.publisher = publisher
+        # The node's export filter (RoutedBackbone.exporting): False keeps a message on the node.
+        self.exporting = exporting
         self.invalid = 0
 
     def _take(self, message: Any) -> None:
         if not isinstance(message, Message):
             self.invalid += 1
             logger.error("feeder: dropped an object that is not a Threat Bus message: %r", type(message).__name__)
+            return
+        if self.exporting is not None and not self.exporting(message):
             return
         if self.outbox.put(message):
             self.publisher.wake()
