@@ -79,12 +79,7 @@ class Bus:
                 "Each backbone already delivers to every local subscriber, so two would deliver everything twice"
             )
         validators = config.core_validators()
-        # Policy filters (threatbus.policy): every app gets one, every backbone an export and an import filter.
-        for name in self.plugin_names(self.apps):
-            validators.extend(policy.validators(f"plugins.apps.{name}", allow_list=True))
-        for name in self.plugin_names(self.backbones):
-            for direction in ("export", "import"):
-                validators.extend(policy.validators(f"plugins.backbones.{name}.{direction}"))
+        validators.extend(policy.node_validators(self.plugin_names(self.apps), self.plugin_names(self.backbones)))
         for manager in (self.backbones, self.apps):
             for plugin_validators in manager.hook.config_validators():
                 validators.extend(plugin_validators or [])

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from threatbus import __version__, cluster, config, plugins
+from threatbus import __version__, cluster, config, explain, plugins
 from threatbus import logging as threatbus_logging
 from threatbus.bus import Bus
 from threatbus.errors import ConfigError, ThreatBusError
@@ -66,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("check", parents=[sub_option], help="validate the config and plugins, then exit")
     commands.add_parser("plugins", parents=[sub_option], help="list installed and configured plugins")
     cluster.add_parser(commands)
+    explain.add_parser(commands, parents=[sub_option])
     return parser
 
 
@@ -130,6 +131,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cluster.command(args)
         if args.command == "plugins":
             return list_plugins(args.config)
+        if args.command == "policy":
+            return explain.command(args, sys.stdout)
         bus = prepare(args.config)
         if args.command == "check":
             return check(bus)

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any
 
@@ -362,8 +362,16 @@ class FilterValidator(Validator):
 
 
 def validators(prefix: str, allow_list: bool = False) -> list[Validator]:
-    """The validators of ``<prefix>.filter``; the core adds them for every app and backbone."""
+    """The validators of ``<prefix>.filter``."""
     return [FilterValidator(f"{prefix}.filter", allow_list=allow_list)]
+
+
+def node_validators(apps: Iterable[str], backbones: Iterable[str]) -> list[Validator]:
+    """Every filter of a node: one per app, an export and an import filter per backbone. The core adds these."""
+    found = [FilterValidator(f"plugins.apps.{name}.filter", allow_list=True) for name in apps]
+    for name in backbones:
+        found.extend(FilterValidator(f"plugins.backbones.{name}.{way}.filter") for way in ("export", "import"))
+    return found
 
 
 # ---- applying filters ----------------------------------------------------
