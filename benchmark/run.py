@@ -30,6 +30,7 @@ if not __package__:  # run as a script (python benchmark/run.py): make the packa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmark.nodes import Broker, broker_missing, loadavg, machine_busy, plugin_missing, stop_nodes
+from benchmark.policy import policy_scenario
 from benchmark.scenarios import (
     PROFILES,
     Profile,
@@ -45,12 +46,13 @@ from benchmark.stats import ratio
 logger = logging.getLogger("benchmark")
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = ("inmem", "ceiling", "rabbitmq", "fanout")
+SCENARIOS = ("inmem", "ceiling", "rabbitmq", "fanout", "policy")
 
 TARGET_INMEM_MSGS_PER_S = 10_000
 TARGET_CEILING_RATIO = 0.5
 TARGET_P99_MS = 10.0
 TARGET_P99_RATE = 1000
+TARGET_FILTER_US = 5.0  # a typical policy filter, per evaluation: small beside a delivery's cost
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -195,6 +197,17 @@ def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
             "met": None if p99 is None else p99 < TARGET_P99_MS,
         }
     )
+    typical = scenarios.get("policy", {})
+    filter_us = typical.get("filters", {}).get(typical.get("typical"), {}).get("us_per_evaluation_median")
+    rows.append(
+        {
+            "name": "policy filter: µs per evaluation (typical filter, mixed intel)",
+            "target": f"< {TARGET_FILTER_US}",
+            "measured": filter_us,
+            "ratio_to_target": ratio(filter_us, TARGET_FILTER_US),
+            "met": None if filter_us is None else filter_us < TARGET_FILTER_US,
+        }
+    )
     return rows
 
 
@@ -280,6 +293,8 @@ class Runner:
             self.attempt("ceiling", self.ceiling, broker_down)
         if {"rabbitmq"} & self.selected or "rabbitmq" in fanout_on:
             self.attempt("rabbitmq", self.rabbitmq, zmq_missing, rabbit_missing, broker_down)
+        if "policy" in self.selected:
+            self.attempt("policy", lambda: policy_scenario(self.profile.name == "quick"))
         if {"ceiling", "rabbitmq"} <= self.selected and "ceiling" in self.scenarios and "rabbitmq" in self.scenarios:
             # The ceiling once more after the bus, so that drifting load on the machine shows up.
             again = self.attempt("ceiling-after", lambda: self.ceiling(again=True))
@@ -405,6 +420,11 @@ def summary(result: dict[str, Any]) -> str:
                 f"  fanout {backbone:<8} {row['subscribers']:>3} subs: {sat['msgs_per_s']} msg/s = {sat['deliveries_per_s']} "
                 f"deliveries/s, lost {sat['lost']}; at {lat['offered_rate']}/s p99 {lat['p99_ms']} ms"
             )
+    for name, data in scenarios.get("policy", {}).get("filters", {}).items():
+        lines.append(
+            f"  policy  {name:<17} {data['us_per_evaluation_median']} µs per evaluation "
+            f"(best {data['us_per_evaluation_best']}), holds back {data['held_back_of_mix']}"
+        )
     for backbone, nodes in scenarios.get("memory", {}).items():
         for node, data in nodes.items():
             lines.append(

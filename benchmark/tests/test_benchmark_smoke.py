@@ -114,3 +114,14 @@ def test_memory_summary_tells_flat_from_growing() -> None:
     assert leak["flat"] is False
     assert leak["slope_second_half_kb_per_10k_msgs"] == pytest.approx(1000, rel=0.01)
     assert leak["messages"] == count
+
+
+def test_policy_scenario_measures_every_filter_in_microseconds() -> None:
+    from benchmark.policy import FILTERS, policy_scenario
+
+    result = policy_scenario(quick=True)
+    assert set(result["filters"]) == set(FILTERS)
+    assert result["filters"]["empty"]["held_back_of_mix"] == "0/10"
+    assert result["filters"]["tlp_boundary"]["held_back_of_mix"] == "3/10"  # RED (1.0 and 2.0), AMBER+STRICT
+    for data in result["filters"].values():
+        assert 0 < data["us_per_evaluation_best"] <= data["us_per_evaluation_median"] < 1_000
