@@ -188,3 +188,25 @@ def test_tail_follows_a_restarted_bus(configured_bus, tmp_path):
             if restarted is not None:
                 restarted.stop()
         assert code == 0
+
+
+def test_tail_with_a_filter_prints_only_what_passes_it(process_bus, tmp_path: Path):
+    from threatbus.testing import intel_mix
+
+    mix = intel_mix()
+    tail = Tail("--raw", "--filter", '{"tlp": "green", "min_confidence": 50}', *connection(process_bus))
+    try:
+        tail.wait_for_stderr("tailing stix2")
+        path = tmp_path / "mix.jsonl"
+        path.write_bytes(b"\n".join(item.encode() for item in mix.values()))
+        result = run_cli("publish", str(path), *connection(process_bus))
+        assert result.returncode == 0, result.stderr
+        # clear (70), white (95), unmarked_noconf (no confidence): in publishing order.
+        expected = [mix[name].id for name in ("clear", "white", "unmarked_noconf")]
+        assert [orjson.loads(line)["id"] for line in tail.lines(3)] == expected
+    finally:
+        assert tail.stop() == 0
+    bad = run_cli("tail", "--filter", "[1]", *connection(process_bus))
+    assert bad.returncode == 2 and b"must be a JSON object" in bad.stderr
+    refused = run_cli("tail", "--filter", '{"tlp": "pink"}', *connection(process_bus))
+    assert refused.returncode != 0 and b"filter.tlp must be one of" in refused.stderr
