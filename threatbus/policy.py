@@ -305,9 +305,9 @@ def _normalise(spec: Mapping[str, Any] | None, key: str) -> dict[str, Any]:
                 raise FilterError(f"{where} must be one of {', '.join(TLP_LEVELS)}, got {value!r}")
             out[name] = value.lower()
         elif name == "unmarked":
-            if value not in ("allow", "deny"):
+            if not isinstance(value, str) or value.lower() not in ("allow", "deny"):
                 raise FilterError(f"{where} must be allow or deny, got {value!r}")
-            out[name] = value
+            out[name] = value.lower()
         elif name == "min_confidence":
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
                 raise FilterError(f"{where} must be an integer from 0 to 100, got {value!r}")
