@@ -75,3 +75,27 @@ def test_a_garbage_client_filter_gets_an_error_reply_and_the_bus_keeps_serving(i
     assert is_success(manage.subscribe("stix2", 0, {"tlp": "amber"}))
     assert is_success(manage.subscribe("stix2"))  # old clients: no filter key at all
     manage.close()
+
+
+@pytest.mark.parametrize("kind", ["inprocess", "process"])
+def test_snapshot_answers_obey_the_app_and_client_filters(configured_bus, kind):
+    from threatbus.data import SnapshotEnvelope
+
+    with configured_bus(kind, filter=APP_FILTER) as target:
+        answerer = target.fake_app("stix2/indicator")
+        manage = target.manage_client()
+        reply = manage.subscribe("stix2/indicator", 1, CLIENTS["sensor"][0])
+        assert is_success(reply), reply
+        requester = Receiver(target.host, reply["pub_port"], reply["topic"], target.context)
+        manage.close()
+        try:
+            kind_name, request = answerer.recv()
+            assert kind_name == "snapshotrequest"
+            mix = intel_mix()
+            names = {item.id: name for name, item in mix.items()}
+            end = _sentinel()
+            for item in [*mix.values(), end]:
+                answerer.send(SnapshotEnvelope.wrap(request, item))
+            assert _received_until(requester, end.id, names) == CLIENTS["sensor"][1]
+        finally:
+            requester.close()
