@@ -69,7 +69,9 @@ def run(
         The queue is any object with ``put_nowait`` (``routing.Sink``); the
         backbone never blocks on it: a bounded ``queue.Queue``
         loses (and counts) what does not fit; an unbounded
-        ``queue.SimpleQueue`` is the fastest hand-over.
+        ``queue.SimpleQueue`` is the fastest hand-over. With a policy filter
+        configured for the app (``plugins.apps.<name>.filter``) only what
+        passes it reaches ``queue``, snapshot answers included.
     :param unsubscribe: ``unsubscribe(topic, queue)`` ends a subscription.
     :param node: the identity of this bus node.
     :param metrics: register read-outs of the plugin's counters here, under

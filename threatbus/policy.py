@@ -97,7 +97,7 @@ def tlp_level(payload: dict[str, Any]) -> int | None:
 
 
 class Filter:
-    """A compiled filter. Immutable, thread-safe; ``check`` is the hot path."""
+    """A compiled filter; thread-safe. ``check`` is the hot path."""
 
     __slots__ = ("_checks", "_cutoff", "_cutoff_at", "_removal_checks", "max_age", "spec", "tlp")
 
