@@ -422,8 +422,9 @@ def summary(result: dict[str, Any]) -> str:
             )
     for name, data in scenarios.get("policy", {}).get("filters", {}).items():
         lines.append(
-            f"  policy  {name:<17} {data['us_per_evaluation_median']} µs per evaluation "
-            f"(best {data['us_per_evaluation_best']}), holds back {data['held_back_of_mix']}"
+            f"  policy  {name:<17} {data['us_per_evaluation_median']} µs CPU per evaluation "
+            f"(best {data['us_per_evaluation_best']}, passing messages {data['us_per_passing_evaluation_median']}), "
+            f"holds back {data['held_back_of_mix']}"
         )
     for backbone, nodes in scenarios.get("memory", {}).items():
         for node, data in nodes.items():
