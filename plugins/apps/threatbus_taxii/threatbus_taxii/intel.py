@@ -1,0 +1,140 @@
+"""TAXII out, the data: the bus's current indicators, as the served collection shows them.
+
+The bus delivers indicator versions to ``IntelFolder``, which folds them
+into ``ServedIntel`` with the bus's one definition of the lifecycle
+(``threatbus.lifecycle``): the latest ``modified`` per id counts; removals,
+revoked and expired indicators are not served. Each served version gets a
+``date_added`` (when this node took it), strictly increasing, which TAXII
+clients use as their ``added_after`` position.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+from threatbus.data import Indicator, Message, SnapshotEnvelope
+from threatbus.lifecycle import Change, IntelState
+from threatbus.worker import StoppableWorker
+
+logger = logging.getLogger(__name__)
+
+# Removed and expired indicators are remembered this long, so an older version arriving late stays ignored.
+TOMBSTONE_AGE = timedelta(days=30)
+PRUNE_EVERY = timedelta(hours=1)
+
+
+def date_added_text(when: datetime) -> str:
+    """TAXII timestamps with microseconds: positions must tell apart versions taken in the same millisecond."""
+    return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def policy_allows(payload: dict[str, Any]) -> bool:
+    """Whether an active indicator may leave the bus through the TAXII collection.
+
+    The one place where policy filters (TLP, confidence, sources) apply to
+    TAXII out; everything passes until the bus has policies.
+    """
+    return True
+
+
+@dataclass(frozen=True)
+class Served:
+    """One served object: the version's payload and when this node added it."""
+
+    date_added: datetime
+    payload: dict[str, Any]
+
+    @property
+    def date_added_text(self) -> str:
+        return date_added_text(self.date_added)
+
+
+class ServedIntel:
+    """The current version of every indicator the bus delivered, with its date added.
+
+    Thread-safe: the folder worker writes, the HTTP worker reads.
+    """
+
+    def __init__(self, clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state = IntelState()
+        self._added: dict[str, datetime] = {}
+        self._last_added = datetime.min.replace(tzinfo=timezone.utc)
+
+    def apply(self, payload: dict[str, Any]) -> Change:
+        """Take one indicator version from the bus; returns what it changed."""
+        with self._lock:
+            applied = self._state.apply(payload)
+            if applied.change in (Change.ADDED, Change.REPLACED):
+                now = self._clock()
+                # Strictly increasing, so `added_after=<last date seen>` never skips or repeats a version.
+                self._last_added = max(now, self._last_added + timedelta(microseconds=1))
+                self._added[payload["id"]] = self._last_added
+            elif applied.change is Change.REMOVED:
+                self._added.pop(payload["id"], None)
+            return applied.change
+
+    def served(self, now: datetime | None = None) -> list[Served]:
+        """What the collection serves at ``now``, oldest date added first."""
+        now = now or self._clock()
+        with self._lock:
+            items = [
+                Served(self._added[payload["id"]], payload)
+                for payload in self._state.active(now)
+                if payload["id"] in self._added and policy_allows(payload)
+            ]
+        items.sort(key=lambda item: item.date_added)
+        return items
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._added)
+
+    def prune(self, now: datetime | None = None) -> int:
+        """Forget removals and expired indicators older than ``TOMBSTONE_AGE``."""
+        now = now or self._clock()
+        with self._lock:
+            gone = self._state.prune(now - TOMBSTONE_AGE)
+            for indicator_id in [i for i in self._added if i not in self._state]:
+                del self._added[indicator_id]
+            return gone
+
+
+class IntelFolder(StoppableWorker):
+    """Drains the plugin's subscription into ``ServedIntel``."""
+
+    def __init__(self, source: queue.Queue[Message] | queue.SimpleQueue[Message], intel: ServedIntel) -> None:
+        super().__init__(name="taxii-intel")
+        self.source = source
+        self.intel = intel
+        self.folded = 0
+        self.rejected = 0
+
+    def run(self) -> None:
+        next_prune = datetime.now(timezone.utc) + PRUNE_EVERY
+        for message in self.drain(self.source):
+            if isinstance(message, SnapshotEnvelope):
+                message = message.stix
+            if not isinstance(message, Indicator):
+                continue
+            try:
+                self.intel.apply(message.payload)
+                self.folded += 1
+            except (KeyError, ValueError, TypeError) as err:
+                # Validated where it entered the bus, but another node may run older code.
+                self.rejected += 1
+                logger.warning("cannot serve indicator %s over TAXII: %s", message.payload.get("id"), err)
+            now = datetime.now(timezone.utc)
+            if now >= next_prune:
+                self.intel.prune(now)
+                next_prune = now + PRUNE_EVERY
+
+
+__all__ = ["IntelFolder", "Served", "ServedIntel", "date_added_text", "policy_allows"]

@@ -1,0 +1,136 @@
+"""The TAXII app plugin: TAXII 2.1 collections in (polling), the bus's intel out (a served collection).
+
+Both directions are optional and independent: polling runs when ``url`` is
+set, serving when ``serve.enabled`` is true.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import threatbus
+from threatbus.data import TOPIC_INDICATOR, Message, SnapshotRequest
+from threatbus.errors import PluginError
+from threatbus.metrics import APP_RECEIVED, APP_REJECTED, QUEUE_DEPTH, Metrics
+from threatbus.worker import StoppableWorker, stop_workers
+from threatbus_taxii.intel import IntelFolder, ServedIntel
+from threatbus_taxii.poller import PollStats, TaxiiPoller
+from threatbus_taxii.positions import PositionStore
+from threatbus_taxii.server import AuthGate, IntelBackend, TaxiiServer, create_app
+from threatbus_taxii.settings import PLUGIN, TaxiiSettings, validators
+
+logger = logging.getLogger(__name__)
+
+SKIPPED = "threatbus_taxii_skipped"  # counter: polled STIX objects that are neither indicators nor sightings
+POLLS = "threatbus_taxii_polls"  # counter: polls that read every collection
+POLL_ERRORS = "threatbus_taxii_poll_errors"  # counter: polls that failed (then retried with backoff)
+POLL_OK = "threatbus_taxii_poll_ok"  # gauge: 1 while the last poll succeeded
+SERVED = "threatbus_taxii_served"  # gauge: indicators the served collection holds
+SERVE_REQUESTS = "threatbus_taxii_serve_requests"  # counter: TAXII requests answered from the served intel
+SERVE_REFUSED = "threatbus_taxii_serve_refused"  # counter: TAXII requests refused for bad credentials
+
+
+class TaxiiApp:
+    """Threat Bus app plugin ``taxii``."""
+
+    def __init__(self) -> None:
+        self.settings: TaxiiSettings | None = None
+        self.stats = PollStats()
+        self.intel = ServedIntel()
+        self.intel_queue: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self.poller: TaxiiPoller | None = None
+        self.folder: IntelFolder | None = None
+        self.server: TaxiiServer | None = None
+        self.backend: IntelBackend | None = None
+        self.gate: AuthGate | None = None
+        self._unsubscribe: Callable[..., None] | None = None
+
+    @property
+    def workers(self) -> list[StoppableWorker]:
+        return [w for w in (self.poller, self.server, self.folder) if w is not None]
+
+    @threatbus.app
+    def config_validators(self) -> list[Any]:
+        return validators()
+
+    @threatbus.app
+    def run(
+        self,
+        config: Any,
+        publish_queue: queue.SimpleQueue[Message],
+        subscribe: Callable[..., list[str]],
+        unsubscribe: Callable[..., None],
+        metrics: Metrics,
+    ) -> None:
+        settings = self.settings = TaxiiSettings.from_config(config)
+        if not settings.poll.enabled and not settings.serve.enabled:
+            logger.warning("TAXII app configured with neither url (polling) nor serve.enabled: it does nothing")
+        try:
+            if settings.poll.enabled:
+                positions = PositionStore(settings.poll.state_dir)
+                positions.load()
+                self.poller = TaxiiPoller(settings.poll, positions, publish_queue, self.stats)
+            if settings.serve.enabled:
+                self.backend = IntelBackend(self.intel, settings.serve)
+                app, self.gate = create_app(self.backend, settings.serve)
+                self.server = TaxiiServer(app, settings.serve.host, settings.serve.port)
+                self.folder = IntelFolder(self.intel_queue, self.intel)
+        except PluginError:
+            if self.server is not None:
+                self.server.close()
+            raise
+        self._register_metrics(metrics)
+        for worker in self.workers:
+            worker.start()
+        if self.server is not None:
+            self._unsubscribe = unsubscribe
+            snapshot = timedelta(days=settings.serve.snapshot_days)
+            subscribe(TOPIC_INDICATOR, self.intel_queue, snapshot=snapshot)
+            logger.info(
+                "serving the bus's intel as TAXII 2.1 collection %s at %s%s/ (%s)",
+                settings.serve.collection_id,
+                self.server.url,
+                settings.serve.api_root,
+                "basic auth" if settings.serve.users else "no authentication",
+            )
+
+    def _register_metrics(self, metrics: Metrics) -> None:
+        stats = self.stats
+        if self.poller is not None:
+            metrics.counter(APP_RECEIVED, "Messages apps gave this node", lambda: stats.received, plugin=PLUGIN)
+            metrics.counter(APP_REJECTED, "Input rejected as invalid", lambda: stats.rejected, plugin=PLUGIN)
+            metrics.counter(SKIPPED, "Polled STIX objects that are not intel", lambda: stats.skipped, plugin=PLUGIN)
+            metrics.counter(POLLS, "TAXII polls that read every collection", lambda: stats.polls, plugin=PLUGIN)
+            metrics.counter(POLL_ERRORS, "TAXII polls that failed", lambda: stats.errors, plugin=PLUGIN)
+            metrics.gauge(POLL_OK, "1 while the last TAXII poll succeeded", lambda: int(stats.healthy), plugin=PLUGIN)
+        if self.backend is not None:
+            backend, gate = self.backend, self.gate
+            metrics.gauge(
+                SERVED, "Indicators in the served collection", lambda: len(self.intel.served()), plugin=PLUGIN
+            )
+            metrics.counter(SERVE_REQUESTS, "TAXII object requests served", lambda: backend.requests, plugin=PLUGIN)
+            metrics.counter(SERVE_REFUSED, "TAXII requests with bad credentials", lambda: gate.refused, plugin=PLUGIN)
+            metrics.gauge(QUEUE_DEPTH, "Messages waiting in a queue of the node", self.intel_queue.qsize, queue=PLUGIN)
+
+    @threatbus.app
+    def stop(self) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe(TOPIC_INDICATOR, self.intel_queue)
+            self._unsubscribe = None
+        stop_workers(self.workers)
+
+    @threatbus.app
+    def snapshot(self, snapshot_request: SnapshotRequest, result_queue: queue.SimpleQueue[Message]) -> None:
+        """Answers nothing: polled intel is published as it arrives and kept by the bus's intel history.
+
+        The served collection holds other apps' intel; answering from it
+        would send it back to them.
+        """
+        logger.debug("TAXII app does not answer snapshot %s", snapshot_request.snapshot_id)
+
+
+__all__ = ["TaxiiApp"]

@@ -1,0 +1,351 @@
+"""TAXII out, the protocol: medallion's TAXII 2.1 views over a backend that reads ``ServedIntel``.
+
+medallion (the OASIS reference server) implements the endpoints, the
+content negotiation and the errors; ``IntelBackend`` is its pluggable
+backend, answering from the plugin's state: one API root with one
+read-only collection. medallion keeps its Flask app and user table in
+module globals, so the plugin builds a Flask app of its own, registers
+medallion's blueprints on it, and checks credentials itself in front of it
+(``AuthGate``), which also allows anonymous access.
+"""
+
+from __future__ import annotations
+
+import base64
+import hmac
+import logging
+import secrets
+import socket
+from collections.abc import Callable, Iterable
+from datetime import datetime
+from typing import Any
+
+import medallion
+import orjson
+from flask import Flask, request
+from medallion.backends.base import Backend
+from medallion.exceptions import BackendError, ProcessingError
+from medallion.views import MEDIA_TYPE_TAXII_V21, collections, discovery, manifest, objects
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+
+from threatbus.errors import PluginError
+from threatbus.lifecycle import parse_timestamp
+from threatbus.worker import POLL_INTERVAL, StoppableWorker
+from threatbus_taxii.intel import Served, ServedIntel
+from threatbus_taxii.settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+# medallion adds a console handler of its own on import; Threat Bus configures logging once, in its CLI.
+logging.getLogger(medallion.__name__).removeHandler(medallion.ch)
+
+MEDIA_TYPE_STIX_V21 = "application/stix+json;version=2.1"
+# Seconds a client may take to send its request before the (one-at-a-time) server drops it.
+CLIENT_TIMEOUT = 10
+
+
+class IntelBackend(Backend):
+    """A medallion backend with one API root and one read-only collection: the served intel."""
+
+    def __init__(self, intel: ServedIntel, settings: ServeSettings) -> None:
+        self.intel = intel
+        self.settings = settings
+        self.requests = 0
+
+    # ---- server, API root, collection ----------------------------------
+
+    def server_discovery(self) -> dict[str, Any]:
+        root = f"{request.host_url}{self.settings.api_root}/"
+        return {
+            "title": "Threat Bus",
+            "description": "Threat intelligence currently active on this Threat Bus",
+            "default": root,
+            "api_roots": [root],
+        }
+
+    def get_api_root_information(self, api_root: str) -> dict[str, Any] | None:
+        if api_root != self.settings.api_root:
+            return None
+        return {
+            "title": "Threat Bus",
+            "description": "Read-only intel of the bus",
+            "versions": [MEDIA_TYPE_TAXII_V21],
+            "max_content_length": 0,
+        }
+
+    def _collection(self) -> dict[str, Any]:
+        return {
+            "id": self.settings.collection_id,
+            "title": self.settings.title,
+            "description": self.settings.description,
+            "can_read": True,
+            "can_write": False,
+            "media_types": [MEDIA_TYPE_STIX_V21],
+        }
+
+    def get_collections(self, api_root: str) -> dict[str, Any] | None:
+        if api_root != self.settings.api_root:
+            return None
+        return {"collections": [self._collection()]}
+
+    def get_collection(self, api_root: str, collection_id: str) -> dict[str, Any] | None:
+        if api_root != self.settings.api_root or collection_id != self.settings.collection_id:
+            return None
+        return self._collection()
+
+    def get_status(self, api_root: str, status_id: str) -> None:
+        return None  # read-only: no add requests, so no statuses
+
+    # ---- objects ---------------------------------------------------------
+
+    def get_objects(
+        self, api_root: str, collection_id: str, filter_args: dict[str, str], allowed_filters: Iterable[str], limit: int
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        page, more, headers = self._page(filter_args, allowed_filters, limit)
+        return _envelope("objects", [item.payload for item in page], more, page), headers
+
+    def get_object_manifest(
+        self, api_root: str, collection_id: str, filter_args: dict[str, str], allowed_filters: Iterable[str], limit: int
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        page, more, headers = self._page(filter_args, allowed_filters, limit)
+        entries = [
+            {
+                "id": item.payload["id"],
+                "date_added": item.date_added_text,
+                "version": _version(item.payload),
+                "media_type": MEDIA_TYPE_STIX_V21,
+            }
+            for item in page
+        ]
+        return _envelope("objects", entries, more, page), headers
+
+    def get_object(
+        self,
+        api_root: str,
+        collection_id: str,
+        object_id: str,
+        filter_args: dict[str, str],
+        allowed_filters: Iterable[str],
+        limit: int,
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        page, more, headers = self._page({**filter_args, "match[id]": object_id}, ("id", *allowed_filters), limit)
+        if not page:
+            raise ProcessingError(f"Object '{object_id}' not found", 404)
+        return _envelope("objects", [item.payload for item in page], more, page), headers
+
+    def get_object_versions(
+        self,
+        api_root: str,
+        collection_id: str,
+        object_id: str,
+        filter_args: dict[str, str],
+        allowed_filters: Iterable[str],
+        limit: int,
+    ) -> tuple[dict[str, Any], dict[str, str]]:
+        page, _, headers = self._page({"match[id]": object_id}, ("id",), limit)
+        if not page:
+            raise ProcessingError(f"Object '{object_id}' not found", 404)
+        return {"more": False, "versions": [_version(item.payload) for item in page]}, headers
+
+    def add_objects(self, *args: Any, **kwargs: Any) -> None:
+        raise ProcessingError("This collection is read-only", 403)
+
+    def delete_object(self, *args: Any, **kwargs: Any) -> None:
+        raise ProcessingError("This collection is read-only", 403)
+
+    def _page(
+        self, filter_args: dict[str, str], allowed_filters: Iterable[str], limit: int
+    ) -> tuple[list[Served], bool, dict[str, str]]:
+        """One page of the served intel after the filters, oldest date added first.
+
+        ``next`` is the date added of the last object returned: stateless
+        paging that neither skips nor repeats while the intel changes.
+        """
+        self.requests += 1
+        items = _filtered(self.intel.served(), filter_args, set(allowed_filters))
+        after = filter_args.get("next")
+        if after:
+            cursor = _parse_time(after, "next")
+            items = [item for item in items if item.date_added > cursor]
+        page = items[:limit]
+        more = len(items) > limit
+        headers = {}
+        if page:
+            headers["X-TAXII-Date-Added-First"] = page[0].date_added_text
+            headers["X-TAXII-Date-Added-Last"] = page[-1].date_added_text
+        return page, more, headers
+
+
+def _version(payload: dict[str, Any]) -> str:
+    return payload.get("modified") or payload.get("created") or ""
+
+
+def _envelope(key: str, items: list[Any], more: bool, page: list[Served]) -> dict[str, Any]:
+    envelope: dict[str, Any] = {"more": more}
+    if items:
+        envelope[key] = items
+    if more:
+        envelope["next"] = page[-1].date_added_text
+    return envelope
+
+
+def _parse_time(value: str, name: str) -> datetime:
+    try:
+        return parse_timestamp(value)
+    except (ValueError, IndexError):
+        raise ProcessingError(f"The server did not understand the '{name}' parameter: {value[:40]!r}", 400) from None
+
+
+def _filtered(items: list[Served], filter_args: dict[str, str], allowed: set[str]) -> list[Served]:
+    """The TAXII 2.1 filters on the one current version of each object."""
+    added_after = filter_args.get("added_after")
+    if added_after:
+        since = _parse_time(added_after, "added_after")
+        items = [item for item in items if item.date_added > since]
+    wanted_ids = filter_args.get("match[id]")
+    if wanted_ids and "id" in allowed:
+        ids = set(wanted_ids.split(","))
+        items = [item for item in items if item.payload["id"] in ids]
+    wanted_types = filter_args.get("match[type]")
+    if wanted_types and "type" in allowed:
+        types = set(wanted_types.split(","))
+        items = [item for item in items if item.payload.get("type") in types]
+    wanted_versions = filter_args.get("match[version]")
+    if wanted_versions and "version" in allowed:
+        versions = set(wanted_versions.split(","))
+        # One version per object is served: it is the first, the last and (with "all") every version.
+        if not versions & {"first", "last", "all"}:
+            stamps = {_parse_time(v, "match[version]") for v in versions}
+            items = [
+                item for item in items if _version(item.payload) and parse_timestamp(_version(item.payload)) in stamps
+            ]
+    wanted_specs = filter_args.get("match[spec_version]")
+    if wanted_specs and "spec_version" in allowed and "2.1" not in wanted_specs.split(","):
+        items = []
+    return items
+
+
+class AuthGate:
+    """WSGI middleware: HTTP basic auth against the configured users, or anonymous access without users.
+
+    medallion's views insist on basic auth against the user table of the
+    app; after our check the request carries an internal credential that
+    only that table knows.
+    """
+
+    REALM = "Threat Bus TAXII"
+
+    def __init__(self, app: Callable[..., Any], users: dict[str, str], internal: tuple[str, str]) -> None:
+        self.app = app
+        self.users = {user.encode(): password.encode() for user, password in users.items()}
+        self.internal = "Basic " + base64.b64encode(f"{internal[0]}:{internal[1]}".encode()).decode()
+        self.refused = 0
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        if self.users and not self._authorised(environ.get("HTTP_AUTHORIZATION", "")):
+            self.refused += 1
+            logger.info("TAXII request from %s refused: bad or missing credentials", environ.get("REMOTE_ADDR"))
+            body = orjson.dumps({"title": "Unauthorized", "http_status": "401", "description": "credentials needed"})
+            start_response(
+                "401 UNAUTHORIZED",
+                [
+                    ("Content-Type", MEDIA_TYPE_TAXII_V21),
+                    ("Content-Length", str(len(body))),
+                    ("WWW-Authenticate", f'Basic realm="{self.REALM}"'),
+                ],
+            )
+            return [body]
+        environ["HTTP_AUTHORIZATION"] = self.internal
+        return self.app(environ, start_response)
+
+    def _authorised(self, header: str) -> bool:
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            user, _, password = base64.b64decode(encoded, validate=True).partition(b":")
+        except ValueError:
+            return False
+        expected = self.users.get(user)
+        # Compare something even for unknown users, so timing does not tell which users exist.
+        return hmac.compare_digest(password, expected or secrets.token_bytes(16)) and expected is not None
+
+
+def create_app(backend: IntelBackend, settings: ServeSettings) -> tuple[Flask, AuthGate]:
+    """A Flask app with medallion's TAXII 2.1 views over ``backend``, behind ``AuthGate``."""
+    app = Flask(__name__)
+    internal = ("threatbus-internal", secrets.token_urlsafe(24))
+    # The attributes medallion's views and its auth callback read from the current app.
+    app.medallion_backend = backend  # type: ignore[attr-defined]
+    app.taxii_config = {"max_page_size": settings.max_page_size}  # type: ignore[attr-defined]
+    app.users_backend = {internal[0]: internal[1]}  # type: ignore[attr-defined]
+    for blueprint in (collections.collections_bp, discovery.discovery_bp, manifest.manifest_bp, objects.objects_bp):
+        app.register_blueprint(blueprint)
+    app.register_error_handler(ProcessingError, medallion.handle_processing_error)
+    app.register_error_handler(BackendError, medallion.handle_backend_error)
+    app.register_error_handler(500, medallion.handle_error)
+    gate = AuthGate(app.wsgi_app, settings.users, internal)
+    app.wsgi_app = gate  # type: ignore[method-assign]
+    return app, gate
+
+
+class _RequestHandler(WSGIRequestHandler):
+    timeout = CLIENT_TIMEOUT
+
+    def log(self, type: str, message: str, *args: Any) -> None:
+        text = f"TAXII {self.address_string()}: {message % args if args else message}".rstrip()
+        if type == "error":
+            logger.warning("%s", text)
+        else:
+            logger.debug("%s", text)
+
+
+class TaxiiServer(StoppableWorker):
+    """Serves the TAXII app with werkzeug, one request at a time, until stopped.
+
+    The socket is bound in the constructor (bind errors become
+    ``PluginError`` at start); ``run`` handles requests and looks at the stop
+    flag every ``POLL_INTERVAL``.
+    """
+
+    def __init__(self, app: Flask, host: str, port: int) -> None:
+        super().__init__(name="taxii-server")
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            family = infos[0][0]
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind(infos[0][4])
+                listener.listen(64)
+                # werkzeug exits the process on bind errors: it gets a socket that is already bound.
+                self.server: BaseWSGIServer = make_server(
+                    host, port, app, request_handler=_RequestHandler, fd=listener.fileno()
+                )
+            finally:
+                listener.close()  # werkzeug works on its own duplicate of the descriptor
+        except OSError as err:
+            raise PluginError(f"cannot serve TAXII on {host}:{port}: {err}") from err
+        self.server.timeout = POLL_INTERVAL
+        self.host = host
+        self.port = self.server.server_address[1]
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/"
+
+    def run(self) -> None:
+        try:
+            while not self.stopping:
+                self.server.handle_request()
+        finally:
+            self.server.server_close()
+
+    def close(self) -> None:
+        """Release the socket of a server that was never started."""
+        if self.ident is None:
+            self.server.server_close()
+
+
+__all__ = ["AuthGate", "IntelBackend", "TaxiiServer", "create_app"]

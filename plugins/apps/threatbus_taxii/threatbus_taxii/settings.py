@@ -1,0 +1,231 @@
+"""The plugin's config section ``plugins.apps.taxii``: validators and the settings built from it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from dynaconf import Validator
+
+from threatbus.config import option
+
+PLUGIN = "taxii"
+PREFIX = f"plugins.apps.{PLUGIN}"
+
+# Stable default id of the served collection, so TAXII clients keep their configuration across restarts.
+DEFAULT_COLLECTION_ID = "a36ff26e-bc3e-5ba4-9d73-ba8bc710e8fe"
+
+
+def _is_http_url(value: str) -> bool:
+    parsed = urlparse(value)
+    return parsed.scheme in ("http", "https") and bool(parsed.netloc)
+
+
+def _both_or_neither(first: str, second: str) -> Validator:
+    """``second`` must be set (non-empty) whenever ``first`` is."""
+    return Validator(
+        f"{PREFIX}.{second}",
+        condition=bool,
+        when=Validator(f"{PREFIX}.{first}", condition=bool),
+        messages={"condition": f"{PREFIX}.{second} is required when {PREFIX}.{first} is set"},
+    )
+
+
+def _excludes(first: str, second: str) -> Validator:
+    return Validator(
+        f"{PREFIX}.{second}",
+        condition=lambda value: not value,
+        when=Validator(f"{PREFIX}.{first}", condition=bool),
+        messages={"condition": f"{PREFIX}.{second} cannot be combined with {PREFIX}.{first}"},
+    )
+
+
+def validators() -> list[Validator]:
+    positive = {"check": lambda seconds: seconds > 0, "expected": "a number of seconds > 0"}
+    return [
+        # TAXII in: polling. Off while url is empty.
+        option(
+            f"{PREFIX}.url",
+            str,
+            default="",
+            check=lambda url: url == "" or _is_http_url(url),
+            expected="an http(s) URL of a TAXII 2.1 API root or discovery endpoint",
+        ),
+        option(
+            f"{PREFIX}.collections",
+            list,
+            default=[],
+            check=lambda ids: all(isinstance(i, str) and i for i in ids),
+            expected="a list of collection ids",
+        ),
+        option(f"{PREFIX}.username", str, default=""),
+        option(f"{PREFIX}.password", str, default=""),
+        _both_or_neither("username", "password"),
+        _both_or_neither("password", "username"),
+        option(f"{PREFIX}.api_key", str, default=""),
+        option(f"{PREFIX}.api_key_header", str, default="Authorization", check=bool, expected="an HTTP header name"),
+        _excludes("api_key", "username"),
+        option(f"{PREFIX}.tls.ca_file", str, default=""),
+        option(f"{PREFIX}.tls.cert_file", str, default=""),
+        option(f"{PREFIX}.tls.key_file", str, default=""),
+        option(f"{PREFIX}.tls.verify", bool, default=True),
+        option(f"{PREFIX}.poll_interval", (int, float), default=300, **positive),
+        option(f"{PREFIX}.timeout", (int, float), default=10, **positive),
+        option(
+            f"{PREFIX}.page_size",
+            int,
+            default=500,
+            check=lambda n: 0 < n <= 100_000,
+            expected="a number of objects per request (1-100000)",
+        ),
+        option(f"{PREFIX}.state_dir", str, default="taxii-state", check=bool, expected="a directory path"),
+        # TAXII out: serving the bus's intel. Off by default.
+        option(f"{PREFIX}.serve.enabled", bool, default=False),
+        option(f"{PREFIX}.serve.host", str, default="127.0.0.1", check=bool, expected="a host name or IP address"),
+        option(
+            f"{PREFIX}.serve.port",
+            int,
+            default=9470,
+            check=lambda p: 0 <= p < 65536,
+            expected="a TCP port (1-65535) or 0 for any free port",
+        ),
+        option(
+            f"{PREFIX}.serve.api_root", str, default="threatbus", check=_is_path_segment, expected="a URL path segment"
+        ),
+        option(
+            f"{PREFIX}.serve.collection_id",
+            str,
+            default=DEFAULT_COLLECTION_ID,
+            check=_is_path_segment,
+            expected="a collection id (a UUID)",
+        ),
+        option(f"{PREFIX}.serve.title", str, default="Threat Bus intel"),
+        option(f"{PREFIX}.serve.description", str, default="The indicators currently active on the bus"),
+        option(
+            f"{PREFIX}.serve.users",
+            dict,
+            default={},
+            check=lambda users: all(isinstance(u, str) and u and isinstance(p, str) and p for u, p in users.items()),
+            expected="a mapping of user names to passwords",
+        ),
+        option(
+            f"{PREFIX}.serve.max_page_size",
+            int,
+            default=1000,
+            check=lambda n: 0 < n <= 100_000,
+            expected="a number of objects (1-100000)",
+        ),
+        option(
+            f"{PREFIX}.serve.snapshot",
+            (int, float),
+            default=0,
+            check=lambda days: 0 <= days < 100_000,
+            expected="a number of days >= 0",
+        ),
+    ]
+
+
+def _is_path_segment(value: str) -> bool:
+    return bool(value) and all(c.isalnum() or c in "-_.~" for c in value)
+
+
+@dataclass(frozen=True)
+class PollSettings:
+    """Where and how to poll (TAXII in)."""
+
+    url: str = ""
+    collections: tuple[str, ...] = ()
+    username: str = ""
+    password: str = ""
+    api_key: str = ""
+    api_key_header: str = "Authorization"
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    verify: bool = True
+    poll_interval: float = 300.0
+    timeout: float = 10.0
+    page_size: int = 500
+    state_dir: Path = Path("taxii-state")
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.url)
+
+    @property
+    def is_discovery(self) -> bool:
+        """A discovery URL (``.../taxii2/``) lists API roots; anything else is an API root."""
+        return (
+            urlparse(self.url).path.rstrip("/").endswith("/taxii2") or urlparse(self.url).path.rstrip("/") == "taxii2"
+        )
+
+    def tls_verify(self) -> bool | str:
+        """The ``verify`` of requests: a CA bundle, or whether to check the server's certificate."""
+        if not self.verify:
+            return False
+        return self.ca_file or True
+
+    def client_cert(self) -> tuple[str, str] | str | None:
+        if not self.cert_file:
+            return None
+        return (self.cert_file, self.key_file) if self.key_file else self.cert_file
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """The read-only TAXII collection of the bus's intel (TAXII out)."""
+
+    enabled: bool = False
+    host: str = "127.0.0.1"
+    port: int = 9470
+    api_root: str = "threatbus"
+    collection_id: str = DEFAULT_COLLECTION_ID
+    title: str = "Threat Bus intel"
+    description: str = "The indicators currently active on the bus"
+    users: dict[str, str] = field(default_factory=dict)
+    max_page_size: int = 1000
+    snapshot_days: float = 0
+
+
+@dataclass(frozen=True)
+class TaxiiSettings:
+    poll: PollSettings = field(default_factory=PollSettings)
+    serve: ServeSettings = field(default_factory=ServeSettings)
+
+    @classmethod
+    def from_config(cls, config: Any) -> TaxiiSettings:
+        """Settings from the validated section (defaults already applied by the validators)."""
+        config = config or {}
+        tls = config.get("tls") or {}
+        serve = config.get("serve") or {}
+        poll = PollSettings(
+            url=config.get("url") or "",
+            collections=tuple(config.get("collections") or ()),
+            username=config.get("username") or "",
+            password=config.get("password") or "",
+            api_key=config.get("api_key") or "",
+            api_key_header=config.get("api_key_header") or "Authorization",
+            ca_file=tls.get("ca_file") or "",
+            cert_file=tls.get("cert_file") or "",
+            key_file=tls.get("key_file") or "",
+            verify=bool(tls.get("verify", True)),
+            poll_interval=float(config.get("poll_interval") or 300),
+            timeout=float(config.get("timeout") or 10),
+            page_size=int(config.get("page_size") or 500),
+            state_dir=Path(config.get("state_dir") or "taxii-state"),
+        )
+        served = ServeSettings(
+            enabled=bool(serve.get("enabled", False)),
+            host=serve.get("host") or "127.0.0.1",
+            port=int(serve.get("port", 9470)),
+            api_root=serve.get("api_root") or "threatbus",
+            collection_id=serve.get("collection_id") or DEFAULT_COLLECTION_ID,
+            title=serve.get("title") or "Threat Bus intel",
+            description=serve.get("description") or "",
+            users={str(user): str(password) for user, password in (serve.get("users") or {}).items()},
+            max_page_size=int(serve.get("max_page_size") or 1000),
+            snapshot_days=float(serve.get("snapshot") or 0),
+        )
+        return cls(poll=poll, serve=served)
