@@ -1,0 +1,188 @@
+"""TAXII out: the bus's current intel as a read-only TAXII 2.1 collection, read with taxii2-client."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+import requests
+from taxii2client.v21 import ApiRoot, Collection, Server, as_pages
+from threatbus_taxii import TaxiiApp
+from threatbus_taxii.intel import ServedIntel
+from threatbus_taxii.plugin import SERVE_REFUSED, SERVED
+from threatbus_taxii.settings import DEFAULT_COLLECTION_ID
+
+from threatbus.bus import Bus
+from threatbus.data import Indicator
+from threatbus.errors import PluginError
+from threatbus.stix import timestamp
+from threatbus.testing import indicator, running_bus, wait_until
+
+READER, READER_PASSWORD = "reader", "let-me-read"
+TAXII_JSON = "application/taxii+json;version=2.1"
+
+
+@contextmanager
+def serving(**serve: Any) -> Iterator[tuple[Bus, TaxiiApp, str]]:
+    """A bus with the TAXII app serving on a free port; yields the bus, the app and the API root URL."""
+    app = TaxiiApp()
+    config = {"serve": {"enabled": True, "port": 0, "users": {READER: READER_PASSWORD}, **serve}}
+    with running_bus(apps={"taxii": app}, plugin_config={"apps": {"taxii": config}}) as bus:
+        assert app.server is not None
+        yield bus, app, f"{app.server.url}threatbus/"
+
+
+def collection(root: str, user: str | None = READER, password: str | None = READER_PASSWORD) -> Collection:
+    return Collection(f"{root}collections/{DEFAULT_COLLECTION_ID}/", user=user, password=password)
+
+
+def served_ids(root: str) -> set[str]:
+    return {obj["id"] for obj in collection(root).get_objects().get("objects", [])}
+
+
+def version(payload: dict[str, Any], **changes: Any) -> Indicator:
+    """A later version of an indicator."""
+    later = (datetime.now(timezone.utc) + timedelta(seconds=1)).replace(microsecond=0)
+    return Indicator({**payload, "modified": timestamp(later), **changes})
+
+
+def test_indicators_on_the_bus_are_served_and_removals_disappear():
+    with serving() as (bus, _, root):
+        first, second, third = indicator("6.6.6.6"), indicator("7.7.7.7"), indicator("8.8.8.8")
+        for message in (first, second, third):
+            bus.publish_queue.put(message)
+        wait_until(lambda: served_ids(root) == {first.id, second.id, third.id}, what="three served indicators")
+
+        bus.publish_queue.put(version(first.payload, x_threatbus_update="REMOVE"))
+        bus.publish_queue.put(version(second.payload, revoked=True))
+        wait_until(lambda: served_ids(root) == {third.id}, what="removal and revocation applied")
+
+        # A newer version replaces the served one; an older one arriving late is ignored.
+        newer = version(third.payload, confidence=90)
+        bus.publish_queue.put(newer)
+        wait_until(lambda: collection(root).get_object(third.id)["objects"][0].get("confidence") == 90)
+        bus.publish_queue.put(Indicator({**third.payload, "confidence": 1}))
+        bus.publish_queue.put(indicator("9.9.9.9"))  # a marker: delivered after the stale version
+        wait_until(lambda: len(served_ids(root)) == 2)
+        assert collection(root).get_object(third.id)["objects"][0]["confidence"] == 90
+
+
+def test_expired_indicators_are_not_served():
+    clock = [datetime.now(timezone.utc)]
+    intel = ServedIntel(clock=lambda: clock[0])
+    soon = timestamp(clock[0] + timedelta(minutes=5))
+    intel.apply(indicator("6.6.6.6", valid_until=soon).payload)
+    intel.apply(indicator("7.7.7.7").payload)
+    intel.apply(indicator("8.8.8.8", valid_until=timestamp(clock[0] - timedelta(minutes=5))).payload)
+    assert len(intel.served()) == 2
+    clock[0] += timedelta(minutes=6)
+    assert [s.payload["pattern"] for s in intel.served()] == ["[ipv4-addr:value = '7.7.7.7']"]
+
+
+def test_discovery_api_root_and_collection_metadata():
+    with serving() as (_, _, root):
+        server = Server(root.replace("threatbus/", "taxii2/"), user=READER, password=READER_PASSWORD)
+        assert [r.url for r in server.api_roots] == [root]
+        api_root = ApiRoot(root, user=READER, password=READER_PASSWORD)
+        (served,) = api_root.collections
+        assert (served.id, served.title, served.can_read, served.can_write) == (
+            DEFAULT_COLLECTION_ID,
+            "Threat Bus intel",
+            True,
+            False,
+        )
+
+
+def test_paging_and_added_after_give_every_indicator_once():
+    with serving(max_page_size=10) as (bus, app, root):
+        sent = [indicator(f"10.1.0.{i}") for i in range(25)]
+        for message in sent:
+            bus.publish_queue.put(message)
+        wait_until(lambda: len(app.intel.served()) == 25)
+        pages = list(as_pages(collection(root).get_objects, per_request=10))
+        assert [len(p["objects"]) for p in pages] == [10, 10, 5]
+        assert [o["id"] for p in pages for o in p["objects"]] == [m.id for m in sent]
+
+        # A client's position: the last date added it saw. Only what came later is new.
+        manifest = [m for p in as_pages(collection(root).get_manifest, per_request=10) for m in p["objects"]]
+        assert [m["id"] for m in manifest] == [m.id for m in sent]
+        position = manifest[-1]["date_added"]
+        last_page = _get(
+            f"{root}collections/{DEFAULT_COLLECTION_ID}/objects/", params={"added_after": manifest[19]["date_added"]}
+        )
+        assert last_page.headers["X-TAXII-Date-Added-Last"] == position
+        later = indicator("10.2.0.1")
+        bus.publish_queue.put(later)
+        wait_until(lambda: len(app.intel.served()) == 26)
+        assert [o["id"] for o in collection(root).get_objects(added_after=position)["objects"]] == [later.id]
+
+        manifest = collection(root).get_manifest(added_after=position)["objects"]
+        assert [(m["id"], m["version"]) for m in manifest] == [(later.id, later.payload["modified"])]
+
+
+def test_credentials_are_checked_and_refusals_counted():
+    with serving() as (bus, app, root):
+        bus.publish_queue.put(indicator())
+        wait_until(lambda: app.intel.served())
+        for user, password in ((None, None), (READER, "wrong"), ("nobody", READER_PASSWORD)):
+            with pytest.raises(requests.HTTPError, match="401"):
+                collection(root, user, password).get_objects()
+        assert app.gate is not None and app.gate.refused == 3
+        assert len(collection(root).get_objects()["objects"]) == 1
+
+
+def test_without_users_anyone_may_read():
+    with serving(users={}) as (bus, app, root):
+        bus.publish_queue.put(indicator())
+        wait_until(lambda: app.intel.served())
+        assert len(collection(root, None, None).get_objects()["objects"]) == 1
+
+
+def test_the_collection_is_read_only_and_garbage_requests_get_taxii_errors():
+    with serving() as (bus, app, root):
+        bus.publish_queue.put(indicator())
+        wait_until(lambda: app.intel.served())
+        objects = f"{root}collections/{DEFAULT_COLLECTION_ID}/objects/"
+        posted = requests.post(
+            objects,
+            data=b'{"objects": []}',
+            auth=(READER, READER_PASSWORD),
+            headers={"Accept": TAXII_JSON, "Content-Type": TAXII_JSON},
+            timeout=5,
+        )
+        assert posted.status_code == 403
+        assert _get(objects, params={"added_after": "yesterday"}).status_code == 400
+        assert _get(objects, params={"next": "garbage"}).status_code == 400
+        assert _get(objects, params={"limit": "-1"}).status_code == 400
+        assert _get(objects, accept="text/html").status_code == 406
+        assert _get(f"{objects}indicator--00000000-0000-4000-8000-000000000000/").status_code == 404
+        assert _get(f"{root}collections/nope/objects/").status_code == 404
+        assert _get(root.replace("threatbus/", "other/")).status_code == 404
+        # Still serving after all that.
+        assert _get(objects).json()["objects"][0]["type"] == "indicator"
+
+
+def test_metrics_count_served_intel_and_refusals():
+    with serving() as (bus, app, root):
+        bus.publish_queue.put(indicator())
+        wait_until(lambda: app.intel.served())
+        requests.get(root, timeout=5)
+        assert bus.metrics.value(SERVED, plugin="taxii") == 1
+        assert bus.metrics.value(SERVE_REFUSED, plugin="taxii") == 1
+
+
+def test_a_port_in_use_is_a_plugin_error():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(PluginError, match=f"cannot serve TAXII on 127.0.0.1:{port}"), serving(port=port):
+            pass
+
+
+def _get(url: str, params: dict[str, str] | None = None, accept: str = TAXII_JSON) -> requests.Response:
+    return requests.get(url, params=params, auth=(READER, READER_PASSWORD), headers={"Accept": accept}, timeout=5)
