@@ -7,6 +7,7 @@ import json
 import queue
 from collections.abc import Iterator
 from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from threatbus.data import Indicator, Message, Sighting
 from threatbus.errors import ConfigError, PluginError
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, Metrics
 from threatbus.testing import assert_nothing_more, collect, settings_from, wait_until
+from threatbus.worker import StoppableWorker
 
 
 def validated(config: dict[str, Any]) -> Any:
@@ -223,3 +225,93 @@ def test_bad_config_names_the_key(config, message):
 def test_the_api_root_constant_matches_the_server(medallion):
     assert medallion.url.endswith(f"/{API_ROOT}/")
     assert stix_object("identity")["type"] == "identity"
+
+
+class GarbageServer(StoppableWorker):
+    """An HTTP server that answers every request with ``responses[path]`` (status, content type, body)."""
+
+    def __init__(self, responses: dict[str, tuple[int, str, bytes]]) -> None:
+        super().__init__(name="garbage-taxii")
+        self.responses = responses
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                status, content_type, body = responses.get(self.path.split("?")[0], (404, "text/plain", b"no"))
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.server.timeout = 0.2
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/api1/"
+
+    def run(self) -> None:
+        try:
+            while not self.stopping:
+                self.server.handle_request()
+        finally:
+            self.server.server_close()
+
+
+TAXII = "application/taxii+json;version=2.1"
+COLLECTION = "8f5b5c38-6b7d-4d1b-9d43-3f1e4a3f6a11"
+
+
+@pytest.mark.parametrize(
+    ("objects_answer", "problem"),
+    [
+        ((200, "text/html", b"<html>maintenance</html>"), "Unexpected Response"),
+        ((200, TAXII, b"{not json"), "Invalid JSON"),
+        ((200, TAXII, b'{"objects": {"type": "indicator"}}'), "'objects' is not a list"),
+        ((500, TAXII, b'{"title": "boom"}'), "500 Server Error"),
+    ],
+)
+def test_garbage_from_the_server_fails_the_poll_and_is_retried(tmp_path, caplog, objects_answer, problem):
+    root = {"title": "garbage", "versions": [TAXII], "max_content_length": 1000}
+    collections = {"collections": [{"id": COLLECTION, "title": "c", "can_read": True, "can_write": False}]}
+    server = GarbageServer(
+        {
+            "/api1/": (200, TAXII, json.dumps(root).encode()),
+            "/api1/collections/": (200, TAXII, json.dumps(collections).encode()),
+            f"/api1/collections/{COLLECTION}/objects/": objects_answer,
+        }
+    )
+    server.start()
+    try:
+        config = {"url": server.url, "poll_interval": 0.2, "state_dir": str(tmp_path / "state")}
+        with polling(config) as (app, published, metrics):
+            wait_until(lambda: app.stats.errors >= 2, timeout=20, what="two failed polls")
+            assert metrics.value(POLL_OK, plugin="taxii") == 0
+            assert_nothing_more(published, within=0.1)
+    finally:
+        server.stop()
+        server.join(5)
+    assert problem in caplog.text
+
+
+def test_non_objects_in_a_page_are_rejected_and_the_rest_published(tmp_path):
+    good = stix_indicator("192.0.2.99")
+    page = {"more": False, "objects": ["a string", 42, None, good]}
+    collections = {"collections": [{"id": COLLECTION, "title": "c", "can_read": True, "can_write": False}]}
+    server = GarbageServer(
+        {
+            "/api1/": (200, TAXII, json.dumps({"title": "g", "versions": [TAXII]}).encode()),
+            "/api1/collections/": (200, TAXII, json.dumps(collections).encode()),
+            f"/api1/collections/{COLLECTION}/objects/": (200, TAXII, json.dumps(page).encode()),
+        }
+    )
+    server.start()
+    try:
+        config = {"url": server.url, "poll_interval": 60, "state_dir": str(tmp_path / "state")}
+        with polling(config) as (app, published, metrics):
+            assert ids(collect(published, 1)) == [good["id"]]
+            wait_until(lambda: app.stats.polls == 1)
+            assert metrics.value(APP_REJECTED, plugin="taxii") == 3
+    finally:
+        server.stop()
+        server.join(5)

@@ -22,7 +22,7 @@ from taxii2client.exceptions import TAXIIServiceException
 from taxii2client.v21 import ApiRoot, Collection, Server
 
 from threatbus import stix
-from threatbus.data import Message, from_payload
+from threatbus.data import Message, describe, from_payload
 from threatbus.errors import DecodeError
 from threatbus.worker import Backoff, StoppableWorker
 from threatbus_taxii.positions import PositionStore
@@ -258,7 +258,11 @@ class TaxiiPoller(StoppableWorker):
 
     def _take(self, obj: Any, collection: Collection) -> None:
         """Publish one STIX object if it is valid intel; count and drop everything else."""
-        kind = obj.get("type") if isinstance(obj, dict) else None
+        if not isinstance(obj, dict):
+            self.stats.rejected += 1
+            logger.warning("dropping a non-object from TAXII collection %s: %s", collection.id, describe(repr(obj)))
+            return
+        kind = obj.get("type")
         if kind not in INTEL_TYPES:
             self.stats.skipped += 1
             self.stats.skipped_types[str(kind)] += 1
