@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import queue
+import shutil
 import socket
+import subprocess
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -17,10 +21,12 @@ from threatbus_taxii.plugin import SERVE_REFUSED, SERVED
 from threatbus_taxii.settings import DEFAULT_COLLECTION_ID
 
 from threatbus.bus import Bus
+from threatbus.config import section, validate
 from threatbus.data import Indicator
 from threatbus.errors import PluginError
+from threatbus.metrics import Metrics
 from threatbus.stix import timestamp
-from threatbus.testing import indicator, running_bus, wait_until
+from threatbus.testing import collect, indicator, running_bus, settings_from, unavailable, wait_until
 
 READER, READER_PASSWORD = "reader", "let-me-read"
 TAXII_JSON = "application/taxii+json;version=2.1"
@@ -186,3 +192,90 @@ def test_a_port_in_use_is_a_plugin_error():
 
 def _get(url: str, params: dict[str, str] | None = None, accept: str = TAXII_JSON) -> requests.Response:
     return requests.get(url, params=params, auth=(READER, READER_PASSWORD), headers={"Accept": accept}, timeout=5)
+
+
+def _self_signed(directory: Path) -> tuple[Path, Path]:
+    if shutil.which("openssl") is None:
+        unavailable("openssl is needed to make a test certificate")
+    cert, key = directory / "server.pem", directory / "server.key"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    return cert, key
+
+
+def test_tls_serving_with_a_certificate_and_garbage_connections(tmp_path, monkeypatch):
+    # requests prefers these to a client's own CA file; taxii2-client offers no way around that.
+    monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
+    monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    cert, key = _self_signed(tmp_path)
+    with serving(tls={"cert_file": str(cert), "key_file": str(key)}) as (bus, app, root):
+        assert root.startswith("https://127.0.0.1:")
+        bus.publish_queue.put(indicator())
+        wait_until(lambda: app.intel.served())
+        # Plain HTTP and raw garbage on the TLS port, and a client that says nothing: dropped, serving goes on.
+        with pytest.raises(requests.ConnectionError):
+            requests.get(root.replace("https://", "http://"), timeout=5)
+        with socket.create_connection(("127.0.0.1", app.server.port)) as raw:
+            raw.sendall(b"\x00\xff garbage \r\n\r\n")
+        with pytest.raises(requests.exceptions.SSLError):
+            requests.get(root, timeout=5)  # the self-signed certificate is not trusted
+        trusted = Collection(
+            f"{root}collections/{DEFAULT_COLLECTION_ID}/", user=READER, password=READER_PASSWORD, verify=str(cert)
+        )
+        assert len(trusted.get_objects()["objects"]) == 1
+
+
+def test_garbage_on_the_plain_port_is_answered_or_dropped_and_serving_goes_on():
+    with serving() as (bus, app, root):
+        bus.publish_queue.put(indicator())
+        wait_until(lambda: app.intel.served())
+        for junk in (
+            b"\x00\xff\xfe garbage\r\n\r\n",
+            b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+            b"BREW / HTCPCP/1.0\r\n\r\n",
+        ):
+            with socket.create_connection(("127.0.0.1", app.server.port)) as raw:
+                raw.sendall(junk)
+                raw.settimeout(5)
+                raw.recv(1024)  # an error answer or the connection closed
+        assert len(collection(root).get_objects()["objects"]) == 1
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_a_poller_reads_a_served_collection_over_tls_with_its_ca_file(tmp_path):
+    """TAXII out of one app into TAXII in of another; tls.ca_file wins over REQUESTS_CA_BUNDLE."""
+    cert, key = _self_signed(tmp_path)
+    with serving(tls={"cert_file": str(cert), "key_file": str(key)}) as (bus, app, root):
+        sent = [indicator(f"10.3.0.{i}") for i in range(3)]
+        for message in sent:
+            bus.publish_queue.put(message)
+        wait_until(lambda: len(app.intel.served()) == 3)
+        for name, tls in (("ca", {"ca_file": str(cert)}), ("unverified", {"verify": False})):
+            reader = TaxiiApp()
+            config = {
+                "url": root,
+                "username": READER,
+                "password": READER_PASSWORD,
+                "tls": tls,
+                "poll_interval": 30,
+                "state_dir": str(tmp_path / name),
+            }
+            settings = settings_from({"plugins": {"apps": {"taxii": config}}})
+            validate(settings, reader.config_validators())
+            published: queue.SimpleQueue[Any] = queue.SimpleQueue()
+            reader.run(
+                config=section(settings, "apps", "taxii"),
+                publish_queue=published,
+                subscribe=lambda *a, **k: [],
+                unsubscribe=lambda *a: None,
+                metrics=Metrics("reader"),
+            )
+            try:
+                assert [m.id for m in collect(published, 3)] == [m.id for m in sent]
+            finally:
+                reader.stop()

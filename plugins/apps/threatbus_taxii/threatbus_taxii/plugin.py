@@ -20,7 +20,7 @@ from threatbus.worker import StoppableWorker, stop_workers
 from threatbus_taxii.intel import IntelFolder, ServedIntel
 from threatbus_taxii.poller import PollStats, TaxiiPoller
 from threatbus_taxii.positions import PositionStore
-from threatbus_taxii.server import AuthGate, IntelBackend, TaxiiServer, create_app
+from threatbus_taxii.server import AuthGate, IntelBackend, TaxiiServer, create_app, server_tls
 from threatbus_taxii.settings import PLUGIN, TaxiiSettings, validators
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,8 @@ class TaxiiApp:
             if settings.serve.enabled:
                 self.backend = IntelBackend(self.intel, settings.serve)
                 app, self.gate = create_app(self.backend, settings.serve)
-                self.server = TaxiiServer(app, settings.serve.host, settings.serve.port)
+                tls = server_tls(settings.serve.cert_file, settings.serve.key_file)
+                self.server = TaxiiServer(app, settings.serve.host, settings.serve.port, tls)
                 self.folder = IntelFolder(self.intel_queue, self.intel)
         except PluginError:
             if self.server is not None:

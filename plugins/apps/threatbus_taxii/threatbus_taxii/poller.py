@@ -61,16 +61,25 @@ class _ApiKey(requests.auth.AuthBase):
         return request
 
 
-class _TimeoutAdapter(HTTPAdapter):
-    """taxii2-client passes no timeout: without one a stalled server would block the poller forever."""
+class _Adapter(HTTPAdapter):
+    """Puts the configured timeout and certificate checks on every request.
 
-    def __init__(self, timeout: float) -> None:
+    taxii2-client passes no timeout: without one a stalled server would block
+    the poller forever. requests lets REQUESTS_CA_BUNDLE in the environment
+    win over a session's CA file: the configured ``tls.ca_file`` and
+    ``tls.verify: false`` must win.
+    """
+
+    def __init__(self, timeout: float, verify: bool | str) -> None:
         super().__init__()
         self.timeout = timeout
+        self.verify = verify
 
     def send(self, request: requests.PreparedRequest, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         if kwargs.get("timeout") is None:
             kwargs["timeout"] = self.timeout
+        if self.verify is not True:
+            kwargs["verify"] = self.verify
         return super().send(request, **kwargs)
 
 
@@ -94,7 +103,7 @@ class TaxiiConnection:
             cert=settings.client_cert(),
             user_agent="threatbus-taxii",
         )
-        adapter = _TimeoutAdapter(settings.timeout)
+        adapter = _Adapter(settings.timeout, settings.tls_verify())
         self.conn.session.mount("http://", adapter)
         self.conn.session.mount("https://", adapter)
         self.conn.session.hooks["response"].append(self._remember)

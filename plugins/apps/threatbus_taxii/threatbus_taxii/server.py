@@ -16,6 +16,7 @@ import hmac
 import logging
 import secrets
 import socket
+import ssl
 from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
@@ -26,7 +27,7 @@ from flask import Flask, request
 from medallion.backends.base import Backend
 from medallion.exceptions import BackendError, ProcessingError
 from medallion.views import MEDIA_TYPE_TAXII_V21, collections, discovery, manifest, objects
-from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler, make_server
+from werkzeug.serving import BaseWSGIServer, WSGIRequestHandler
 
 from threatbus.errors import PluginError
 from threatbus.lifecycle import parse_timestamp
@@ -300,15 +301,22 @@ class _RequestHandler(WSGIRequestHandler):
             logger.debug("%s", text)
 
 
+class _Server(BaseWSGIServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # socketserver would print the traceback to stderr; one bad request must not do more than this.
+        logger.exception("TAXII request from %s failed", client_address)
+
+
 class TaxiiServer(StoppableWorker):
     """Serves the TAXII app with werkzeug, one request at a time, until stopped.
 
     The socket is bound in the constructor (bind errors become
     ``PluginError`` at start); ``run`` handles requests and looks at the stop
-    flag every ``POLL_INTERVAL``.
+    flag every ``POLL_INTERVAL``. With TLS, the handshake happens on the
+    first read, under the client's timeout, not in ``accept``.
     """
 
-    def __init__(self, app: Flask, host: str, port: int) -> None:
+    def __init__(self, app: Flask, host: str, port: int, tls: ssl.SSLContext | None = None) -> None:
         super().__init__(name="taxii-server")
         try:
             infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
@@ -319,21 +327,23 @@ class TaxiiServer(StoppableWorker):
                 listener.bind(infos[0][4])
                 listener.listen(64)
                 # werkzeug exits the process on bind errors: it gets a socket that is already bound.
-                self.server: BaseWSGIServer = make_server(
-                    host, port, app, request_handler=_RequestHandler, fd=listener.fileno()
-                )
+                self.server = _Server(host, port, app, handler=_RequestHandler, fd=listener.fileno())
             finally:
                 listener.close()  # werkzeug works on its own duplicate of the descriptor
         except OSError as err:
             raise PluginError(f"cannot serve TAXII on {host}:{port}: {err}") from err
+        if tls is not None:
+            self.server.socket = tls.wrap_socket(self.server.socket, server_side=True, do_handshake_on_connect=False)
+            self.server.ssl_context = tls  # werkzeug: https URLs, TLS errors logged per request
         self.server.timeout = POLL_INTERVAL
         self.host = host
         self.port = self.server.server_address[1]
+        self.scheme = "https" if tls is not None else "http"
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/"
+        return f"{self.scheme}://{host}:{self.port}/"
 
     def run(self) -> None:
         try:
@@ -348,4 +358,16 @@ class TaxiiServer(StoppableWorker):
             self.server.server_close()
 
 
-__all__ = ["AuthGate", "IntelBackend", "TaxiiServer", "create_app"]
+def server_tls(cert_file: str, key_file: str) -> ssl.SSLContext | None:
+    """The server's TLS context from its certificate and key, None without them."""
+    if not cert_file:
+        return None
+    try:
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(cert_file, key_file or None)
+    except (OSError, ssl.SSLError) as err:
+        raise PluginError(f"plugins.apps.taxii.serve.tls: cannot load certificate and key: {err}") from err
+    return context
+
+
+__all__ = ["AuthGate", "IntelBackend", "TaxiiServer", "create_app", "server_tls"]

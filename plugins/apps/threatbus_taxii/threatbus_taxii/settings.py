@@ -124,6 +124,9 @@ def validators() -> list[Validator]:
             check=lambda days: 0 <= days < 100_000,
             expected="a number of days >= 0",
         ),
+        option(f"{PREFIX}.serve.tls.cert_file", str, default=""),
+        option(f"{PREFIX}.serve.tls.key_file", str, default=""),
+        _both_or_neither("serve.tls.cert_file", "serve.tls.key_file"),
     ]
 
 
@@ -187,6 +190,8 @@ class ServeSettings:
     users: dict[str, str] = field(default_factory=dict)
     max_page_size: int = 1000
     snapshot_days: float = 0
+    cert_file: str = ""
+    key_file: str = ""
 
 
 @dataclass(frozen=True)
@@ -200,6 +205,7 @@ class TaxiiSettings:
         config = config or {}
         tls = config.get("tls") or {}
         serve = config.get("serve") or {}
+        serve_tls = serve.get("tls") or {}
         poll = PollSettings(
             url=config.get("url") or "",
             collections=tuple(config.get("collections") or ()),
@@ -227,5 +233,7 @@ class TaxiiSettings:
             users={str(user): str(password) for user, password in (serve.get("users") or {}).items()},
             max_page_size=int(serve.get("max_page_size") or 1000),
             snapshot_days=float(serve.get("snapshot") or 0),
+            cert_file=serve_tls.get("cert_file") or "",
+            key_file=serve_tls.get("key_file") or "",
         )
         return cls(poll=poll, serve=served)
