@@ -187,9 +187,12 @@ def test_an_unreachable_server_is_retried_with_backoff(medallion, tmp_path):
 
 def test_unknown_and_unreadable_collections_are_logged_and_not_polled(medallion, tmp_path, caplog):
     config = poll_config(medallion, tmp_path, collections=["no-such-collection", UNREADABLE, FEED])
-    with polling(config) as (_, published, _):
+    with polling(config) as (app, published, _):
         assert len(collect(published, 50, timeout=20)) == 50
-    assert "TAXII collection no-such-collection not found" in caplog.text
+        wait_until(lambda: app.stats.polls >= 3, what="three polls")
+    errors = [r for r in caplog.records if r.levelname == "ERROR" and "no-such-collection" in r.getMessage()]
+    assert len(errors) == 1  # looked up again every poll, logged loudly once
+    assert f"TAXII collection no-such-collection at {medallion.url} is not found" in caplog.text
     assert f"TAXII collection {UNREADABLE} at {medallion.url} is not readable" in caplog.text
 
 
@@ -315,3 +318,29 @@ def test_non_objects_in_a_page_are_rejected_and_the_rest_published(tmp_path):
     finally:
         server.stop()
         server.join(5)
+
+
+def test_a_server_that_pages_without_progress_cannot_hold_the_poller(tmp_path, caplog):
+    good = stix_indicator("192.0.2.98")
+    endless = {"more": True, "next": "same-token", "objects": [good]}
+    collections = {"collections": [{"id": COLLECTION, "title": "c", "can_read": True, "can_write": False}]}
+    server = GarbageServer(
+        {
+            "/api1/": (200, TAXII, json.dumps({"title": "g", "versions": [TAXII]}).encode()),
+            "/api1/collections/": (200, TAXII, json.dumps(collections).encode()),
+            f"/api1/collections/{COLLECTION}/objects/": (200, TAXII, json.dumps(endless).encode()),
+        }
+    )
+    server.start()
+    try:
+        config = {"url": server.url, "poll_interval": 60, "state_dir": str(tmp_path / "state")}
+        with polling(config) as (app, published, _):
+            wait_until(lambda: app.stats.polls == 1, what="the poll to end")
+            # The first page and the repeated second one; then the poller gives up until the next poll.
+            assert ids(collect(published, 2)) == [good["id"]] * 2
+            assert_nothing_more(published, within=0.2)
+    finally:
+        server.stop()
+        server.join(5)
+    assert "says 'more' but gives no way on" in caplog.text
+    assert "no usable X-TAXII-Date-Added-Last" in caplog.text

@@ -24,6 +24,7 @@ from taxii2client.v21 import ApiRoot, Collection, Server
 from threatbus import stix
 from threatbus.data import Message, describe, from_payload
 from threatbus.errors import DecodeError
+from threatbus.lifecycle import parse_timestamp
 from threatbus.worker import Backoff, StoppableWorker
 from threatbus_taxii.positions import PositionStore
 from threatbus_taxii.settings import PollSettings
@@ -134,6 +135,7 @@ class TaxiiPoller(StoppableWorker):
         self._backoff = Backoff(initial=1.0, maximum=min(MAX_BACKOFF, max(1.0, settings.poll_interval)))
         self._connection: TaxiiConnection | None = None
         self._collections: list[Collection] = []
+        self._missing: set[str] = set()  # configured collections the server does not offer (yet)
 
     def run(self) -> None:
         try:
@@ -172,6 +174,9 @@ class TaxiiPoller(StoppableWorker):
         if self._connection is None:
             self._connection = TaxiiConnection(self.settings)
             self._collections = self._resolve(self._connection)
+        elif self._missing:
+            # Configured collections that were not there may appear (a feed set up after Threat Bus).
+            self._collections = self._resolve(self._connection)
         for collection in self._collections:
             if self.stopping:
                 return
@@ -195,15 +200,21 @@ class TaxiiPoller(StoppableWorker):
             for collection in root.collections:
                 available.setdefault(collection.id, collection)
         if self.settings.collections:
-            chosen = []
+            chosen, missing = [], set()
             for wanted in self.settings.collections:
                 collection = available.get(wanted)
-                if collection is None:
-                    logger.error("TAXII collection %s not found at %s; not polled", wanted, self.settings.url)
-                elif not collection.can_read:
-                    logger.error("TAXII collection %s at %s is not readable; not polled", wanted, self.settings.url)
-                else:
+                if collection is not None and collection.can_read:
                     chosen.append(collection)
+                    continue
+                missing.add(wanted)
+                problem = "not found" if collection is None else "not readable"
+                # Looked up again every poll: say it loudly once, then quietly.
+                log = logger.debug if wanted in self._missing else logger.error
+                log("TAXII collection %s at %s is %s; not polled", wanted, self.settings.url, problem)
+            known = self._missing == missing and self._collections
+            self._missing = missing
+            if known:
+                return chosen
         else:
             chosen = [c for c in available.values() if c.can_read]
         logger.info(
@@ -235,24 +246,23 @@ class TaxiiPoller(StoppableWorker):
                 self._take(obj, collection)
             pages += 1
             objects += len(page)
-            position = headers.get(DATE_ADDED_LAST)
-            if page and position is None:
-                logger.warning(
-                    "TAXII collection %s sends no %s header: its position cannot be kept; objects may repeat",
-                    collection.id,
-                    DATE_ADDED_LAST,
-                )
-            if position and page:
+            position = self._position(headers, collection) if page else None
+            if position:
                 self.positions.set(key, position)
             if not envelope.get("more"):
                 break
-            if envelope.get("next"):
-                query["next"] = envelope["next"]
-            elif position and page:
+            following = envelope.get("next")
+            if following and following != query.get("next"):
+                query["next"] = following
+            elif not following and position and position != query.get("added_after"):
                 # TAXII 2.1 servers may page by added_after alone.
                 query = {"limit": self.settings.page_size, "added_after": position}
             else:
-                logger.warning("TAXII collection %s says 'more' but gives no way to continue", collection.id)
+                logger.warning(
+                    "TAXII collection %s says 'more' but gives no way on (next %r); rest on the next poll",
+                    collection.id,
+                    following,
+                )
                 break
         if objects:
             logger.info(
@@ -264,6 +274,22 @@ class TaxiiPoller(StoppableWorker):
             )
         else:
             logger.debug("TAXII collection %s: nothing new after %s", collection.id, added_after)
+
+    @staticmethod
+    def _position(headers: Any, collection: Collection) -> str | None:
+        """The page's ``X-TAXII-Date-Added-Last`` if it is a timestamp, else None (with a warning)."""
+        value = headers.get(DATE_ADDED_LAST)
+        try:
+            parse_timestamp(value)
+        except (TypeError, ValueError, IndexError):
+            logger.warning(
+                "TAXII collection %s sends no usable %s header (%r): its position cannot be kept; objects may repeat",
+                collection.id,
+                DATE_ADDED_LAST,
+                value,
+            )
+            return None
+        return value
 
     def _take(self, obj: Any, collection: Collection) -> None:
         """Publish one STIX object if it is valid intel; count and drop everything else."""
