@@ -279,3 +279,30 @@ def test_a_poller_reads_a_served_collection_over_tls_with_its_ca_file(tmp_path):
                 assert [m.id for m in collect(published, 3)] == [m.id for m in sent]
             finally:
                 reader.stop()
+
+
+def test_served_intel_pages_by_date_added_across_replacements_removals_and_compaction():
+    intel = ServedIntel()
+    sent = [indicator(f"10.4.{i // 256}.{i % 256}") for i in range(3000)]
+    for message in sent:
+        intel.apply(message.payload)
+    # Replace the first 1000 (they move to the end), remove the next 1900: the log compacts meanwhile.
+    replaced = [version(m.payload, confidence=50) for m in sent[:1000]]
+    for message in replaced:
+        intel.apply(message.payload)
+    for message in sent[1000:2900]:
+        intel.apply(version(message.payload, x_threatbus_update="REMOVE").payload)
+    assert len(intel._log) < 2000  # compacted: the log held 4000 versions, 1100 of them live
+    expected = [m.id for m in sent[2900:]] + [m.id for m in replaced]
+    assert [s.payload["id"] for s in intel.served()] == expected
+
+    pages, after = [], None
+    while True:
+        page, more = intel.page(after, 700)
+        pages.append(page)
+        after = page[-1].date_added
+        if not more:
+            break
+    assert [len(p) for p in pages] == [700, 400]
+    assert [s.payload["id"] for p in pages for s in p] == expected
+    assert all(s.payload.get("confidence") == 50 for s in pages[-1])

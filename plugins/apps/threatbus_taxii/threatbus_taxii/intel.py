@@ -10,6 +10,8 @@ clients use as their ``added_after`` position.
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import queue
 import threading
@@ -19,7 +21,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from threatbus.data import Indicator, Message, SnapshotEnvelope
-from threatbus.lifecycle import Change, IntelState
+from threatbus.lifecycle import Change, IntelState, is_active
 from threatbus.worker import StoppableWorker
 
 logger = logging.getLogger(__name__)
@@ -58,14 +60,20 @@ class Served:
 class ServedIntel:
     """The current version of every indicator the bus delivered, with its date added.
 
-    Thread-safe: the folder worker writes, the HTTP worker reads.
+    Versions are kept in order of date added (a log with lazy deletion: a
+    replaced or removed version stays until the next compaction, skipped on
+    reading), so a page after a position costs a binary search and the page
+    itself, not a sort of everything served. Thread-safe: the folder worker
+    writes, the HTTP worker reads.
     """
 
     def __init__(self, clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc)) -> None:
         self._clock = clock
         self._lock = threading.Lock()
         self._state = IntelState()
-        self._added: dict[str, datetime] = {}
+        self._added: dict[str, datetime] = {}  # id -> date added of its live version
+        self._log: list[Served] = []  # every version taken, by date added
+        self._dates: list[datetime] = []  # the log's dates, for bisect
         self._last_added = datetime.min.replace(tzinfo=timezone.utc)
 
     def apply(self, payload: dict[str, Any]) -> Change:
@@ -77,23 +85,49 @@ class ServedIntel:
                 # Strictly increasing, so `added_after=<last date seen>` never skips or repeats a version.
                 self._last_added = max(now, self._last_added + timedelta(microseconds=1))
                 self._added[payload["id"]] = self._last_added
+                self._log.append(Served(self._last_added, payload))
+                self._dates.append(self._last_added)
             elif applied.change is Change.REMOVED:
                 self._added.pop(payload["id"], None)
+            if len(self._log) > 2 * len(self._added) + 1024:
+                self._compact()
             return applied.change
 
-    def served(self, now: datetime | None = None) -> list[Served]:
-        """What the collection serves at ``now``, oldest date added first."""
+    def _live(self, entry: Served) -> bool:
+        return self._added.get(entry.payload["id"]) == entry.date_added
+
+    def _compact(self) -> None:
+        self._log = [entry for entry in self._log if self._live(entry)]
+        self._dates = [entry.date_added for entry in self._log]
+
+    def page(
+        self,
+        after: datetime | None,
+        limit: int,
+        accept: Callable[[dict[str, Any]], bool] = lambda payload: True,
+        now: datetime | None = None,
+    ) -> tuple[list[Served], bool]:
+        """Up to ``limit`` served versions added after ``after`` that ``accept`` takes; and whether more follow."""
         now = now or self._clock()
+        found: list[Served] = []
         with self._lock:
-            items = [
-                Served(self._added[payload["id"]], payload)
-                for payload in self._state.active(now)
-                if payload["id"] in self._added and policy_allows(payload)
-            ]
-        items.sort(key=lambda item: item.date_added)
-        return items
+            index = bisect.bisect_right(self._dates, after) if after is not None else 0
+            for entry in itertools.islice(self._log, index, None):
+                payload = entry.payload
+                if self._live(entry) and is_active(payload, now) and policy_allows(payload) and accept(payload):
+                    found.append(entry)
+                    if len(found) > limit:
+                        break
+        return found[:limit], len(found) > limit
+
+    def served(self, now: datetime | None = None) -> list[Served]:
+        """Everything the collection serves at ``now``, oldest date added first."""
+        with self._lock:
+            size = len(self._log)
+        return self.page(None, size, now=now)[0]
 
     def __len__(self) -> int:
+        """Indicators with a live version (expired ones included until pruned)."""
         with self._lock:
             return len(self._added)
 
@@ -104,6 +138,7 @@ class ServedIntel:
             gone = self._state.prune(now - TOMBSTONE_AGE)
             for indicator_id in [i for i in self._added if i not in self._state]:
                 del self._added[indicator_id]
+            self._compact()
             return gone
 
 

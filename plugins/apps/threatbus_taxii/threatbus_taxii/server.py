@@ -163,13 +163,12 @@ class IntelBackend(Backend):
         paging that neither skips nor repeats while the intel changes.
         """
         self.requests += 1
-        items = _filtered(self.intel.served(), filter_args, set(allowed_filters))
-        after = filter_args.get("next")
-        if after:
-            cursor = _parse_time(after, "next")
-            items = [item for item in items if item.date_added > cursor]
-        page = items[:limit]
-        more = len(items) > limit
+        after = None
+        for name in ("added_after", "next"):
+            if filter_args.get(name):
+                stamp = _parse_time(filter_args[name], name)
+                after = stamp if after is None else max(after, stamp)
+        page, more = self.intel.page(after, limit, _matcher(filter_args, set(allowed_filters)))
         headers = {}
         if page:
             headers["X-TAXII-Date-Added-First"] = page[0].date_added_text
@@ -197,33 +196,26 @@ def _parse_time(value: str, name: str) -> datetime:
         raise ProcessingError(f"The server did not understand the '{name}' parameter: {value[:40]!r}", 400) from None
 
 
-def _filtered(items: list[Served], filter_args: dict[str, str], allowed: set[str]) -> list[Served]:
-    """The TAXII 2.1 filters on the one current version of each object."""
-    added_after = filter_args.get("added_after")
-    if added_after:
-        since = _parse_time(added_after, "added_after")
-        items = [item for item in items if item.date_added > since]
+def _matcher(filter_args: dict[str, str], allowed: set[str]) -> Callable[[dict[str, Any]], bool]:
+    """The TAXII 2.1 match filters as one test of a served version (the only version served of its object)."""
+    tests: list[Callable[[dict[str, Any]], bool]] = []
     wanted_ids = filter_args.get("match[id]")
     if wanted_ids and "id" in allowed:
         ids = set(wanted_ids.split(","))
-        items = [item for item in items if item.payload["id"] in ids]
+        tests.append(lambda payload: payload["id"] in ids)
     wanted_types = filter_args.get("match[type]")
     if wanted_types and "type" in allowed:
         types = set(wanted_types.split(","))
-        items = [item for item in items if item.payload.get("type") in types]
+        tests.append(lambda payload: payload.get("type") in types)
     wanted_versions = filter_args.get("match[version]")
-    if wanted_versions and "version" in allowed:
-        versions = set(wanted_versions.split(","))
-        # One version per object is served: it is the first, the last and (with "all") every version.
-        if not versions & {"first", "last", "all"}:
-            stamps = {_parse_time(v, "match[version]") for v in versions}
-            items = [
-                item for item in items if _version(item.payload) and parse_timestamp(_version(item.payload)) in stamps
-            ]
+    # The one version served is the first, the last and (with "all") every version of its object.
+    if wanted_versions and "version" in allowed and not set(wanted_versions.split(",")) & {"first", "last", "all"}:
+        stamps = {_parse_time(v, "match[version]") for v in wanted_versions.split(",")}
+        tests.append(lambda payload: _version(payload) != "" and parse_timestamp(_version(payload)) in stamps)
     wanted_specs = filter_args.get("match[spec_version]")
     if wanted_specs and "spec_version" in allowed and "2.1" not in wanted_specs.split(","):
-        items = []
-    return items
+        tests.append(lambda payload: False)
+    return lambda payload: all(test(payload) for test in tests)
 
 
 class AuthGate:
