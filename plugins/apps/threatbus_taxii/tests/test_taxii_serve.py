@@ -20,13 +20,14 @@ from threatbus_taxii.intel import ServedIntel
 from threatbus_taxii.plugin import SERVE_REFUSED, SERVED
 from threatbus_taxii.settings import DEFAULT_COLLECTION_ID
 
+import threatbus
 from threatbus.bus import Bus
 from threatbus.config import section, validate
-from threatbus.data import Indicator
+from threatbus.data import Indicator, SnapshotEnvelope, SnapshotRequest, SnapshotType
 from threatbus.errors import PluginError
 from threatbus.metrics import Metrics
 from threatbus.stix import timestamp
-from threatbus.testing import collect, indicator, running_bus, settings_from, unavailable, wait_until
+from threatbus.testing import collect, get_within, indicator, running_bus, settings_from, unavailable, wait_until
 
 READER, READER_PASSWORD = "reader", "let-me-read"
 TAXII_JSON = "application/taxii+json;version=2.1"
@@ -306,3 +307,28 @@ def test_served_intel_pages_by_date_added_across_replacements_removals_and_compa
     assert [len(p) for p in pages] == [700, 400]
     assert [s.payload["id"] for p in pages for s in p] == expected
     assert all(s.payload.get("confidence") == 50 for s in pages[-1])
+
+
+class IntelSource:
+    """Another app on the bus that answers indicator snapshots with one indicator."""
+
+    def __init__(self, answer: Indicator) -> None:
+        self.answer = answer
+        self.requests: queue.Queue[SnapshotRequest] = queue.Queue()
+
+    @threatbus.app
+    def snapshot(self, snapshot_request: SnapshotRequest, result_queue: Any) -> None:
+        self.requests.put(snapshot_request)
+        if snapshot_request.snapshot_type is SnapshotType.INDICATOR:
+            result_queue.put(SnapshotEnvelope.wrap(snapshot_request, self.answer))
+
+
+def test_serve_snapshot_fills_the_collection_with_recent_intel_at_start():
+    old = indicator("evil.example.com", "domain-name:value")
+    source = IntelSource(old)
+    app = TaxiiApp()
+    config = {"serve": {"enabled": True, "port": 0, "snapshot": 7}}
+    with running_bus(apps={"taxii": app, "source": source}, plugin_config={"apps": {"taxii": config}}):
+        request = get_within(source.requests)
+        assert (request.snapshot_type, request.snapshot.days) == (SnapshotType.INDICATOR, 7)
+        wait_until(lambda: [s.payload["id"] for s in app.intel.served()] == [old.id], what="the snapshot answer served")
