@@ -37,9 +37,6 @@ from threatbus_taxii.settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 
-# medallion adds a console handler of its own on import; Threat Bus configures logging once, in its CLI.
-logging.getLogger(medallion.__name__).removeHandler(medallion.ch)
-
 MEDIA_TYPE_STIX_V21 = "application/stix+json;version=2.1"
 # Seconds a client may take to send its request before the (one-at-a-time) server drops it.
 CLIENT_TIMEOUT = 10
@@ -266,6 +263,8 @@ class AuthGate:
 
 def create_app(backend: IntelBackend, settings: ServeSettings) -> tuple[Flask, AuthGate]:
     """A Flask app with medallion's TAXII 2.1 views over ``backend``, behind ``AuthGate``."""
+    # medallion adds a console handler of its own on import; Threat Bus configures logging once, in its CLI.
+    logging.getLogger(medallion.__name__).removeHandler(medallion.ch)
     app = Flask(__name__)
     internal = ("threatbus-internal", secrets.token_urlsafe(24))
     # The attributes medallion's views and its auth callback read from the current app.
