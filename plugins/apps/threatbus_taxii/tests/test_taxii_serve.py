@@ -25,7 +25,7 @@ from threatbus.bus import Bus
 from threatbus.config import section, validate
 from threatbus.data import Indicator, SnapshotEnvelope, SnapshotRequest, SnapshotType
 from threatbus.errors import PluginError
-from threatbus.metrics import Metrics
+from threatbus.metrics import FILTERED, Metrics
 from threatbus.stix import timestamp
 from threatbus.testing import collect, get_within, indicator, running_bus, settings_from, unavailable, wait_until
 
@@ -34,10 +34,12 @@ TAXII_JSON = "application/taxii+json;version=2.1"
 
 
 @contextmanager
-def serving(**serve: Any) -> Iterator[tuple[Bus, TaxiiApp, str]]:
+def serving(filter: dict[str, Any] | None = None, **serve: Any) -> Iterator[tuple[Bus, TaxiiApp, str]]:
     """A bus with the TAXII app serving on a free port; yields the bus, the app and the API root URL."""
     app = TaxiiApp()
-    config = {"serve": {"enabled": True, "port": 0, "users": {READER: READER_PASSWORD}, **serve}}
+    config: dict[str, Any] = {"serve": {"enabled": True, "port": 0, "users": {READER: READER_PASSWORD}, **serve}}
+    if filter is not None:
+        config["filter"] = filter
     with running_bus(apps={"taxii": app}, plugin_config={"apps": {"taxii": config}}) as bus:
         assert app.server is not None
         yield bus, app, f"{app.server.url}threatbus/"
@@ -332,3 +334,20 @@ def test_serve_snapshot_fills_the_collection_with_recent_intel_at_start():
         request = get_within(source.requests)
         assert (request.snapshot_type, request.snapshot.days) == (SnapshotType.INDICATOR, 7)
         wait_until(lambda: [s.payload["id"] for s in app.intel.served()] == [old.id], what="the snapshot answer served")
+
+
+def test_the_apps_policy_filter_decides_what_is_served():
+    red = ["marking-definition--5e57c739-391a-4eb3-b6be-7d15ca92d5ed"]
+    green = ["marking-definition--bab4a63c-aed9-4cf5-a766-dfca5abac2bb"]
+    with serving(filter={"tlp": "amber", "min_confidence": 50}) as (bus, _, root):
+        shared = indicator("6.6.6.6", object_marking_refs=green, confidence=80)
+        secret = indicator("7.7.7.7", object_marking_refs=red, confidence=80)
+        doubtful = indicator("8.8.8.8", object_marking_refs=green, confidence=10)
+        for message in (secret, doubtful, shared):
+            bus.publish_queue.put(message)
+        wait_until(lambda: served_ids(root) == {shared.id}, what="only the shared indicator served")
+        assert bus.metrics.value(FILTERED, plugin="taxii", reason="tlp") == 1
+        assert bus.metrics.value(FILTERED, plugin="taxii", reason="confidence") == 1
+        # Its removal passes the filter like the indicator did, though a removal may carry less.
+        bus.publish_queue.put(version(shared.payload, x_threatbus_update="REMOVE", confidence=0))
+        wait_until(lambda: served_ids(root) == set(), what="the removal applied")

@@ -6,6 +6,10 @@ into ``ServedIntel`` with the bus's one definition of the lifecycle
 revoked and expired indicators are not served. Each served version gets a
 ``date_added`` (when this node took it), strictly increasing, which TAXII
 clients use as their ``added_after`` position.
+
+Policy: the bus puts the app's filter (``plugins.apps.taxii.filter``) in
+front of the plugin's subscription, so only versions that pass it are folded
+here; nothing in this module filters again.
 """
 
 from __future__ import annotations
@@ -34,15 +38,6 @@ PRUNE_EVERY = timedelta(hours=1)
 def date_added_text(when: datetime) -> str:
     """TAXII timestamps with microseconds: positions must tell apart versions taken in the same millisecond."""
     return when.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
-
-
-def policy_allows(payload: dict[str, Any]) -> bool:
-    """Whether an active indicator may leave the bus through the TAXII collection.
-
-    The one place where policy filters (TLP, confidence, sources) apply to
-    TAXII out; everything passes until the bus has policies.
-    """
-    return True
 
 
 @dataclass(frozen=True)
@@ -114,7 +109,7 @@ class ServedIntel:
             index = bisect.bisect_right(self._dates, after) if after is not None else 0
             for entry in itertools.islice(self._log, index, None):
                 payload = entry.payload
-                if self._live(entry) and is_active(payload, now) and policy_allows(payload) and accept(payload):
+                if self._live(entry) and is_active(payload, now) and accept(payload):
                     found.append(entry)
                     if len(found) > limit:
                         break
@@ -172,4 +167,4 @@ class IntelFolder(StoppableWorker):
                 next_prune = now + PRUNE_EVERY
 
 
-__all__ = ["IntelFolder", "Served", "ServedIntel", "date_added_text", "policy_allows"]
+__all__ = ["IntelFolder", "Served", "ServedIntel", "date_added_text"]
