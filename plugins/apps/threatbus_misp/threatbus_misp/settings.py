@@ -1,0 +1,193 @@
+"""The plugin's config section ``plugins.apps.misp``: validators and the settings built from it.
+
+The keys are the original MISP app's (WIRE.md): ``api.host``, ``api.ssl``,
+``api.key``; ``zmq.host`` and ``zmq.port`` or ``kafka.topics``,
+``kafka.poll_interval`` and ``kafka.config`` (exactly one of the two feeds);
+``filter``, a list of ``{orgs, types, tags}`` entries.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from dynaconf import Validator
+
+from threatbus.config import option, port
+
+NAME = "misp"
+PREFIX = f"plugins.apps.{NAME}"
+FILTER_KEYS = ("orgs", "types", "tags")
+DEFAULT_POLL_INTERVAL = 1.0
+DEFAULT_ZMQ_TOPIC = "misp_json_attribute"
+
+
+def kafka_available() -> bool:
+    """True when the optional Kafka client (``threatbus-misp[kafka]``) is installed."""
+    return importlib.util.find_spec("confluent_kafka") is not None
+
+
+def _present(section: Mapping[str, Any], key: str) -> bool:
+    return section.get(key) is not None
+
+
+def _one_feed(section: Any) -> bool:
+    if not isinstance(section, Mapping):
+        return True  # option(PREFIX, dict) of the core reports the wrong type
+    return _present(section, "zmq") != _present(section, "kafka")
+
+
+def _zmq_complete(section: Any) -> bool:
+    zmq = section.get("zmq") if isinstance(section, Mapping) else None
+    return not isinstance(zmq, Mapping) or (_present(zmq, "host") and _present(zmq, "port"))
+
+
+def _kafka_complete(section: Any) -> bool:
+    kafka = section.get("kafka") if isinstance(section, Mapping) else None
+    return not isinstance(kafka, Mapping) or _present(kafka, "topics")
+
+
+def _kafka_installed(section: Any) -> bool:
+    return not (isinstance(section, Mapping) and _present(section, "kafka")) or kafka_available()
+
+
+def _section_rule(check: Any, message: str) -> Validator:
+    # The message must not quote the section: it holds api.key.
+    return Validator(PREFIX, condition=check, messages={"condition": message})
+
+
+def _filter_valid(entries: Any) -> bool:
+    if not isinstance(entries, list):
+        return False
+    for entry in entries:
+        if not isinstance(entry, Mapping) or not set(entry) <= set(FILTER_KEYS):
+            return False
+        for values in entry.values():
+            if not isinstance(values, list) or not all(
+                isinstance(v, (str, int)) and not isinstance(v, bool) for v in values
+            ):
+                return False
+    return True
+
+
+def validators() -> list[Validator]:
+    return [
+        _section_rule(_one_feed, f"{PREFIX} needs exactly one of zmq (MISP's ZeroMQ feed) or kafka, not both"),
+        _section_rule(_zmq_complete, f"{PREFIX}.zmq needs host and port (MISP's ZeroMQ publisher)"),
+        _section_rule(_kafka_complete, f"{PREFIX}.kafka needs topics (the Kafka topics MISP publishes to)"),
+        _section_rule(
+            _kafka_installed,
+            f"{PREFIX}.kafka is configured but no Kafka client is installed: pip install 'threatbus-misp[kafka]'",
+        ),
+        option(f"{PREFIX}.api", dict),
+        option(
+            f"{PREFIX}.api.host",
+            str,
+            check=lambda url: url.startswith(("http://", "https://")),
+            expected="the URL of MISP, starting with http:// or https://",
+        ),
+        option(f"{PREFIX}.api.ssl", bool),
+        option(f"{PREFIX}.api.key", str, check=bool, expected="a MISP API key"),
+        option(f"{PREFIX}.zmq", dict),
+        option(f"{PREFIX}.zmq.host", str, check=bool, expected="the host name or address of MISP's ZeroMQ publisher"),
+        port(f"{PREFIX}.zmq.port"),
+        option(f"{PREFIX}.kafka", dict),
+        option(
+            f"{PREFIX}.kafka.topics",
+            list,
+            check=lambda topics: bool(topics) and all(isinstance(t, str) and t for t in topics),
+            expected="a non-empty list of topic names",
+        ),
+        option(
+            f"{PREFIX}.kafka.poll_interval",
+            (int, float),
+            check=lambda seconds: 0 < seconds <= 60,
+            expected="a number of seconds between 0 and 60",
+        ),
+        option(f"{PREFIX}.kafka.config", dict),
+        option(
+            f"{PREFIX}.filter",
+            list,
+            check=_filter_valid,
+            expected="a list of entries with lists 'orgs', 'types' and/or 'tags'",
+        ),
+    ]
+
+
+@dataclass(frozen=True)
+class FilterEntry:
+    """One entry of ``filter``: an omitted list matches everything."""
+
+    orgs: frozenset[str] | None = None
+    types: frozenset[str] | None = None
+    tags: frozenset[str] | None = None
+
+    @classmethod
+    def from_config(cls, entry: Mapping[str, Any]) -> FilterEntry:
+        def values(key: str) -> frozenset[str] | None:
+            listed = entry.get(key)
+            return None if listed is None else frozenset(str(v) for v in listed)
+
+        return cls(orgs=values("orgs"), types=values("types"), tags=values("tags"))
+
+    def matches(self, orgs: Iterable[str], attribute_type: str, tags: Iterable[str]) -> bool:
+        return (
+            (self.orgs is None or not self.orgs.isdisjoint(orgs))
+            and (self.types is None or attribute_type in self.types)
+            and (self.tags is None or not self.tags.isdisjoint(tags))
+        )
+
+
+@dataclass(frozen=True)
+class MispSettings:
+    api_host: str | None = None
+    api_ssl: bool = True
+    api_key: str | None = None
+    zmq_host: str | None = None
+    zmq_port: int | None = None
+    kafka_topics: tuple[str, ...] = ()
+    kafka_poll_interval: float = DEFAULT_POLL_INTERVAL
+    kafka_config: Mapping[str, Any] = field(default_factory=dict)
+    filters: tuple[FilterEntry, ...] = ()
+
+    @classmethod
+    def from_config(cls, config: Any) -> MispSettings:
+        config = config or {}
+        api = config.get("api") or {}
+        zmq = config.get("zmq") or {}
+        kafka = config.get("kafka") or {}
+        ssl = api.get("ssl")
+        poll = kafka.get("poll_interval")
+        return cls(
+            api_host=api.get("host") or None,
+            api_ssl=True if ssl is None else bool(ssl),
+            api_key=api.get("key") or None,
+            zmq_host=zmq.get("host"),
+            zmq_port=zmq.get("port"),
+            kafka_topics=tuple(kafka.get("topics") or ()),
+            kafka_poll_interval=DEFAULT_POLL_INTERVAL if poll is None else float(poll),
+            kafka_config=dict(kafka.get("config") or {}),
+            filters=tuple(FilterEntry.from_config(entry) for entry in config.get("filter") or ()),
+        )
+
+    @property
+    def has_api(self) -> bool:
+        return bool(self.api_host and self.api_key)
+
+    @property
+    def uses_kafka(self) -> bool:
+        return bool(self.kafka_topics)
+
+    @property
+    def zmq_endpoint(self) -> str:
+        host = f"[{self.zmq_host}]" if self.zmq_host and ":" in self.zmq_host else self.zmq_host
+        return f"tcp://{host}:{self.zmq_port}"
+
+    def passes(self, orgs: Iterable[str], attribute_type: str, tags: Iterable[str]) -> bool:
+        """An attribute passes the filter when it matches any entry (no entries: everything passes)."""
+        if not self.filters:
+            return True
+        orgs, tags = set(orgs), set(tags)
+        return any(entry.matches(orgs, attribute_type, tags) for entry in self.filters)
