@@ -71,9 +71,7 @@ class MispApi:
     def add_sighting(self, attribute_uuid: str, source: str, seen: datetime) -> None:
         """Report a true-positive sighting (type 0) of the attribute."""
         sighting = {"type": SIGHTING_TRUE_POSITIVE, "source": source, "timestamp": int(seen.timestamp())}
-        self._call(
-            f"sighting of attribute {attribute_uuid}", "add_sighting", sighting, attribute=attribute_uuid
-        )
+        self._call(f"sighting of attribute {attribute_uuid}", "add_sighting", sighting, attribute=attribute_uuid)
 
     def attributes_since(self, since: datetime, page_size: int = PAGE_SIZE) -> Iterator[dict[str, Any]]:
         """Attributes with to_ids changed since ``since``, page by page (restSearch)."""

@@ -421,9 +421,7 @@ class MispApp:
         metrics.counter(IGNORED, "MISP notifications filtered out or without to_ids", lambda: c.ignored, plugin=NAME)
         metrics.counter(SIGHTINGS_REFUSED, "Sightings MISP refused", lambda: c.sightings_refused, plugin=NAME)
         metrics.counter(API_ERRORS, "Failed MISP API calls, retried", lambda: c.api_errors, plugin=NAME)
-        metrics.counter(
-            SNAPSHOT_INDICATORS, "Indicators sent in snapshots", lambda: c.snapshot_indicators, plugin=NAME
-        )
+        metrics.counter(SNAPSHOT_INDICATORS, "Indicators sent in snapshots", lambda: c.snapshot_indicators, plugin=NAME)
         metrics.counter(
             "threatbus_misp_feed_connects", "Connections to MISP's feed", lambda: feed.connects, plugin=NAME
         )
