@@ -274,9 +274,8 @@ class FakeMisp(StoppableWorker):
         """Wait until a subscriber (the plugin) subscribed to attribute notifications."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self.pub.poll(100):
-                if self.pub.recv().startswith(b"\x01misp_json_attribute"):
-                    return
+            if self.pub.poll(100) and self.pub.recv().startswith(b"\x01misp_json_attribute"):
+                return
         raise AssertionError(f"nobody subscribed to the stand-in's ZeroMQ feed within {timeout}s")
 
     def publish(self, action: str, attr: dict[str, Any], org: dict[str, str] | None = None) -> None:

@@ -11,15 +11,15 @@ from __future__ import annotations
 import logging
 import time
 from datetime import timedelta
-from typing import Any
+
+from threatbus_misp import MispApp
+from threatbus_misp.plugin import API_ERRORS, CONNECTED, IGNORED, SIGHTINGS_REFUSED, SNAPSHOT_INDICATORS, UNMAPPABLE
 
 from threatbus.bus import Bus
 from threatbus.data import Indicator
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED
 from threatbus.stix import new_sighting
 from threatbus.testing import free_port, indicator, running_bus, wait_until
-from threatbus_misp import MispApp
-from threatbus_misp.plugin import API_ERRORS, CONNECTED, IGNORED, SIGHTINGS_REFUSED, SNAPSHOT_INDICATORS, UNMAPPABLE
 from threatbus_zmq import ZmqApp
 
 
