@@ -9,10 +9,12 @@ ZeroMQ protocol like suricata-threatbus or vast-threatbus.
 from __future__ import annotations
 
 import logging
+import queue
 import time
 from datetime import timedelta
 
 from threatbus_misp import MispApp
+from threatbus_misp import settings as misp_settings
 from threatbus_misp.plugin import API_ERRORS, CONNECTED, IGNORED, SIGHTINGS_REFUSED, SNAPSHOT_INDICATORS, UNMAPPABLE
 
 from threatbus.bus import Bus
@@ -204,3 +206,70 @@ def test_without_misp_reachable_the_feed_still_works_and_sightings_wait(misp, fa
             seen.append(client.recv()[1])
         wait_until(lambda: app_object.counters.api_errors >= 1, what="a failed API call")
     assert app_object.counters.sightings_dropped == 1
+
+
+class FakeKafkaMessage:
+    """What confluent_kafka.Consumer.poll returns: topic(), value(), error()."""
+
+    def __init__(self, topic: str, value: bytes | None, error: str | None = None) -> None:
+        self._topic, self._value, self._error = topic, value, error
+
+    def topic(self) -> str:
+        return self._topic
+
+    def value(self) -> bytes | None:
+        return self._value
+
+    def error(self) -> str | None:
+        return self._error
+
+
+class FakeConsumer:
+    """Stands for confluent_kafka.Consumer (no Kafka broker here): hands out what the test queued."""
+
+    def __init__(self, config: dict) -> None:
+        self.config = config
+        self.topics: list[str] = []
+        self.messages: queue.Queue[FakeKafkaMessage] = queue.Queue()
+        self.closed = False
+
+    def subscribe(self, topics: list[str]) -> None:
+        self.topics = topics
+
+    def poll(self, timeout: float) -> FakeKafkaMessage | None:
+        try:
+            return self.messages.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_kafka_feed_publishes_indicators_and_skips_garbage(misp, fake, zmq_apps, monkeypatch):
+    monkeypatch.setattr(misp_settings, "kafka_available", lambda: True)
+    consumers: list[FakeConsumer] = []
+
+    def make_consumer(config: dict) -> FakeConsumer:
+        consumers.append(FakeConsumer(config))
+        return consumers[-1]
+
+    app_object = MispApp(kafka_consumer_factory=make_consumer)
+    zmq = {"host": "127.0.0.1", "manage": free_port(), "pub": free_port(), "sub": free_port()}
+    kafka = {"topics": ["misp_attribute"], "poll_interval": 0.2, "config": {"group.id": "threatbus"}}
+    config = {"apps": {"zmq": zmq, "misp": {"kafka": kafka}}}
+    with running_bus(apps={"zmq": ZmqApp(), "misp": app_object}, plugin_config=config) as bus:
+        client = zmq_apps(zmq)
+        consumer = wait_until(lambda: consumers and consumers[0], what="the Kafka consumer")
+        assert consumer.config == {"group.id": "threatbus"} and consumer.topics == ["misp_attribute"]
+        attr = fake.attribute("evil.example", "domain")
+        body = fake.notification("add", attr).partition(b" ")[2]
+        consumer.messages.put(FakeKafkaMessage("misp_attribute", b"{garbage"))
+        consumer.messages.put(FakeKafkaMessage("misp_attribute", None, error="broker down"))
+        consumer.messages.put(FakeKafkaMessage("misp_attribute", body))
+        _, got = client.recv()
+        assert got.id == f"indicator--{attr['uuid']}"
+        assert metric(bus, APP_REJECTED, plugin="misp") == 1
+        assert metric(bus, CONNECTED, link="kafka") == 1
+        assert app_object.feed_status.errors == 1
+    assert consumer.closed

@@ -14,6 +14,7 @@ import queue
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -268,7 +269,9 @@ class SnapshotWorker(StoppableWorker):
 class MispApp:
     """Threat Bus app plugin ``misp`` (see README.md)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kafka_consumer_factory: Callable[[dict[str, Any]], Any] | None = None) -> None:
+        # Tests pass a stand-in for confluent_kafka.Consumer; None uses the real one.
+        self.kafka_consumer_factory = kafka_consumer_factory
         self.settings = MispSettings()
         self.counters = Counters()
         self.feed_status = FeedStatus()
@@ -300,7 +303,7 @@ class MispApp:
         self.publish_queue = publish_queue
         self._register_metrics(metrics)
         if settings.uses_kafka:
-            self.workers.append(KafkaFeed(settings, self.handle, self.feed_status))
+            self.workers.append(KafkaFeed(settings, self.handle, self.feed_status, self.kafka_consumer_factory))
             feed = f"Kafka topics {', '.join(settings.kafka_topics)}"
         else:
             self.context = zmq.Context()
