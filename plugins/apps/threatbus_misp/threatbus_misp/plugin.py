@@ -416,7 +416,7 @@ class MispApp:
         metrics.counter(APP_RECEIVED, "Messages apps gave this node", lambda: c.published, plugin=NAME)
         metrics.counter(APP_REJECTED, "Input rejected as invalid", lambda: c.rejected, plugin=NAME)
         metrics.counter(DELIVERED, "Messages handed to subscribers", lambda: c.sightings_sent, plugin=NAME)
-        metrics.counter(DROPPED, "Messages lost to full buffers", lambda: c.sightings_dropped, where="misp_sightings")
+        metrics.counter(DROPPED, "Messages lost to full buffers", lambda: c.sightings_dropped, where="misp-sightings")
         link = "kafka" if self.settings.uses_kafka else "zmq"
         metrics.gauge(CONNECTED, "1 while MISP's feed or API answers", lambda: int(feed.connected), link=link)
         metrics.gauge(CONNECTED, "1 while MISP's feed or API answers", lambda: int(c.api_reachable), link="api")
