@@ -191,26 +191,42 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = False
     block_on_close = True
 
-    def __init__(self, misp: FakeMisp) -> None:
+    def __init__(self, misp: FakeMisp, port: int) -> None:
         self.misp = misp
-        super().__init__(("127.0.0.1", 0), _Handler)
+        super().__init__(("127.0.0.1", port), _Handler)
 
 
 class FakeMisp(StoppableWorker):
-    """The stand-in: HTTP API on ``url``, ZeroMQ publisher on ``zmq_port``."""
+    """The stand-in: HTTP API on ``url``, ZeroMQ publisher on ``zmq_port`` (any free ports unless given)."""
 
-    def __init__(self) -> None:
+    def __init__(self, http_port: int = 0, zmq_port: int = 0) -> None:
         super().__init__(name="fake-misp")
         self.lock = threading.Lock()
         self.attributes: dict[str, dict[str, Any]] = {}  # uuid -> attribute with its "Event"
         self.recorded = Recorded()
         self._failures: list[int] = []
-        self.server = _Server(self)
+        self.server = _Server(self, http_port)
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         self.context = zmq.Context()
         self.pub = self.context.socket(zmq.XPUB)
         self.pub.setsockopt(zmq.LINGER, 0)
-        self.zmq_port = self.pub.bind_to_random_port("tcp://127.0.0.1")
+        if zmq_port:
+            self._bind(zmq_port)
+            self.zmq_port = zmq_port
+        else:
+            self.zmq_port = self.pub.bind_to_random_port("tcp://127.0.0.1")
+
+    def _bind(self, port: int, timeout: float = 5.0) -> None:
+        # A port a stand-in closed a moment ago may still be held by the closing socket.
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.pub.bind(f"tcp://127.0.0.1:{port}")
+                return
+            except zmq.ZMQError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
 
     # ---- HTTP state -----------------------------------------------------
 

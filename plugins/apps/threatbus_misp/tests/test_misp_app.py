@@ -273,3 +273,47 @@ def test_kafka_feed_publishes_indicators_and_skips_garbage(misp, fake, zmq_apps,
         assert metric(bus, CONNECTED, link="kafka") == 1
         assert app_object.feed_status.errors == 1
     assert consumer.closed
+
+
+def test_misp_coming_late_and_restarting_is_reconnected(fake, zmq_apps):
+    """MISP is down when the bus starts, comes up, restarts: feed and API reconnect, nothing is lost."""
+    http_port, zmq_port = free_port(), free_port()
+    app_object = MispApp()
+    zmq = {"host": "127.0.0.1", "manage": free_port(), "pub": free_port(), "sub": free_port()}
+    config = {
+        "api": {"host": f"http://127.0.0.1:{http_port}", "key": fake.API_KEY},
+        "zmq": {"host": "127.0.0.1", "port": zmq_port},
+    }
+    known = fake.attribute("6.6.6.6")
+    with running_bus(
+        apps={"zmq": ZmqApp(), "misp": app_object}, plugin_config={"apps": {"zmq": zmq, "misp": config}}
+    ) as bus:
+        client = zmq_apps(zmq, topic="stix2/indicator")
+        sightings = zmq_apps(zmq, topic="stix2/sighting")
+        sightings.send(new_sighting(f"indicator--{known['uuid']}", source="Zeek"))
+        wait_until(lambda: app_object.counters.api_errors >= 1, what="a failed API call while MISP is down")
+        assert metric(bus, CONNECTED, link="api") == 0 and metric(bus, CONNECTED, link="zmq") == 0
+
+        first = fake.FakeMisp(http_port, zmq_port)
+        first.store(known)
+        first.start()
+        try:
+            first.wait_subscribed()
+            wait_until(lambda: first.sightings(), timeout=20, what="the waiting sighting at MISP")
+            attr = fake.attribute("evil.example", "domain")
+            first.publish("add", attr)
+            assert client.recv()[1].id == f"indicator--{attr['uuid']}"
+        finally:
+            first.close()
+        wait_until(lambda: metric(bus, CONNECTED, link="zmq") == 0, what="the feed seen as lost")
+
+        second = fake.FakeMisp(http_port, zmq_port)
+        second.start()
+        try:
+            second.wait_subscribed()
+            attr = fake.attribute("bad.example", "domain")
+            second.publish("add", attr)
+            assert client.recv()[1].id == f"indicator--{attr['uuid']}"
+            assert metric(bus, "threatbus_misp_feed_connects", plugin="misp") == 2
+        finally:
+            second.close()

@@ -60,9 +60,21 @@ def test_point_types_become_point_patterns(misp_type, value, pattern):
             "[domain-name:value = 'evil.example' AND domain-name:resolves_to_refs[*].value = '6.6.6.6']",
         ),
         ("mutex", "Global\\evil", "[mutex:name = 'Global\\\\evil']"),
+        (
+            "ip-dst|port",
+            "6.6.6.6|443",
+            "[network-traffic:dst_ref.type = 'ipv4-addr' AND network-traffic:dst_ref.value = '6.6.6.6'"
+            " AND network-traffic:dst_port = 443]",
+        ),
+        (
+            "ip-src|port",
+            "2001:db8::1|8080",
+            "[network-traffic:src_ref.type = 'ipv6-addr' AND network-traffic:src_ref.value = '2001:db8::1'"
+            " AND network-traffic:src_port = 8080]",
+        ),
     ],
 )
-def test_other_types_go_through_misp_stix(misp_type, value, pattern):
+def test_composite_and_other_types(misp_type, value, pattern):
     assert pattern_for(attr(misp_type, value)) == pattern
 
 
@@ -74,6 +86,8 @@ def test_other_types_go_through_misp_stix(misp_type, value, pattern):
         ("ip-dst", "not an ip"),
         ("sha256", MD5),
         ("yara", "rule x { condition: true }"),
+        ("ip-dst|port", "6.6.6.6|http"),
+        ("ip-dst|port", "6.6.6.6"),
     ],
 )
 def test_unmappable(misp_type, value):

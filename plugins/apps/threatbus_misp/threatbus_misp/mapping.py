@@ -4,7 +4,8 @@ Single-value types get point patterns from the table ``POINT_TYPES`` (below
 and in README.md): that is the form the apps on the bus match (Zeek's Intel
 framework, Suricata, VAST). misp-stix, MISP's own converter, would turn an
 ``ip-dst`` into a ``network-traffic`` pattern that none of them understands.
-Every other type (composites such as ``filename|md5`` or ``domain|ip``,
+``ip-src|port`` and ``ip-dst|port`` are written here too (misp-stix makes
+the port a string). Every other type (composites such as ``filename|md5`` or ``domain|ip``,
 ``AS``, ``mutex``, ``regkey`` ...) goes through misp-stix; what it cannot
 express as a STIX pattern is ``Unmappable``.
 """
@@ -180,6 +181,25 @@ def point_pattern(attribute_type: str, value: str) -> str | None:
     return f"[{path} = {_literal(value)}]"
 
 
+def ip_port_pattern(attribute_type: str, value: str) -> str | None:
+    """``ip-src|port`` / ``ip-dst|port`` as a network-traffic pattern with an integer port; None for other types.
+
+    misp-stix writes the port as a string literal, which never equals the
+    integer ``dst_port`` of observed traffic.
+    """
+    if attribute_type not in ("ip-src|port", "ip-dst|port"):
+        return None
+    address, separator, port = value.strip().rpartition("|")
+    if not separator or not port.isdigit() or not 0 <= int(port) < 65536:
+        raise Unmappable(f"{value[:80]!r} is not <ip>|<port>")
+    side = "src" if attribute_type == "ip-src|port" else "dst"
+    object_type = _ip_path(address).split(":")[0]
+    return (
+        f"[network-traffic:{side}_ref.type = '{object_type}' AND network-traffic:{side}_ref.value = "
+        f"{_literal(address)} AND network-traffic:{side}_port = {int(port)}]"
+    )
+
+
 def misp_stix_pattern(attribute: MispAttribute) -> str:
     """The STIX pattern misp-stix makes of ``attribute``; ``Unmappable`` when there is none."""
     from misp_stix_converter import MISPtoSTIX21Parser  # heavy import, needed for uncommon types only
@@ -203,7 +223,7 @@ def misp_stix_pattern(attribute: MispAttribute) -> str:
 
 def pattern_for(attribute: MispAttribute) -> str:
     """The STIX pattern of an attribute. Raises ``Unmappable``."""
-    pattern = point_pattern(attribute.type, attribute.value)
+    pattern = point_pattern(attribute.type, attribute.value) or ip_port_pattern(attribute.type, attribute.value)
     if pattern is None:
         try:
             pattern = misp_stix_pattern(attribute)

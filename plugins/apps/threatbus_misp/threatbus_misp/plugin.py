@@ -282,6 +282,7 @@ class MispApp:
         self.context: zmq.Context | None = None
         self._unsubscribe: Any = None
         self.reject_log = RateLimitedLog(logger)
+        self.unmappable_log = RateLimitedLog(logger, level=logging.INFO)
 
     # ---- hooks --------------------------------------------------------
 
@@ -401,7 +402,7 @@ class MispApp:
             validate(indicator)
         except Unmappable as err:
             self.counters.unmappable += 1
-            logger.info("MISP attribute %s (%s) skipped: %s", attribute.uuid, attribute.type, err)
+            self.unmappable_log("MISP attribute %s (%s) skipped: %s", attribute.uuid, attribute.type, err)
             return None
         except InvalidIntel as err:
             self.counters.rejected += 1
