@@ -12,7 +12,7 @@ setup(
     install_requires=["threatbus>=2026.11.24", "orjson", "pymisp>=2.4.190", "misp-stix>=2.4.190", "pyzmq"],
     extras_require={
         "kafka": ["confluent-kafka>=2.0"],
-        "test": ["pytest", "pytest-timeout"],
+        "test": ["pytest", "pytest-timeout", "confluent-kafka>=2.0"],
     },
     entry_points={"threatbus.app": ["misp = threatbus_misp:MispApp"]},
 )

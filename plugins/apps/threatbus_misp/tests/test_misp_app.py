@@ -13,6 +13,7 @@ import queue
 import time
 from datetime import timedelta
 
+import pytest
 from threatbus_misp import MispApp
 from threatbus_misp import settings as misp_settings
 from threatbus_misp.plugin import API_ERRORS, CONNECTED, IGNORED, SIGHTINGS_REFUSED, SNAPSHOT_INDICATORS, UNMAPPABLE
@@ -317,3 +318,32 @@ def test_misp_coming_late_and_restarting_is_reconnected(fake, zmq_apps):
             assert metric(bus, "threatbus_misp_feed_connects", plugin="misp") == 2
         finally:
             second.close()
+
+
+def test_real_kafka_client_without_brokers_logs_counts_and_stops(caplog):
+    """confluent-kafka itself (no Kafka broker here): unreachable brokers are reported, not fatal."""
+    pytest.importorskip("confluent_kafka")
+    app_object = MispApp()
+    kafka = {
+        "topics": ["misp_attribute"],
+        "config": {"bootstrap.servers": f"127.0.0.1:{free_port()}", "group.id": "tb"},
+    }
+    with (
+        caplog.at_level(logging.WARNING, logger="threatbus_misp"),
+        running_bus(apps={"misp": app_object}, plugin_config={"apps": {"misp": {"kafka": kafka}}}) as bus,
+    ):
+        wait_until(lambda: "Kafka brokers are unreachable" in caplog.text, timeout=20, what="the brokers reported down")
+        assert metric(bus, CONNECTED, link="kafka") == 0
+        assert app_object.feed_status.errors >= 1
+
+
+def test_bad_kafka_config_is_retried_and_logged(caplog):
+    pytest.importorskip("confluent_kafka")
+    app_object = MispApp()
+    kafka = {"topics": ["misp_attribute"], "config": {"no.such.property": "x", "group.id": "tb"}}
+    with (
+        caplog.at_level(logging.ERROR, logger="threatbus_misp"),
+        running_bus(apps={"misp": app_object}, plugin_config={"apps": {"misp": {"kafka": kafka}}}),
+    ):
+        wait_until(lambda: "No such configuration property" in caplog.text, what="the consumer error logged")
+        assert app_object.feed_status.errors >= 1 and not app_object.feed_status.connected

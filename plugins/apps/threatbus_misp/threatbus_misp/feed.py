@@ -19,6 +19,7 @@ import orjson
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from threatbus.ratelimit import RateLimitedLog
 from threatbus.worker import POLL_INTERVAL, Backoff, StoppableWorker
 from threatbus_misp.mapping import InvalidAttribute, MispAttribute
 from threatbus_misp.settings import DEFAULT_ZMQ_TOPIC, MispSettings
@@ -153,7 +154,9 @@ class KafkaFeed(StoppableWorker):
     """Consumes MISP's notifications from Kafka topics (``threatbus-misp[kafka]``).
 
     librdkafka reconnects to the brokers by itself; a consumer that cannot be
-    created (bad ``kafka.config``, say) is retried with backoff.
+    created (bad ``kafka.config``, say) is retried with backoff. ``connected``
+    is cleared when librdkafka reports all brokers down and set again by the
+    next message.
     """
 
     def __init__(
@@ -169,13 +172,26 @@ class KafkaFeed(StoppableWorker):
         self.status = status
         self.consumer_factory = consumer_factory
         self.backoff = Backoff(initial=1.0, maximum=60.0)
+        self.error_log = RateLimitedLog(logger)
 
     def _consumer(self) -> Any:
         if self.consumer_factory is not None:
             return self.consumer_factory(dict(self.settings.kafka_config))
         from confluent_kafka import Consumer  # the optional extra, checked at config validation
 
-        return Consumer(dict(self.settings.kafka_config))
+        # librdkafka logs to stderr unless given a logger; kafka.config may set its own of both.
+        return Consumer({"logger": logger, "error_cb": self._on_error, **self.settings.kafka_config})
+
+    def _on_error(self, error: Any) -> None:
+        """librdkafka's error callback (called from ``poll``, in this thread)."""
+        from confluent_kafka import KafkaError
+
+        self.status.errors += 1
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+            self.status.connected = False
+            self.error_log("MISP's Kafka brokers are unreachable: %s; librdkafka reconnects", error.str())
+        else:
+            logger.debug("Kafka: %s", error.str())
 
     def run(self) -> None:
         # poll_interval is the poll timeout, as in the original; capped so a stop is seen within a second.
@@ -203,6 +219,7 @@ class KafkaFeed(StoppableWorker):
                         self.status.errors += 1
                         logger.warning("Kafka reported an error: %s", message.error())
                         continue
+                    self.status.connected = True
                     self.handle(f"Kafka topic {message.topic()}", message.value() or b"")
             except Exception:
                 self.status.errors += 1
