@@ -30,6 +30,9 @@ ACTIONS = ("add", "edit", "delete")
 # ZeroMQ reconnects by itself; these bound its own exponential backoff (milliseconds).
 RECONNECT_IVL_MS = 500
 RECONNECT_IVL_MAX_MS = 30_000
+# Frames ZeroMQ buffers for us: MISP's PUB drops what does not fit when a burst (a big event
+# published at once) outruns this worker, so take bursts in whole.
+RCVHWM = 100_000
 # Frames taken in a row before the worker looks at its stop flag and the monitor again.
 BATCH = 1000
 
@@ -103,6 +106,7 @@ class ZmqFeed(StoppableWorker):
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+        sock.setsockopt(zmq.RCVHWM, RCVHWM)
         if self.ipv6:
             sock.setsockopt(zmq.IPV6, 1)
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)

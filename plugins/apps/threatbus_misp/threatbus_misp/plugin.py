@@ -32,6 +32,7 @@ from threatbus.data import (
     SnapshotType,
     describe,
 )
+from threatbus.lifecycle import parse_timestamp
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, DROPPED, Metrics
 from threatbus.node import Node
 from threatbus.ratelimit import RateLimitedLog
@@ -78,7 +79,7 @@ def _parse_time(value: Any) -> datetime | None:
     if not isinstance(value, str):
         return None
     try:
-        return datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return parse_timestamp(value)
     except ValueError:
         return None
 
