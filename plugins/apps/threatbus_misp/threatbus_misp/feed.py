@@ -191,7 +191,7 @@ class KafkaFeed(StoppableWorker):
         from confluent_kafka import KafkaError
 
         self.status.errors += 1
-        if error.code() == KafkaError._ALL_BROKERS_DOWN:
+        if error.code() == KafkaError._ALL_BROKERS_DOWN:  # librdkafka's local error codes are public, with "_"
             self.status.connected = False
             self.error_log("MISP's Kafka brokers are unreachable: %s; librdkafka reconnects", error.str())
         else:
@@ -201,10 +201,13 @@ class KafkaFeed(StoppableWorker):
         # poll_interval is the poll timeout, as in the original; capped so a stop is seen within a second.
         timeout = min(self.settings.kafka_poll_interval, 1.0)
         while not self.stopping:
+            consumer = None
             try:
                 consumer = self._consumer()
                 consumer.subscribe(list(self.settings.kafka_topics))
             except Exception as err:
+                if consumer is not None:
+                    consumer.close()
                 self.status.errors += 1
                 delay = self.backoff.next_delay()
                 logger.error("cannot consume MISP's Kafka topics: %s; retrying in %.1fs", err, delay)
