@@ -9,9 +9,11 @@ import pytest
 import yaml
 from threatbus_misp import MispApp
 from threatbus_misp import settings as misp_settings
+from threatbus_misp.settings import FilterEntry, MispSettings, validators
 
+from threatbus.config import validate
 from threatbus.errors import ConfigError
-from threatbus.testing import running_bus
+from threatbus.testing import running_bus, settings_from
 
 API = {"host": "https://misp.example", "key": "secret-key-value"}
 ZMQ = {"host": "127.0.0.1", "port": 50000}
@@ -71,3 +73,30 @@ def test_threatbus_check_exits_2_with_the_key_named(tmp_path):
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("threatbus: invalid config: plugins.apps.misp needs exactly one of zmq")
     assert "Traceback" not in result.stderr
+
+
+def test_a_section_written_for_the_original_misp_app_is_accepted():
+
+    section = yaml.safe_load(
+        """
+        api:
+          host: https://localhost
+          ssl: false
+          key: MISP_API_KEY
+        filter:
+          - orgs: ["1", "25"]
+            tags: ["TLP:AMBER", "TLP:RED"]
+            types: ["ip-src", "ip-dst", "hostname", "domain", "url"]
+          - orgs: ["2"]
+        zmq:
+          host: localhost
+          port: 50000
+        """
+    )
+    settings = settings_from({"plugins": {"apps": {"misp": section}}})
+    validate(settings, validators())
+    parsed = MispSettings.from_config(settings.get("plugins.apps.misp"))
+    assert (parsed.api_host, parsed.api_ssl, parsed.api_key) == ("https://localhost", False, "MISP_API_KEY")
+    assert parsed.zmq_endpoint == "tcp://localhost:50000" and not parsed.uses_kafka
+    assert parsed.filters[1] == FilterEntry(orgs=frozenset({"2"}))
+    assert parsed.passes(["25"], "domain", ["TLP:RED"]) and not parsed.passes(["25"], "md5", ["TLP:RED"])
