@@ -347,3 +347,23 @@ def test_bad_kafka_config_is_retried_and_logged(caplog):
     ):
         wait_until(lambda: "No such configuration property" in caplog.text, what="the consumer error logged")
         assert app_object.feed_status.errors >= 1 and not app_object.feed_status.connected
+
+
+def test_detection_only_policy_of_an_app_lets_misp_intel_and_its_removals_through(misp, fake, zmq_apps):
+    """The zmq app's policy filter (threatbus.policy) sees MISP's to_ids as x_misp_to_ids."""
+    zmq = {"host": "127.0.0.1", "manage": free_port(), "pub": free_port(), "sub": free_port()}
+    zmq["filter"] = {"detection_only": True}
+    config = {
+        "zmq": zmq,
+        "misp": {"api": {"host": misp.url, "key": fake.API_KEY}, "zmq": {"host": "127.0.0.1", "port": misp.zmq_port}},
+    }
+    with running_bus(apps={"zmq": ZmqApp(), "misp": MispApp()}, plugin_config={"apps": config}):
+        client = zmq_apps(zmq)
+        misp.wait_subscribed()
+        attr = fake.attribute("6.6.6.6")
+        misp.publish("add", attr)
+        misp.publish("edit", {**attr, "to_ids": False})
+        _, added = client.recv()
+        _, removed = client.recv()
+        assert added.payload["x_misp_to_ids"] is True and not added.is_removal
+        assert removed.id == added.id and removed.is_removal and removed.payload["x_misp_to_ids"] is False

@@ -34,7 +34,8 @@ def start(section):
         ({"zmq": {**ZMQ, "port": 70000}}, "plugins.apps.misp.zmq.port must be a TCP port"),
         ({"zmq": ZMQ, "api": {**API, "host": "misp.example"}}, "plugins.apps.misp.api.host must be the URL of MISP"),
         ({"zmq": ZMQ, "api": {**API, "ssl": "yes"}}, "plugins.apps.misp.api.ssl must be true or false"),
-        ({"zmq": ZMQ, "filter": {"orgs": ["x"]}}, "plugins.apps.misp.filter must be a list of entries"),
+        ({"zmq": ZMQ, "filter": "tlp:red"}, "plugins.apps.misp.filter must be a list of entries"),
+        ({"zmq": ZMQ, "filter": {"orgs": ["x"]}}, "plugins.apps.misp.filter"),  # the core's policy filter check
         ({"zmq": ZMQ, "filter": [{"org": ["x"]}]}, "plugins.apps.misp.filter must be a list of entries"),
         ({"zmq": ZMQ, "filter": [{"tags": "tlp:red"}]}, "plugins.apps.misp.filter must be a list of entries"),
         ({"kafka": {"config": {}}}, "plugins.apps.misp.kafka needs topics"),
@@ -100,3 +101,9 @@ def test_a_section_written_for_the_original_misp_app_is_accepted():
     assert parsed.zmq_endpoint == "tcp://localhost:50000" and not parsed.uses_kafka
     assert parsed.filters[1] == FilterEntry(orgs=frozenset({"2"}))
     assert parsed.passes(["25"], "domain", ["TLP:RED"]) and not parsed.passes(["25"], "md5", ["TLP:RED"])
+
+
+def test_a_mapping_at_filter_is_the_bus_policy_filter_not_misps():
+    settings = settings_from({"plugins": {"apps": {"misp": {"zmq": ZMQ, "filter": {"tlp": "amber"}}}}})
+    validate(settings, validators())
+    assert MispSettings.from_config(settings.get("plugins.apps.misp")).filters == ()

@@ -270,6 +270,8 @@ def to_indicator(attribute: MispAttribute, update: str | None = None, host: str 
         "valid_from": when,
         "labels": [f"misp:type={attribute.type}"],
         "external_references": [reference],
+        # MISP's "for detection" flag; policy filters with detection_only look at it (threatbus.policy).
+        "x_misp_to_ids": attribute.to_ids,
     }
     if attribute.comment:
         payload["description"] = attribute.comment

@@ -3,7 +3,9 @@
 The keys are the original MISP app's (WIRE.md): ``api.host``, ``api.ssl``,
 ``api.key``; ``zmq.host`` and ``zmq.port`` or ``kafka.topics``,
 ``kafka.poll_interval`` and ``kafka.config`` (exactly one of the two feeds);
-``filter``, a list of ``{orgs, types, tags}`` entries.
+``filter``, a list of ``{orgs, types, tags}`` entries. A mapping at
+``filter`` is not ours: it is the bus's policy filter (``threatbus.policy``)
+of what the app receives, which the core validates and applies.
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ def _section_rule(check: Any, message: str) -> Validator:
 
 
 def _filter_valid(entries: Any) -> bool:
+    if isinstance(entries, Mapping):
+        return True  # a policy filter of the bus (threatbus.policy), which the core validates
     if not isinstance(entries, list):
         return False
     for entry in entries:
@@ -109,11 +113,17 @@ def validators() -> list[Validator]:
         option(f"{PREFIX}.kafka.config", dict),
         option(
             f"{PREFIX}.filter",
-            list,
+            (list, dict),
             check=_filter_valid,
-            expected="a list of entries with lists 'orgs', 'types' and/or 'tags'",
+            expected="a list of entries with lists 'orgs', 'types' and/or 'tags' (or a mapping: a policy filter)",
         ),
     ]
+
+
+def _misp_filter(value: Any) -> list[Any]:
+    # A list is the original's ingestion filter; a mapping there is the bus's policy filter
+    # for what the app receives, applied by the core (threatbus.policy), not by this plugin.
+    return value if isinstance(value, list) else []
 
 
 @dataclass(frozen=True)
@@ -169,7 +179,7 @@ class MispSettings:
             kafka_topics=tuple(kafka.get("topics") or ()),
             kafka_poll_interval=DEFAULT_POLL_INTERVAL if poll is None else float(poll),
             kafka_config=dict(kafka.get("config") or {}),
-            filters=tuple(FilterEntry.from_config(entry) for entry in config.get("filter") or ()),
+            filters=tuple(FilterEntry.from_config(entry) for entry in _misp_filter(config.get("filter"))),
         )
 
     @property
