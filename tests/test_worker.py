@@ -82,3 +82,20 @@ def test_stop_wakes_a_draining_worker_at_once_and_leftovers_skip_the_wake_up():
     assert time.monotonic() - started < POLL_INTERVAL / 2
     source.put("late")
     assert list(worker.leftovers(source)) == ["late"]
+
+
+def test_stop_workers_closes_workers_that_never_started():
+    closed = []
+
+    class Owner(StoppableWorker):
+        def run(self) -> None:
+            self.wait(5)
+
+        def close(self) -> None:
+            closed.append(self.name)
+
+    started, built = Owner(name="started"), Owner(name="built")
+    started.start()
+    assert stop_workers([started, built], timeout=5) == []
+    # The started worker closes itself in run(); stop_workers closes only the one that never ran.
+    assert closed == ["built"]

@@ -36,6 +36,15 @@ class StoppableWorker(threading.Thread):
         self._stop_event = threading.Event()
         self._draining: queue.Queue[Any] | queue.SimpleQueue[Any] | None = None
 
+    def close(self) -> None:
+        """Release what the worker owns (sockets, files); a no-op unless overridden.
+
+        A worker calls it at the end of its own ``run()``; ``stop_workers``
+        calls it for a worker that was built but never started, whose
+        resources would otherwise stay open (an open ZeroMQ socket makes
+        ``Context.term()`` block forever). It must be safe to call twice.
+        """
+
     def stop(self) -> None:
         """Ask the worker to finish. Returns at once; ``join()`` waits."""
         self._stop_event.set()
@@ -78,7 +87,9 @@ class StoppableWorker(threading.Thread):
 def stop_workers(workers: Iterable[threading.Thread], timeout: float = 5.0) -> list[str]:
     """Stop all workers first, then join each within one shared deadline.
 
-    Returns the names of the workers that did not end in time (and logs them).
+    Workers that were never started (their plugin failed between building and
+    starting them) are closed instead of joined. Returns the names of the
+    workers that did not end in time (and logs them).
     """
     workers = list(workers)
     for worker in workers:
@@ -87,7 +98,9 @@ def stop_workers(workers: Iterable[threading.Thread], timeout: float = 5.0) -> l
     deadline = time.monotonic() + timeout
     stuck = []
     for worker in workers:
-        if worker.ident is None:  # never started
+        if worker.ident is None:  # never started: nothing runs that would release its resources
+            if isinstance(worker, StoppableWorker):
+                worker.close()
             continue
         worker.join(max(0.0, deadline - time.monotonic()))
         if worker.is_alive():

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import queue
 import socket
+import threading
 
 import pytest
 
 from threatbus.errors import ConfigError, PluginError
-from threatbus.metrics import DELIVERED
+from threatbus.metrics import DELIVERED, Metrics
+from threatbus.node import Node
 from threatbus.testing import free_port, indicator, running_bus
 from threatbus_zmq import ZmqApp
 from threatbus_zmq.wire import is_p2p_topic, new_p2p_topic
@@ -104,3 +107,27 @@ def test_delivered_counts_frames_sent(inprocess_bus):
     for consumer in consumers:
         consumer.recv()
     assert inprocess_bus.metric(DELIVERED, plugin="zmq") == 3
+
+
+def test_a_run_that_fails_before_starting_its_workers_still_stops():
+    # A metric clash fails run() after the sockets and workers exist but before
+    # the workers start; stop() must close their sockets, or context.term() hangs.
+    metrics = Metrics("test-node")
+    metrics.gauge(DELIVERED, "a gauge where the plugin wants a counter", lambda: 0)
+    app = ZmqApp()
+    section = config()["apps"]["zmq"]
+    section.update(host="127.0.0.1", heartbeat_timeout=120, buffer_size=10, send_hwm=10, max_subscribers=10)
+    with pytest.raises(ValueError, match=DELIVERED):
+        app.run(
+            config=section,
+            publish_queue=queue.SimpleQueue(),
+            subscribe=lambda **_: [],
+            unsubscribe=lambda **_: None,
+            node=Node.create("test-node"),
+            metrics=metrics,
+        )
+    # A daemon thread only so that this test reports the hang instead of hanging itself.
+    stopper = threading.Thread(target=app.stop, daemon=True)
+    stopper.start()
+    stopper.join(10)
+    assert not stopper.is_alive(), "ZmqApp.stop hangs on workers that never started"

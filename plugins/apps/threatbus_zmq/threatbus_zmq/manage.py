@@ -91,7 +91,10 @@ class ManageWorker(StoppableWorker):
         except Exception:
             logger.exception("manage endpoint failed; apps can no longer subscribe")
         finally:
-            self.socket.close(linger=0)
+            self.close()
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
 
     def _housekeeping(self, now: float) -> None:
         try:

@@ -83,7 +83,10 @@ class PublisherWorker(StoppableWorker):
         except Exception:
             logger.exception("pub endpoint failed; apps no longer receive intel")
         finally:
-            self.socket.close(linger=0)
+            self.close()
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
 
     def _flush(self, sub: Subscription) -> bool:
         """Send what ``sub`` has buffered; False if its connection is full."""

@@ -44,7 +44,10 @@ class ReceiverWorker(StoppableWorker):
         except Exception:
             logger.exception("sub endpoint failed; apps can no longer publish")
         finally:
-            self.socket.close(linger=0)
+            self.close()
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
 
     def _receive_batch(self) -> None:
         sock = self.socket
