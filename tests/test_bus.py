@@ -8,7 +8,7 @@ import pytest
 import threatbus
 from threatbus.bus import Bus
 from threatbus.config import option
-from threatbus.data import SnapshotEnvelope, SnapshotRequest
+from threatbus.data import SnapshotEnvelope, SnapshotRequest, SnapshotType
 from threatbus.errors import ConfigError, PluginError
 from threatbus.testing import (
     Subscriber,
@@ -19,6 +19,7 @@ from threatbus.testing import (
     running_bus,
     settings_from,
     sighting,
+    wait_until,
 )
 from threatbus_inmem import InMemoryBackbone
 
@@ -105,6 +106,24 @@ def test_snapshot_request_reaches_other_apps_and_envelopes_only_the_requester():
         assert_nothing_more(bystander.queue)
 
 
+def test_snapshot_hook_names_the_local_requester_and_not_a_remote_one():
+    class Asked(RecordingApp):
+        @threatbus.app
+        def snapshot(self, snapshot_request, result_queue, local, requester):
+            self.requests.append((snapshot_request.snapshot_id, local, requester))
+
+    asked = Asked()
+    with running_bus(apps={"asked": asked}) as bus:
+        requester = Subscriber(bus, "stix2/indicator", snapshot=timedelta(days=1))
+        wait_until(lambda: len(asked.requests) == 1, what="the local request reaches the app")
+        assert asked.requests[0] == (requester.snapshot_ids[0], True, requester.queue)
+        # A request published by another node: nobody here made it.
+        remote = SnapshotRequest.create(SnapshotType.INDICATOR, timedelta(days=1))
+        bus.publish_queue.put(remote)
+        wait_until(lambda: len(asked.requests) == 2, what="the remote request reaches the app")
+        assert asked.requests[1] == (remote.snapshot_id, False, None)
+
+
 def test_snapshot_on_stix2_prefix_asks_for_indicators_and_sightings():
     answering = RecordingApp()
     with running_bus(apps={"answering": answering}) as bus:
@@ -113,8 +132,6 @@ def test_snapshot_on_stix2_prefix_asks_for_indicators_and_sightings():
 
         def both_asked():
             return {int(r.snapshot_type) for r in answering.requests} == {1, 2}
-
-        from threatbus.testing import wait_until
 
         wait_until(both_asked, what="both snapshot types requested")
 

@@ -45,7 +45,7 @@ class SwitchableBackbone:
         return []
 
     @threatbus.backbone
-    def run(self, config, inq, node, metrics):
+    def run(self, config, publish_queue, node, metrics):
         self.started = True
         metrics.gauge(BACKBONE_CONNECTED, "1 up, 0 down", lambda: 1 if self.report.get("connected") else 0)
 

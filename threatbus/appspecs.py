@@ -94,18 +94,29 @@ def stop() -> None:
 
 
 @hookspec
-def snapshot(snapshot_request: SnapshotRequest, result_queue: queue.SimpleQueue[Message]) -> None:
+def snapshot(
+    snapshot_request: SnapshotRequest,
+    result_queue: queue.SimpleQueue[Message],
+    local: bool,
+    requester: Sink | None,
+) -> None:
     """Answer a snapshot request from another app.
 
     Called from the core's snapshot worker for every request on the bus, on
-    every node, the requester's own plugin included: a plugin that serves
-    several clients must not forward a request to the client that made it
-    (it knows the ids from the return value of ``subscribe``).
+    every node, the requester's own plugin included.
     Put ``SnapshotEnvelope.wrap(snapshot_request, stix_object)`` for each
     matching indicator or sighting of the last ``snapshot_request.snapshot``
     into ``result_queue``; the bus routes them to the requester only. Apps
     that relay requests to external tools forward them here. Must not block:
     hand long work to the plugin's own worker.
+
+    :param snapshot_request: what is asked for, and its ``snapshot_id``.
+    :param result_queue: where the answers go (the node's publish queue).
+    :param local: True if a subscriber on this node made the request.
+    :param requester: the queue that made the request (as given to
+        ``subscribe``) if it is on this node, else None. A plugin that serves
+        several clients does not forward the request to the client whose
+        queue this is.
     """
 
 

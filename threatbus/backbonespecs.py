@@ -39,16 +39,25 @@ def config_validators() -> Sequence[Validator]:
 
 
 @hookspec
-def run(config: Any, inq: queue.SimpleQueue[Message], node: Node, metrics: Metrics) -> None:
+def run(
+    config: Any,
+    publish_queue: queue.SimpleQueue[Message],
+    node: Node,
+    metrics: Metrics,
+    inq: queue.SimpleQueue[Message],
+) -> None:
     """Start the backbone. Called once, before any app starts.
 
     :param config: this backbone's validated section ``plugins.backbones.<name>``.
-    :param inq: the messages the apps of this node publish. The backbone
+    :param publish_queue: the messages the apps of this node publish (the
+        queue apps get as ``publish_queue`` in their ``run``). The backbone
         consumes it and delivers each message to every subscriber whose topic
         prefix matches, on this node and (for distributed backbones) on all
         others. Use ``threatbus.routing.TopicRouter`` for local delivery.
         It is a ``queue.SimpleQueue`` (fast hand-over, no ``task_done``):
         use ``get(timeout=...)``, ``get_nowait()`` or ``StoppableWorker.drain``.
+    :param inq: the same queue under its former name, for backbones written
+        before it was called ``publish_queue``.
     :param node: the identity of this bus node.
     :param metrics: register read-outs of the backbone's counters here
         (``BACKBONE_PUBLISHED``, ``BACKBONE_CONSUMED``, ``BACKBONE_REJECTED``,
@@ -65,7 +74,7 @@ def run(config: Any, inq: queue.SimpleQueue[Message], node: Node, metrics: Metri
 def stop() -> None:
     """Stop the backbone's threads. Called once at shutdown, after the apps stopped.
 
-    Messages already taken from ``inq`` should be delivered or handed to the
+    Messages already taken from ``publish_queue`` should be delivered or handed to the
     broker before returning; return within a few seconds all the same.
     """
 
@@ -76,17 +85,26 @@ def subscribe(topic: str, queue: Sink) -> None:
 
     Delivery must never block the backbone: use ``queue.put_nowait`` and
     count what a full queue loses (``TopicRouter`` does).
+
+    :param topic: a topic prefix, e.g. ``stix2/indicator``.
+    :param queue: the subscriber, any object with ``put_nowait`` (``routing.Sink``).
     """
 
 
 @hookspec
 def unsubscribe(topic: str, queue: Sink) -> None:
-    """End a subscription made with ``subscribe``; unknown ones are ignored."""
+    """End a subscription made with ``subscribe``; unknown ones are ignored.
+
+    :param topic: the topic prefix given to ``subscribe``.
+    :param queue: the subscriber given to ``subscribe``.
+    """
 
 
-@hookspec
+@hookspec(firstresult=True)
 def health() -> dict[str, Any]:
     """Report the backbone's state, e.g. ``{"connected": True}``.
+
+    ``firstresult``: exactly one backbone runs, its answer is the node's.
 
     Called from any thread (the health endpoint); must be cheap and must not
     touch sockets owned by other threads.

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -19,6 +20,7 @@ from threatbus.observability import ObservabilityServer
 from threatbus.plugins import APP_GROUP, BACKBONE_GROUP
 from threatbus.routing import Sink
 from threatbus.snapshots import SnapshotRouter
+from threatbus.worker import stop_workers
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,17 @@ def _manager(project: str, specs: object, plugins: Mapping[str, object]) -> plug
     except pluggy.PluginValidationError as err:
         raise PluginError(f"{project}: {err}") from err
     return manager
+
+
+@contextlib.contextmanager
+def _naming(kind: str, name: str, hook: str) -> Iterator[None]:
+    """Turn an unexpected error of a plugin's hook into a ``PluginError`` that names the plugin."""
+    try:
+        yield
+    except (PluginError, ConfigError):
+        raise
+    except Exception as err:
+        raise PluginError(f"{kind} plugin '{name}' failed in {hook}: {err}") from err
 
 
 class Bus:
@@ -97,31 +110,12 @@ class Bus:
         self._start_http()
         try:
             for name, backbone in self.backbones.list_name_plugin():
-                self._call_one(
-                    self.backbones,
-                    backbone,
-                    "run",
-                    name,
-                    "backbones",
-                    inq=self.publish_queue,
-                    node=self.node,
-                    metrics=self.metrics,
-                )
+                self._run_backbone(name, backbone)
             self.snapshots.start()
             for topic in (TOPIC_SNAPSHOT_REQUEST, TOPIC_SNAPSHOT_ENVELOPE):
                 self.backbones.hook.subscribe(topic=topic, queue=self.snapshots.inbox)
             for name, app in self.apps.list_name_plugin():
-                self._call_one(
-                    self.apps,
-                    app,
-                    "run",
-                    name,
-                    "apps",
-                    publish_queue=self.publish_queue,
-                    **self._app_subscription(name),
-                    node=self.node,
-                    metrics=self.metrics,
-                )
+                self._run_app(name, app)
         except Exception as err:
             self.stop()
             if isinstance(err, (PluginError, ConfigError)):
@@ -134,23 +128,44 @@ class Bus:
             ", ".join(self.plugin_names(self.apps)) or "none",
         )
 
-    def _call_one(
-        self, manager: pluggy.PluginManager, plugin: object, hook: str, name: str, kind: str, **kwargs: Any
-    ) -> None:
-        caller = self._only(manager, plugin, hook)
-        if hook == "run":
-            kwargs["config"] = config.section(self.settings, kind, name)
-            logger.debug("starting %s plugin '%s'", kind[:-1], name)
-        try:
-            caller(**kwargs)
-        except (PluginError, ConfigError):
-            raise
-        except Exception as err:
-            raise PluginError(f"{kind[:-1]} plugin '{name}' failed in {hook}: {err}") from err
-        finally:
-            if hook == "run":
-                # A plugin whose run raised may have started threads: stop it too.
-                self._started.append((manager, name))
+    # Typed wrappers of the hook calls: each calls one plugin and names it when it fails.
+
+    def _run_backbone(self, name: str, backbone: object) -> None:
+        logger.debug("starting backbone plugin '%s'", name)
+        # A plugin whose run raised may have started threads: stop it too.
+        self._started.append((self.backbones, name))
+        with _naming("backbone", name, "run"):
+            self._only(self.backbones, backbone, "run")(
+                config=config.section(self.settings, "backbones", name),
+                publish_queue=self.publish_queue,
+                inq=self.publish_queue,
+                node=self.node,
+                metrics=self.metrics,
+            )
+
+    def _run_app(self, name: str, app: object) -> None:
+        logger.debug("starting app plugin '%s'", name)
+        self._started.append((self.apps, name))
+        with _naming("app", name, "run"):
+            self._only(self.apps, app, "run")(
+                config=config.section(self.settings, "apps", name),
+                publish_queue=self.publish_queue,
+                **self._app_subscription(name),
+                node=self.node,
+                metrics=self.metrics,
+            )
+
+    def _snapshot_app(self, name: str, app: object, request: SnapshotRequest, requester: Sink | None) -> None:
+        # An app's filter wraps its queues (policy.AppGate): the app knows its own queue, not the wrapper.
+        while isinstance(requester, policy.FilteredSink):
+            requester = requester.sink
+        with _naming("app", name, "snapshot"):
+            self._only(self.apps, app, "snapshot")(
+                snapshot_request=request,
+                result_queue=self.publish_queue,
+                local=requester is not None,
+                requester=requester,
+            )
 
     @staticmethod
     def _only(manager: pluggy.PluginManager, plugin: object, hook: str) -> Any:
@@ -161,9 +176,7 @@ class Bus:
         """Stop apps, then the core's workers, then the backbone; each on its own."""
         while self._started and self._started[-1][0] is self.apps:
             self._stop_one(*self._started.pop())
-        if self.snapshots.is_alive():
-            self.snapshots.stop()
-            self.snapshots.join(5)
+        stop_workers([self.snapshots])
         while self._started:
             self._stop_one(*self._started.pop())
         self._stop_http()
@@ -188,8 +201,7 @@ class Bus:
 
     def _stop_http(self) -> None:
         if self.http is not None:
-            self.http.stop()
-            self.http.join(5)
+            stop_workers([self.http])
             self.http = None
 
     # ---- what apps call ------------------------------------------------
@@ -219,11 +231,11 @@ class Bus:
         logger.info("app '%s' receives only what passes its filter %s", name, app_filter.spec)
         return {"subscribe": gate.subscribe, "unsubscribe": gate.unsubscribe}
 
-    def _ask_apps(self, request: SnapshotRequest) -> None:
+    def _ask_apps(self, request: SnapshotRequest, requester: Sink | None) -> None:
         # Each app on its own: one failing plugin must not keep the others from answering.
         for name, app in self.apps.list_name_plugin():
             try:
-                self._only(self.apps, app, "snapshot")(snapshot_request=request, result_queue=self.publish_queue)
+                self._snapshot_app(name, app, request, requester)
             except Exception:
                 logger.exception("app plugin '%s' failed to answer snapshot %s", name, request.snapshot_id)
 
@@ -235,5 +247,4 @@ class Bus:
 
     def health(self) -> dict[str, Any]:
         """The backbone's view of its own state (see ``backbonespecs.health``)."""
-        reports = self.backbones.hook.health()
-        return reports[0] if reports else {}
+        return self.backbones.hook.health() or {}

@@ -23,12 +23,14 @@ class SnapshotRouter(StoppableWorker):
     """Consumes snapshot requests and envelopes from the backbone.
 
     A request (from any node) is handed to every local app through
-    ``ask_apps``. An envelope is delivered to the subscriber queue that made
-    the request, if that subscriber lives on this node; other nodes' envelopes
-    are ignored.
+    ``ask_apps``, with the local subscriber that made it (None if remote).
+    An envelope is delivered to the subscriber queue that made the request,
+    if that subscriber lives on this node; other nodes' envelopes are ignored.
     """
 
-    def __init__(self, publish_queue: queue.SimpleQueue[Message], ask_apps: Callable[[SnapshotRequest], None]) -> None:
+    def __init__(
+        self, publish_queue: queue.SimpleQueue[Message], ask_apps: Callable[[SnapshotRequest, Sink | None], None]
+    ) -> None:
         super().__init__(name="snapshot-router")
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._publish_queue = publish_queue
@@ -76,7 +78,9 @@ class SnapshotRouter(StoppableWorker):
         self._seen_requests[request.snapshot_id] = None
         while len(self._seen_requests) > MAX_OPEN_REQUESTS:
             self._seen_requests.popitem(last=False)
-        self._ask_apps(request)
+        with self._lock:
+            requester = self._requesters.get(request.snapshot_id)
+        self._ask_apps(request, requester)
 
     def _handle_envelope(self, envelope: SnapshotEnvelope) -> None:
         with self._lock:

@@ -161,7 +161,7 @@ class SuricataApp:
         self.counters = Counters()
         self.store: DetectionStore | None = None
         self.socket: SuricataSocket | None = None
-        self.publish_queue: queue.Queue[Message] | None = None
+        self.publish_queue: queue.SimpleQueue[Message] | None = None
         self.inbox: queue.Queue[Message] = queue.Queue()
         self.unsubscribe: Any = None
         self.workers: list[StoppableWorker] = []
@@ -259,7 +259,7 @@ class SuricataApp:
     def run(
         self,
         config: Any,
-        publish_queue: queue.Queue[Message],
+        publish_queue: queue.SimpleQueue[Message],
         subscribe: Any,
         unsubscribe: Any,
         node: Node,
@@ -330,7 +330,7 @@ class SuricataApp:
             self.socket.close()
 
     @threatbus.app
-    def snapshot(self, snapshot_request: SnapshotRequest, result_queue: queue.Queue[Message]) -> None:
+    def snapshot(self, snapshot_request: SnapshotRequest, result_queue: queue.SimpleQueue[Message]) -> None:
         """Answer indicator snapshots with the held indicators modified within the period."""
         if (
             self.store is None

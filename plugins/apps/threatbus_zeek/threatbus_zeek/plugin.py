@@ -180,7 +180,7 @@ class ZeekLink(StoppableWorker):
         self,
         settings: ZeekSettings,
         intel_queue: queue.Queue[Message],
-        publish_queue: queue.Queue[Message],
+        publish_queue: queue.SimpleQueue[Message],
         subscribe: Callable[..., list[str]],
         stats: ZeekStats,
     ) -> None:
@@ -420,7 +420,7 @@ class ZeekApp:
     def run(
         self,
         config: Any,
-        publish_queue: queue.Queue[Message],
+        publish_queue: queue.SimpleQueue[Message],
         subscribe: Callable[..., list[str]],
         unsubscribe: Callable[..., None],
         metrics: Metrics,
@@ -457,7 +457,7 @@ class ZeekApp:
             self._unsubscribe = None
 
     @threatbus.app
-    def snapshot(self, snapshot_request: SnapshotRequest, result_queue: queue.Queue[Message]) -> None:
+    def snapshot(self, snapshot_request: SnapshotRequest, result_queue: queue.SimpleQueue[Message]) -> None:
         """Answers nothing: Zeek keeps no intel history that Threat Bus could query.
 
         Zeek's Intel framework holds only the current intel, in memory, and

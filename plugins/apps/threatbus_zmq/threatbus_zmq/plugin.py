@@ -14,6 +14,7 @@ from threatbus.data import MAX_MESSAGE_BYTES, Message, SnapshotRequest
 from threatbus.errors import PluginError
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, DROPPED, QUEUE_DEPTH, SUBSCRIBERS, Metrics
 from threatbus.node import Node
+from threatbus.routing import Sink
 from threatbus.worker import stop_workers
 from threatbus_zmq.manage import ManageWorker
 from threatbus_zmq.publisher import PublisherWorker
@@ -94,7 +95,7 @@ class ZmqApp:
     def run(
         self,
         config: Any,
-        publish_queue: queue.Queue[Message],
+        publish_queue: queue.SimpleQueue[Message],
         subscribe: Any,
         unsubscribe: Any,
         node: Node,
@@ -186,7 +187,9 @@ class ZmqApp:
         logger.info("ZeroMQ app plugin stopped")
 
     @threatbus.app
-    def snapshot(self, snapshot_request: SnapshotRequest, result_queue: queue.Queue[Message]) -> None:
+    def snapshot(
+        self, snapshot_request: SnapshotRequest, result_queue: queue.SimpleQueue[Message], requester: Sink | None
+    ) -> None:
         # The apps answer on the sub socket; their envelopes go to the bus from there.
         if self.subscriptions is not None:
-            self.subscriptions.forward_request(snapshot_request)
+            self.subscriptions.forward_request(snapshot_request, requester)

@@ -28,7 +28,7 @@ class ReceiverWorker(StoppableWorker):
     logged (rate-limited), counted in ``rejected`` and dropped.
     """
 
-    def __init__(self, socket: zmq.Socket, publish_queue: queue.Queue[Message]) -> None:
+    def __init__(self, socket: zmq.Socket, publish_queue: queue.SimpleQueue[Message]) -> None:
         super().__init__(name="zmq-receiver")
         self.socket = socket
         self.publish_queue = publish_queue

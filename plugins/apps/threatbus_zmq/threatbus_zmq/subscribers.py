@@ -138,7 +138,6 @@ class Subscriptions:
         self.heartbeat_timeout = heartbeat_timeout
         self._lock = threading.Lock()
         self._by_topic: dict[str, Subscription] = {}
-        self._by_request: dict[str, Subscription] = {}
         self._serials = itertools.count(1)
         self._retired_dropped = 0
         self.filtered = FilterStats()  # what client filters held back, all clients together
@@ -170,8 +169,6 @@ class Subscriptions:
         sub.snapshot_ids = frozenset(snapshot_ids)
         with self._lock:
             self._by_topic[p2p_topic] = sub
-            for snapshot_id in snapshot_ids:
-                self._by_request[snapshot_id] = sub
         logger.info(
             "%s subscribed%s%s; %d subscribers",
             sub,
@@ -187,8 +184,6 @@ class Subscriptions:
             sub = self._by_topic.pop(p2p_topic, None)
             if sub is None:
                 return False
-            for snapshot_id in sub.snapshot_ids:
-                self._by_request.pop(snapshot_id, None)
         self._retire(sub)
         logger.info("%s %s; %d subscribers", sub, reason, len(self._by_topic))
         return True
@@ -205,10 +200,9 @@ class Subscriptions:
 
     # ---- from the core -------------------------------------------------
 
-    def forward_request(self, request: SnapshotRequest) -> int:
-        """Hand a snapshot request to every subscriber but the one that made it."""
+    def forward_request(self, request: SnapshotRequest, requester: Any = None) -> int:
+        """Hand a snapshot request to every subscriber but ``requester``, the one that made it."""
         with self._lock:
-            requester = self._by_request.get(request.snapshot_id)
             targets = [sub for sub in self._by_topic.values() if sub is not requester]
         for sub in targets:
             sub.put_nowait(request)
@@ -267,7 +261,6 @@ class Subscriptions:
         with self._lock:
             subs = list(self._by_topic.values())
             self._by_topic.clear()
-            self._by_request.clear()
         for sub in subs:
             self._retire(sub)
 

@@ -11,13 +11,13 @@ from threatbus.data import Message
 from threatbus.metrics import DELIVERED, DROPPED, Metrics
 from threatbus.node import Node
 from threatbus.routing import RoutedBackbone, TopicRouter
-from threatbus.worker import StoppableWorker
+from threatbus.worker import StoppableWorker, stop_workers
 
 logger = logging.getLogger(__name__)
 
 
 class _Distributor(StoppableWorker):
-    def __init__(self, inq: queue.Queue[Message], router: TopicRouter) -> None:
+    def __init__(self, inq: queue.SimpleQueue[Message], router: TopicRouter) -> None:
         super().__init__(name="inmem-distributor")
         self.inq = inq
         self.router = router
@@ -42,7 +42,7 @@ class InMemoryBackbone(RoutedBackbone):
         return []
 
     @threatbus.backbone
-    def run(self, config: Any, inq: queue.Queue[Message], node: Node, metrics: Metrics) -> None:
+    def run(self, config: Any, publish_queue: queue.SimpleQueue[Message], node: Node, metrics: Metrics) -> None:
         metrics.counter(
             DELIVERED, "Messages handed to local subscribers", lambda: self.router.delivered, plugin="inmem"
         )
@@ -51,15 +51,14 @@ class InMemoryBackbone(RoutedBackbone):
         if any(isinstance(section, dict) and section.get("filter") for section in sections):
             # One node, no other nodes: everything stays local, so export and import filters change nothing.
             logger.info("inmem: export and import filters have no effect (no other nodes)")
-        self.worker = _Distributor(inq, self.router)
+        self.worker = _Distributor(publish_queue, self.router)
         self.worker.start()
         logger.info("in-memory backbone running on node '%s'", node.name)
 
     @threatbus.backbone
     def stop(self) -> None:
         if self.worker is not None:
-            self.worker.stop()
-            self.worker.join(5)
+            stop_workers([self.worker])
 
     @threatbus.backbone
     def health(self) -> dict[str, Any]:

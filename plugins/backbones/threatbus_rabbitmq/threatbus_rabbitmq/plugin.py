@@ -51,14 +51,14 @@ class RabbitMQBackbone(RoutedBackbone):
         return validators()
 
     @threatbus.backbone
-    def run(self, config: Any, inq: queue.Queue[Message], node: Node, metrics: Metrics) -> None:
+    def run(self, config: Any, publish_queue: queue.SimpleQueue[Message], node: Node, metrics: Metrics) -> None:
         settings = resolve(config, node)
         self.settings = settings
         self.outbox = Outbox(settings.outbox_size)
         self.publisher = Publisher(settings, self.outbox)
         self.configure_policy(NAME, config, metrics)
         self.consumer = Consumer(settings, self.router, importing=self.importing)
-        self.feeder = Feeder(inq, self.outbox, self.publisher, exporting=self.exporting)
+        self.feeder = Feeder(publish_queue, self.outbox, self.publisher, exporting=self.exporting)
         self._register_metrics(metrics, self.publisher, self.consumer, self.outbox, self.feeder)
         logger.info(
             "RabbitMQ backbone on node '%s': broker %s, exchange '%s'%s, %s queue '%s' (durable=%s, lazy=%s)",

@@ -243,7 +243,7 @@ class Feeder(StoppableWorker):
 
     def __init__(
         self,
-        inq: queue.Queue[Message],
+        inq: queue.SimpleQueue[Message],
         outbox: Outbox,
         publisher: Publisher,
         exporting: Callable[[Message], bool] | None = None,
