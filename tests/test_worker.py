@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from threatbus.worker import POLL_INTERVAL, Backoff, StoppableWorker, stop_workers
+from threatbus.worker import POLL_INTERVAL, Backoff, ReconnectingWorker, StoppableWorker, stop_workers
 
 
 class Echo(StoppableWorker):
@@ -99,3 +99,47 @@ def test_stop_workers_closes_workers_that_never_started():
     assert stop_workers([started, built], timeout=5) == []
     # The started worker closes itself in run(); stop_workers closes only the one that never ran.
     assert closed == ["built"]
+
+
+def test_drain_all_yields_what_was_put_before_the_stop():
+    source: queue.SimpleQueue[int] = queue.SimpleQueue()
+    got: list[int] = []
+
+    class Collector(StoppableWorker):
+        def run(self) -> None:
+            got.extend(self.drain_all(source))
+
+    worker = Collector()
+    for item in range(3):
+        source.put(item)
+    worker.stop()  # before the start: drain yields nothing, leftovers everything
+    worker.start()
+    worker.join(5)
+    assert got == [0, 1, 2]
+
+
+def test_reconnecting_worker_retries_with_backoff_until_stopped():
+    attempts: list[float] = []
+    finished = threading.Event()
+
+    class Flaky(ReconnectingWorker):
+        def connect_and_serve(self) -> None:
+            attempts.append(time.monotonic())
+            if len(attempts) == 1:
+                raise OSError("refused")
+            if len(attempts) == 3:
+                self.backoff.reset()
+                self.wait(10)  # "connected" until stopped
+
+        def finish(self) -> None:
+            finished.set()
+
+    worker = Flaky(backoff=Backoff(initial=0.05, maximum=0.1))
+    worker.start()
+    deadline = time.monotonic() + 5
+    while len(attempts) < 3 and time.monotonic() < deadline:
+        worker.wait(0.01)
+    assert len(attempts) == 3
+    assert worker.backoff.attempts == 0  # reset once connected
+    assert stop_workers([worker]) == []
+    assert finished.is_set() and len(attempts) == 3

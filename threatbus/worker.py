@@ -83,6 +83,53 @@ class StoppableWorker(threading.Thread):
             if item is not _WAKE_UP:
                 yield item
 
+    def drain_all(self, source: queue.Queue[T] | queue.SimpleQueue[T]) -> Iterator[T]:
+        """``drain(source)``, then its ``leftovers``: everything put in before the stop."""
+        yield from self.drain(source)
+        yield from self.leftovers(source)
+
+
+class ReconnectingWorker(StoppableWorker):
+    """A worker that keeps one connection up: serve it, and after a loss wait (capped backoff) and connect again.
+
+    Subclasses implement ``connect_and_serve()``: connect, call
+    ``self.backoff.reset()`` once the connection is usable, serve it until it
+    is lost or the worker is asked to stop, then return (an exception counts
+    as a loss too). ``connection_failed(err)`` and ``reconnecting(delay)`` log;
+    ``finish()`` runs once in the worker's thread when it ends.
+    """
+
+    def __init__(self, name: str | None = None, backoff: Backoff | None = None) -> None:
+        super().__init__(name=name)
+        self.backoff = backoff or Backoff()
+
+    def run(self) -> None:
+        try:
+            while not self.stopping:
+                try:
+                    self.connect_and_serve()
+                except Exception as err:
+                    self.connection_failed(err)
+                if self.stopping:
+                    break
+                delay = self.backoff.next_delay()
+                self.reconnecting(delay)
+                self.wait(delay)
+        finally:
+            self.finish()
+
+    def connect_and_serve(self) -> None:
+        raise NotImplementedError
+
+    def connection_failed(self, err: Exception) -> None:
+        logger.error("%s: connection failed; reconnecting", self.name, exc_info=err)
+
+    def reconnecting(self, delay: float) -> None:
+        logger.info("%s: reconnecting in %.1fs", self.name, delay)
+
+    def finish(self) -> None:
+        """Called in the worker's thread when it ends."""
+
 
 def stop_workers(workers: Iterable[threading.Thread], timeout: float = 5.0) -> list[str]:
     """Stop all workers first, then join each within one shared deadline.

@@ -21,7 +21,7 @@ from threatbus.errors import PluginError
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, Metrics
 from threatbus.node import Node
 from threatbus.stix import InvalidIntel, new_sighting, timestamp, validate
-from threatbus.worker import POLL_INTERVAL, Backoff, StoppableWorker, stop_workers
+from threatbus.worker import POLL_INTERVAL, Backoff, ReconnectingWorker, StoppableWorker, stop_workers
 from threatbus_suricata.eve import LogFollower, event_time, matches, sighting_context
 from threatbus_suricata.mapping import ACTIONS, MODES, RESERVED_SIDS, Settings, Unsupported
 from threatbus_suricata.store import DetectionStore, ForeignFile
@@ -40,6 +40,8 @@ _SET_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 RULES_FILE = "/var/lib/suricata/rules/threatbus.rules"
 SOCKET = "/var/run/suricata/suricata-command.socket"
 EVE = "/var/log/suricata/eve.json"
+# Seconds between attempts to read an EVE log that failed.
+EVE_RETRY = 5.0
 
 
 def _writable_dir(path: Any) -> bool:
@@ -99,11 +101,8 @@ class DetectionWorker(StoppableWorker):
                 logger.exception("suricata detection worker failed; continuing")
                 self.next_flush = time.monotonic() + self.backoff.next_delay()
         # Apply what already arrived and persist it, so nothing accepted is lost.
-        while True:
-            try:
-                self.handle(self.inbox.get_nowait())
-            except queue.Empty:
-                break
+        for message in self.leftovers(self.inbox):
+            self.handle(message)
         self.app.flush(final=True)
 
     def handle(self, message: Message) -> None:
@@ -124,34 +123,39 @@ class DetectionWorker(StoppableWorker):
             self.next_flush = time.monotonic() + app.reload_interval
 
 
-class EveWorker(StoppableWorker):
-    """Follows the EVE log and publishes a sighting for every Threat Bus alert."""
+class EveWorker(ReconnectingWorker):
+    """Follows the EVE log and publishes a sighting for every Threat Bus alert.
+
+    A read error closes the log; it is opened again after a pause.
+    """
 
     def __init__(self, app: SuricataApp, follower: LogFollower) -> None:
-        super().__init__(name="suricata-eve")
+        super().__init__("suricata-eve", Backoff(initial=EVE_RETRY, maximum=EVE_RETRY))
         self.app = app
         self.follower = follower
 
-    def run(self) -> None:
-        try:
-            while not self.stopping:
+    def connect_and_serve(self) -> None:
+        while not self.stopping:
+            try:
+                lines = self.follower.poll()
+            except OSError as err:
+                logger.warning("cannot read EVE log %s: %s", self.follower.path, err)
+                self.follower.close()
+                return
+            for line in lines:
                 try:
-                    lines = self.follower.poll()
-                except OSError as err:
-                    logger.warning("cannot read EVE log %s: %s", self.follower.path, err)
-                    self.follower.close()
-                    self.wait(5)
-                    continue
-                for line in lines:
-                    try:
-                        self.app.handle_eve_line(line)
-                    except Exception:  # a bug must not end the follower: log the line and go on
-                        self.app.counters.bad_lines += 1
-                        logger.exception("cannot handle EVE line %r", line[:200])
-                if not lines:
-                    self.wait(0.2)
-        finally:
-            self.follower.close()
+                    self.app.handle_eve_line(line)
+                except Exception:  # a bug must not end the follower: log the line and go on
+                    self.app.counters.bad_lines += 1
+                    logger.exception("cannot handle EVE line %r", line[:200])
+            if not lines:
+                self.wait(0.2)
+
+    def reconnecting(self, delay: float) -> None:
+        logger.debug("opening EVE log %s again in %.1fs", self.follower.path, delay)
+
+    def finish(self) -> None:
+        self.follower.close()
 
 
 class SuricataApp:

@@ -28,7 +28,7 @@ from threatbus.config import option, port
 from threatbus.data import TOPIC_INDICATOR, Indicator, Message, SnapshotEnvelope, SnapshotRequest, describe
 from threatbus.errors import DecodeError, PluginError
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, QUEUE_DEPTH, SUBSCRIBERS, Metrics
-from threatbus.worker import Backoff, StoppableWorker, stop_workers
+from threatbus.worker import Backoff, ReconnectingWorker, stop_workers
 from threatbus_zeek import broker
 from threatbus_zeek.mapping import InvalidMatch, Unsupported, sighting_from_match, to_zeek_intel
 
@@ -163,7 +163,7 @@ class ZeekGone(Exception):
     """Zeek closed the connection."""
 
 
-class ZeekLink(StoppableWorker):
+class ZeekLink(ReconnectingWorker):
     """Connects to Zeek, sends intel from ``intel_queue``, publishes Zeek's matches.
 
     The thread runs an asyncio loop: websockets' asyncio client drives TLS
@@ -184,7 +184,7 @@ class ZeekLink(StoppableWorker):
         subscribe: Callable[..., list[str]],
         stats: ZeekStats,
     ) -> None:
-        super().__init__(name="zeek-link")
+        super().__init__("zeek-link", Backoff(initial=0.5, maximum=30.0))
         self.settings = settings
         self.intel_queue = intel_queue
         self.publish_queue = publish_queue
@@ -192,56 +192,57 @@ class ZeekLink(StoppableWorker):
         self.stats = stats
         self.ssl_context = settings.ssl_context()
         self._pending: str | None = None
-        self._backoff = Backoff(initial=0.5, maximum=30.0)
-
-    def run(self) -> None:
-        asyncio.run(self._main())
+        self._established = False  # whether the last attempt got as far as the handshake
+        self._problem: BaseException | None = None  # what ended the last attempt
 
     # ---- connection ----------------------------------------------------
 
-    async def _main(self) -> None:
-        while not self.stopping:
-            established = False
-            problem: BaseException | None = None
-            try:
-                async with connect(
-                    self.settings.uri,
-                    ssl=self.ssl_context,
-                    open_timeout=CONNECT_TIMEOUT,
-                    close_timeout=2,
-                    compression=None,
-                    proxy=None,
-                    additional_headers={"X-Application-Name": "threatbus"},
-                ) as connection:
-                    await self._handshake(connection)
-                    established = True
-                    self._backoff.reset()
-                    await self._serve(connection)
-            except (
-                OSError,
-                TimeoutError,
-                InvalidHandshake,
-                InvalidURI,
-                ConnectionClosed,
-                ZeekRefused,
-                ZeekGone,
-            ) as err:
-                problem = err
-            except Exception as err:
-                problem = err
-                logger.exception("Zeek link failed")
-            finally:
-                self.stats.connected = False
-            if self.stopping:
-                break
-            delay = self._backoff.next_delay()
-            if established:
-                logger.warning(
-                    "connection to Zeek at %s lost: %s; reconnecting in %.1fs", self.settings.uri, problem, delay
-                )
-            else:
-                logger.warning("cannot connect to Zeek at %s: %s; retrying in %.1fs", self.settings.uri, problem, delay)
-            await self._sleep(delay)
+    def connect_and_serve(self) -> None:
+        # One event loop per connection: the reconnect loop with its backoff is the core's.
+        asyncio.run(self._connect_and_serve())
+
+    async def _connect_and_serve(self) -> None:
+        self._established = False
+        self._problem = None
+        try:
+            async with connect(
+                self.settings.uri,
+                ssl=self.ssl_context,
+                open_timeout=CONNECT_TIMEOUT,
+                close_timeout=2,
+                compression=None,
+                proxy=None,
+                additional_headers={"X-Application-Name": "threatbus"},
+            ) as connection:
+                await self._handshake(connection)
+                self._established = True
+                self.backoff.reset()
+                await self._serve(connection)
+        except (
+            OSError,
+            TimeoutError,
+            InvalidHandshake,
+            InvalidURI,
+            ConnectionClosed,
+            ZeekRefused,
+            ZeekGone,
+        ) as err:
+            self._problem = err
+        except Exception as err:
+            self._problem = err
+            logger.exception("Zeek link failed")
+        finally:
+            self.stats.connected = False
+
+    def reconnecting(self, delay: float) -> None:
+        if self._established:
+            logger.warning(
+                "connection to Zeek at %s lost: %s; reconnecting in %.1fs", self.settings.uri, self._problem, delay
+            )
+        else:
+            logger.warning(
+                "cannot connect to Zeek at %s: %s; retrying in %.1fs", self.settings.uri, self._problem, delay
+            )
 
     async def _sleep(self, seconds: float) -> None:
         """Sleep up to ``seconds``, less if the worker is asked to stop."""

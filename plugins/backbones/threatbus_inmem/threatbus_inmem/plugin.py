@@ -23,10 +23,8 @@ class _Distributor(StoppableWorker):
         self.router = router
 
     def run(self) -> None:
-        for message in self.drain(self.inq):
-            self.router.route(message)
-        # Deliver what apps published before the stop, so nothing accepted is lost.
-        for message in self.leftovers(self.inq):
+        # Also what apps published before the stop, so nothing accepted is lost.
+        for message in self.drain_all(self.inq):
             self.router.route(message)
 
 

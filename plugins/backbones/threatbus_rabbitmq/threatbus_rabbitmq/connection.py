@@ -15,7 +15,7 @@ import pika
 import pika.exceptions
 from pika.channel import Channel
 
-from threatbus.worker import POLL_INTERVAL, Backoff, StoppableWorker
+from threatbus.worker import POLL_INTERVAL, Backoff, ReconnectingWorker
 from threatbus_rabbitmq.settings import BrokerSettings
 
 logger = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ def describe_close(reason: BaseException | None) -> str:
     return repr(reason) if reason is not None else "unknown reason"
 
 
-class AmqpWorker(StoppableWorker):
+class AmqpWorker(ReconnectingWorker):
     """Base of the publisher and the consumer: connect, set up, serve, reconnect.
 
     Subclasses implement ``setup(channel)`` (declare, then call ``ready()``),
@@ -53,9 +53,8 @@ class AmqpWorker(StoppableWorker):
     role = "amqp"
 
     def __init__(self, settings: BrokerSettings) -> None:
-        super().__init__(name=f"rabbitmq-{self.role}")
+        super().__init__(f"rabbitmq-{self.role}", Backoff(settings.reconnect_initial, settings.reconnect_max))
         self.settings = settings
-        self.backoff = Backoff(settings.reconnect_initial, settings.reconnect_max)
         self.connected = False  # channel open and set up: the hot path may use it
         self.connects = 0  # successful set-ups, for health and tests
         self._connection: pika.SelectConnection | None = None
@@ -66,23 +65,20 @@ class AmqpWorker(StoppableWorker):
 
     # ---- thread side ---------------------------------------------------
 
-    def run(self) -> None:
-        try:
-            while not self.stopping:
-                try:
-                    self._serve_one_connection()
-                except Exception:
-                    logger.exception("%s: unexpected error while closing; reconnecting", self.role)
-                    self.connected = False
-                    self.on_lost()
-                if self.stopping:
-                    break
-                delay = self.backoff.next_delay()
-                logger.info("%s: reconnecting to %s in %.1fs", self.role, self.settings.url, delay)
-                self.wait(delay)
-        finally:
-            self.connected = False
-            self.on_exit()
+    def connect_and_serve(self) -> None:
+        self._serve_one_connection()
+
+    def connection_failed(self, err: Exception) -> None:
+        logger.error("%s: unexpected error while closing; reconnecting", self.role, exc_info=err)
+        self.connected = False
+        self.on_lost()
+
+    def reconnecting(self, delay: float) -> None:
+        logger.info("%s: reconnecting to %s in %.1fs", self.role, self.settings.url, delay)
+
+    def finish(self) -> None:
+        self.connected = False
+        self.on_exit()
 
     def stop(self) -> None:
         super().stop()

@@ -268,10 +268,8 @@ class Feeder(StoppableWorker):
 
     def run(self) -> None:
         try:
-            for message in self.drain(self.inq):
-                self._take(message)
             # The apps stopped before the backbone: what they published is in inq; send it too.
-            for message in self.leftovers(self.inq):
+            for message in self.drain_all(self.inq):
                 self._take(message)
         finally:
             self.publisher.feeder_done.set()
