@@ -91,7 +91,7 @@ def test_stop_workers_closes_workers_that_never_started():
         def run(self) -> None:
             self.wait(5)
 
-        def close(self) -> None:
+        def release(self) -> None:
             closed.append(self.name)
 
     started, built = Owner(name="started"), Owner(name="built")

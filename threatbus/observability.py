@@ -146,8 +146,8 @@ class ObservabilityServer(StoppableWorker):
         finally:
             self.server.server_close()
 
-    def close(self) -> None:
-        """Release the socket of a server that was never started."""
+    def release(self) -> None:
+        """Release the socket of a server that was never started (``run`` closes it otherwise)."""
         if self.ident is None:
             self.server.server_close()
 

@@ -36,7 +36,7 @@ class StoppableWorker(threading.Thread):
         self._stop_event = threading.Event()
         self._draining: queue.Queue[Any] | queue.SimpleQueue[Any] | None = None
 
-    def close(self) -> None:
+    def release(self) -> None:
         """Release what the worker owns (sockets, files); a no-op unless overridden.
 
         A worker calls it at the end of its own ``run()``; ``stop_workers``
@@ -96,7 +96,8 @@ class ReconnectingWorker(StoppableWorker):
     ``self.backoff.reset()`` once the connection is usable, serve it until it
     is lost or the worker is asked to stop, then return (an exception counts
     as a loss too). ``connection_failed(err)`` and ``reconnecting(delay)`` log;
-    ``finish()`` runs once in the worker's thread when it ends.
+    ``finish()`` runs once in the worker's thread when it ends (by default:
+    ``release()``).
     """
 
     def __init__(self, name: str | None = None, backoff: Backoff | None = None) -> None:
@@ -128,7 +129,8 @@ class ReconnectingWorker(StoppableWorker):
         logger.info("%s: reconnecting in %.1fs", self.name, delay)
 
     def finish(self) -> None:
-        """Called in the worker's thread when it ends."""
+        """Called in the worker's thread when it ends; releases what the worker owns."""
+        self.release()
 
 
 def stop_workers(workers: Iterable[threading.Thread], timeout: float = 5.0) -> list[str]:
@@ -147,7 +149,7 @@ def stop_workers(workers: Iterable[threading.Thread], timeout: float = 5.0) -> l
     for worker in workers:
         if worker.ident is None:  # never started: nothing runs that would release its resources
             if isinstance(worker, StoppableWorker):
-                worker.close()
+                worker.release()
             continue
         worker.join(max(0.0, deadline - time.monotonic()))
         if worker.is_alive():

@@ -154,7 +154,7 @@ class EveWorker(ReconnectingWorker):
     def reconnecting(self, delay: float) -> None:
         logger.debug("opening EVE log %s again in %.1fs", self.follower.path, delay)
 
-    def finish(self) -> None:
+    def release(self) -> None:
         self.follower.close()
 
 

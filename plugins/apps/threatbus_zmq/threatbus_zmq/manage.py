@@ -91,9 +91,9 @@ class ManageWorker(StoppableWorker):
         except Exception:
             logger.exception("manage endpoint failed; apps can no longer subscribe")
         finally:
-            self.close()
+            self.release()
 
-    def close(self) -> None:
+    def release(self) -> None:
         self.socket.close(linger=0)
 
     def _housekeeping(self, now: float) -> None:

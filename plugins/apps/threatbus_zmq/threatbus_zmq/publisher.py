@@ -83,9 +83,9 @@ class PublisherWorker(StoppableWorker):
         except Exception:
             logger.exception("pub endpoint failed; apps no longer receive intel")
         finally:
-            self.close()
+            self.release()
 
-    def close(self) -> None:
+    def release(self) -> None:
         self.socket.close(linger=0)
 
     def _flush(self, sub: Subscription) -> bool:

@@ -44,9 +44,9 @@ class ReceiverWorker(StoppableWorker):
         except Exception:
             logger.exception("sub endpoint failed; apps can no longer publish")
         finally:
-            self.close()
+            self.release()
 
-    def close(self) -> None:
+    def release(self) -> None:
         self.socket.close(linger=0)
 
     def _receive_batch(self) -> None:
