@@ -9,17 +9,21 @@ setup(
     license="BSD-3-Clause",
     python_requires=">=3.10",
     packages=find_packages(include=["threatbus", "threatbus.*"]),
+    # `threatbus cluster`: a local multi-node tool, outside the core, found through its entry point.
+    py_modules=["threatbus_cluster"],
     package_data={"threatbus": ["default_config.yaml", "py.typed"]},
     install_requires=[
         "dynaconf>=3.2",
         "orjson>=3.8",
-        "pika>=1.3",
         "pluggy>=1.3",
         "prometheus-client>=0.17",
         "PyYAML>=6.0",
         "stix2-patterns>=2.0",
     ],
-    entry_points={"console_scripts": ["threatbus = threatbus.cli:main"]},
+    entry_points={
+        "console_scripts": ["threatbus = threatbus.cli:main"],
+        "threatbus.command": ["cluster = threatbus_cluster"],
+    },
     classifiers=[
         "Programming Language :: Python :: 3",
         "Topic :: Security",

@@ -4,6 +4,7 @@ import queue
 from datetime import timedelta
 
 import pytest
+from testbus import running_bus
 
 import threatbus
 from threatbus.bus import Bus
@@ -16,7 +17,6 @@ from threatbus.testing import (
     collect,
     get_within,
     indicator,
-    running_bus,
     settings_from,
     sighting,
     wait_until,

@@ -1,4 +1,4 @@
-"""The local cluster tool (threatbus.cluster, `threatbus cluster ...`) without a broker.
+"""The local cluster tool (threatbus_cluster, `threatbus cluster ...`) without a broker.
 
 Most nodes here run the in-memory backbone and no app, so those tests need
 neither RabbitMQ nor the zmq plugin. The last test runs three nodes on the
@@ -21,18 +21,12 @@ import pika
 import pytest
 import zmq
 from prometheus_client.parser import text_string_to_metric_families
+from testbus import RABBITMQ_HOST, RABBITMQ_PORT, require_rabbitmq
 
-from threatbus import cluster, config
-from threatbus.cluster import BrokerSpec, Cluster, ClusterError, plan
-from threatbus.testing import (
-    RABBITMQ_HOST,
-    RABBITMQ_PORT,
-    free_port,
-    indicator,
-    require_rabbitmq,
-    sighting,
-    wait_until,
-)
+import threatbus_cluster as cluster
+from threatbus import config
+from threatbus.testing import free_port, indicator, sighting, wait_until
+from threatbus_cluster import BrokerSpec, Cluster, ClusterError, plan
 
 
 def free_base(nodes):

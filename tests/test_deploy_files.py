@@ -13,18 +13,11 @@ import pika
 import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from testbus import RABBITMQ_HOST, RABBITMQ_PORT, require_rabbitmq
 
-from threatbus import cluster, config
-from threatbus.testing import (
-    RABBITMQ_HOST,
-    RABBITMQ_PORT,
-    ThreatBusProcess,
-    free_port,
-    indicator,
-    require_rabbitmq,
-    unavailable,
-    wait_until,
-)
+import threatbus_cluster as cluster
+from threatbus import config
+from threatbus.testing import ThreatBusProcess, free_port, indicator, unavailable, wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"

@@ -12,6 +12,7 @@ import urllib.request
 import pytest
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
+from testbus import running_bus
 
 import threatbus
 from threatbus import config
@@ -20,16 +21,7 @@ from threatbus.errors import ConfigError, ThreatBusError
 from threatbus.metrics import BACKBONE_CONNECTED, DELIVERED
 from threatbus.node import Node
 from threatbus.observability import NODE_INFO
-from threatbus.testing import (
-    Subscriber,
-    ThreatBusProcess,
-    free_port,
-    get_within,
-    indicator,
-    running_bus,
-    settings_from,
-    wait_until,
-)
+from threatbus.testing import Subscriber, ThreatBusProcess, free_port, get_within, indicator, settings_from, wait_until
 from threatbus_inmem import InMemoryBackbone
 
 

@@ -1,7 +1,10 @@
 """Finding plugins through entry points (faked here, not installed)."""
 
 import logging
+import subprocess
+import sys
 from importlib.metadata import EntryPoint
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +62,28 @@ def test_inventory_lists_both_facts(fake_entry_points):
     assert not rows[("apps", "zeek")].installed and rows[("apps", "zeek")].configured
     assert rows[("apps", "broken")].installed and not rows[("apps", "broken")].configured
     assert rows[("backbones", "inmem")].configured
+
+
+def test_the_core_imports_no_broker_client_and_no_plugin():
+    # The core is only the bus: every module of threatbus/ loads without pika or any plugin package.
+    probe = (
+        "import importlib, pkgutil, sys, threatbus\n"
+        "for m in pkgutil.iter_modules(threatbus.__path__):\n"
+        "    if not m.name.startswith('__'): importlib.import_module('threatbus.' + m.name)\n"
+        "print(sorted(n for n in sys.modules if n.split('.')[0] in ('pika', 'threatbus_cluster') "
+        "or n.startswith('threatbus_')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "[]"
+    setup = (Path(__file__).parent.parent / "setup.py").read_text()
+    assert "pika" not in setup
+
+
+def test_cluster_is_a_command_from_outside_the_core():
+    from threatbus.plugins import commands
+
+    assert commands()["cluster"].__name__ == "threatbus_cluster"
+    out = subprocess.run(
+        [sys.executable, "-m", "threatbus", "cluster", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0 and "threatbus cluster up" in out.stdout

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from threatbus import __version__, cluster, config, explain, plugins
+from threatbus import __version__, config, explain, plugins
 from threatbus import logging as threatbus_logging
 from threatbus.bus import Bus
 from threatbus.errors import ConfigError, ThreatBusError
@@ -65,8 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("run", parents=[sub_option], help="run the bus (the default)")
     commands.add_parser("check", parents=[sub_option], help="validate the config and plugins, then exit")
     commands.add_parser("plugins", parents=[sub_option], help="list installed and configured plugins")
-    cluster.add_parser(commands)
     explain.add_parser(commands, parents=[sub_option])
+    for name, extension in plugins.commands().items():
+        extension.add_parser(commands)
+        parser.set_defaults(**{f"_extension_{name}": extension})
     return parser
 
 
@@ -127,8 +129,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     threatbus_logging.configure_early()
     try:
-        if args.command == "cluster":
-            return cluster.command(args)
+        extension = getattr(args, f"_extension_{args.command}", None)
+        if extension is not None:
+            return int(extension.command(args))
         if args.command == "plugins":
             return list_plugins(args.config)
         if args.command == "policy":

@@ -16,6 +16,8 @@ logger = logging.getLogger(__name__)
 APP_GROUP = "threatbus.app"
 BACKBONE_GROUP = "threatbus.backbone"
 GROUPS = {"apps": APP_GROUP, "backbones": BACKBONE_GROUP}
+# Subcommands of `threatbus` that live outside the core (e.g. `threatbus cluster`).
+COMMAND_GROUP = "threatbus.command"
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,20 @@ class PluginInfo:
 def installed(kind: str) -> dict[str, EntryPoint]:
     """The plugins of ``kind`` installed in this environment, by name."""
     return {ep.name.lower(): ep for ep in entry_points(group=GROUPS[kind])}
+
+
+def commands() -> dict[str, Any]:
+    """Installed subcommands by name: modules with ``add_parser(subparsers)`` and ``command(args) -> int``.
+
+    One that cannot be loaded is logged and left out, so it cannot break the bus.
+    """
+    found = {}
+    for ep in entry_points(group=COMMAND_GROUP):
+        try:
+            found[ep.name] = ep.load()
+        except Exception:
+            logger.exception("cannot load the command '%s' (%s)", ep.name, ep.value)
+    return found
 
 
 def package_name(name: str) -> str:

@@ -12,8 +12,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,21 +21,10 @@ from dynaconf import Dynaconf
 
 from threatbus.bus import Bus
 from threatbus.data import Indicator, Message, Sighting
-from threatbus.node import Node
 from threatbus.stix import new_indicator, new_sighting
 from threatbus.worker import StoppableWorker
 
 T = TypeVar("T")
-
-ORIGINAL_RELEASE = "2022.5.16"
-ORIGINAL_PACKAGES = tuple(
-    f"{name}=={ORIGINAL_RELEASE}" for name in ("threatbus", "threatbus-inmem", "threatbus-rabbitmq", "threatbus-zmq")
-)
-# Where the original's venv is built once and reused: the repo root, or $THREATBUS_ORIGINAL_VENV.
-ORIGINAL_VENV = Path(os.environ.get("THREATBUS_ORIGINAL_VENV", Path(__file__).resolve().parents[1] / ".venv-original"))
-
-RABBITMQ_HOST = os.environ.get("THREATBUS_TEST_RABBITMQ_HOST", "127.0.0.1")
-RABBITMQ_PORT = int(os.environ.get("THREATBUS_TEST_RABBITMQ_PORT", "5672"))
 
 
 def wait_until(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = "") -> T:
@@ -102,37 +90,6 @@ def settings_from(data: Mapping[str, Any]) -> Dynaconf:
     return settings
 
 
-@contextmanager
-def running_bus(
-    apps: Mapping[str, object] | None = None,
-    backbones: Mapping[str, object] | None = None,
-    plugin_config: Mapping[str, Any] | None = None,
-    node_name: str = "test-node",
-) -> Iterator[Bus]:
-    """A started in-process bus with the given plugin objects; stopped on exit.
-
-    ``plugin_config`` is the ``plugins`` section; sections default to ``{}``
-    for every plugin passed in. Without backbones, the in-memory one is used.
-    """
-    if backbones is None:
-        from threatbus_inmem import InMemoryBackbone
-
-        backbones = {"inmem": InMemoryBackbone()}
-    apps = apps or {}
-    plugins: dict[str, dict[str, Any]] = {"apps": {}, "backbones": {}}
-    for kind, given in (("apps", apps), ("backbones", backbones)):
-        for name in given:
-            plugins[kind][name] = dict((plugin_config or {}).get(kind, {}).get(name, {}))
-    settings = settings_from({"plugins": plugins, "logging": {}, "node": {"name": node_name}})
-    bus = Bus(settings, apps=apps, backbones=backbones, node=Node.create(node_name))
-    bus.configure()
-    bus.start()
-    try:
-        yield bus
-    finally:
-        bus.stop()
-
-
 class Subscriber:
     """A fake app subscription: a queue subscribed on a running bus."""
 
@@ -141,39 +98,6 @@ class Subscriber:
         self.topic = topic
         args = {} if snapshot is None else {"snapshot": snapshot}
         self.snapshot_ids = bus.subscribe(topic, self.queue, **args)
-
-
-def _original_usable(venv: Path) -> bool:
-    python = venv / "bin" / "python"
-    if not python.exists():
-        return False
-    # -I: not our checkout's `threatbus` package from the working directory or PYTHONPATH.
-    probe = "import threatbus, threatbus_inmem, threatbus_rabbitmq, threatbus_zmq"
-    return subprocess.run([str(python), "-I", "-c", probe], capture_output=True, timeout=60).returncode == 0
-
-
-def original_threatbus(venv: Path = ORIGINAL_VENV) -> Path:
-    """The ``threatbus`` command of the original Threat Bus 2022.5.16, for interop tests.
-
-    Its packages are installed from PyPI into a venv of their own on first
-    use (about 15 s), then reused; parallel test runs build it once. Fails
-    the calling test, with pip's errors, if it cannot be installed.
-    """
-    import fcntl
-    import tempfile
-
-    import pytest
-
-    with open(Path(tempfile.gettempdir()) / "threatbus-venv-original.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _original_usable(venv):
-            subprocess.run([sys.executable, "-m", "venv", "--clear", str(venv)], check=True, timeout=120)
-            pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "--disable-pip-version-check"]
-            result = subprocess.run([*pip, *ORIGINAL_PACKAGES], capture_output=True, text=True, timeout=600)
-            if result.returncode != 0 or not _original_usable(venv):
-                errors = "\n".join(line for line in result.stderr.splitlines() if "is ignored" not in line)
-                pytest.fail(f"cannot install the original Threat Bus into {venv}:\n{errors[-3000:]}")
-    return venv / "bin" / "threatbus"
 
 
 def terminate(process: subprocess.Popen[Any], timeout: float = 10.0) -> None:
@@ -191,21 +115,6 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def rabbitmq_reachable(host: str = RABBITMQ_HOST, port: int = RABBITMQ_PORT) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=2):
-            return True
-    except OSError:
-        return False
-
-
-def require_rabbitmq() -> None:
-    """Skip (locally) or fail (with CI=true) when RabbitMQ is not reachable."""
-
-    if not rabbitmq_reachable():
-        unavailable(f"RabbitMQ not reachable at {RABBITMQ_HOST}:{RABBITMQ_PORT} (start it: rabbitmq-server -detached)")
 
 
 def unavailable(reason: str) -> None:

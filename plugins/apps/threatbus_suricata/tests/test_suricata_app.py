@@ -18,19 +18,13 @@ from typing import Any
 
 import pytest
 from suricataparser import parse_file
+from testbus import running_bus
 
 from threatbus.data import Sighting, SnapshotEnvelope
 from threatbus.errors import ConfigError, PluginError
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED
 from threatbus.stix import new_indicator
-from threatbus.testing import (
-    Subscriber,
-    assert_nothing_more,
-    get_within,
-    indicator,
-    running_bus,
-    wait_until,
-)
+from threatbus.testing import Subscriber, assert_nothing_more, get_within, indicator, wait_until
 from threatbus_suricata import SuricataApp
 from threatbus_suricata.plugin import DetectionWorker
 

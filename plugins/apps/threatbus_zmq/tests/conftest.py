@@ -3,7 +3,7 @@
 ``bus`` runs each test against an in-process bus (our plugin object
 registered with ``running_bus``) and against a real ``threatbus`` process.
 The protocol tests also run against a node of the original Threat Bus
-2022.5.16 (``threatbus.testing.original_threatbus`` installs it into a venv of
+2022.5.16 (``testbus.original_threatbus`` (tests/testbus.py) installs it into a venv of
 its own on first use); THREATBUS_ZMQ_ORIGINAL may name another ``threatbus``
 executable of that release.
 """
@@ -21,10 +21,11 @@ from typing import Any
 import pytest
 import yaml
 import zmq
+from testbus import original_threatbus, running_bus
 
 from threatbus.bus import Bus
 from threatbus.data import Message
-from threatbus.testing import ThreatBusProcess, free_port, original_threatbus, running_bus, terminate, wait_until
+from threatbus.testing import ThreatBusProcess, free_port, terminate, wait_until
 from threatbus_zmq import ZmqApp
 from threatbus_zmq.client import ManageClient, Receiver, Sender, is_success
 

@@ -7,11 +7,12 @@ import socket
 import threading
 
 import pytest
+from testbus import running_bus
 
 from threatbus.errors import ConfigError, PluginError
 from threatbus.metrics import DELIVERED, Metrics
 from threatbus.node import Node
-from threatbus.testing import free_port, indicator, running_bus
+from threatbus.testing import free_port, indicator
 from threatbus_zmq import ZmqApp
 from threatbus_zmq.wire import is_p2p_topic, new_p2p_topic
 

@@ -22,11 +22,16 @@ import subprocess
 import sys
 import time
 import uuid
+from pathlib import Path
 
 import pika
 
-from threatbus.testing import indicator, running_bus, wait_until
+from threatbus.testing import indicator, wait_until
 from threatbus_rabbitmq import RabbitMQBackbone
+
+# running_bus is test support of the repository (tests/testbus.py), not of the installed core.
+sys.path.insert(0, str(Path(__file__).resolve().parents[4] / "tests"))
+from testbus import running_bus
 
 
 def config(exchange: str, label: str) -> dict:

@@ -18,21 +18,18 @@ import sys
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pika
 import pytest
+from testbus import RABBITMQ_HOST, RABBITMQ_PORT, rabbitmq_reachable, require_rabbitmq, running_bus
 
+from threatbus.bus import Bus
 from threatbus.node import Node
-from threatbus.testing import (
-    RABBITMQ_HOST,
-    RABBITMQ_PORT,
-    ThreatBusProcess,
-    rabbitmq_reachable,
-    require_rabbitmq,
-    wait_until,
-)
+from threatbus.testing import ThreatBusProcess, wait_until
+from threatbus_rabbitmq import RabbitMQBackbone
 from threatbus_rabbitmq.settings import default_queue_suffix
 
 TESTS_DIR = Path(__file__).parent
@@ -96,6 +93,22 @@ class Broker:
         return {"backbones": {"rabbitmq": self.config(suffix, **overrides)}}
 
     # ---- raw AMQP ------------------------------------------------------
+
+    @contextmanager
+    def node(
+        self, label: str, apps: dict[str, object] | None = None, *, suffix: str | None = None, **overrides: Any
+    ) -> Iterator[tuple[Bus, RabbitMQBackbone]]:
+        """An in-process node on this broker whose queue and name depend only on ``label``.
+
+        The same label is the same node restarted; ``suffix`` names the queue
+        instead, ``overrides`` change the backbone's config.
+        """
+        backbone = RabbitMQBackbone()
+        config = self.plugin_config(suffix or self.queue(label), **overrides)
+        with running_bus(
+            apps=apps, backbones={"rabbitmq": backbone}, plugin_config=config, node_name=f"{label}-{self.id}"
+        ) as bus:
+            yield bus, backbone
 
     def connect(self) -> pika.BlockingConnection:
         return pika.BlockingConnection(pika.ConnectionParameters(RABBITMQ_HOST, RABBITMQ_PORT, heartbeat=30))

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from datetime import timedelta
 from typing import Any
 
 import orjson
 import pytest
+from testbus import running_bus
 
 import threatbus
 from threatbus.bus import Bus
@@ -23,7 +23,6 @@ from threatbus.testing import (
     free_port,
     get_within,
     indicator,
-    running_bus,
     sighting,
     wait_until,
 )
@@ -31,18 +30,6 @@ from threatbus_rabbitmq import RabbitMQBackbone
 from threatbus_rabbitmq.plugin import DUPLICATES
 
 pytestmark = pytest.mark.rabbitmq
-
-
-@contextmanager
-def node(
-    broker: Any, label: str, apps: dict[str, object] | None = None, **overrides: Any
-) -> Iterator[tuple[Bus, RabbitMQBackbone]]:
-    backbone = RabbitMQBackbone()
-    config = broker.plugin_config(broker.queue(label), **overrides)
-    with running_bus(
-        apps=apps, backbones={"rabbitmq": backbone}, plugin_config=config, node_name=f"{label}-{broker.id}"
-    ) as bus:
-        yield bus, backbone
 
 
 class HoldingApp:
@@ -74,7 +61,7 @@ def consuming(*buses: Bus) -> None:
 
 
 def test_every_node_the_sender_included_gets_each_message_once(broker):
-    with node(broker, "a") as (bus_a, _), node(broker, "b") as (bus_b, _):
+    with broker.node("a") as (bus_a, _), broker.node("b") as (bus_b, _):
         connected(bus_a, bus_b)
         at_a, at_b = Subscriber(bus_a), Subscriber(bus_b)
         sightings_only = Subscriber(bus_b, topic="stix2/sighting")
@@ -108,7 +95,7 @@ def test_garbage_on_the_exchange_is_logged_rejected_and_does_not_block(broker, c
         b'{"type": "indicator", "id": "indicator--1"}',
         b'{"type": "snapshotrequest", "snapshot_type": 7, "snapshot_id": "x", "snapshot": 1}',
     ]
-    with node(broker, "poison") as (bus, backbone):
+    with broker.node("poison") as (bus, backbone):
         connected(bus)
         subscriber = Subscriber(bus)
         valid = [indicator(f"10.4.0.{i}") for i in range(6)]
@@ -127,7 +114,7 @@ def test_garbage_on_the_exchange_is_logged_rejected_and_does_not_block(broker, c
 
 
 def test_repeated_messages_reach_subscribers_once(broker):
-    with node(broker, "dedup") as (bus, _backbone):
+    with broker.node("dedup") as (bus, _backbone):
         connected(bus)
         subscriber = Subscriber(bus)
         first, second = indicator("10.5.0.1"), indicator("10.5.0.2")
@@ -185,7 +172,7 @@ def test_declarations_match_the_original_so_old_nodes_share_the_exchange(broker)
     )
     channel.queue_bind(old_queue, broker.exchange, routing_key="")
     try:
-        with node(broker, "new", queue={"max_items": 100}) as (bus, _):
+        with broker.node("new", queue={"max_items": 100}) as (bus, _):
             connected(bus)
             subscriber = Subscriber(bus)
             ours = indicator("10.7.0.1")
@@ -206,7 +193,7 @@ def test_a_conflicting_declaration_is_explained_and_retried(broker, caplog):
     connection = broker.connect()
     connection.channel().exchange_declare(exchange=broker.exchange, exchange_type="fanout")  # not durable
     try:
-        with node(broker, "conflict", exchange_durable=True) as (bus, _):
+        with broker.node("conflict", exchange_durable=True) as (bus, _):
             wait_until(
                 lambda: sum("PRECONDITION_FAILED" in r.getMessage() for r in ours(caplog)) >= 4,
                 15,
@@ -222,7 +209,7 @@ def test_a_conflicting_declaration_is_explained_and_retried(broker, caplog):
 
 def test_an_unreachable_broker_is_retried_and_messages_are_held(broker, caplog):
     port = free_port()
-    with node(broker, "nobroker", port=port, stop_timeout=1.0) as (bus, backbone):
+    with broker.node("nobroker", port=port, stop_timeout=1.0) as (bus, backbone):
         for i in range(3):
             bus.publish_queue.put(indicator(f"10.8.0.{i}"))
         wait_until(lambda: bus.health()["outbox"] == 3, what="3 held messages")
@@ -241,11 +228,11 @@ def test_an_unreachable_broker_is_retried_and_messages_are_held(broker, caplog):
 
 
 def test_stop_sends_and_confirms_what_apps_published_last(broker):
-    with node(broker, "receiver") as (bus_r, _):
+    with broker.node("receiver") as (bus_r, _):
         connected(bus_r)
         subscriber = Subscriber(bus_r)
         with ExitStack() as stack:
-            bus_s, sender = stack.enter_context(node(broker, "sender"))
+            bus_s, sender = stack.enter_context(broker.node("sender"))
             connected(bus_s)
             intel = [indicator(f"10.9.{i // 250}.{i % 250}") for i in range(2000)]
             for message in intel:
@@ -259,7 +246,7 @@ def test_stop_sends_and_confirms_what_apps_published_last(broker):
 def test_a_full_subscriber_queue_loses_messages_counted_not_the_consumer(broker):
     import queue
 
-    with node(broker, "slow") as (bus, backbone):
+    with broker.node("slow") as (bus, backbone):
         connected(bus)
         tiny: queue.Queue[Any] = queue.Queue(maxsize=2)
         bus.subscribe("stix2", tiny)
@@ -273,7 +260,7 @@ def test_a_full_subscriber_queue_loses_messages_counted_not_the_consumer(broker)
 
 
 def test_what_cannot_be_sent_is_dropped_and_counted_without_stalling_the_publisher(broker):
-    with node(broker, "odd") as (bus, backbone):
+    with broker.node("odd") as (bus, backbone):
         connected(bus)
         subscriber = Subscriber(bus)
         broken = indicator("10.11.0.1")
@@ -289,7 +276,7 @@ def test_what_cannot_be_sent_is_dropped_and_counted_without_stalling_the_publish
 
 
 def test_an_unexpected_error_in_the_consumer_reconnects_instead_of_dying(broker, caplog):
-    with node(broker, "buggy") as (bus, backbone):
+    with broker.node("buggy") as (bus, backbone):
         connected(bus)
         subscriber = Subscriber(bus)
         consumer = backbone.consumer
@@ -322,7 +309,7 @@ def test_a_snapshot_request_is_answered_by_an_app_on_another_node(broker):
     holder = HoldingApp(held)
     # The holder's app subscribes to nothing: its node consumes at once instead of waiting for a subscriber.
     apps = {"holder": holder}
-    with node(broker, "asker") as (asker, _), node(broker, "holder", apps, wait_for_subscribers=0) as (other, _):
+    with broker.node("asker") as (asker, _), broker.node("holder", apps, wait_for_subscribers=0) as (other, _):
         connected(asker, other)
         requester = Subscriber(asker, "stix2/indicator", snapshot=timedelta(days=2))
         envelopes = collect(requester.queue, 2, timeout=15)

@@ -18,21 +18,12 @@ from typing import Any
 
 import pika
 import pytest
+import testbus
 import yaml
 import zmq
+from testbus import RABBITMQ_HOST, RABBITMQ_PORT, running_bus
 
-from threatbus import testing
-from threatbus.testing import (
-    RABBITMQ_HOST,
-    RABBITMQ_PORT,
-    Subscriber,
-    free_port,
-    indicator,
-    running_bus,
-    sighting,
-    terminate,
-    wait_until,
-)
+from threatbus.testing import Subscriber, free_port, indicator, sighting, terminate, wait_until
 from threatbus_rabbitmq import RabbitMQBackbone
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.e2e]
@@ -41,7 +32,7 @@ pytestmark = [pytest.mark.rabbitmq, pytest.mark.e2e]
 @pytest.fixture(scope="session")
 def original_threatbus() -> Path:
     """The ``threatbus`` command of the original release (its venv is created once and cached)."""
-    return testing.original_threatbus()
+    return testbus.original_threatbus()
 
 
 @pytest.fixture

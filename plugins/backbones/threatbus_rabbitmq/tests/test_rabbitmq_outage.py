@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from threatbus.bus import Bus
-from threatbus.testing import Subscriber, ThreadedCollector, indicator, running_bus, wait_until
+from threatbus.testing import Subscriber, ThreadedCollector, indicator, wait_until
 from threatbus_rabbitmq import RabbitMQBackbone
 
 pytestmark = [pytest.mark.rabbitmq, pytest.mark.broker_disruptive]
@@ -26,9 +26,8 @@ N = 3000
 
 @contextmanager
 def node(broker: Any, label: str) -> Iterator[tuple[Bus, RabbitMQBackbone, ThreadedCollector]]:
-    backbone = RabbitMQBackbone()
-    config = broker.plugin_config(broker.queue(label))
-    with running_bus(backbones={"rabbitmq": backbone}, plugin_config=config, node_name=f"{label}-{broker.id}") as bus:
+    """``broker.node`` that waits until connected and collects what its subscriber receives."""
+    with broker.node(label) as (bus, backbone):
         wait_until(lambda: bus.health()["connected"], 20, what=f"{label} to connect")
         collector = ThreadedCollector(Subscriber(bus).queue)
         collector.start()

@@ -3,30 +3,18 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from typing import Any
 
 import pika
 import pytest
 
 from threatbus.bus import Bus
-from threatbus.testing import Subscriber, assert_nothing_more, collect, indicator, running_bus, wait_until
-from threatbus_rabbitmq import RabbitMQBackbone
+from threatbus.testing import Subscriber, assert_nothing_more, collect, indicator, wait_until
 
 pytestmark = pytest.mark.rabbitmq
 
 QUORUM = {"queue": {"type": "quorum"}}
-
-
-@contextmanager
-def node(
-    broker: Any, label: str, suffix: str | None = None, **overrides: Any
-) -> Iterator[tuple[Bus, RabbitMQBackbone]]:
-    backbone = RabbitMQBackbone()
-    config = broker.plugin_config(suffix or broker.queue(label), **overrides)
-    with running_bus(backbones={"rabbitmq": backbone}, plugin_config=config, node_name=f"{label}-{broker.id}") as bus:
-        yield bus, backbone
 
 
 def consuming(*buses: Bus) -> None:
@@ -47,8 +35,8 @@ def redeclare_refused(broker: Any, queue: str, arguments: dict[str, Any]) -> str
 
 
 def test_a_quorum_queue_delivers_and_keeps_messages_across_a_node_restart(broker):
-    with node(broker, "sender", wait_for_subscribers=0) as (sender, _):  # no app: consumes at once
-        with node(broker, "qq", **QUORUM) as (bus, backbone):
+    with broker.node("sender", wait_for_subscribers=0) as (sender, _):  # no app: consumes at once
+        with broker.node("qq", **QUORUM) as (bus, backbone):
             app = Subscriber(bus)
             consuming(sender, bus)
             queue = backbone.settings.queue_name
@@ -67,7 +55,7 @@ def test_a_quorum_queue_delivers_and_keeps_messages_across_a_node_restart(broker
             sender.publish_queue.put(message)
         wait_until(lambda: broker.message_count(queue) == 20, 20, what="the backlog in the quorum queue")
 
-        with node(broker, "qq", **QUORUM) as (bus, backbone):
+        with broker.node("qq", **QUORUM) as (bus, backbone):
             app = Subscriber(bus)
             assert [m.id for m in collect(app.queue, 20)] == [m.id for m in meanwhile]
             assert_nothing_more(app.queue)
@@ -77,10 +65,10 @@ def test_a_quorum_queue_delivers_and_keeps_messages_across_a_node_restart(broker
 def test_a_second_node_on_the_same_quorum_queue_stands_by_then_takes_over(broker, caplog):
     suffix = broker.queue("sharedqq")
     with ExitStack() as first_node:
-        bus_one, first = first_node.enter_context(node(broker, "one", suffix, **QUORUM))
+        bus_one, first = first_node.enter_context(broker.node("one", suffix=suffix, **QUORUM))
         at_one = Subscriber(bus_one)
         consuming(bus_one)
-        with node(broker, "two", suffix, **QUORUM) as (bus_two, second):
+        with broker.node("two", suffix=suffix, **QUORUM) as (bus_two, second):
             at_two = Subscriber(bus_two)
             consuming(bus_two)  # accepted by the broker, but not the active consumer
             intel = [indicator(f"10.51.0.{i}") for i in range(20)]
@@ -106,10 +94,10 @@ def test_a_second_node_on_the_same_quorum_queue_stands_by_then_takes_over(broker
 
 def test_switching_an_existing_classic_queue_to_quorum_is_explained(broker, caplog):
     suffix = broker.queue("switch")
-    with node(broker, "switch", suffix, wait_for_subscribers=0) as (bus, _):
+    with broker.node("switch", suffix=suffix, wait_for_subscribers=0) as (bus, _):
         consuming(bus)
     caplog.clear()
-    with node(broker, "switch", suffix, **QUORUM) as (bus, _):
+    with broker.node("switch", suffix=suffix, **QUORUM) as (bus, _):
         wait_until(
             lambda: any("PRECONDITION_FAILED" in r.getMessage() for r in caplog.records if r.levelno == logging.ERROR),
             15,

@@ -11,25 +11,16 @@ from typing import Any
 import pytest
 
 from threatbus.bus import Bus
-from threatbus.testing import Subscriber, assert_nothing_more, collect, indicator, running_bus, wait_until
+from threatbus.testing import Subscriber, assert_nothing_more, collect, indicator, wait_until
 from threatbus_rabbitmq import RabbitMQBackbone
 
 pytestmark = pytest.mark.rabbitmq
 
 
 @contextmanager
-def node(broker: Any, label: str, **overrides: Any) -> Iterator[tuple[Bus, RabbitMQBackbone]]:
-    """A node whose queue and name depend only on ``label``: the same label is the same node restarted."""
-    backbone = RabbitMQBackbone()
-    config = broker.plugin_config(broker.queue(label), **overrides)
-    with running_bus(backbones={"rabbitmq": backbone}, plugin_config=config, node_name=f"{label}-{broker.id}") as bus:
-        yield bus, backbone
-
-
-@contextmanager
 def declared(broker: Any, label: str) -> Iterator[str]:
     """Start and stop the node ``label`` once, so that its queue exists; yields the queue name."""
-    with node(broker, label, wait_for_subscribers=0) as (bus, _):
+    with broker.node(label, wait_for_subscribers=0) as (bus, _):
         wait_until(lambda: bus.health()["consuming"], 20, what=f"node {label!r} to consume")
     yield f"threatbus.{label}-{broker.id}"
 
@@ -57,8 +48,8 @@ def assert_still_holding(bus: Bus, backbone: RabbitMQBackbone, seconds: float) -
 
 
 def test_what_came_while_a_node_was_down_reaches_an_app_subscribing_seconds_after_its_restart(broker, caplog):
-    with node(broker, "sender") as (sender, _):
-        with node(broker, "late") as (late, _):
+    with broker.node("sender") as (sender, _):
+        with broker.node("late") as (late, _):
             Subscriber(late)
             wait_until(lambda: late.health()["consuming"], 20, what="node 'late' to consume")
         meanwhile = [indicator(f"10.40.0.{i}") for i in range(30)]
@@ -68,7 +59,7 @@ def test_what_came_while_a_node_was_down_reaches_an_app_subscribing_seconds_afte
         wait_until(lambda: broker.message_count(queue) == 30, 20, what="the backlog in the stopped node's queue")
 
         caplog.clear()
-        with node(broker, "late") as (late, backbone):  # restarted; its app has not subscribed again yet
+        with broker.node("late") as (late, backbone):  # restarted; its app has not subscribed again yet
             holding(late, 30)
             hold = late.health()["hold_seconds_left"]
             assert 10 < hold <= 15, hold  # the default bound
@@ -101,7 +92,7 @@ def test_without_any_subscriber_consumption_starts_after_the_bound(broker, caplo
 
     caplog.clear()
     started = time.monotonic()
-    with node(broker, "lonely", wait_for_subscribers=1.5) as (bus, backbone):
+    with broker.node("lonely", wait_for_subscribers=1.5) as (bus, backbone):
         # The core subscribes to threatbus/* for snapshots at once: that is no app and does not end the hold.
         holding(bus, 5)
         wait_until(lambda: backbone.consumer.consumed == 5, 20, what="consumption after the bound")
@@ -121,7 +112,7 @@ def test_stop_during_the_hold_is_prompt_and_keeps_the_backlog(broker):
         broker.publish_raw([indicator(f"10.42.0.{i}").encode() for i in range(3)])
     wait_until(lambda: broker.message_count(queue) == 3, 10, what="the backlog")
 
-    with node(broker, "stopper", wait_for_subscribers=60) as (bus, backbone):
+    with broker.node("stopper", wait_for_subscribers=60) as (bus, backbone):
         holding(bus, 3)
         started = time.monotonic()
     assert time.monotonic() - started < 2.0, "stopping while holding must not wait for the bound"
@@ -130,7 +121,7 @@ def test_stop_during_the_hold_is_prompt_and_keeps_the_backlog(broker):
 
 
 def test_a_reconnect_consumes_at_once_without_holding_again(broker, caplog):
-    with node(broker, "again", wait_for_subscribers=30) as (bus, backbone):
+    with broker.node("again", wait_for_subscribers=30) as (bus, backbone):
         holding(bus, 0)
         app = Subscriber(bus)
         wait_until(lambda: bus.health()["consuming"], 20, what="consuming")

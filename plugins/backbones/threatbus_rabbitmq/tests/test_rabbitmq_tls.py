@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from testbus import running_bus
 
-from threatbus.testing import running_bus, wait_until
+from threatbus.testing import wait_until
 from threatbus_rabbitmq import RabbitMQBackbone
 
 AMQP_HEADER = b"AMQP\x00\x00\x09\x01"
