@@ -72,9 +72,7 @@ class Bus:
         # SimpleQueue: its C implementation hands over ~30x faster than queue.Queue.
         self.publish_queue: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.metrics = Metrics(self.node.name)
-        self.metrics.gauge(
-            QUEUE_DEPTH, "Messages waiting in a queue of the node", self.publish_queue.qsize, queue="publish"
-        )
+        self.metrics.gauge(QUEUE_DEPTH, self.publish_queue.qsize, queue="publish")
         self.snapshots = SnapshotRouter(self.publish_queue, self._ask_apps)
         self._started: list[tuple[pluggy.PluginManager, str]] = []
         self.http: ObservabilityServer | None = None

@@ -83,6 +83,53 @@ def choice(name: str, choices: Sequence[Any], default: Any = _UNSET) -> Validato
     return option(name, type(choices[0]), default=default, check=lambda v: v in choices, expected=f"one of {words}")
 
 
+# The shapes plugins' keys keep taking: written once here, so each plugin states only its numbers.
+
+
+def _within(minimum: float, exclusive: bool, maximum: float | None) -> Callable[[Any], bool]:
+    def check(value: Any) -> bool:
+        above = value > minimum if exclusive else value >= minimum
+        return above and (maximum is None or value <= maximum)
+
+    return check
+
+
+def seconds(
+    name: str,
+    *,
+    default: Any = _UNSET,
+    minimum: float = 0,
+    exclusive: bool = True,
+    maximum: float | None = None,
+    expected: str | None = None,
+) -> Validator:
+    """A duration in seconds (int or float), above ``minimum`` (or from it, ``exclusive=False``), at most ``maximum``."""
+    wanted = expected or f"seconds {'>' if exclusive else '>='} {minimum:g}"
+    return option(name, (int, float), default=default, check=_within(minimum, exclusive, maximum), expected=wanted)
+
+
+def count(
+    name: str,
+    *,
+    default: Any = _UNSET,
+    minimum: int = 1,
+    maximum: int | None = None,
+    expected: str | None = None,
+) -> Validator:
+    """A whole number of things (messages, commands, ...) from ``minimum`` to ``maximum``."""
+    wanted = expected or ("an integer > 0" if minimum == 1 else f"an integer >= {minimum}")
+    return option(name, int, default=default, check=_within(minimum, False, maximum), expected=wanted)
+
+
+def _readable(path: Any) -> bool:
+    return os.path.isfile(path) and os.access(path, os.R_OK)
+
+
+def readable_file(name: str, *, default: Any = _UNSET, expected: str = "the path of a readable file") -> Validator:
+    """The path of a file that exists and this process may read."""
+    return option(name, str, default=default, check=_readable, expected=expected)
+
+
 def core_validators() -> list[Validator]:
     return [
         option("logging.console", bool, default=True),

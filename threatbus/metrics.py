@@ -16,17 +16,43 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 # The names every plugin uses for the same facts, so dashboards work across plugins.
-APP_RECEIVED = "threatbus_app_received"  # counter{plugin}: messages apps gave this node
-APP_REJECTED = "threatbus_app_rejected"  # counter{plugin}: input rejected as invalid
+APP_RECEIVED = "threatbus_app_received"  # counter{plugin}
+APP_REJECTED = "threatbus_app_rejected"  # counter{plugin}
 BACKBONE_PUBLISHED = "threatbus_backbone_published"  # counter{backbone}
 BACKBONE_CONSUMED = "threatbus_backbone_consumed"  # counter{backbone}
-BACKBONE_REJECTED = "threatbus_backbone_rejected"  # counter{backbone}: poison messages
-DELIVERED = "threatbus_delivered"  # counter{plugin}: handed to subscribers
-DROPPED = "threatbus_dropped"  # counter{where}: lost to full buffers
+BACKBONE_REJECTED = "threatbus_backbone_rejected"  # counter{backbone}
+DELIVERED = "threatbus_delivered"  # counter{plugin}
+DROPPED = "threatbus_dropped"  # counter{where}
 FILTERED = "threatbus_filtered"  # counter{plugin,rule,reason}: held back by a policy filter (threatbus.policy)
 SUBSCRIBERS = "threatbus_subscribers"  # gauge{plugin}
 QUEUE_DEPTH = "threatbus_queue_depth"  # gauge{queue}
-BACKBONE_CONNECTED = "threatbus_backbone_connected"  # gauge{backbone}: 1 up, 0 down
+BACKBONE_CONNECTED = "threatbus_backbone_connected"  # gauge{backbone}
+
+# Their help texts, beside the names: one text per name whichever plugin registers it first.
+HELP = {
+    APP_RECEIVED: "Messages apps gave this node",
+    APP_REJECTED: "Input rejected as invalid",
+    BACKBONE_PUBLISHED: "Messages confirmed by the broker",
+    BACKBONE_CONSUMED: "Messages consumed from the broker",
+    BACKBONE_REJECTED: "Invalid messages rejected (poison messages)",
+    DELIVERED: "Messages handed to local subscribers",
+    DROPPED: "Messages lost to full queues or buffers",
+    SUBSCRIBERS: "Subscribed apps",
+    QUEUE_DEPTH: "Messages waiting in a queue of the node",
+    BACKBONE_CONNECTED: "1 while the backbone is connected, else 0",
+    FILTERED: "Messages a policy filter held back",
+}
+
+Reader = Callable[[], float]
+
+
+def _help_and_reader(name: str, args: tuple[str | Reader, ...]) -> tuple[str, Reader]:
+    # (read) for the names in HELP; (documentation, read) for a plugin's own names.
+    if len(args) == 1 and callable(args[0]) and name in HELP:
+        return HELP[name], args[0]
+    if len(args) == 2 and isinstance(args[0], str) and callable(args[1]):
+        return HELP.get(name, args[0]), args[1]
+    raise TypeError(f"metric {name}: pass read, or documentation and read (only names in metrics.HELP have a text)")
 
 
 @dataclass
@@ -46,13 +72,18 @@ class Metrics(Collector):
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self)
 
-    def counter(self, name: str, documentation: str, read: Callable[[], float], **labels: str) -> None:
-        """Expose a monotonically growing number that ``read()`` returns."""
-        self._add("counter", name, documentation, read, labels)
+    def counter(self, name: str, *args: str | Reader, **labels: str) -> None:
+        """Expose a monotonically growing number that ``read()`` returns.
 
-    def gauge(self, name: str, documentation: str, read: Callable[[], float], **labels: str) -> None:
-        """Expose a number that goes up and down."""
-        self._add("gauge", name, documentation, read, labels)
+        ``counter(NAME, read, **labels)`` for the shared names (help text from
+        ``HELP``); ``counter(name, documentation, read, **labels)`` for a
+        plugin's own names.
+        """
+        self._add("counter", name, *_help_and_reader(name, args), labels)
+
+    def gauge(self, name: str, *args: str | Reader, **labels: str) -> None:
+        """Expose a number that goes up and down (arguments as for ``counter``)."""
+        self._add("gauge", name, *_help_and_reader(name, args), labels)
 
     def _add(self, kind: str, name: str, documentation: str, read: Callable[[], float], labels: dict[str, str]) -> None:
         with self._lock:

@@ -468,9 +468,9 @@ class SuricataApp:
 
     def _register_metrics(self, metrics: Metrics) -> None:
         c = self.counters
-        metrics.counter(APP_RECEIVED, "Messages apps gave this node", lambda: c.sightings, plugin=NAME)
-        metrics.counter(APP_REJECTED, "Input rejected as invalid", lambda: c.bad_lines + c.unsupported, plugin=NAME)
-        metrics.counter(DELIVERED, "Messages handed to subscribers", lambda: c.indicators, plugin=NAME)
+        metrics.counter(APP_RECEIVED, lambda: c.sightings, plugin=NAME)
+        metrics.counter(APP_REJECTED, lambda: c.bad_lines + c.unsupported, plugin=NAME)
+        metrics.counter(DELIVERED, lambda: c.indicators, plugin=NAME)
         metrics.gauge(
             "threatbus_suricata_detections", "Indicators Suricata detects", lambda: len(self.store or ()), plugin=NAME
         )

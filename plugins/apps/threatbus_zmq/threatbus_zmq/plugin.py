@@ -9,7 +9,7 @@ from typing import Any
 import zmq
 
 import threatbus
-from threatbus.config import option, port
+from threatbus.config import count, option, port, seconds
 from threatbus.data import MAX_MESSAGE_BYTES, Message, SnapshotRequest
 from threatbus.errors import PluginError
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, DROPPED, QUEUE_DEPTH, SUBSCRIBERS, Metrics
@@ -30,10 +30,6 @@ DEFAULT_SEND_HWM = 1000
 # Frames from apps queued inside ZeroMQ before the sending app's own socket holds them back.
 RECEIVE_HWM = 100_000
 MAX_MANAGE_BYTES = 64 * 1024
-
-
-def _positive(value: Any) -> bool:
-    return value > 0
 
 
 def endpoint(host: str, port_number: int) -> str:
@@ -61,34 +57,15 @@ class ZmqApp:
             port(f"{PREFIX}.manage", default=13370),
             port(f"{PREFIX}.pub", default=13371),
             port(f"{PREFIX}.sub", default=13372),
-            option(
+            seconds(
                 f"{PREFIX}.heartbeat_timeout",
-                (int, float),
                 default=120,
-                check=lambda v: v >= 0,
+                exclusive=False,
                 expected="a number of seconds >= 0 (0 disables expiry)",
             ),
-            option(
-                f"{PREFIX}.buffer_size",
-                int,
-                default=10_000,
-                check=_positive,
-                expected="a positive number of messages",
-            ),
-            option(
-                f"{PREFIX}.send_hwm",
-                int,
-                default=DEFAULT_SEND_HWM,
-                check=_positive,
-                expected="a positive number of frames",
-            ),
-            option(
-                f"{PREFIX}.max_subscribers",
-                int,
-                default=1000,
-                check=_positive,
-                expected="a positive number",
-            ),
+            count(f"{PREFIX}.buffer_size", default=10_000, expected="a positive number of messages"),
+            count(f"{PREFIX}.send_hwm", default=DEFAULT_SEND_HWM, expected="a positive number of frames"),
+            count(f"{PREFIX}.max_subscribers", default=1000, expected="a positive number"),
         ]
 
     @threatbus.app
@@ -159,18 +136,14 @@ class ZmqApp:
     def _register_metrics(self, metrics: Metrics) -> None:
         subs, receiver, manage, publisher = self.subscriptions, self.receiver, self.manage, self.publisher
         assert subs is not None and receiver is not None and manage is not None and publisher is not None
-        metrics.counter(APP_RECEIVED, "Messages apps gave this node", lambda: receiver.received, plugin=NAME)
-        metrics.counter(
-            APP_REJECTED, "Input rejected as invalid", lambda: receiver.rejected, plugin=NAME, endpoint="sub"
-        )
-        metrics.counter(
-            APP_REJECTED, "Input rejected as invalid", lambda: manage.rejected, plugin=NAME, endpoint="manage"
-        )
-        metrics.counter(DELIVERED, "Messages handed to subscribers", lambda: publisher.delivered, plugin=NAME)
-        metrics.counter(DROPPED, "Messages lost to full buffers", subs.dropped, where=NAME, plugin=NAME)
-        metrics.gauge(SUBSCRIBERS, "Subscribed apps", lambda: len(subs), plugin=NAME)
+        metrics.counter(APP_RECEIVED, lambda: receiver.received, plugin=NAME)
+        metrics.counter(APP_REJECTED, lambda: receiver.rejected, plugin=NAME, endpoint="sub")
+        metrics.counter(APP_REJECTED, lambda: manage.rejected, plugin=NAME, endpoint="manage")
+        metrics.counter(DELIVERED, lambda: publisher.delivered, plugin=NAME)
+        metrics.counter(DROPPED, subs.dropped, where=NAME, plugin=NAME)
+        metrics.gauge(SUBSCRIBERS, lambda: len(subs), plugin=NAME)
         subs.filtered.register(metrics, plugin=NAME, rule="client")
-        metrics.gauge(QUEUE_DEPTH, "Messages waiting in a queue of the node", subs.buffered, queue="zmq-subscribers")
+        metrics.gauge(QUEUE_DEPTH, subs.buffered, queue="zmq-subscribers")
 
     @threatbus.app
     def stop(self) -> None:

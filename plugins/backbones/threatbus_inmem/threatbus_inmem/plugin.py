@@ -41,10 +41,8 @@ class InMemoryBackbone(RoutedBackbone):
 
     @threatbus.backbone
     def run(self, config: Any, publish_queue: queue.SimpleQueue[Message], node: Node, metrics: Metrics) -> None:
-        metrics.counter(
-            DELIVERED, "Messages handed to local subscribers", lambda: self.router.delivered, plugin="inmem"
-        )
-        metrics.counter(DROPPED, "Messages lost to full queues", lambda: self.router.dropped, where="inmem")
+        metrics.counter(DELIVERED, lambda: self.router.delivered, plugin="inmem")
+        metrics.counter(DROPPED, lambda: self.router.dropped, where="inmem")
         sections = [config.get(direction) for direction in ("export", "import")] if config else []
         if any(isinstance(section, dict) and section.get("filter") for section in sections):
             # One node, no other nodes: everything stays local, so export and import filters change nothing.

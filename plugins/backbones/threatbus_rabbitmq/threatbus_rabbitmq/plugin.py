@@ -79,30 +79,27 @@ class RabbitMQBackbone(RoutedBackbone):
         self, metrics: Metrics, publisher: Publisher, consumer: Consumer, outbox: Outbox, feeder: Feeder
     ) -> None:
         label = {"backbone": NAME}
-        metrics.counter(BACKBONE_PUBLISHED, "Messages confirmed by the broker", lambda: publisher.published, **label)
-        metrics.counter(BACKBONE_CONSUMED, "Messages consumed from the broker", lambda: consumer.consumed, **label)
-        metrics.counter(BACKBONE_REJECTED, "Invalid messages rejected", lambda: consumer.rejected, **label)
+        metrics.counter(BACKBONE_PUBLISHED, lambda: publisher.published, **label)
+        metrics.counter(BACKBONE_CONSUMED, lambda: consumer.consumed, **label)
+        metrics.counter(BACKBONE_REJECTED, lambda: consumer.rejected, **label)
         metrics.counter(DUPLICATES, "Repeated deliveries dropped", lambda: consumer.duplicates, **label)
         metrics.counter(RESENT, "Unconfirmed messages published again", lambda: publisher.resent, **label)
-        metrics.counter(DELIVERED, "Messages handed to local subscribers", lambda: self.router.delivered, plugin=NAME)
-        metrics.counter(DROPPED, "Messages lost to full subscriber queues", lambda: self.router.dropped, where=NAME)
-        metrics.counter(DROPPED, "Messages lost to a full outbox", lambda: outbox.dropped, where=f"{NAME}-outbox")
+        metrics.counter(DELIVERED, lambda: self.router.delivered, plugin=NAME)
+        metrics.counter(DROPPED, lambda: self.router.dropped, where=NAME)
+        metrics.counter(DROPPED, lambda: outbox.dropped, where=f"{NAME}-outbox")
         metrics.counter(
             DROPPED,
-            "Objects from the node that are no message or cannot be encoded",
             lambda: publisher.unencodable + feeder.invalid,
             where=f"{NAME}-invalid",
         )
-        metrics.gauge(QUEUE_DEPTH, "Messages waiting to be published", outbox.__len__, queue=f"{NAME}-outbox")
+        metrics.gauge(QUEUE_DEPTH, outbox.__len__, queue=f"{NAME}-outbox")
         metrics.gauge(
             QUEUE_DEPTH,
-            "Messages published, not yet confirmed",
             lambda: publisher.in_flight,
             queue=f"{NAME}-unconfirmed",
         )
         metrics.gauge(
             BACKBONE_CONNECTED,
-            "1 while both connections to the broker are up",
             lambda: int(publisher.connected and (consumer.connected or consumer.holding)),
             **label,
         )

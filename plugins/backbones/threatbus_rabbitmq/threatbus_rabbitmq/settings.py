@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import socket
 import ssl
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ from typing import Any
 import pika
 from dynaconf import Validator
 
-from threatbus.config import choice, option, port
+from threatbus.config import choice, count, option, port, readable_file, seconds
 from threatbus.errors import ConfigError
 from threatbus.node import Node
 
@@ -26,22 +25,9 @@ AMQPS_PORT = 5671
 QUEUE_TYPES = ("classic", "quorum")
 
 
-def _positive(value: Any) -> bool:
-    return value > 0
-
-
-def _non_negative(value: Any) -> bool:
-    return value >= 0
-
-
-def _readable_file(value: Any) -> bool:
-    return os.path.isfile(value) and os.access(value, os.R_OK)
-
-
 def validators() -> list[Any]:
     """Validators (with defaults) of every key; see README.md for what each means."""
     p = PREFIX
-    readable = {"check": _readable_file, "expected": "the path of a readable file"}
     return [
         # --- the keys of the original Threat Bus (WIRE.md) ---
         option(f"{p}.host", str, default="localhost", check=bool, expected="a host name"),
@@ -57,35 +43,31 @@ def validators() -> list[Any]:
         option(f"{p}.queue.auto_delete", bool, default=False),
         option(f"{p}.queue.lazy", bool, default=True),
         option(f"{p}.queue.exclusive", bool, default=False),
-        option(f"{p}.queue.max_items", int, default=0, check=_non_negative, expected="an integer >= 0"),
+        count(f"{p}.queue.max_items", default=0, minimum=0),
         # --- additions of this release ---
         choice(f"{p}.queue.type", QUEUE_TYPES, default="classic"),
-        option(f"{p}.password_file", str, default=None, **readable),
+        readable_file(f"{p}.password_file", default=None),
         option(f"{p}.exchange_durable", bool, default=False),
         option(f"{p}.bridge_exchange", str, default=None),
         option(f"{p}.ssl", dict, default={}),
         option(f"{p}.ssl.enabled", bool, default=False),
-        option(f"{p}.ssl.ca_file", str, default=None, **readable),
-        option(f"{p}.ssl.cert_file", str, default=None, **readable),
-        option(f"{p}.ssl.key_file", str, default=None, **readable),
+        readable_file(f"{p}.ssl.ca_file", default=None),
+        readable_file(f"{p}.ssl.cert_file", default=None),
+        readable_file(f"{p}.ssl.key_file", default=None),
         option(f"{p}.ssl.verify", bool, default=True),
         option(f"{p}.ssl.server_hostname", str, default=None),
-        option(f"{p}.heartbeat", int, default=30, check=_non_negative, expected="seconds >= 0 (0 disables)"),
-        option(f"{p}.connect_timeout", (int, float), default=10.0, check=_positive, expected="seconds > 0"),
-        option(f"{p}.prefetch", int, default=200, check=_positive, expected="an integer > 0"),
-        option(f"{p}.max_in_flight", int, default=1000, check=_positive, expected="an integer > 0"),
-        option(f"{p}.outbox_size", int, default=100_000, check=_positive, expected="an integer > 0"),
-        option(f"{p}.dedup_window", int, default=100_000, check=_non_negative, expected="an integer >= 0"),
+        count(f"{p}.heartbeat", default=30, minimum=0, expected="seconds >= 0 (0 disables)"),
+        seconds(f"{p}.connect_timeout", default=10.0),
+        count(f"{p}.prefetch", default=200),
+        count(f"{p}.max_in_flight", default=1000),
+        count(f"{p}.outbox_size", default=100_000),
+        count(f"{p}.dedup_window", default=100_000, minimum=0),
         option(f"{p}.reconnect", dict, default={}),
-        option(f"{p}.reconnect.initial", (int, float), default=0.5, check=_positive, expected="seconds > 0"),
-        option(f"{p}.reconnect.max", (int, float), default=30.0, check=_positive, expected="seconds > 0"),
-        option(f"{p}.stop_timeout", (int, float), default=5.0, check=_positive, expected="seconds > 0"),
-        option(
-            f"{p}.wait_for_subscribers",
-            (int, float),
-            default=15.0,
-            check=_non_negative,
-            expected="seconds >= 0 (0 consumes at once)",
+        seconds(f"{p}.reconnect.initial", default=0.5),
+        seconds(f"{p}.reconnect.max", default=30.0),
+        seconds(f"{p}.stop_timeout", default=5.0),
+        seconds(
+            f"{p}.wait_for_subscribers", default=15.0, exclusive=False, expected="seconds >= 0 (0 consumes at once)"
         ),
         # Rules across keys (static messages: a section may hold a password, never echo it).
         _rule(f"{p}.reconnect", _backoff_ordered, f"{p}.reconnect.max must be >= reconnect.initial"),
