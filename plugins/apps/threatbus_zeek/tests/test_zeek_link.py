@@ -14,13 +14,14 @@ import ssl
 import time
 
 import pytest
+from testbus import running_bus
 from zeekclient import brokertypes
 
 import threatbus
 from threatbus.data import Indicator, Sighting, SnapshotEnvelope, SnapshotRequest, SnapshotType
 from threatbus.errors import ConfigError, PluginError
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, DROPPED, QUEUE_DEPTH, SUBSCRIBERS
-from threatbus.testing import Subscriber, assert_nothing_more, get_within, indicator, running_bus, wait_until
+from threatbus.testing import Subscriber, assert_nothing_more, get_within, indicator, wait_until
 from threatbus_zeek import INTEL_TOPIC, MATCH_TOPIC, ZeekApp
 from threatbus_zeek.plugin import CONNECTS, SKIPPED, ZEEK_ERRORS
 
@@ -91,9 +92,9 @@ def test_indicators_become_intel_events(zeek, zeek_config, caplog):
 
 
 def test_a_mapping_bug_costs_one_indicator_not_the_connection(zeek, zeek_config, monkeypatch, caplog):
-    from threatbus_zeek import plugin
+    from threatbus_zeek import link
 
-    real = plugin.to_zeek_intel
+    real = link.to_zeek_intel
     broken = indicator("6.6.6.6")
 
     def to_zeek_intel(message):
@@ -101,7 +102,7 @@ def test_a_mapping_bug_costs_one_indicator_not_the_connection(zeek, zeek_config,
             raise RuntimeError("simulated bug")
         return real(message)
 
-    monkeypatch.setattr(plugin, "to_zeek_intel", to_zeek_intel)
+    monkeypatch.setattr(link, "to_zeek_intel", to_zeek_intel)
     with running_bus(apps={"zeek": ZeekApp()}, plugin_config=zeek_config) as bus:
         zeek.wait_for_client()
         fine = indicator("7.7.7.7")

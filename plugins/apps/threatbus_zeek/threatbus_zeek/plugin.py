@@ -1,4 +1,4 @@
-"""The Zeek app plugin: one WebSocket link to Zeek, kept up by one worker thread.
+"""The Zeek app plugin's hooks: settings in ``settings``, the connection in ``link``.
 
 Indicators from the bus become Zeek events that add or remove intel items
 (see ``mapping``); ``intel_match`` events from Zeek become sightings on the
@@ -7,371 +7,29 @@ bus. The Zeek side is ``scripts/threatbus.zeek`` in this package.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import queue
-import re
-import ssl
-import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
-
 import threatbus
-from threatbus import stix
-from threatbus.config import option, port
-from threatbus.data import TOPIC_INDICATOR, Indicator, Message, SnapshotEnvelope, SnapshotRequest, describe
-from threatbus.errors import DecodeError, PluginError
+from threatbus.data import TOPIC_INDICATOR, Message, SnapshotRequest
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, QUEUE_DEPTH, SUBSCRIBERS, Metrics
-from threatbus.worker import Backoff, ReconnectingWorker, stop_workers
-from threatbus_zeek import broker
-from threatbus_zeek.mapping import InvalidMatch, Unsupported, sighting_from_match, to_zeek_intel
+from threatbus.worker import stop_workers
+from threatbus_zeek.link import INTEL_TOPIC, MATCH_TOPIC, ZeekLink, ZeekStats
+from threatbus_zeek.settings import PLUGIN, ZeekSettings, validators
 
 logger = logging.getLogger(__name__)
-
-PLUGIN = "zeek"
-PREFIX = f"plugins.apps.{PLUGIN}"
-
-# Topics shared with scripts/threatbus.zeek (ThreatBus::intel_topic / ThreatBus::match_topic).
-INTEL_TOPIC = "threatbus/zeek/intel"
-MATCH_TOPIC = "threatbus/zeek/sighting"
 
 SKIPPED = "threatbus_zeek_skipped"  # counter: indicators Zeek cannot express
 ZEEK_ERRORS = "threatbus_zeek_errors"  # counter: error messages Zeek sent back
 CONNECTS = "threatbus_zeek_connects"  # counter: successful (re)connections
 
-CONNECT_TIMEOUT = 5.0
-# The cipher Broker selects for TLS without certificates.
-ANONYMOUS_CIPHERS = "AECDH-AES256-SHA"
-# How often the sender looks at an empty intel queue, and the link at its stop flag (seconds).
-POLL = 0.05
-# Messages sent in a row before the sender lets the reader run.
-BATCH = 512
-
-_NAMESPACE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(::[A-Za-z_][A-Za-z0-9_]*)*$")
-
 
 def script_path() -> Path:
     """The Zeek script to load into Zeek (``zeek ... <path>``)."""
     return Path(__file__).with_name("scripts") / "threatbus.zeek"
-
-
-@dataclass(frozen=True)
-class ZeekSettings:
-    host: str = "127.0.0.1"
-    port: int = 9997
-    module_namespace: str = "ThreatBus"
-    snapshot_days: float = 0
-    queue_size: int = 0
-    tls: bool = False
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    skip_verify: bool = False
-    anonymous: bool = False
-
-    @classmethod
-    def from_config(cls, config: Any) -> ZeekSettings:
-        config = config or {}
-        tls = config.get("tls") or {}
-        return cls(
-            host=config.get("host", cls.host),
-            port=int(config.get("port", cls.port)),
-            module_namespace=config.get("module_namespace", cls.module_namespace),
-            snapshot_days=config.get("snapshot") or 0,
-            queue_size=config.get("queue_size") or 0,
-            tls=bool(tls.get("enabled", False)),
-            ca_file=tls.get("ca_file") or "",
-            cert_file=tls.get("cert_file") or "",
-            key_file=tls.get("key_file") or "",
-            skip_verify=bool(tls.get("skip_verify", False)),
-            anonymous=bool(tls.get("anonymous", False)),
-        )
-
-    @property
-    def uri(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{'wss' if self.tls or self.anonymous else 'ws'}://{host}:{self.port}{broker.WEBSOCKET_PATH}"
-
-    @property
-    def snapshot(self) -> timedelta:
-        return timedelta(days=self.snapshot_days)
-
-    @property
-    def match_event(self) -> str:
-        return f"{self.module_namespace}::intel_match"
-
-    def ssl_context(self) -> ssl.SSLContext | None:
-        """The client TLS context, or None for plain ``ws://``. Raises ``PluginError`` on bad files."""
-        if self.anonymous:
-            return _anonymous_context()
-        if not self.tls:
-            return None
-        try:
-            context = ssl.create_default_context(cafile=self.ca_file or None)
-            if self.cert_file:
-                context.load_cert_chain(self.cert_file, self.key_file or None)
-        except (OSError, ssl.SSLError) as err:
-            raise PluginError(f"{PREFIX}.tls: cannot load certificates: {err}") from err
-        if self.skip_verify:
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-        return context
-
-
-def _anonymous_context() -> ssl.SSLContext:
-    """TLS as Broker speaks it by default (Zeek 5.x to 7.x without certificates): anonymous ECDH ciphers.
-
-    This encrypts but authenticates neither side.
-    """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
-    try:
-        context.set_ciphers(ANONYMOUS_CIPHERS + "@SECLEVEL=0")
-    except ssl.SSLError:
-        try:
-            context.set_ciphers(ANONYMOUS_CIPHERS)
-        except ssl.SSLError as err:
-            raise PluginError(f"{PREFIX}.tls.anonymous: this OpenSSL has no anonymous ciphers: {err}") from err
-    return context
-
-
-@dataclass
-class ZeekStats:
-    """Plain counters, read by the metrics read-outs (written by the link worker only)."""
-
-    sent: int = 0
-    skipped: int = 0
-    received: int = 0
-    rejected: int = 0
-    zeek_errors: int = 0
-    connects: int = 0
-    connected: bool = False
-
-
-class ZeekRefused(Exception):
-    """Zeek answered the handshake with something other than an ack."""
-
-
-class ZeekGone(Exception):
-    """Zeek closed the connection."""
-
-
-class ZeekLink(ReconnectingWorker):
-    """Connects to Zeek, sends intel from ``intel_queue``, publishes Zeek's matches.
-
-    The thread runs an asyncio loop: websockets' asyncio client drives TLS
-    through memory buffers in this one thread (its threaded client reads and
-    writes one TLS connection from two threads, which stalled handshakes with
-    TLS 1.3 session tickets in our tests).
-
-    Reconnects with backoff whenever the connection fails or drops. An
-    intel event whose send failed is kept and sent first after the next
-    connect; everything else waits in ``intel_queue`` meanwhile.
-    """
-
-    def __init__(
-        self,
-        settings: ZeekSettings,
-        intel_queue: queue.Queue[Message],
-        publish_queue: queue.SimpleQueue[Message],
-        subscribe: Callable[..., list[str]],
-        stats: ZeekStats,
-    ) -> None:
-        super().__init__("zeek-link", Backoff(initial=0.5, maximum=30.0))
-        self.settings = settings
-        self.intel_queue = intel_queue
-        self.publish_queue = publish_queue
-        self.subscribe = subscribe
-        self.stats = stats
-        self.ssl_context = settings.ssl_context()
-        self._pending: str | None = None
-        self._established = False  # whether the last attempt got as far as the handshake
-        self._problem: BaseException | None = None  # what ended the last attempt
-
-    # ---- connection ----------------------------------------------------
-
-    def connect_and_serve(self) -> None:
-        # One event loop per connection: the reconnect loop with its backoff is the core's.
-        asyncio.run(self._connect_and_serve())
-
-    async def _connect_and_serve(self) -> None:
-        self._established = False
-        self._problem = None
-        try:
-            async with connect(
-                self.settings.uri,
-                ssl=self.ssl_context,
-                open_timeout=CONNECT_TIMEOUT,
-                close_timeout=2,
-                compression=None,
-                proxy=None,
-                additional_headers={"X-Application-Name": "threatbus"},
-            ) as connection:
-                await self._handshake(connection)
-                self._established = True
-                self.backoff.reset()
-                await self._serve(connection)
-        except (
-            OSError,
-            TimeoutError,
-            InvalidHandshake,
-            InvalidURI,
-            ConnectionClosed,
-            ZeekRefused,
-            ZeekGone,
-        ) as err:
-            self._problem = err
-        except Exception as err:
-            self._problem = err
-            logger.exception("Zeek link failed")
-        finally:
-            self.stats.connected = False
-
-    def reconnecting(self, delay: float) -> None:
-        if self._established:
-            logger.warning(
-                "connection to Zeek at %s lost: %s; reconnecting in %.1fs", self.settings.uri, self._problem, delay
-            )
-        else:
-            logger.warning(
-                "cannot connect to Zeek at %s: %s; retrying in %.1fs", self.settings.uri, self._problem, delay
-            )
-
-    async def _sleep(self, seconds: float) -> None:
-        """Sleep up to ``seconds``, less if the worker is asked to stop."""
-        deadline = time.monotonic() + seconds
-        while not self.stopping and time.monotonic() < deadline:
-            await asyncio.sleep(min(POLL, max(0.0, deadline - time.monotonic())))
-
-    async def _handshake(self, connection: ClientConnection) -> None:
-        await connection.send(broker.handshake([MATCH_TOPIC]).decode())
-        raw = await asyncio.wait_for(connection.recv(), CONNECT_TIMEOUT)
-        try:
-            answer = broker.decode_message(raw)
-        except DecodeError as err:
-            raise ZeekRefused(f"unexpected handshake answer ({err}): {describe(raw)}") from None
-        if isinstance(answer, broker.ErrorMessage):
-            raise ZeekRefused(f"handshake refused: {answer.code}: {answer.context}")
-        if not isinstance(answer, broker.Ack):
-            raise ZeekRefused(f"expected an ack to the handshake, got {describe(raw)}")
-        self.stats.connects += 1
-        self.stats.connected = True
-        logger.info(
-            "connected to Zeek at %s (endpoint %s, version %s)", self.settings.uri, answer.endpoint, answer.version
-        )
-
-    async def _serve(self, connection: ClientConnection) -> None:
-        """Send intel and read Zeek's messages until the connection fails or the worker stops."""
-        if self.settings.snapshot > timedelta(0):
-            # Zeek keeps its intel only in memory: ask the bus for the recent intel on every (re)connect.
-            self.subscribe(TOPIC_INDICATOR, self.intel_queue, snapshot=self.settings.snapshot)
-        tasks = [
-            asyncio.create_task(self._send_intel(connection), name="zeek-send"),
-            asyncio.create_task(self._read_zeek(connection), name="zeek-read"),
-            asyncio.create_task(self._sleep(float("inf")), name="zeek-stop-watch"),
-        ]
-        try:
-            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-        for task in done:
-            task.result()  # raises what ended the connection
-
-    # ---- Threat Bus -> Zeek --------------------------------------------
-
-    async def _send_intel(self, connection: ClientConnection) -> None:
-        while True:
-            for _ in range(BATCH):
-                if self._pending is None:
-                    try:
-                        message = self.intel_queue.get_nowait()
-                    except queue.Empty:
-                        break
-                    self._pending = self._encode(message)
-                    if self._pending is None:
-                        continue
-                await connection.send(self._pending)
-                self._pending = None
-                self.stats.sent += 1
-            else:
-                await asyncio.sleep(0)  # a full batch went out: let the reader run, then go on
-                continue
-            await asyncio.sleep(POLL)  # the queue is empty: look again soon
-
-    def _encode(self, message: Message) -> str | None:
-        """The data message to send to Zeek for ``message``, or None to skip it."""
-        if isinstance(message, SnapshotEnvelope):
-            message = message.stix
-        if not isinstance(message, Indicator):
-            return None
-        try:
-            intel = to_zeek_intel(message)
-        except Unsupported as err:
-            self.stats.skipped += 1
-            logger.debug("skipping indicator %s for Zeek: %s", message.id, err)
-            return None
-        except Exception:
-            # A bug must cost this one indicator, not the connection.
-            self.stats.skipped += 1
-            logger.exception("cannot map indicator %s for Zeek; skipped", message.id)
-            return None
-        logger.debug(
-            "%s Zeek intel %s %s (%s)",
-            "removing" if intel.remove else "adding",
-            intel.intel_type,
-            intel.indicator,
-            intel.source,
-        )
-        return broker.encode(broker.data_message(INTEL_TOPIC, intel.event(self.settings.module_namespace)))
-
-    # ---- Zeek -> Threat Bus --------------------------------------------
-
-    async def _read_zeek(self, connection: ClientConnection) -> None:
-        async for raw in connection:
-            try:
-                self._handle(raw)
-            except Exception:
-                # A bug must cost this one message, not the connection.
-                self.stats.rejected += 1
-                logger.exception("cannot handle message from Zeek; dropped: %s", describe(raw))
-        reason = f", {connection.close_reason}" if connection.close_reason else ""
-        raise ZeekGone(f"closed by Zeek (code {connection.close_code}{reason})")
-
-    def _handle(self, raw: str | bytes) -> None:
-        try:
-            message = broker.decode_message(raw)
-        except DecodeError as err:
-            self.stats.rejected += 1
-            logger.warning("dropping malformed message from Zeek: %s: %s", err, describe(raw))
-            return
-        if isinstance(message, broker.ErrorMessage):
-            self.stats.zeek_errors += 1
-            logger.warning("Zeek reported an error: %s: %s", message.code, message.context)
-        elif isinstance(message, broker.ZeekEvent) and message.name == self.settings.match_event:
-            self._publish_sighting(message, raw)
-        else:
-            logger.debug("ignoring message from Zeek: %s", describe(raw))
-
-    def _publish_sighting(self, event: broker.ZeekEvent, raw: str | bytes) -> None:
-        try:
-            sighting = sighting_from_match(event)
-            stix.validate(sighting)
-        except (InvalidMatch, DecodeError) as err:
-            self.stats.rejected += 1
-            logger.warning("dropping invalid intel match from Zeek: %s: %s", err, describe(raw))
-            return
-        self.stats.received += 1
-        logger.debug("Zeek sighted %s (%s)", sighting.sighting_of_ref, sighting.payload["x_threatbus_indicator_value"])
-        self.publish_queue.put(sighting)
 
 
 class ZeekApp:
@@ -385,37 +43,7 @@ class ZeekApp:
 
     @threatbus.app
     def config_validators(self) -> list[Any]:
-        return [
-            option(f"{PREFIX}.host", str, default="127.0.0.1", check=bool, expected="a host name or address"),
-            port(f"{PREFIX}.port", default=9997),
-            option(
-                f"{PREFIX}.module_namespace",
-                str,
-                default="ThreatBus",
-                check=lambda name: bool(_NAMESPACE.match(name)),
-                expected="a Zeek module name such as ThreatBus",
-            ),
-            option(
-                f"{PREFIX}.snapshot",
-                (int, float),
-                default=0,
-                check=lambda days: 0 <= days < 100_000,
-                expected="a number of days >= 0",
-            ),
-            option(
-                f"{PREFIX}.queue_size",
-                int,
-                default=0,
-                check=lambda size: size >= 0,
-                expected="a number of indicators >= 0 (0: unbounded)",
-            ),
-            option(f"{PREFIX}.tls.enabled", bool, default=False),
-            option(f"{PREFIX}.tls.ca_file", str, default=""),
-            option(f"{PREFIX}.tls.cert_file", str, default=""),
-            option(f"{PREFIX}.tls.key_file", str, default=""),
-            option(f"{PREFIX}.tls.skip_verify", bool, default=False),
-            option(f"{PREFIX}.tls.anonymous", bool, default=False),
-        ]
+        return validators()
 
     @threatbus.app
     def run(
@@ -438,11 +66,11 @@ class ZeekApp:
 
     def _register_metrics(self, metrics: Metrics, intel_queue: queue.Queue[Message]) -> None:
         stats = self.stats
-        metrics.counter(APP_RECEIVED, "Messages apps gave this node", lambda: stats.received, plugin=PLUGIN)
-        metrics.counter(APP_REJECTED, "Input rejected as invalid", lambda: stats.rejected, plugin=PLUGIN)
-        metrics.counter(DELIVERED, "Messages handed to subscribers", lambda: stats.sent, plugin=PLUGIN)
-        metrics.gauge(SUBSCRIBERS, "Connected subscribers", lambda: int(stats.connected), plugin=PLUGIN)
-        metrics.gauge(QUEUE_DEPTH, "Messages waiting in a queue of the node", intel_queue.qsize, queue=PLUGIN)
+        metrics.counter(APP_RECEIVED, lambda: stats.received, plugin=PLUGIN)
+        metrics.counter(APP_REJECTED, lambda: stats.rejected, plugin=PLUGIN)
+        metrics.counter(DELIVERED, lambda: stats.sent, plugin=PLUGIN)
+        metrics.gauge(SUBSCRIBERS, lambda: int(stats.connected), plugin=PLUGIN)
+        metrics.gauge(QUEUE_DEPTH, intel_queue.qsize, queue=PLUGIN)
         metrics.counter(
             SKIPPED, "Indicators Zeek's Intel framework cannot express", lambda: stats.skipped, plugin=PLUGIN
         )
