@@ -26,7 +26,7 @@ from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED
 from threatbus.stix import new_indicator
 from threatbus.testing import Subscriber, assert_nothing_more, get_within, indicator, wait_until
 from threatbus_suricata import SuricataApp
-from threatbus_suricata.plugin import DetectionWorker
+from threatbus_suricata.detections import DetectionWorker
 
 SID_MIN = 3_900_000_000
 

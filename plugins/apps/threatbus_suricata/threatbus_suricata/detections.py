@@ -1,0 +1,156 @@
+"""Detection sync: indicators into the store, the store into files, dataset commands and rule reloads."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import time
+from typing import Any
+
+from threatbus.data import Indicator, Message, SnapshotEnvelope
+from threatbus.worker import POLL_INTERVAL, Backoff, StoppableWorker
+from threatbus_suricata.mapping import Unsupported
+from threatbus_suricata.settings import SuricataSettings
+from threatbus_suricata.store import DetectionStore
+from threatbus_suricata.suricata_socket import CommandFailed, SocketError, SuricataSocket
+
+logger = logging.getLogger(__name__)
+
+
+class DetectionSync:
+    """Keeps Suricata's detections in step with the store; its counters are read by the metrics."""
+
+    def __init__(self, settings: SuricataSettings, store: DetectionStore, socket: SuricataSocket) -> None:
+        self.store = store
+        self.socket = socket
+        self.reload_interval = settings.reload_interval
+        self.reload_command = settings.reload_command
+        self.dataset_command_limit = settings.dataset_command_limit
+        self.reload_pending = False
+        self.indicators = 0  # indicators taken from the bus
+        self.unsupported = 0  # indicators without a Suricata mapping
+        self.reloads = 0
+        self.dataset_commands = 0
+        self.socket_errors = 0
+        self.write_errors = 0
+
+    def apply(self, message: Message) -> bool:
+        """Apply an indicator (or a snapshot envelope of one) to the store; True if a flush is due."""
+        if isinstance(message, SnapshotEnvelope):
+            message = message.stix
+        if not isinstance(message, Indicator):
+            return False
+        self.indicators += 1
+        try:
+            outcome = self.store.apply(message)
+        except Unsupported as err:
+            self.unsupported += 1
+            logger.info("indicator %s not mapped to Suricata: %s", message.id, err)
+            return False
+        logger.debug("indicator %s: %s", message.id, outcome)
+        return outcome in ("added", "updated", "removed", "unchanged")
+
+    def flush(self, final: bool = False) -> bool:
+        """Write changed files, send dataset commands, reload rules. True when all done."""
+        store = self.store
+        changes = store.take_changes()
+        if changes.write:
+            try:
+                store.write()
+            except OSError as err:
+                self.write_errors += 1
+                logger.error("cannot write %s: %s; retrying", store.rules_file, err)
+                store.requeue(changes)
+                return False
+            logger.debug("wrote %s (%d detections)", store.rules_file, len(store))
+        self.reload_pending |= changes.reload
+        if len(changes.dataset_ops) > self.dataset_command_limit:
+            # One reload (Suricata reads the dataset files) is cheaper than thousands of commands.
+            logger.info("%d dataset changes: reloading instead of sending each", len(changes.dataset_ops))
+            self.reload_pending = True
+        try:
+            if not self.reload_pending:
+                self._dataset_commands(changes.dataset_ops)
+            if self.reload_pending:
+                # A reload makes Suricata read the dataset files too: no commands needed.
+                self._reload()
+        except SocketError as err:
+            self.socket_errors += 1
+            if final:
+                logger.warning("Suricata not reachable at shutdown (%s); it reads the files on its next start", err)
+            else:
+                logger.warning("%s; the files are written, reloading once Suricata is reachable", err)
+            # The files are current: a reload later brings Suricata up to date.
+            self.reload_pending = True
+            return False
+        return True
+
+    def _dataset_commands(self, ops: list[tuple[str, Any]]) -> None:
+        for position, (command, detection) in enumerate(ops):
+            arguments = {"setname": detection.set_name, "settype": detection.set_type, "datavalue": detection.datavalue}
+            try:
+                message = self.socket.command(command, arguments)
+                self.dataset_commands += 1
+                logger.debug("%s %s %s: %s", command, detection.set_name, detection.value, message)
+            except CommandFailed as err:
+                # E.g. "set not found or wrong type": Suricata has not loaded our rules yet.
+                logger.warning("%s of %r failed: %s; reloading the rules instead", command, detection.value, err)
+                self.reload_pending = True
+                return
+            except SocketError:
+                if position:
+                    logger.debug("sent %d of %d dataset commands", position, len(ops))
+                raise
+
+    def _reload(self) -> None:
+        try:
+            message = self.socket.command(self.reload_command)
+        except CommandFailed as err:
+            logger.warning("Suricata refused to reload the rules: %s; retrying", err)
+            raise SocketError(str(err)) from None
+        self.reload_pending = False
+        self.reloads += 1
+        logger.info("Suricata reloads its rules (%s): %s", self.reload_command, message)
+
+
+class DetectionWorker(StoppableWorker):
+    """Applies indicators to the store; writes files and talks to Suricata in batches.
+
+    The first change after a flush starts a timer of ``reload_interval``;
+    everything that arrives meanwhile is flushed together: one file write,
+    the dataset commands, and at most one rule reload.
+    """
+
+    def __init__(self, sync: DetectionSync, inbox: queue.Queue[Message]) -> None:
+        super().__init__(name="suricata-detections")
+        self.sync = sync
+        self.inbox = inbox
+        self.backoff = Backoff(initial=sync.reload_interval, maximum=max(60.0, sync.reload_interval))
+        self.next_flush: float | None = time.monotonic()  # the state read from disk may need a write
+
+    def run(self) -> None:
+        while not self.stopping:
+            timeout = POLL_INTERVAL
+            if self.next_flush is not None:
+                timeout = max(0.0, min(timeout, self.next_flush - time.monotonic()))
+            try:
+                with contextlib.suppress(queue.Empty):
+                    self.handle(self.inbox.get(timeout=timeout))
+                if self.next_flush is not None and time.monotonic() >= self.next_flush:
+                    self.next_flush = None
+                    if not self.sync.flush():
+                        self.next_flush = time.monotonic() + self.backoff.next_delay()
+                    else:
+                        self.backoff.reset()
+            except Exception:  # a bug must not end the worker: log it and go on
+                logger.exception("suricata detection worker failed; continuing")
+                self.next_flush = time.monotonic() + self.backoff.next_delay()
+        # Apply what already arrived and persist it, so nothing accepted is lost.
+        for message in self.leftovers(self.inbox):
+            self.handle(message)
+        self.sync.flush(final=True)
+
+    def handle(self, message: Message) -> None:
+        if self.sync.apply(message) and self.next_flush is None:
+            self.next_flush = time.monotonic() + self.sync.reload_interval
