@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Callable, Iterable, Sequence
 from importlib import resources
 from pathlib import Path
@@ -119,6 +120,11 @@ def count(
     """A whole number of things (messages, commands, ...) from ``minimum`` to ``maximum``."""
     wanted = expected or ("an integer > 0" if minimum == 1 else f"an integer >= {minimum}")
     return option(name, int, default=default, check=_within(minimum, False, maximum), expected=wanted)
+
+
+def matching(name: str, pattern: re.Pattern[str], *, default: Any = _UNSET, expected: str) -> Validator:
+    """A string that ``pattern`` matches (names of things in other tools: modules, sets, ...)."""
+    return option(name, str, default=default, check=lambda value: bool(pattern.match(value)), expected=expected)
 
 
 def _readable(path: Any) -> bool:

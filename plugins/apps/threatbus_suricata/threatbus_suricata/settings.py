@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from threatbus.config import choice, count, option, seconds
+from threatbus.config import choice, count, matching, option, seconds
 from threatbus.errors import PluginError
 from threatbus_suricata.mapping import ACTIONS, MODES, RESERVED_SIDS, Settings
 
@@ -20,6 +20,7 @@ MAX_SID = 2**32 - 1
 # sun_path of a unix socket holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 _SET_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+SET_NAME_EXPECTED = "a dataset name of letters, digits, '-' and '_'"
 
 RULES_FILE = "/var/lib/suricata/rules/threatbus.rules"
 SOCKET = "/var/run/suricata/suricata-command.socket"
@@ -69,20 +70,8 @@ def validators() -> list[Any]:
             expected=f"a sid between 1 and {MAX_SID - RESERVED_SIDS}",
         ),
         count(f"{PREFIX}.sid_max", default=3_999_999_999, maximum=MAX_SID, expected=f"a sid between 1 and {MAX_SID}"),
-        option(
-            f"{PREFIX}.datasets.ip",
-            str,
-            default="threatbus-ip",
-            check=lambda v: bool(_SET_NAME.match(v)),
-            expected="a dataset name of letters, digits, '-' and '_'",
-        ),
-        option(
-            f"{PREFIX}.datasets.domain",
-            str,
-            default="threatbus-domain",
-            check=lambda v: bool(_SET_NAME.match(v)),
-            expected="a dataset name of letters, digits, '-' and '_'",
-        ),
+        matching(f"{PREFIX}.datasets.ip", _SET_NAME, default="threatbus-ip", expected=SET_NAME_EXPECTED),
+        matching(f"{PREFIX}.datasets.domain", _SET_NAME, default="threatbus-domain", expected=SET_NAME_EXPECTED),
         seconds(
             f"{PREFIX}.reload_interval", default=2.0, maximum=3600, expected="a number of seconds between 0 and 3600"
         ),

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from threatbus.config import option, port
+from threatbus.config import count, matching, option, port
 from threatbus.errors import PluginError
 from threatbus_zeek import broker
 
@@ -26,11 +26,10 @@ def validators() -> list[Any]:
     return [
         option(f"{PREFIX}.host", str, default="127.0.0.1", check=bool, expected="a host name or address"),
         port(f"{PREFIX}.port", default=9997),
-        option(
+        matching(
             f"{PREFIX}.module_namespace",
-            str,
+            _NAMESPACE,
             default="ThreatBus",
-            check=lambda name: bool(_NAMESPACE.match(name)),
             expected="a Zeek module name such as ThreatBus",
         ),
         option(
@@ -40,13 +39,7 @@ def validators() -> list[Any]:
             check=lambda days: 0 <= days < 100_000,
             expected="a number of days >= 0",
         ),
-        option(
-            f"{PREFIX}.queue_size",
-            int,
-            default=0,
-            check=lambda size: size >= 0,
-            expected="a number of indicators >= 0 (0: unbounded)",
-        ),
+        count(f"{PREFIX}.queue_size", default=0, minimum=0, expected="a number of indicators >= 0 (0: unbounded)"),
         option(f"{PREFIX}.tls.enabled", bool, default=False),
         option(f"{PREFIX}.tls.ca_file", str, default=""),
         option(f"{PREFIX}.tls.cert_file", str, default=""),

@@ -125,35 +125,38 @@ def _get(config: Any, dotted: str, default: Any = None) -> Any:
 
 @dataclass(frozen=True)
 class BrokerSettings:
-    """Everything the publisher and consumer need, resolved once at start."""
+    """Everything the publisher and consumer need, resolved once at start from the validated section.
+
+    The defaults are in ``validators`` only.
+    """
 
     host: str
     port: int
     vhost: str
     username: str
-    password: str = ""
-    ssl: bool = False
-    exchange: str = "threatbus"
-    exchange_durable: bool = False
-    bridge_exchange: str = ""  # empty: publish straight to `exchange`
-    queue_name: str = ""
-    queue_durable: bool = True
-    queue_auto_delete: bool = False
-    queue_exclusive: bool = False
-    queue_type: str = "classic"
-    queue_arguments: tuple[tuple[str, Any], ...] = ()
-    heartbeat: int = 30
-    connect_timeout: float = 10.0
-    prefetch: int = 200
-    max_in_flight: int = 1000
-    outbox_size: int = 100_000
-    dedup_window: int = 100_000
-    reconnect_initial: float = 0.5
-    reconnect_max: float = 30.0
-    stop_timeout: float = 5.0
-    wait_for_subscribers: float = 15.0
-    node_name: str = ""
-    ssl_options: pika.SSLOptions | None = None
+    password: str
+    ssl: bool
+    exchange: str
+    exchange_durable: bool
+    bridge_exchange: str  # empty: publish straight to `exchange`
+    queue_name: str
+    queue_durable: bool
+    queue_auto_delete: bool
+    queue_exclusive: bool
+    queue_type: str
+    queue_arguments: tuple[tuple[str, Any], ...]
+    heartbeat: int
+    connect_timeout: float
+    prefetch: int
+    max_in_flight: int
+    outbox_size: int
+    dedup_window: int
+    reconnect_initial: float
+    reconnect_max: float
+    stop_timeout: float
+    wait_for_subscribers: float
+    node_name: str
+    ssl_options: pika.SSLOptions | None
 
     @property
     def url(self) -> str:
@@ -234,10 +237,10 @@ def _ssl_options(config: Any, host: str) -> pika.SSLOptions:
 
 def resolve(config: Any, node: Node) -> BrokerSettings:
     """Turn the validated config section into ``BrokerSettings``. Raises ``ConfigError``."""
-    host = _get(config, "host", "localhost")
-    use_ssl = bool(_get(config, "ssl.enabled", False))
-    exchange = _get(config, "exchange_name", "threatbus")
-    exchange_durable = bool(_get(config, "exchange_durable", False))
+    host = _get(config, "host")
+    use_ssl = bool(_get(config, "ssl.enabled"))
+    exchange = _get(config, "exchange_name")
+    exchange_durable = bool(_get(config, "exchange_durable"))
     bridge = _get(config, "bridge_exchange")
     if bridge is None:
         # A durable exchange only adds something when the main one is not durable.
@@ -245,8 +248,8 @@ def resolve(config: Any, node: Node) -> BrokerSettings:
     if bridge == exchange:
         raise ConfigError(f"{PREFIX}.bridge_exchange must differ from exchange_name ({exchange!r})")
     suffix = _get(config, "queue.name_suffix") or default_queue_suffix(node)
-    queue_type = _get(config, "queue.type", "classic")
-    conflicts = _quorum_conflicts(_get(config, "queue", {}))
+    queue_type = _get(config, "queue.type")
+    conflicts = _quorum_conflicts(_get(config, "queue"))
     if conflicts:
         raise ConfigError(f"{PREFIX}.queue.type quorum {QUORUM_NEEDS}; at odds: {', '.join(conflicts)}")
     arguments: dict[str, Any]
@@ -256,12 +259,12 @@ def resolve(config: Any, node: Node) -> BrokerSettings:
         arguments = {"x-queue-type": "quorum", "x-single-active-consumer": True}
     else:
         # Exactly the original's declaration (no x-queue-type): existing queues stay compatible.
-        arguments = {"x-queue-mode": "lazy" if _get(config, "queue.lazy", True) else "default"}
-    max_items = int(_get(config, "queue.max_items", 0))
+        arguments = {"x-queue-mode": "lazy" if _get(config, "queue.lazy") else "default"}
+    max_items = int(_get(config, "queue.max_items"))
     if max_items > 0:
         arguments["x-max-length"] = max_items
-    reconnect_initial = float(_get(config, "reconnect.initial", 0.5))
-    reconnect_max = float(_get(config, "reconnect.max", 30.0))
+    reconnect_initial = float(_get(config, "reconnect.initial"))
+    reconnect_max = float(_get(config, "reconnect.max"))
     if reconnect_max < reconnect_initial:
         raise ConfigError(
             f"{PREFIX}.reconnect.max ({reconnect_max}) must be >= reconnect.initial ({reconnect_initial})"
@@ -269,29 +272,29 @@ def resolve(config: Any, node: Node) -> BrokerSettings:
     return BrokerSettings(
         host=host,
         port=int(_get(config, "port") or (AMQPS_PORT if use_ssl else AMQP_PORT)),
-        vhost=_get(config, "vhost", "/"),
-        username=_get(config, "username", "guest"),
+        vhost=_get(config, "vhost"),
+        username=_get(config, "username"),
         password=_password(config),
         ssl=use_ssl,
         exchange=exchange,
         exchange_durable=exchange_durable,
         bridge_exchange=bridge,
         queue_name=f"threatbus{_get(config, 'queue.name_join_symbol', '.')}{suffix}",
-        queue_durable=bool(_get(config, "queue.durable", True)),
-        queue_auto_delete=bool(_get(config, "queue.auto_delete", False)),
-        queue_exclusive=bool(_get(config, "queue.exclusive", False)),
+        queue_durable=bool(_get(config, "queue.durable")),
+        queue_auto_delete=bool(_get(config, "queue.auto_delete")),
+        queue_exclusive=bool(_get(config, "queue.exclusive")),
         queue_type=queue_type,
         queue_arguments=tuple(arguments.items()),
-        heartbeat=int(_get(config, "heartbeat", 30)),
-        connect_timeout=float(_get(config, "connect_timeout", 10.0)),
-        prefetch=int(_get(config, "prefetch", 200)),
-        max_in_flight=int(_get(config, "max_in_flight", 1000)),
-        outbox_size=int(_get(config, "outbox_size", 100_000)),
-        dedup_window=int(_get(config, "dedup_window", 100_000)),
+        heartbeat=int(_get(config, "heartbeat")),
+        connect_timeout=float(_get(config, "connect_timeout")),
+        prefetch=int(_get(config, "prefetch")),
+        max_in_flight=int(_get(config, "max_in_flight")),
+        outbox_size=int(_get(config, "outbox_size")),
+        dedup_window=int(_get(config, "dedup_window")),
         reconnect_initial=reconnect_initial,
         reconnect_max=reconnect_max,
-        stop_timeout=float(_get(config, "stop_timeout", 5.0)),
-        wait_for_subscribers=float(_get(config, "wait_for_subscribers", 15.0)),
+        stop_timeout=float(_get(config, "stop_timeout")),
+        wait_for_subscribers=float(_get(config, "wait_for_subscribers")),
         node_name=node.name,
         ssl_options=_ssl_options(config, host) if use_ssl else None,
     )
