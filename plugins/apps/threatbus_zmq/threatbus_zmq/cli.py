@@ -7,12 +7,10 @@ and sub endpoints), so they work with any Threat Bus node that runs it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import signal
 import sys
 import threading
-import time
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +23,7 @@ import zmq
 from threatbus import stix
 from threatbus.data import Indicator, Message, Sighting, SnapshotRequest, decode, from_payload
 from threatbus.errors import DecodeError
-from threatbus_zmq.client import BusUnreachable, ManageClient, Receiver, Sender, is_success
+from threatbus_zmq.client import BusUnreachable, ManageClient, Sender, SubscriptionRefused, Tail, is_success
 from threatbus_zmq.wire import split_pub_frame
 
 EXIT_OK = 0
@@ -325,68 +323,46 @@ def tail(args: argparse.Namespace, out: TextIO) -> int:
     signal.signal(signal.SIGINT, stop)
     context = zmq.Context()
     manage = ManageClient(args.host, args.manage, args.timeout, context)
-    receiver: Receiver | None = None
-    p2p = ""
+    subscription = Tail(
+        manage,
+        args.host,
+        topic,
+        args.snapshot,
+        args.heartbeat,
+        lambda line: print(f"threatbus-zmq: {line}", file=sys.stderr),
+        context,
+        args.filter,
+    )
     try:
-        reply = manage.subscribe(topic, args.snapshot, args.filter)
-        if not is_success(reply):
-            print(f"threatbus-zmq: the bus refused the subscription: {reply}", file=sys.stderr)
+        try:
+            receiver = subscription.open()
+        except SubscriptionRefused as err:
+            print(f"threatbus-zmq: the bus refused the subscription: {err.args[0]}", file=sys.stderr)
             return EXIT_USAGE
-        p2p = reply["topic"]
-        receiver = Receiver(args.host, reply["pub_port"], p2p, context=context)
         print(
             f"tailing {', '.join(topics)} on {receiver.socket.get(zmq.LAST_ENDPOINT).decode() or args.host}"
             " (Ctrl-C to stop)",
             file=sys.stderr,
         )
         seen = 0
-        next_heartbeat = time.monotonic() + args.heartbeat
-        unreachable = False
-        while not stop.event.is_set():
-            frame = receiver.recv_frame(timeout=0.2)
-            if frame is not None:
-                try:
-                    _p2p, kind, body = split_pub_frame(frame)
-                    line = body.decode("utf-8", "replace") if args.raw else describe_message(kind, decode(body))
-                except (ValueError, DecodeError) as err:
-                    print(f"threatbus-zmq: skipped a malformed frame: {err}", file=sys.stderr)
-                    continue
-                print(line, file=out, flush=True)
-                seen += 1
-                if args.count and seen >= args.count:
-                    break
-            if time.monotonic() >= next_heartbeat:
-                next_heartbeat = time.monotonic() + args.heartbeat
-                try:
-                    alive = is_success(manage.heartbeat(p2p))
-                    if unreachable:
-                        print("threatbus-zmq: the bus answers again", file=sys.stderr)
-                        unreachable = False
-                    if not alive:
-                        print(
-                            "threatbus-zmq: the bus forgot this subscription (restarted?); subscribing again",
-                            file=sys.stderr,
-                        )
-                        reply = manage.subscribe(topic, 0)
-                        if is_success(reply):
-                            p2p = reply["topic"]
-                            receiver.resubscribe(p2p)
-                except BusUnreachable as err:
-                    if not unreachable:
-                        print(f"threatbus-zmq: {err}; still trying", file=sys.stderr)
-                        unreachable = True
+        for frame in subscription.frames(stop.event.is_set):
+            try:
+                _p2p, kind, body = split_pub_frame(frame)
+                line = body.decode("utf-8", "replace") if args.raw else describe_message(kind, decode(body))
+            except (ValueError, DecodeError) as err:
+                print(f"threatbus-zmq: skipped a malformed frame: {err}", file=sys.stderr)
+                continue
+            print(line, file=out, flush=True)
+            seen += 1
+            if args.count and seen >= args.count:
+                break
         return EXIT_OK
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, also at interpreter exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
         return EXIT_OK
     finally:
-        if p2p:
-            manage.timeout = min(manage.timeout, 2.0)
-            with contextlib.suppress(BusUnreachable):
-                manage.unsubscribe(p2p)
-        if receiver is not None:
-            receiver.close()
+        subscription.close()
         manage.close()
         context.term()
 

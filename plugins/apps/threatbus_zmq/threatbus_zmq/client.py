@@ -6,8 +6,9 @@ Threat Bus alike.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import orjson
@@ -179,3 +180,82 @@ class Sender:
 
 def is_success(reply: dict[str, Any]) -> bool:
     return reply.get("status") == STATUS_SUCCESS
+
+
+class SubscriptionRefused(Exception):
+    """The bus answered the subscribe request with an error; the reply is the argument."""
+
+
+class Tail:
+    """One subscription kept alive: heartbeats, a new subscription after a bus restart, the pub frames.
+
+    ``notice`` gets one line for each change a user should hear about (the
+    bus unreachable, answering again, forgetting the subscription).
+    """
+
+    def __init__(
+        self,
+        manage: ManageClient,
+        host: str,
+        topic: str | list[str],
+        snapshot: float,
+        heartbeat: float,
+        notice: Callable[[str], None],
+        context: Any = None,
+        filter: dict[str, Any] | None = None,
+    ) -> None:
+        self.manage = manage
+        self.filter = filter
+        self.host = host
+        self.topic = topic
+        self.snapshot = snapshot
+        self.heartbeat = heartbeat
+        self.notice = notice
+        self.context = context
+        self.receiver: Receiver | None = None
+        self.p2p = ""
+
+    def open(self) -> Receiver:
+        """Subscribe; raises ``SubscriptionRefused`` or ``BusUnreachable``."""
+        reply = self.manage.subscribe(self.topic, self.snapshot, self.filter)
+        if not is_success(reply):
+            raise SubscriptionRefused(reply)
+        self.p2p = reply["topic"]
+        self.receiver = Receiver(self.host, reply["pub_port"], self.p2p, context=self.context)
+        return self.receiver
+
+    def frames(self, stopped: Callable[[], bool], poll: float = 0.2) -> Iterator[bytes]:
+        """Yield pub frames until ``stopped()``; heartbeat every ``heartbeat`` seconds meanwhile."""
+        assert self.receiver is not None
+        next_heartbeat = time.monotonic() + self.heartbeat
+        unreachable = False
+        while not stopped():
+            frame = self.receiver.recv_frame(timeout=poll)
+            if frame is not None:
+                yield frame
+            if time.monotonic() >= next_heartbeat:
+                next_heartbeat = time.monotonic() + self.heartbeat
+                try:
+                    alive = is_success(self.manage.heartbeat(self.p2p))
+                    if unreachable:
+                        self.notice("the bus answers again")
+                        unreachable = False
+                    if not alive:
+                        self.notice("the bus forgot this subscription (restarted?); subscribing again")
+                        reply = self.manage.subscribe(self.topic, 0)
+                        if is_success(reply):
+                            self.p2p = reply["topic"]
+                            self.receiver.resubscribe(self.p2p)
+                except BusUnreachable as err:
+                    if not unreachable:
+                        self.notice(f"{err}; still trying")
+                        unreachable = True
+
+    def close(self) -> None:
+        """Unsubscribe (briefly: the bus may be gone) and close the receiver."""
+        if self.p2p:
+            self.manage.timeout = min(self.manage.timeout, 2.0)
+            with contextlib.suppress(BusUnreachable):
+                self.manage.unsubscribe(self.p2p)
+        if self.receiver is not None:
+            self.receiver.close()

@@ -17,8 +17,8 @@ from threatbus.node import Node
 from threatbus.routing import Sink
 from threatbus.worker import stop_workers
 from threatbus_zmq.manage import ManageWorker
-from threatbus_zmq.publisher import PublisherWorker
-from threatbus_zmq.receiver import ReceiverWorker
+from threatbus_zmq.pub import PublisherWorker
+from threatbus_zmq.sub import ReceiverWorker
 from threatbus_zmq.subscribers import Subscriptions
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ import queue
 import zmq
 
 from threatbus.testing import indicator, wait_until
-from threatbus_zmq.publisher import BATCH, PublisherWorker
+from threatbus_zmq.pub import BATCH, PublisherWorker
 from threatbus_zmq.subscribers import Subscription, Subscriptions
 from threatbus_zmq.wire import new_p2p_topic
 
