@@ -6,6 +6,7 @@ import queue
 from datetime import timedelta
 
 import pytest
+from testbus import running_bus
 
 import threatbus
 from threatbus.bus import Bus
@@ -20,9 +21,9 @@ from threatbus.testing import (
     get_within,
     indicator,
     intel_mix,
-    running_bus,
     settings_from,
     sighting,
+    wait_until,
 )
 from threatbus_inmem import InMemoryBackbone
 
@@ -181,3 +182,17 @@ def test_garbage_filter_values_are_config_errors_naming_the_key(plugins, key):
     bus = Bus(settings, apps={"sensor": ListeningApp()}, backbones={"inmem": InMemoryBackbone()}, node=Node.create("n"))
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         bus.configure()
+
+
+def test_the_snapshot_hook_names_the_apps_own_queue_even_behind_its_filter():
+    class Asking(ListeningApp):
+        @threatbus.app
+        def snapshot(self, snapshot_request, result_queue, local, requester):
+            self.asked = (local, requester)
+
+    asking = Asking("stix2/indicator", snapshot=timedelta(days=1))
+    config = {"apps": {"asking": {"filter": {"tlp": "amber"}}}}
+    with running_bus(apps={"asking": asking}, plugin_config=config):
+        wait_until(lambda: getattr(asking, "asked", None), what="the app's own request to reach it")
+        # The bus wraps the queue in the filter; the app must see its own queue to skip its own request.
+        assert asking.asked == (True, asking.queue)

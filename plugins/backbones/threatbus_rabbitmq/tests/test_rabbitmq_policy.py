@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any
 
 import pytest
+from testbus import running_bus
 
 import threatbus
 from threatbus.bus import Bus
@@ -21,7 +22,6 @@ from threatbus.testing import (
     get_within,
     indicator,
     intel_mix,
-    running_bus,
     wait_until,
 )
 from threatbus_rabbitmq import RabbitMQBackbone
