@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import requests
 from taxii2client.v21 import ApiRoot, Collection, Server, as_pages
+from testbus import running_bus
 from threatbus_taxii import TaxiiApp
 from threatbus_taxii.intel import ServedIntel
 from threatbus_taxii.plugin import SERVE_REFUSED, SERVED
@@ -27,7 +28,7 @@ from threatbus.data import Indicator, SnapshotEnvelope, SnapshotRequest, Snapsho
 from threatbus.errors import PluginError
 from threatbus.metrics import FILTERED, Metrics
 from threatbus.stix import timestamp
-from threatbus.testing import collect, get_within, indicator, running_bus, settings_from, unavailable, wait_until
+from threatbus.testing import collect, get_within, indicator, settings_from, unavailable, wait_until
 
 READER, READER_PASSWORD = "reader", "let-me-read"
 TAXII_JSON = "application/taxii+json;version=2.1"

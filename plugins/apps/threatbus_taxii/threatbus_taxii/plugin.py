@@ -102,8 +102,8 @@ class TaxiiApp:
     def _register_metrics(self, metrics: Metrics) -> None:
         stats = self.stats
         if self.poller is not None:
-            metrics.counter(APP_RECEIVED, "Messages apps gave this node", lambda: stats.received, plugin=PLUGIN)
-            metrics.counter(APP_REJECTED, "Input rejected as invalid", lambda: stats.rejected, plugin=PLUGIN)
+            metrics.counter(APP_RECEIVED, lambda: stats.received, plugin=PLUGIN)
+            metrics.counter(APP_REJECTED, lambda: stats.rejected, plugin=PLUGIN)
             metrics.counter(SKIPPED, "Polled STIX objects that are not intel", lambda: stats.skipped, plugin=PLUGIN)
             metrics.counter(POLLS, "TAXII polls that read every collection", lambda: stats.polls, plugin=PLUGIN)
             metrics.counter(POLL_ERRORS, "TAXII polls that failed", lambda: stats.errors, plugin=PLUGIN)
@@ -115,7 +115,7 @@ class TaxiiApp:
             )
             metrics.counter(SERVE_REQUESTS, "TAXII object requests served", lambda: backend.requests, plugin=PLUGIN)
             metrics.counter(SERVE_REFUSED, "TAXII requests with bad credentials", lambda: gate.refused, plugin=PLUGIN)
-            metrics.gauge(QUEUE_DEPTH, "Messages waiting in a queue of the node", self.intel_queue.qsize, queue=PLUGIN)
+            metrics.gauge(QUEUE_DEPTH, self.intel_queue.qsize, queue=PLUGIN)
 
     @threatbus.app
     def stop(self) -> None:
