@@ -10,10 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from testbus import running_bus
 from threatbus_misp import MispApp
 
 from threatbus.bus import Bus
-from threatbus.testing import free_port, running_bus
+from threatbus.testing import free_port
 from threatbus_zmq import ZmqApp
 
 _spec = importlib.util.spec_from_file_location("threatbus_misp_fake", Path(__file__).with_name("fake_misp.py"))

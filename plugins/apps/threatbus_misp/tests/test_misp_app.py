@@ -14,6 +14,7 @@ import time
 from datetime import timedelta
 
 import pytest
+from testbus import running_bus
 from threatbus_misp import MispApp
 from threatbus_misp import settings as misp_settings
 from threatbus_misp.plugin import API_ERRORS, CONNECTED, IGNORED, SIGHTINGS_REFUSED, SNAPSHOT_INDICATORS, UNMAPPABLE
@@ -22,7 +23,7 @@ from threatbus.bus import Bus
 from threatbus.data import Indicator
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED
 from threatbus.stix import new_sighting
-from threatbus.testing import free_port, indicator, running_bus, wait_until
+from threatbus.testing import free_port, indicator, wait_until
 from threatbus_zmq import ZmqApp
 
 

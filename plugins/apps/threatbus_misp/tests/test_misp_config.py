@@ -7,13 +7,14 @@ import sys
 
 import pytest
 import yaml
+from testbus import running_bus
 from threatbus_misp import MispApp
 from threatbus_misp import settings as misp_settings
 from threatbus_misp.settings import FilterEntry, MispSettings, validators
 
 from threatbus.config import validate
 from threatbus.errors import ConfigError
-from threatbus.testing import running_bus, settings_from
+from threatbus.testing import settings_from
 
 API = {"host": "https://misp.example", "key": "secret-key-value"}
 ZMQ = {"host": "127.0.0.1", "port": 50000}

@@ -415,10 +415,10 @@ class MispApp:
 
     def _register_metrics(self, metrics: Metrics) -> None:
         c, feed = self.counters, self.feed_status
-        metrics.counter(APP_RECEIVED, "Messages apps gave this node", lambda: c.published, plugin=NAME)
-        metrics.counter(APP_REJECTED, "Input rejected as invalid", lambda: c.rejected, plugin=NAME)
-        metrics.counter(DELIVERED, "Messages handed to subscribers", lambda: c.sightings_sent, plugin=NAME)
-        metrics.counter(DROPPED, "Messages lost to full buffers", lambda: c.sightings_dropped, where="misp-sightings")
+        metrics.counter(APP_RECEIVED, lambda: c.published, plugin=NAME)
+        metrics.counter(APP_REJECTED, lambda: c.rejected, plugin=NAME)
+        metrics.counter(DELIVERED, lambda: c.sightings_sent, plugin=NAME)
+        metrics.counter(DROPPED, lambda: c.sightings_dropped, where="misp-sightings")
         link = "kafka" if self.settings.uses_kafka else "zmq"
         metrics.gauge(CONNECTED, "1 while MISP's feed or API answers", lambda: int(feed.connected), link=link)
         metrics.gauge(CONNECTED, "1 while MISP's feed or API answers", lambda: int(c.api_reachable), link="api")
