@@ -18,6 +18,9 @@ from prometheus_client.registry import Collector
 # The names every plugin uses for the same facts, so dashboards work across plugins.
 APP_RECEIVED = "threatbus_app_received"  # counter{plugin}: messages apps gave this node
 APP_REJECTED = "threatbus_app_rejected"  # counter{plugin}: input rejected as invalid
+EXPIRED_ON_ENTRY = "threatbus_expired_on_entry"  # counter{plugin}: indicators past valid_until when they came in
+EXPIRY_REMOVALS = "threatbus_expiry_removals"  # counter: removals handed to local subscribers at valid_until
+EXPIRY_SCHEDULED = "threatbus_expiry_scheduled"  # gauge: indicators waiting for their valid_until
 BACKBONE_PUBLISHED = "threatbus_backbone_published"  # counter{backbone}
 BACKBONE_CONSUMED = "threatbus_backbone_consumed"  # counter{backbone}
 BACKBONE_REJECTED = "threatbus_backbone_rejected"  # counter{backbone}: poison messages

@@ -12,7 +12,16 @@ import threatbus
 from threatbus.config import option, port
 from threatbus.data import MAX_MESSAGE_BYTES, Message, SnapshotRequest
 from threatbus.errors import PluginError
-from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, DROPPED, QUEUE_DEPTH, SUBSCRIBERS, Metrics
+from threatbus.metrics import (
+    APP_RECEIVED,
+    APP_REJECTED,
+    DELIVERED,
+    DROPPED,
+    EXPIRED_ON_ENTRY,
+    QUEUE_DEPTH,
+    SUBSCRIBERS,
+    Metrics,
+)
 from threatbus.node import Node
 from threatbus.worker import stop_workers
 from threatbus_zmq.manage import ManageWorker
@@ -164,6 +173,9 @@ class ZmqApp:
         )
         metrics.counter(
             APP_REJECTED, "Input rejected as invalid", lambda: manage.rejected, plugin=NAME, endpoint="manage"
+        )
+        metrics.counter(
+            EXPIRED_ON_ENTRY, "Indicators past valid_until on entry, dropped", lambda: receiver.expired, plugin=NAME
         )
         metrics.counter(DELIVERED, "Messages handed to subscribers", lambda: publisher.delivered, plugin=NAME)
         metrics.counter(DROPPED, "Messages lost to full buffers", subs.dropped, where=NAME, plugin=NAME)
