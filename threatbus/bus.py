@@ -13,11 +13,12 @@ import pluggy
 from threatbus import appspecs, backbonespecs, config, policy
 from threatbus.data import TOPIC_SNAPSHOT_ENVELOPE, TOPIC_SNAPSHOT_REQUEST, Message, SnapshotRequest
 from threatbus.errors import ConfigError, PluginError
-from threatbus.metrics import QUEUE_DEPTH, Metrics
+from threatbus.expiry import ExpirySchedule, ExpiryWorker
+from threatbus.metrics import EXPIRY_REMOVALS, EXPIRY_SCHEDULED, QUEUE_DEPTH, Metrics
 from threatbus.node import Node
 from threatbus.observability import ObservabilityServer
 from threatbus.plugins import APP_GROUP, BACKBONE_GROUP
-from threatbus.routing import Sink
+from threatbus.routing import RoutedBackbone, Sink
 from threatbus.snapshots import SnapshotRouter
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,13 @@ class Bus:
         self.metrics.gauge(
             QUEUE_DEPTH, "Messages waiting in a queue of the node", self.publish_queue.qsize, queue="publish"
         )
-        self.snapshots = SnapshotRouter(self.publish_queue, self._ask_apps)
+        self.expiry = ExpirySchedule()
+        self.expiry_worker: ExpiryWorker | None = None
+        self.metrics.gauge(EXPIRY_SCHEDULED, "Indicators waiting for their valid_until", lambda: len(self.expiry))
+        self.metrics.counter(
+            EXPIRY_REMOVALS, "Removals handed to local subscribers at valid_until", lambda: self.expiry.removals
+        )
+        self.snapshots = SnapshotRouter(self.publish_queue, self._ask_apps, self.expiry)
         self._started: list[tuple[pluggy.PluginManager, str]] = []
         self.http: ObservabilityServer | None = None
 
@@ -97,6 +104,7 @@ class Bus:
         self._start_http()
         try:
             for name, backbone in self.backbones.list_name_plugin():
+                self._attach_expiry(name, backbone)
                 self._call_one(
                     self.backbones,
                     backbone,
@@ -107,6 +115,8 @@ class Bus:
                     node=self.node,
                     metrics=self.metrics,
                 )
+            if self.expiry_worker is not None:
+                self.expiry_worker.start()
             self.snapshots.start()
             for topic in (TOPIC_SNAPSHOT_REQUEST, TOPIC_SNAPSHOT_ENVELOPE):
                 self.backbones.hook.subscribe(topic=topic, queue=self.snapshots.inbox)
@@ -161,12 +171,22 @@ class Bus:
         """Stop apps, then the core's workers, then the backbone; each on its own."""
         while self._started and self._started[-1][0] is self.apps:
             self._stop_one(*self._started.pop())
-        if self.snapshots.is_alive():
-            self.snapshots.stop()
-            self.snapshots.join(5)
+        for worker in (self.snapshots, self.expiry_worker):
+            if worker is not None and worker.is_alive():
+                worker.stop()
+                worker.join(5)
         while self._started:
             self._stop_one(*self._started.pop())
         self._stop_http()
+
+    def _attach_expiry(self, name: str, backbone: object) -> None:
+        # Expiry works on the router's local deliveries: every backbone built on
+        # RoutedBackbone gets it, and no message crosses the backbone for it.
+        if not isinstance(backbone, RoutedBackbone):
+            logger.warning("backbone '%s' has no TopicRouter: indicators are not removed at valid_until", name)
+            return
+        backbone.router.expiry = self.expiry
+        self.expiry_worker = ExpiryWorker(self.expiry, backbone.router.deliver_to)
 
     def _stop_one(self, manager: pluggy.PluginManager, name: str) -> None:
         plugin = manager.get_plugin(name)
