@@ -219,3 +219,14 @@ def test_snapshot_requester_gets_the_removal_of_what_the_snapshot_gave_it():
         removal = get_within(requester, timeout=5)
         assert isinstance(removal, Indicator) and removal.payload["x_threatbus_update"] == REMOVE
         assert removal.id == ind.id
+
+
+def test_a_revoked_version_reaches_apps_as_a_removal():
+    router = TopicRouter()  # also without an expiry schedule
+    sink = queue.Queue()
+    router.subscribe("stix2", sink)
+    ind = versioned(0, None)
+    router.route(versioned(1, None, ind, revoked=True))
+    delivered = sink.get_nowait()
+    assert delivered.payload["revoked"] is True
+    assert delivered.payload["x_threatbus_update"] == REMOVE

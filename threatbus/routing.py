@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import threatbus
 from threatbus.data import TOPICS, Indicator, Message
+from threatbus.lifecycle import as_removal
 from threatbus.metrics import Metrics
 from threatbus.policy import Filter, FilterStats
 from threatbus.ratelimit import RateLimitedLog
@@ -35,9 +36,11 @@ class TopicRouter:
     message once. ``route`` never blocks: a full subscriber queue loses the
     message, which is counted in ``dropped`` and logged.
 
-    With ``expiry`` set (the bus does it), every indicator handed over is
-    also taken into that schedule, which later hands the same subscribers
-    its removal through ``deliver_to``.
+    A revoked indicator is handed over with ``x_threatbus_update: REMOVE``
+    added, so that every removal apps get says so. With ``expiry`` set (the
+    bus does it), every indicator handed over is also taken into that
+    schedule, which later hands the same subscribers its removal through
+    ``deliver_to``.
     """
 
     def __init__(self) -> None:
@@ -94,8 +97,12 @@ class TopicRouter:
     def route(self, message: Message) -> int:
         """Hand ``message`` to every subscriber of its topic; returns how many got it."""
         targets = self._targets.get(message.topic, ())
-        if self.expiry is not None and type(message) is Indicator:
-            return self.expiry.route(self._hand, message, targets)
+        if type(message) is Indicator:
+            if message.payload.get("revoked") is True:
+                # Apps written for the original drop an indicator on REMOVE only.
+                message = Indicator(as_removal(message.payload))
+            if self.expiry is not None:
+                return self.expiry.route(self._hand, message, targets)
         return self._hand(message, targets)
 
     def deliver_to(self, message: Message, sinks: tuple[Sink, ...]) -> int:
