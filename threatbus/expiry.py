@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from threatbus.data import Indicator, Message
-from threatbus.lifecycle import as_removal, is_removal, parse_timestamp, version_of
+from threatbus.lifecycle import as_removal, epoch_of, is_removal
+from threatbus.ratelimit import RateLimitedLog
 from threatbus.worker import POLL_INTERVAL, StoppableWorker
 
 if TYPE_CHECKING:
@@ -42,15 +43,22 @@ BATCH = 1000
 Deliver = Callable[[Indicator, "tuple[Sink, ...]"], int]
 
 
+def _version_text(stamp: str | None) -> float:
+    """A version (``lifecycle.version_of``: modified, else created) as epoch seconds; -inf without one."""
+    return epoch_of(stamp) if stamp is not None else float("-inf")
+
+
 class _Entry:
     """One scheduled indicator: when it expires, which version, who got it."""
 
     __slots__ = ("indicator_id", "raw", "sinks", "version", "when")
 
-    def __init__(self, indicator_id: str, when: float, version: float, raw: bytes, sinks: tuple[Sink, ...]) -> None:
+    def __init__(
+        self, indicator_id: str, when: float, version: str | None, raw: bytes, sinks: tuple[Sink, ...]
+    ) -> None:
         self.indicator_id = indicator_id
         self.when = when
-        self.version = version
+        self.version = version  # the text of modified (created): parsed only when another version comes
         self.raw = raw  # the JSON text: a third of the memory of the parsed payload
         self.sinks = sinks  # usually the router's own targets tuple, shared by many entries
 
@@ -73,6 +81,8 @@ class ExpirySchedule:
         self.cancelled = 0
         self.expired = 0  # indicators whose valid_until passed here
         self.removals = 0  # removals handed to subscribers (an expired indicator, once per subscriber)
+        self.unparsable = 0  # indicators whose timestamps could not be read: delivered, never expired
+        self._log_unparsable = RateLimitedLog(logger)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -112,26 +122,52 @@ class ExpirySchedule:
         removal = is_removal(payload)
         if current is None and (until is None or removal):
             return
-        version = version_of(payload).timestamp()
+        try:
+            self._take(indicator_id, payload, current, until, removal, message, sinks)
+        except (TypeError, ValueError) as err:
+            # Intel from another node is not validated again: a bad timestamp
+            # there costs this indicator its expiry, never the routing thread.
+            self.unparsable += 1
+            self._log_unparsable("no expiry for %s: %s", indicator_id, err)
+
+    def _take(
+        self,
+        indicator_id: str,
+        payload: dict[str, Any],
+        current: _Entry | None,
+        until: Any,
+        removal: bool,
+        message: Indicator,
+        sinks: tuple[Sink, ...],
+    ) -> None:
+        stamp = payload.get("modified") or payload.get("created")
+        stamp = stamp if isinstance(stamp, str) else None
         if current is not None:
-            if version < current.version:
+            # Most repeats are the same text: compare times only when it differs.
+            version, current_version = (
+                (0.0, 0.0) if stamp == current.version else (_version_text(stamp), _version_text(current.version))
+            )
+            if version < current_version:
                 return  # an older version: the newer one's schedule stands
-            if version == current.version and not removal:
+            if version == current_version and not removal:
                 # The same version again (redelivery, a snapshot): more subscribers hold it.
                 if sinks is not current.sinks:
                     current.sinks = current.sinks + tuple(s for s in sinks if s not in current.sinks)
                 return
-            del entries[indicator_id]
+            del self._entries[indicator_id]
             self.cancelled += 1
         if until is None or removal or not sinks:
             return
-        entry = _Entry(indicator_id, parse_timestamp(until).timestamp(), version, message.encode(), sinks)
-        entries[indicator_id] = entry
+        stamp = payload.get("modified") or payload.get("created")
+        entry = _Entry(
+            indicator_id, epoch_of(until), stamp if isinstance(stamp, str) else None, message.encode(), sinks
+        )
+        self._entries[indicator_id] = entry
         heapq.heappush(self._heap, (entry.when, next(self._sequence), entry))
         self.scheduled += 1
         if self._heap[0][2] is entry:
             self.wake.set()
-        if len(self._heap) > 2 * len(entries) + 1024:
+        if len(self._heap) > 2 * len(self._entries) + 1024:
             self._compact()
 
     def _compact(self) -> None:
