@@ -230,3 +230,18 @@ def test_a_revoked_version_reaches_apps_as_a_removal():
     delivered = sink.get_nowait()
     assert delivered.payload["revoked"] is True
     assert delivered.payload["x_threatbus_update"] == REMOVE
+
+
+def test_garbage_timestamps_from_another_node_cost_only_the_expiry(caplog):
+    router, schedule = router_with_expiry()
+    sink = queue.Queue()
+    router.subscribe("stix2/indicator", sink)
+    good = versioned(0, 10)
+    router.route(good)
+    for bad in ("tomorrow", 42, "2026-11-30T99:00:00Z"):
+        router.route(Indicator({**versioned(0, None).payload, "valid_until": bad}))
+    router.route(Indicator({**good.payload, "modified": "soon"}))  # a version that cannot be ordered
+    assert sink.qsize() == 5  # all delivered anyway
+    assert schedule.unparsable == 4
+    assert "no expiry for indicator--" in caplog.text
+    assert schedule.fire(epoch(10), router.deliver_to) == 1
