@@ -202,6 +202,13 @@ class ExpirySchedule:
         return fired
 
 
+def hand_to(removal: Indicator, sinks: tuple[Sink, ...]) -> int:
+    """``deliver`` for an app's own schedule: put the removal into each of ``sinks``."""
+    for sink in sinks:
+        sink.put_nowait(removal)
+    return len(sinks)
+
+
 class ExpiryWorker(StoppableWorker):
     """Fires the schedule: each indicator's removal within a fraction of a second of ``valid_until``."""
 

@@ -18,6 +18,7 @@ import threatbus
 from threatbus.config import choice, option
 from threatbus.data import TOPIC_INDICATOR, Indicator, Message, SnapshotEnvelope, SnapshotRequest, SnapshotType
 from threatbus.errors import PluginError
+from threatbus.expiry import ExpirySchedule, ExpiryWorker, hand_to
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, Metrics
 from threatbus.node import Node
 from threatbus.stix import InvalidIntel, new_sighting, timestamp, validate
@@ -64,6 +65,8 @@ class Counters:
         self.dataset_commands = 0
         self.socket_errors = 0
         self.write_errors = 0
+        # Changes since Suricata last took the files: the counts of a reconciliation.
+        self.unsynced = {"added": 0, "updated": 0, "removed": 0}
 
 
 class DetectionWorker(StoppableWorker):
@@ -120,6 +123,10 @@ class DetectionWorker(StoppableWorker):
             logger.info("indicator %s not mapped to Suricata: %s", message.id, err)
             return
         logger.debug("indicator %s: %s", message.id, outcome)
+        if outcome in app.counters.unsynced:
+            app.counters.unsynced[outcome] += 1
+        if message.id in app.expiry:  # held since before a restart: a newer version moves its expiry
+            app.expiry.observe(message, (self.inbox,))
         if outcome in ("added", "updated", "removed", "unchanged") and self.next_flush is None:
             self.next_flush = time.monotonic() + app.reload_interval
 
@@ -170,6 +177,9 @@ class SuricataApp:
         self.dataset_command_limit = 1000
         self.own_snapshot_ids: set[str] = set()
         self.reload_pending = False
+        self.out_of_step = False  # Suricata missed changes (unreachable): say so when it has them
+        # Expiry of what the rules file held at start; the bus schedules what it delivers from then on.
+        self.expiry = ExpirySchedule()
 
     # ---- hooks --------------------------------------------------------
 
@@ -293,8 +303,10 @@ class SuricataApp:
             raise PluginError(f"{PREFIX}.rules_file: {err}") from None
         self.socket = SuricataSocket(str(config["socket"]), timeout=float(config["socket_timeout"]))
         self._register_metrics(metrics)
+        self._expire_held()
 
         self.workers.append(DetectionWorker(self, self.inbox))
+        self.workers.append(ExpiryWorker(self.expiry, hand_to))
         eve = config.get("eve") or ""
         if eve:
             follower = LogFollower(eve, from_start=bool(config["eve_from_start"]))
@@ -317,6 +329,15 @@ class SuricataApp:
             eve or "not followed",
         )
 
+    def _expire_held(self) -> None:
+        """Drop what expired while the node was down; schedule the expiry of the rest."""
+        assert self.store is not None
+        removed = self.store.drop_expired()
+        if removed:
+            logger.info("reconciled: 0 added, %d removed (expired while the node was down)", removed)
+        for payload in self.store.expiring():
+            self.expiry.observe(Indicator(payload), (self.inbox,))
+
     @threatbus.app
     def stop(self) -> None:
         if self.unsubscribe is not None:
@@ -338,9 +359,10 @@ class SuricataApp:
             or snapshot_request.snapshot_id in self.own_snapshot_ids
         ):
             return
-        since = timestamp(datetime.now(timezone.utc) - snapshot_request.snapshot)
+        now = datetime.now(timezone.utc)
+        since = timestamp(now - snapshot_request.snapshot)
         answered = 0
-        for modified, payload in self.store.payloads():
+        for modified, payload in self.store.payloads(now):  # active intel only
             if modified >= since:
                 result_queue.put(SnapshotEnvelope.wrap(snapshot_request, Indicator(payload)))
                 answered += 1
@@ -381,7 +403,20 @@ class SuricataApp:
                 logger.warning("%s; the files are written, reloading once Suricata is reachable", err)
             # The files are current: a reload later brings Suricata up to date.
             self.reload_pending = True
+            self.out_of_step = True
             return False
+        unsynced = self.counters.unsynced
+        if self.out_of_step:
+            logger.info(
+                "reconciled Suricata: %d added, %d replaced, %d removed while it was unreachable (%d detections)",
+                unsynced["added"],
+                unsynced["updated"],
+                unsynced["removed"],
+                len(store),
+            )
+            self.out_of_step = False
+        for outcome in unsynced:
+            unsynced[outcome] = 0
         return True
 
     def _dataset_commands(self, ops: list[tuple[str, Any]]) -> None:
