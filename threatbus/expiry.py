@@ -20,6 +20,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import logging
+import queue
 import threading
 import time
 from collections.abc import Callable
@@ -204,9 +205,14 @@ class ExpirySchedule:
 
 def hand_to(removal: Indicator, sinks: tuple[Sink, ...]) -> int:
     """``deliver`` for an app's own schedule: put the removal into each of ``sinks``."""
+    handed = 0
     for sink in sinks:
-        sink.put_nowait(removal)
-    return len(sinks)
+        try:
+            sink.put_nowait(removal)
+            handed += 1
+        except queue.Full:
+            logger.warning("queue full: lost the expiry of %s", removal.id)
+    return handed
 
 
 class ExpiryWorker(StoppableWorker):

@@ -8,7 +8,9 @@ bus. The Zeek side is ``scripts/threatbus.zeek`` in this package.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
+import os
 import queue
 import re
 import ssl
@@ -27,10 +29,12 @@ from threatbus import stix
 from threatbus.config import option, port
 from threatbus.data import TOPIC_INDICATOR, Indicator, Message, SnapshotEnvelope, SnapshotRequest, describe
 from threatbus.errors import DecodeError, PluginError
+from threatbus.expiry import ExpirySchedule, ExpiryWorker, hand_to
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, QUEUE_DEPTH, SUBSCRIBERS, Metrics
 from threatbus.worker import Backoff, StoppableWorker, stop_workers
 from threatbus_zeek import broker
-from threatbus_zeek.mapping import InvalidMatch, Unsupported, sighting_from_match, to_zeek_intel
+from threatbus_zeek.mapping import InvalidMatch, Unsupported, ZeekIntel, sighting_from_match
+from threatbus_zeek.state import ZeekIntelState
 
 logger = logging.getLogger(__name__)
 
@@ -52,8 +56,15 @@ ANONYMOUS_CIPHERS = "AECDH-AES256-SHA"
 POLL = 0.05
 # Messages sent in a row before the sender lets the reader run.
 BATCH = 512
+# Least seconds between two writes of the state file.
+SAVE_INTERVAL = 1.0
 
 _NAMESPACE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(::[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def _writable_dir(path: str) -> bool:
+    parent = os.path.dirname(os.path.abspath(path))
+    return os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)
 
 
 def script_path() -> Path:
@@ -74,6 +85,7 @@ class ZeekSettings:
     key_file: str = ""
     skip_verify: bool = False
     anonymous: bool = False
+    state_file: str = ""
 
     @classmethod
     def from_config(cls, config: Any) -> ZeekSettings:
@@ -91,6 +103,7 @@ class ZeekSettings:
             key_file=tls.get("key_file") or "",
             skip_verify=bool(tls.get("skip_verify", False)),
             anonymous=bool(tls.get("anonymous", False)),
+            state_file=config.get("state_file") or "",
         )
 
     @property
@@ -183,6 +196,9 @@ class ZeekLink(StoppableWorker):
         publish_queue: queue.Queue[Message],
         subscribe: Callable[..., list[str]],
         stats: ZeekStats,
+        state: ZeekIntelState | None = None,
+        expiry: ExpirySchedule | None = None,
+        stale: list[ZeekIntel] | None = None,
     ) -> None:
         super().__init__(name="zeek-link")
         self.settings = settings
@@ -191,11 +207,19 @@ class ZeekLink(StoppableWorker):
         self.subscribe = subscribe
         self.stats = stats
         self.ssl_context = settings.ssl_context()
-        self._pending: str | None = None
+        # Encoded events not yet sent: a failed send is retried first after the next connect.
+        self._pending: collections.deque[str] = collections.deque()
         self._backoff = Backoff(initial=0.5, maximum=30.0)
+        self.state = state or ZeekIntelState()
+        self.expiry = expiry or ExpirySchedule()
+        self._stale = list(stale or [])  # items Zeek may hold that are gone (expired while the node was down)
+        self._saved = 0.0
 
     def run(self) -> None:
-        asyncio.run(self._main())
+        try:
+            asyncio.run(self._main())
+        finally:
+            self._save(force=True)
 
     # ---- connection ----------------------------------------------------
 
@@ -271,6 +295,7 @@ class ZeekLink(StoppableWorker):
         if self.settings.snapshot > timedelta(0):
             # Zeek keeps its intel only in memory: ask the bus for the recent intel on every (re)connect.
             self.subscribe(TOPIC_INDICATOR, self.intel_queue, snapshot=self.settings.snapshot)
+        self._reconcile()
         tasks = [
             asyncio.create_task(self._send_intel(connection), name="zeek-send"),
             asyncio.create_task(self._read_zeek(connection), name="zeek-read"),
@@ -287,50 +312,93 @@ class ZeekLink(StoppableWorker):
 
     # ---- Threat Bus -> Zeek --------------------------------------------
 
+    def _reconcile(self) -> None:
+        """Bring a (re)connected Zeek to the current intel: what went meanwhile out, everything held in.
+
+        Zeek may have restarted (its intel lives in memory) or kept its
+        items; inserting a held item again is harmless, so all are sent.
+        """
+        removals: dict[tuple[str, str, str], ZeekIntel] = {}
+        for item in self._stale:
+            removals[(item.indicator, item.intel_type, item.source)] = item
+        self._stale = []
+        while True:  # what arrived while Zeek was away
+            try:
+                message = self.intel_queue.get_nowait()
+            except queue.Empty:
+                break
+            for item in self._apply(message):
+                if item.remove:
+                    removals[(item.indicator, item.intel_type, item.source)] = item
+        held = self.state.items()
+        kept = {(item.indicator, item.intel_type, item.source) for item in held}
+        removed = [item for key, item in removals.items() if key not in kept]
+        self._pending.extend(self._event(item) for item in (*removed, *held))
+        logger.info("reconciled Zeek: %d added, %d removed", len(held), len(removed))
+
     async def _send_intel(self, connection: ClientConnection) -> None:
         while True:
             for _ in range(BATCH):
-                if self._pending is None:
+                if not self._pending:
                     try:
                         message = self.intel_queue.get_nowait()
                     except queue.Empty:
                         break
-                    self._pending = self._encode(message)
-                    if self._pending is None:
-                        continue
-                await connection.send(self._pending)
-                self._pending = None
+                    self._pending.extend(self._event(item) for item in self._apply(message))
+                    continue
+                await connection.send(self._pending[0])
+                self._pending.popleft()
                 self.stats.sent += 1
             else:
                 await asyncio.sleep(0)  # a full batch went out: let the reader run, then go on
                 continue
+            self._save()
             await asyncio.sleep(POLL)  # the queue is empty: look again soon
 
-    def _encode(self, message: Message) -> str | None:
-        """The data message to send to Zeek for ``message``, or None to skip it."""
+    def _apply(self, message: Message) -> list[ZeekIntel]:
+        """The Zeek items to remove and add for ``message`` (``state.ZeekIntelState``)."""
         if isinstance(message, SnapshotEnvelope):
             message = message.stix
         if not isinstance(message, Indicator):
-            return None
+            return []
         try:
-            intel = to_zeek_intel(message)
+            items = self.state.apply(message)
         except Unsupported as err:
             self.stats.skipped += 1
             logger.debug("skipping indicator %s for Zeek: %s", message.id, err)
-            return None
+            return []
         except Exception:
             # A bug must cost this one indicator, not the connection.
             self.stats.skipped += 1
             logger.exception("cannot map indicator %s for Zeek; skipped", message.id)
-            return None
-        logger.debug(
-            "%s Zeek intel %s %s (%s)",
-            "removing" if intel.remove else "adding",
-            intel.intel_type,
-            intel.indicator,
-            intel.source,
-        )
-        return broker.encode(broker.data_message(INTEL_TOPIC, intel.event(self.settings.module_namespace)))
+            return []
+        if message.id in self.expiry:  # held since before a restart: a newer version moves its expiry
+            self.expiry.observe(message, (self.intel_queue,))
+        for item in items:
+            logger.debug(
+                "%s Zeek intel %s %s (%s)",
+                "removing" if item.remove else "adding",
+                item.intel_type,
+                item.indicator,
+                item.source,
+            )
+        return items
+
+    def _event(self, item: ZeekIntel) -> str:
+        return broker.encode(broker.data_message(INTEL_TOPIC, item.event(self.settings.module_namespace)))
+
+    def _save(self, force: bool = False) -> None:
+        """Write the state file (if configured) when it changed, at most every SAVE_INTERVAL."""
+        if not self.settings.state_file or not self.state.dirty:
+            return
+        now = time.monotonic()
+        if not force and now - self._saved < SAVE_INTERVAL:
+            return
+        self._saved = now
+        try:
+            self.state.save(Path(self.settings.state_file))
+        except OSError as err:
+            logger.warning("cannot write the Zeek state file %s: %s; retrying", self.settings.state_file, err)
 
     # ---- Zeek -> Threat Bus --------------------------------------------
 
@@ -380,6 +448,7 @@ class ZeekApp:
         self.stats = ZeekStats()
         self.intel_queue: queue.Queue[Message] | None = None
         self.link: ZeekLink | None = None
+        self.expiry_worker: ExpiryWorker | None = None
         self._unsubscribe: Callable[..., None] | None = None
 
     @threatbus.app
@@ -414,6 +483,13 @@ class ZeekApp:
             option(f"{PREFIX}.tls.key_file", str, default=""),
             option(f"{PREFIX}.tls.skip_verify", bool, default=False),
             option(f"{PREFIX}.tls.anonymous", bool, default=False),
+            option(
+                f"{PREFIX}.state_file",
+                str,
+                default="",
+                check=lambda path: path == "" or _writable_dir(path),
+                expected="'' (keep the state in memory) or a file path in an existing, writable directory",
+            ),
         ]
 
     @threatbus.app
@@ -428,12 +504,40 @@ class ZeekApp:
         settings = ZeekSettings.from_config(config)
         self.intel_queue = queue.Queue(maxsize=settings.queue_size)
         self._register_metrics(metrics, self.intel_queue)
-        self.link = ZeekLink(settings, self.intel_queue, publish_queue, subscribe, self.stats)
+        state, expiry, stale = self._restore(settings, self.intel_queue)
+        self.link = ZeekLink(settings, self.intel_queue, publish_queue, subscribe, self.stats, state, expiry, stale)
+        self.expiry_worker = ExpiryWorker(expiry, hand_to)
         # Subscribe before connecting: intel arriving while Zeek is away waits in the queue.
         subscribe(TOPIC_INDICATOR, self.intel_queue)
         self._unsubscribe = unsubscribe
         self.link.start()
+        self.expiry_worker.start()
         logger.info("Zeek app started: connecting to %s, Zeek module %s", settings.uri, settings.module_namespace)
+
+    @staticmethod
+    def _restore(
+        settings: ZeekSettings, intel_queue: queue.Queue[Message]
+    ) -> tuple[ZeekIntelState, ExpirySchedule, list[ZeekIntel]]:
+        """The state a previous run left (``state_file``), what expired since, and the expiry of the rest."""
+        state, expiry = ZeekIntelState(), ExpirySchedule()
+        if not settings.state_file:
+            return state, expiry, []
+        try:
+            loaded = state.load(Path(settings.state_file))
+        except OSError as err:
+            raise PluginError(f"{PREFIX}.state_file: cannot read {settings.state_file}: {err}") from err
+        stale = state.drop_expired()
+        for payload in state.payloads():
+            if "valid_until" in payload:
+                expiry.observe(Indicator(payload), (intel_queue,))
+        if loaded:
+            logger.info(
+                "Zeek state from %s: %d indicators, %d of them expired while the node was down",
+                settings.state_file,
+                loaded,
+                len(stale),
+            )
+        return state, expiry, stale
 
     def _register_metrics(self, metrics: Metrics, intel_queue: queue.Queue[Message]) -> None:
         stats = self.stats
@@ -450,8 +554,9 @@ class ZeekApp:
 
     @threatbus.app
     def stop(self) -> None:
-        if self.link is not None:
-            stop_workers([self.link])
+        workers = [w for w in (self.expiry_worker, self.link) if w is not None]
+        if workers:
+            stop_workers(workers)
         if self._unsubscribe is not None and self.intel_queue is not None:
             self._unsubscribe(TOPIC_INDICATOR, self.intel_queue)
             self._unsubscribe = None
