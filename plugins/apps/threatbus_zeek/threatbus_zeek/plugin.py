@@ -62,6 +62,10 @@ SAVE_INTERVAL = 1.0
 _NAMESPACE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(::[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
+def _key(item: ZeekIntel) -> tuple[str, str, str]:
+    return (item.indicator, item.intel_type, item.source)
+
+
 def _writable_dir(path: str) -> bool:
     parent = os.path.dirname(os.path.abspath(path))
     return os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)
@@ -316,25 +320,25 @@ class ZeekLink(StoppableWorker):
         """Bring a (re)connected Zeek to the current intel: what went meanwhile out, everything held in.
 
         Zeek may have restarted (its intel lives in memory) or kept its
-        items; inserting a held item again is harmless, so all are sent.
+        items; inserting a held item again is harmless, so all are sent:
+        first the removals of what expired while the node was down, then the
+        items held before, then what arrived while Zeek was away, in order.
         """
-        removals: dict[tuple[str, str, str], ZeekIntel] = {}
-        for item in self._stale:
-            removals[(item.indicator, item.intel_type, item.source)] = item
-        self._stale = []
-        while True:  # what arrived while Zeek was away
+        before = self.state.items()
+        drained: list[ZeekIntel] = []
+        while True:
             try:
                 message = self.intel_queue.get_nowait()
             except queue.Empty:
                 break
-            for item in self._apply(message):
-                if item.remove:
-                    removals[(item.indicator, item.intel_type, item.source)] = item
-        held = self.state.items()
-        kept = {(item.indicator, item.intel_type, item.source) for item in held}
-        removed = [item for key, item in removals.items() if key not in kept]
-        self._pending.extend(self._event(item) for item in (*removed, *held))
-        logger.info("reconciled Zeek: %d added, %d removed", len(held), len(removed))
+            drained.extend(self._apply(message))
+        held = {_key(item) for item in self.state.items()}
+        resent = [item for item in before if _key(item) in held]
+        events = [*self._stale, *resent, *drained]
+        self._stale = []
+        self._pending.extend(self._event(item) for item in events)
+        removed = sum(1 for item in events if item.remove)
+        logger.info("reconciled Zeek: %d added, %d removed", len(events) - removed, removed)
 
     async def _send_intel(self, connection: ClientConnection) -> None:
         while True:
