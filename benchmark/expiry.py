@@ -4,11 +4,11 @@ Three measurements on the core pieces a node runs (``TopicRouter`` with an
 ``ExpirySchedule``, one ``ExpiryWorker``), one subscriber:
 
 - *schedule*: ``count`` indicators with ``valid_until`` spread over
-  ``spread_s`` (an hour in the full run) are routed; the extra time per
+  ``spread_s`` (an hour in the full run) are routed; the extra CPU time per
   indicator over routing without expiry, and the memory the schedule keeps
   per indicator once the messages themselves are gone (tracemalloc).
 - *fire*: the same schedule fired in one go (the clock jumps past the
-  hour): removals handed to the subscriber per second.
+  hour): removals handed to the subscriber per second of CPU time.
 - *lateness*: ``lateness_count`` indicators expiring over ``lateness_s`` of
   real time; for each removal, when it reached the subscriber minus its
   ``valid_until``. An hour of wall clock is too long for a benchmark, so
@@ -101,10 +101,10 @@ def _route_all(router: TopicRouter, raws: list[tuple[bytes, float]]) -> float:
     it, and the memory measurement must see it.
     """
     messages = [decode(bytes(memoryview(raw))) for raw, _ in raws]
-    started = time.perf_counter()
+    started = time.process_time()  # CPU time: wall time on a busy 2-core machine says more about the load
     for message in messages:
         router.route(message)
-    return time.perf_counter() - started
+    return time.process_time() - started
 
 
 def _router(sink: Any, expiry: bool) -> TopicRouter:
@@ -136,14 +136,14 @@ def schedule_and_fire(profile: ExpiryProfile) -> dict[str, Any]:
         raise RuntimeError(f"scheduled {len(schedule)} of {profile.count} indicators")
 
     delivered_before = sink.count
-    started = time.perf_counter()
+    started = time.process_time()
     fired = 0
     while True:
         batch = schedule.fire(start + profile.spread_s + 1, router.deliver_to)
         if not batch:
             break
         fired += batch
-    fire_s = time.perf_counter() - started
+    fire_s = time.process_time() - started
     removals = sink.count - delivered_before
     raw_bytes = sum(len(raw) for raw, _ in raws) / len(raws)
     return {
