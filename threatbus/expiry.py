@@ -159,10 +159,7 @@ class ExpirySchedule:
             self.cancelled += 1
         if until is None or removal or not sinks:
             return
-        stamp = payload.get("modified") or payload.get("created")
-        entry = _Entry(
-            indicator_id, epoch_of(until), stamp if isinstance(stamp, str) else None, message.encode(), sinks
-        )
+        entry = _Entry(indicator_id, epoch_of(until), stamp, message.encode(), sinks)
         self._entries[indicator_id] = entry
         heapq.heappush(self._heap, (entry.when, next(self._sequence), entry))
         self.scheduled += 1
