@@ -141,7 +141,14 @@ def test_epoch_of_agrees_with_parse_timestamp(text: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["2026-11-30", "2026-11-30T12:00:00", "2026-11-30T12:00:00.Z", "2026-11-30T25:00:00Z", "2026-13-30T12:00:00Z", "2026-11-30T1a:00:00Z"],
+    [
+        "2026-11-30",
+        "2026-11-30T12:00:00",
+        "2026-11-30T12:00:00.Z",
+        "2026-11-30T25:00:00Z",
+        "2026-13-30T12:00:00Z",
+        "2026-11-30T1a:00:00Z",
+    ],
 )
 def test_epoch_of_refuses_other_text(text: str) -> None:
     with pytest.raises(ValueError):
