@@ -13,6 +13,7 @@ from threatbus.lifecycle import (
     epoch_of,
     expires_at,
     is_active,
+    is_older,
     is_removal,
     parse_timestamp,
 )
@@ -153,3 +154,11 @@ def test_epoch_of_agrees_with_parse_timestamp(text: str) -> None:
 def test_epoch_of_refuses_other_text(text: str) -> None:
     with pytest.raises(ValueError):
         epoch_of(text)
+
+
+def test_is_older_compares_times_and_puts_missing_stamps_first() -> None:
+    assert is_older("2026-11-30T10:00:00Z", "2026-11-30T10:00:00.500Z")
+    assert not is_older("2026-11-30T10:00:00.500Z", "2026-11-30T10:00:00Z")
+    assert not is_older("2026-11-30T10:00:00Z", "2026-11-30T10:00:00.000Z")
+    assert is_older("", "2026-11-30T10:00:00Z") and not is_older("2026-11-30T10:00:00Z", "")
+    assert is_older("garbage-a", "garbage-b")  # held from before validation: as text

@@ -80,6 +80,21 @@ def version_of(payload: dict[str, Any]) -> datetime:
     return parse_timestamp(stamp) if isinstance(stamp, str) else datetime.min.replace(tzinfo=timezone.utc)
 
 
+def is_older(version: str, than: str) -> bool:
+    """True when the version stamped ``version`` (``modified``/``created`` text) is older than ``than``.
+
+    For apps that keep the stamp of what they hold: compared as times, a
+    missing stamp ("") is the oldest, and text that is not a STIX timestamp
+    (held from before validation) is compared as text.
+    """
+    if not version or not than:
+        return not version and bool(than)
+    try:
+        return parse_timestamp(version) < parse_timestamp(than)
+    except ValueError:
+        return version < than
+
+
 def is_revoked(payload: dict[str, Any]) -> bool:
     return payload.get("revoked") is True
 

@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from threatbus.data import DecodeError, Indicator, from_payload
-from threatbus.lifecycle import is_active, is_removal, parse_timestamp
+from threatbus.lifecycle import is_active, is_older, is_removal
 from threatbus_suricata.mapping import (
     DATASET,
     RESERVED_SIDS,
@@ -83,16 +83,6 @@ class Entry:
         if self.rev > 1:
             record["rev"] = self.rev
         return record
-
-
-def _older(modified: str, than: str) -> bool:
-    """True when version ``modified`` is older than ``than`` (``lifecycle``: times, not text)."""
-    if not modified or not than:
-        return not modified and bool(than)
-    try:
-        return parse_timestamp(modified) < parse_timestamp(than)
-    except ValueError:  # held from before validation was this strict: compare the text
-        return modified < than
 
 
 _DETECTION_FIELDS = tuple(f.name for f in fields(Detection))
@@ -175,7 +165,7 @@ class DetectionStore:
                 old = self.entries.get(indicator.id)
                 if old is None:
                     return "unknown"
-                if _older(modified, old.modified):
+                if is_older(modified, old.modified):
                     return "stale"  # the removal of a version a newer one replaced
                 self._remove(old)
                 return "removed"
@@ -183,7 +173,7 @@ class DetectionStore:
         with self._lock:
             old = self.entries.get(indicator.id)
             if old is not None:
-                if _older(modified, old.modified):
+                if is_older(modified, old.modified):
                     return "stale"
                 if old.detection == detection:
                     if modified != old.modified or old.payload != indicator.payload:

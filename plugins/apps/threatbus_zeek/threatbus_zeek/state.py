@@ -25,7 +25,7 @@ from typing import Any
 import orjson
 
 from threatbus.data import DecodeError, Indicator, from_payload
-from threatbus.lifecycle import is_active, is_removal, parse_timestamp
+from threatbus.lifecycle import is_active, is_older, is_removal
 from threatbus_zeek.mapping import Unsupported, ZeekIntel, to_zeek_intel
 
 logger = logging.getLogger(__name__)
@@ -36,15 +36,6 @@ class Held:
     version: str  # modified (or created) of the version held
     item: ZeekIntel
     payload: dict[str, Any]
-
-
-def _older(version: str, than: str) -> bool:
-    if not version or not than:
-        return not version and bool(than)
-    try:
-        return parse_timestamp(version) < parse_timestamp(than)
-    except ValueError:
-        return version < than
 
 
 class ZeekIntelState:
@@ -69,7 +60,7 @@ class ZeekIntelState:
         payload = indicator.payload
         version = indicator.modified or ""
         held = self.held.get(indicator.id)
-        if held is not None and _older(version, held.version):
+        if held is not None and is_older(version, held.version):
             return []  # stale
         if is_removal(payload):
             if held is None:
