@@ -29,6 +29,7 @@ import yaml
 if not __package__:  # run as a script (python benchmark/run.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmark.expiry import expiry_scenario
 from benchmark.nodes import Broker, broker_missing, loadavg, machine_busy, plugin_missing, stop_nodes
 from benchmark.policy import policy_scenario
 from benchmark.scenarios import (
@@ -46,7 +47,7 @@ from benchmark.stats import ratio
 logger = logging.getLogger("benchmark")
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = ("inmem", "ceiling", "rabbitmq", "fanout", "policy")
+SCENARIOS = ("inmem", "ceiling", "rabbitmq", "fanout", "policy", "expiry")
 
 TARGET_INMEM_MSGS_PER_S = 10_000
 TARGET_CEILING_RATIO = 0.5
@@ -300,6 +301,8 @@ class Runner:
             again = self.attempt("ceiling-after", lambda: self.ceiling(again=True))
             if again:
                 self.scenarios["ceiling"]["matched_after"] = self.scenarios.pop("ceiling-after")["matched"]
+        if "expiry" in self.selected:
+            self.attempt("expiry", lambda: expiry_scenario(self.profile.name))
         memory = {k: v.pop("memory") for k, v in self.scenarios.items() if isinstance(v, dict) and "memory" in v}
         if memory:
             self.scenarios["memory"] = memory
@@ -432,6 +435,19 @@ def summary(result: dict[str, Any]) -> str:
                 f"  memory {backbone:<8} {node}: {data.get('rss_start_kb')} -> {data.get('rss_end_kb')} KiB over "
                 f"{data.get('messages')} msgs (flat: {data.get('flat')})"
             )
+    expiry = scenarios.get("expiry")
+    if expiry:
+        sched, late = expiry["schedule"], expiry["lateness"]
+        lines.append(
+            f"  expiry   {sched['indicators']} indicators over {sched['valid_until_spread_s']:.0f}s: "
+            f"{sched['memory_bytes_per_scheduled_indicator']} B each ({sched['of_which_indicator_json_bytes']} B JSON), "
+            f"+{sched['schedule_overhead_us_per_indicator']} µs routing each, {sched['removals_per_s']} removals/s"
+        )
+        lines.append(
+            f"  {'':<9}{late['indicators']} expiring over {late['valid_until_spread_s']:.0f}s: late p50 "
+            f"{late['late_p50_ms']} ms, p99 {late['late_p99_ms']} ms, max {late['late_max_ms']} ms, "
+            f"received {late['removals_received']}, early {late['early']}"
+        )
     for row in result["targets"]:
         verdict = {True: "MET", False: "MISSED", None: "not measured"}[row["met"]]
         lines.append(f"  target {row['name']}: {row['measured']} ({row['target']}) {verdict}")

@@ -10,8 +10,10 @@ from threatbus.lifecycle import (
     Change,
     IntelState,
     as_removal,
+    epoch_of,
     expires_at,
     is_active,
+    is_older,
     is_removal,
     parse_timestamp,
 )
@@ -122,3 +124,41 @@ def test_expired_indicators_are_not_active_and_pruned() -> None:
     assert list(state.active(NOW)) == [other]
     assert state.prune(NOW) == 1
     assert len(state) == 1 and ID not in state
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-30T12:00:00Z",
+        "2026-11-30T12:00:00.5Z",
+        "2026-11-30T12:00:00.123456789Z",
+        "2016-12-31T23:59:60Z",
+        "1999-02-28T23:59:59.999999Z",
+    ],
+)
+def test_epoch_of_agrees_with_parse_timestamp(text: str) -> None:
+    assert epoch_of(text) == parse_timestamp(text).timestamp()
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2026-11-30",
+        "2026-11-30T12:00:00",
+        "2026-11-30T12:00:00.Z",
+        "2026-11-30T25:00:00Z",
+        "2026-13-30T12:00:00Z",
+        "2026-11-30T1a:00:00Z",
+    ],
+)
+def test_epoch_of_refuses_other_text(text: str) -> None:
+    with pytest.raises(ValueError):
+        epoch_of(text)
+
+
+def test_is_older_compares_times_and_puts_missing_stamps_first() -> None:
+    assert is_older("2026-11-30T10:00:00Z", "2026-11-30T10:00:00.500Z")
+    assert not is_older("2026-11-30T10:00:00.500Z", "2026-11-30T10:00:00Z")
+    assert not is_older("2026-11-30T10:00:00Z", "2026-11-30T10:00:00.000Z")
+    assert is_older("", "2026-11-30T10:00:00Z") and not is_older("2026-11-30T10:00:00Z", "")
+    assert is_older("garbage-a", "garbage-b")  # held from before validation: as text

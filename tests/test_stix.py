@@ -1,11 +1,14 @@
 """STIX content checks at the entry of the bus, point indicators, builders."""
 
+from datetime import datetime, timedelta, timezone
+
 import pytest
 import stix2
 
 from threatbus import stix
-from threatbus.data import Indicator
-from threatbus.stix import InvalidIntel, PointIndicator, pattern_errors, point_indicator, validate
+from threatbus.data import Indicator, SnapshotEnvelope, SnapshotRequest, SnapshotType
+from threatbus.lifecycle import as_removal
+from threatbus.stix import ExpiredIntel, InvalidIntel, PointIndicator, pattern_errors, point_indicator, validate
 from threatbus.testing import indicator, sighting
 
 SHA256 = "a" * 64
@@ -100,3 +103,36 @@ def test_builders_produce_stix_that_the_stix2_library_accepts():
     assert parsed_sighting.sighting_of_ref == ind.id
     assert parsed_sighting.x_threatbus_match_type == "LIVE"
     validate(sight)
+
+
+def test_validate_rejects_a_validity_window_that_ends_before_it_starts():
+    start = "2026-11-30T12:00:00.000Z"
+    for until in (start, "2026-11-30T11:59:59.999Z", "2026-11-30T12:00:00Z"):
+        bad = indicator(valid_from=start, valid_until=until)
+        with pytest.raises(InvalidIntel, match="'valid_until' .* is not later than 'valid_from'") as err:
+            validate(bad, now=datetime(2026, 11, 1, tzinfo=timezone.utc))
+        assert not isinstance(err.value, ExpiredIntel)
+    validate(indicator(valid_from=start, valid_until="2026-11-30T12:00:00.001Z"), now=NOW_BEFORE)
+
+
+NOW_BEFORE = datetime(2026, 11, 1, tzinfo=timezone.utc)
+
+
+def test_validate_refuses_indicators_already_expired_on_entry():
+    ind = indicator(valid_from="2026-11-30T12:00:00Z", valid_until="2026-11-30T13:00:00Z")
+    validate(ind, now=datetime(2026, 11, 30, 12, 59, 59, tzinfo=timezone.utc))
+    with pytest.raises(ExpiredIntel, match="expired at 'valid_until' 2026-11-30T13:00:00Z"):
+        validate(ind, now=datetime(2026, 11, 30, 13, 0, tzinfo=timezone.utc))
+    # in a snapshot answer too
+    request = SnapshotRequest.create(SnapshotType.INDICATOR, timedelta(days=1))
+    with pytest.raises(ExpiredIntel):
+        validate(SnapshotEnvelope.wrap(request, ind), now=datetime(2026, 12, 1, tzinfo=timezone.utc))
+    # a removal of an expired indicator still passes: nodes may still have it
+    validate(Indicator(as_removal(ind.payload)), now=datetime(2026, 12, 1, tzinfo=timezone.utc))
+    # a sighting of an expired indicator is news, not stale intel
+    validate(sighting(ind), now=datetime(2026, 12, 1, tzinfo=timezone.utc))
+
+
+def test_validate_without_now_uses_the_clock():
+    with pytest.raises(ExpiredIntel):
+        validate(indicator(valid_from="2020-01-01T00:00:00Z", valid_until="2020-01-02T00:00:00Z"))

@@ -14,11 +14,12 @@ import pluggy
 from threatbus import appspecs, backbonespecs, config, policy
 from threatbus.data import TOPIC_SNAPSHOT_ENVELOPE, TOPIC_SNAPSHOT_REQUEST, Message, SnapshotRequest
 from threatbus.errors import ConfigError, PluginError
-from threatbus.metrics import QUEUE_DEPTH, Metrics
+from threatbus.expiry import ExpirySchedule, ExpiryWorker
+from threatbus.metrics import EXPIRY_REMOVALS, EXPIRY_SCHEDULED, QUEUE_DEPTH, Metrics
 from threatbus.node import Node
 from threatbus.observability import ObservabilityServer
 from threatbus.plugins import APP_GROUP, BACKBONE_GROUP
-from threatbus.routing import Sink
+from threatbus.routing import RoutedBackbone, Sink
 from threatbus.snapshots import SnapshotRouter
 from threatbus.worker import stop_workers
 
@@ -73,7 +74,11 @@ class Bus:
         self.publish_queue: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.metrics = Metrics(self.node.name)
         self.metrics.gauge(QUEUE_DEPTH, self.publish_queue.qsize, queue="publish")
-        self.snapshots = SnapshotRouter(self.publish_queue, self._ask_apps)
+        self.expiry = ExpirySchedule()
+        self.expiry_worker: ExpiryWorker | None = None
+        self.metrics.gauge(EXPIRY_SCHEDULED, lambda: len(self.expiry))
+        self.metrics.counter(EXPIRY_REMOVALS, lambda: self.expiry.removals)
+        self.snapshots = SnapshotRouter(self.publish_queue, self._ask_apps, self.expiry)
         self._started: list[tuple[pluggy.PluginManager, str]] = []
         self.http: ObservabilityServer | None = None
 
@@ -108,7 +113,10 @@ class Bus:
         self._start_http()
         try:
             for name, backbone in self.backbones.list_name_plugin():
+                self._attach_expiry(name, backbone)
                 self._run_backbone(name, backbone)
+            if self.expiry_worker is not None:
+                self.expiry_worker.start()
             self.snapshots.start()
             for topic in (TOPIC_SNAPSHOT_REQUEST, TOPIC_SNAPSHOT_ENVELOPE):
                 self.backbones.hook.subscribe(topic=topic, queue=self.snapshots.inbox)
@@ -174,10 +182,19 @@ class Bus:
         """Stop apps, then the core's workers, then the backbone; each on its own."""
         while self._started and self._started[-1][0] is self.apps:
             self._stop_one(*self._started.pop())
-        stop_workers([self.snapshots])
+        stop_workers([w for w in (self.snapshots, self.expiry_worker) if w is not None])
         while self._started:
             self._stop_one(*self._started.pop())
         self._stop_http()
+
+    def _attach_expiry(self, name: str, backbone: object) -> None:
+        # Expiry works on the router's local deliveries: every backbone built on
+        # RoutedBackbone gets it, and no message crosses the backbone for it.
+        if not isinstance(backbone, RoutedBackbone):
+            logger.warning("backbone '%s' has no TopicRouter: indicators are not removed at valid_until", name)
+            return
+        backbone.router.expiry = self.expiry
+        self.expiry_worker = ExpiryWorker(self.expiry, backbone.router.deliver_to)
 
     def _stop_one(self, manager: pluggy.PluginManager, name: str) -> None:
         plugin = manager.get_plugin(name)

@@ -53,10 +53,46 @@ def parse_timestamp(value: str) -> datetime:
     )
 
 
+def epoch_of(value: str) -> float:
+    """``parse_timestamp(value).timestamp()``, several times faster: for the expiry schedule's hot path.
+
+    The common forms (``…:SS.fffZ``, ``…:SSZ``) go through C's
+    ``fromisoformat`` once their layout is checked (it accepts more than
+    STIX allows); the rest, leap seconds included, through ``parse_timestamp``.
+    """
+    if (
+        len(value) >= 20
+        and value[10] == "T"
+        and value[-1] == "Z"
+        and value[17:19] != "60"
+        and (value[19] == "Z" if len(value) == 20 else value[19] == "." and value[20:-1].isdigit())
+    ):
+        try:
+            return datetime.fromisoformat(value[:-1] + "+00:00").timestamp()
+        except ValueError:
+            pass
+    return parse_timestamp(value).timestamp()
+
+
 def version_of(payload: dict[str, Any]) -> datetime:
     """When this version was made: ``modified``, else ``created``, else the epoch."""
     stamp = payload.get("modified") or payload.get("created")
     return parse_timestamp(stamp) if isinstance(stamp, str) else datetime.min.replace(tzinfo=timezone.utc)
+
+
+def is_older(version: str, than: str) -> bool:
+    """True when the version stamped ``version`` (``modified``/``created`` text) is older than ``than``.
+
+    For apps that keep the stamp of what they hold: compared as times, a
+    missing stamp ("") is the oldest, and text that is not a STIX timestamp
+    (held from before validation) is compared as text.
+    """
+    if not version or not than:
+        return not version and bool(than)
+    try:
+        return parse_timestamp(version) < parse_timestamp(than)
+    except ValueError:
+        return version < than
 
 
 def is_revoked(payload: dict[str, Any]) -> bool:

@@ -18,6 +18,9 @@ from prometheus_client.registry import Collector
 # The names every plugin uses for the same facts, so dashboards work across plugins.
 APP_RECEIVED = "threatbus_app_received"  # counter{plugin}
 APP_REJECTED = "threatbus_app_rejected"  # counter{plugin}
+EXPIRED_ON_ENTRY = "threatbus_expired_on_entry"  # counter{plugin}
+EXPIRY_REMOVALS = "threatbus_expiry_removals"  # counter
+EXPIRY_SCHEDULED = "threatbus_expiry_scheduled"  # gauge
 BACKBONE_PUBLISHED = "threatbus_backbone_published"  # counter{backbone}
 BACKBONE_CONSUMED = "threatbus_backbone_consumed"  # counter{backbone}
 BACKBONE_REJECTED = "threatbus_backbone_rejected"  # counter{backbone}
@@ -32,6 +35,9 @@ BACKBONE_CONNECTED = "threatbus_backbone_connected"  # gauge{backbone}
 HELP = {
     APP_RECEIVED: "Messages apps gave this node",
     APP_REJECTED: "Input rejected as invalid",
+    EXPIRED_ON_ENTRY: "Indicators past valid_until on entry, dropped",
+    EXPIRY_REMOVALS: "Removals handed to local subscribers at valid_until",
+    EXPIRY_SCHEDULED: "Indicators waiting for their valid_until",
     BACKBONE_PUBLISHED: "Messages confirmed by the broker",
     BACKBONE_CONSUMED: "Messages consumed from the broker",
     BACKBONE_REJECTED: "Invalid messages rejected (poison messages)",

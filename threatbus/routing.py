@@ -7,13 +7,17 @@ import queue
 import threading
 from collections import defaultdict
 from collections.abc import Mapping
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import threatbus
-from threatbus.data import TOPICS, Message
+from threatbus.data import TOPICS, Indicator, Message
+from threatbus.lifecycle import as_removal
 from threatbus.metrics import Metrics
 from threatbus.policy import Filter, FilterStats
 from threatbus.ratelimit import RateLimitedLog
+
+if TYPE_CHECKING:
+    from threatbus.expiry import ExpirySchedule
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +35,12 @@ class TopicRouter:
     ``stix2/sighting``. A queue subscribed with overlapping prefixes gets each
     message once. ``route`` never blocks: a full subscriber queue loses the
     message, which is counted in ``dropped`` and logged.
+
+    A revoked indicator is handed over with ``x_threatbus_update: REMOVE``
+    added, so that every removal apps get says so. With ``expiry`` set (the
+    bus does it), every indicator handed over is also taken into that
+    schedule, which later hands the same subscribers its removal through
+    ``deliver_to``.
     """
 
     def __init__(self) -> None:
@@ -41,6 +51,7 @@ class TopicRouter:
         self.delivered = 0
         self.dropped = 0
         self._log_drop = RateLimitedLog(logger)
+        self.expiry: ExpirySchedule | None = None
 
     def subscribe(self, topic: str, sink: Sink) -> None:
         with self._lock:
@@ -85,8 +96,23 @@ class TopicRouter:
 
     def route(self, message: Message) -> int:
         """Hand ``message`` to every subscriber of its topic; returns how many got it."""
+        targets = self._targets.get(message.topic, ())
+        if type(message) is Indicator:
+            if message.payload.get("revoked") is True:
+                # Apps written for the original drop an indicator on REMOVE only.
+                message = Indicator(as_removal(message.payload))
+            if self.expiry is not None:
+                return self.expiry.route(self._hand, message, targets)
+        return self._hand(message, targets)
+
+    def deliver_to(self, message: Message, sinks: tuple[Sink, ...]) -> int:
+        """Hand ``message`` to those of ``sinks`` still subscribed to its topic (removals at expiry)."""
+        current = self._targets.get(message.topic, ())
+        return self._hand(message, tuple(sink for sink in sinks if sink in current))
+
+    def _hand(self, message: Message, targets: tuple[Sink, ...]) -> int:
         handed = 0
-        for sink in self._targets.get(message.topic, ()):
+        for sink in targets:
             try:
                 sink.put_nowait(message)
                 handed += 1

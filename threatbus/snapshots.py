@@ -9,7 +9,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 from datetime import timedelta
 
-from threatbus.data import Message, SnapshotEnvelope, SnapshotRequest, SnapshotType
+from threatbus.data import Indicator, Message, SnapshotEnvelope, SnapshotRequest, SnapshotType
+from threatbus.expiry import ExpirySchedule
 from threatbus.routing import Sink
 from threatbus.worker import StoppableWorker
 
@@ -26,12 +27,18 @@ class SnapshotRouter(StoppableWorker):
     ``ask_apps``, with the local subscriber that made it (None if remote).
     An envelope is delivered to the subscriber queue that made the request,
     if that subscriber lives on this node; other nodes' envelopes are ignored.
+    Indicators handed over are taken into ``expiry`` (if given), so the
+    requester also gets their removal at ``valid_until``.
     """
 
     def __init__(
-        self, publish_queue: queue.SimpleQueue[Message], ask_apps: Callable[[SnapshotRequest, Sink | None], None]
+        self,
+        publish_queue: queue.SimpleQueue[Message],
+        ask_apps: Callable[[SnapshotRequest, Sink | None], None],
+        expiry: ExpirySchedule | None = None,
     ) -> None:
         super().__init__(name="snapshot-router")
+        self.expiry = expiry
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self._publish_queue = publish_queue
         self._ask_apps = ask_apps
@@ -87,7 +94,17 @@ class SnapshotRouter(StoppableWorker):
             requester = self._requesters.get(envelope.snapshot_id)
         if requester is None:
             return
+        body = envelope.stix
+        if self.expiry is not None and isinstance(body, Indicator):
+            self.expiry.route(lambda _body, _sinks: self._put(requester, envelope), body, (requester,))
+        else:
+            self._put(requester, envelope)
+
+    @staticmethod
+    def _put(requester: Sink, envelope: SnapshotEnvelope) -> int:
         try:
             requester.put_nowait(envelope)
         except queue.Full:
             logger.warning("requester queue full, dropped envelope of snapshot %s", envelope.snapshot_id)
+            return 0
+        return 1

@@ -21,10 +21,19 @@ from stix2patterns.validator import run_validator
 
 from threatbus.data import Indicator, Message, Sighting, SnapshotEnvelope
 from threatbus.errors import DecodeError
+from threatbus.lifecycle import is_removal, parse_timestamp
 
 
 class InvalidIntel(DecodeError):
     """A message is well-formed JSON but its STIX content is invalid."""
+
+
+class ExpiredIntel(InvalidIntel):
+    """An indicator whose ``valid_until`` passed before it entered the bus.
+
+    Valid STIX, but no sensor should look for it any more: entry points count
+    it apart from invalid input (``metrics.EXPIRED_ON_ENTRY``) and drop it.
+    """
 
 
 _TIMESTAMP = re.compile(r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d+)?Z$")
@@ -156,10 +165,23 @@ def _check_spec_version(payload: dict[str, Any]) -> None:
         raise InvalidIntel(f"{payload['type']} {payload['id']}: spec_version must be 2.1, got {version!r}")
 
 
+def _check_validity_window(payload: dict[str, Any]) -> None:
+    until = payload.get("valid_until")
+    if until is None:
+        return
+    valid_from = payload.get("valid_from")
+    # The spec (and the original) require valid_until to be later than valid_from.
+    if isinstance(valid_from, str) and parse_timestamp(until) <= parse_timestamp(valid_from):
+        raise InvalidIntel(
+            f"indicator {payload['id']}: 'valid_until' {until} is not later than 'valid_from' {valid_from}"
+        )
+
+
 def check_indicator(indicator: Indicator) -> None:
     payload = indicator.payload
     _check_spec_version(payload)
     _check_timestamps(payload, "created", "modified", "valid_from", "valid_until")
+    _check_validity_window(payload)
     if indicator.pattern_type == "stix":
         errors = pattern_errors(indicator.pattern)
         if errors:
@@ -174,15 +196,34 @@ def check_sighting(sighting: Sighting) -> None:
         check_indicator(embedded)
 
 
-def validate(message: Message) -> None:
+def check_not_expired(indicator: Indicator, now: datetime | None = None) -> None:
+    """Raise ``ExpiredIntel`` for an indicator (not a removal) whose ``valid_until`` passed.
+
+    Removals pass: dropping what is already gone does no harm, and a node
+    whose subscribers still hold the indicator needs to hear of it.
+    """
+    until = indicator.payload.get("valid_until")
+    if until is None or is_removal(indicator.payload):
+        return
+    now = now or datetime.now(timezone.utc)
+    if parse_timestamp(until) <= now:
+        raise ExpiredIntel(f"indicator {indicator.id}: expired at 'valid_until' {until}, before it entered the bus")
+
+
+def validate(message: Message, now: datetime | None = None) -> None:
     """Check the STIX content of a message that enters the bus from an app.
 
-    Raises ``InvalidIntel``. Structure was already checked by ``data.decode``.
+    Raises ``InvalidIntel``, or its subclass ``ExpiredIntel`` for an
+    indicator (also in a snapshot envelope) already past its
+    ``valid_until``: this runs once per message, where it enters the bus, so
+    no hop checks the time again. Structure was already checked by
+    ``data.decode``.
     """
     if isinstance(message, SnapshotEnvelope):
         message = message.stix
     if isinstance(message, Indicator):
         check_indicator(message)
+        check_not_expired(message, now)
     elif isinstance(message, Sighting):
         check_sighting(message)
 

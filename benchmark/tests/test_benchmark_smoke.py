@@ -81,6 +81,20 @@ def test_quick_inmem_run_writes_plausible_results(tmp_path: Path) -> None:
     assert (tmp_path / "latest.json").read_bytes() == (png.parent / "results.json").read_bytes()
 
 
+def test_quick_expiry_run_measures_the_schedule(tmp_path: Path) -> None:
+    code, result, output = run_quick(tmp_path, "--only", "expiry")
+    assert code == 0, output[-4000:]
+    assert result["errors"] == {}
+    schedule, lateness = result["scenarios"]["expiry"]["schedule"], result["scenarios"]["expiry"]["lateness"]
+    assert schedule["indicators"] == schedule["fired"] == schedule["removals_delivered"] == 10_000
+    # the JSON text plus a few hundred bytes of bookkeeping
+    assert schedule["of_which_indicator_json_bytes"] < schedule["memory_bytes_per_scheduled_indicator"] < 2_000
+    assert schedule["removals_per_s"] > 1_000
+    assert lateness["removals_received"] == lateness["indicators"] and lateness["early"] == 0
+    assert 0 <= lateness["late_p50_ms"] <= lateness["late_max_ms"] < 1_000
+    assert "expiry" in output
+
+
 def test_unknown_scenario_is_a_usage_error(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "benchmark.run", "--only", "nonsense", "--out", str(tmp_path)],

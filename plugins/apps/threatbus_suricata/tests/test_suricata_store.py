@@ -5,11 +5,14 @@ from __future__ import annotations
 import base64
 import os
 import stat
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from suricataparser import parse_file
 
-from threatbus.stix import new_indicator
+from threatbus.data import Indicator
+from threatbus.lifecycle import as_removal
+from threatbus.stix import new_indicator, timestamp
 from threatbus.testing import indicator
 from threatbus_suricata.mapping import RESERVED_SIDS, Settings
 from threatbus_suricata.store import DetectionStore
@@ -91,11 +94,46 @@ def test_removal_and_updates(tmp_path: Path) -> None:
     assert store.entry(ind.id).sid == sid  # type: ignore[union-attr]
     assert store.apply(ind) == "stale"
     assert store.entry(ind.id).detection.value == "198.51.100.2"  # type: ignore[union-attr]
-    assert store.apply(removal(ind)) == "removed"
-    assert store.apply(removal(ind)) == "unknown"
+    # A removal of the replaced version is stale too (threatbus.lifecycle); of the held one, it removes.
+    assert store.apply(removal(ind)) == "stale"
+    assert store.apply(Indicator(as_removal(edited.payload))) == "removed"
+    assert store.apply(Indicator(as_removal(edited.payload))) == "unknown"
     assert store.take_changes().reload
     store.write()
     assert rules_by_sid(tmp_path) == {}
+
+
+def test_a_new_version_replaces_the_rule_with_its_rev_bumped_and_revocation_removes(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    ind = new_indicator("[ipv4-addr:value = '198.51.100.1']", modified="2026-01-01T00:00:00Z")
+    store.apply(ind)
+    sid = store.entry(ind.id).sid  # type: ignore[union-attr]
+    edited = new_indicator("[ipv4-addr:value = '198.51.100.9']", id=ind.id, modified="2026-01-02T00:00:00Z")
+    assert store.apply(edited) == "updated"
+    store.write()
+    rule = rules_by_sid(tmp_path)[sid].raw  # type: ignore[attr-defined]
+    assert "198.51.100.9" in rule and "198.51.100.1" not in rule and "rev:2;" in rule
+    reread = store_at(tmp_path)
+    reread.load()
+    assert reread.entry(ind.id).rev == 2  # type: ignore[union-attr]
+    revoked = new_indicator(edited.pattern, id=ind.id, modified="2026-01-03T00:00:00Z", revoked=True)
+    assert store.apply(revoked) == "removed"
+    store.write()
+    assert rules_by_sid(tmp_path) == {}
+
+
+def test_expired_detections_are_dropped_and_left_out_of_snapshots(tmp_path: Path) -> None:
+    store = store_at(tmp_path)
+    now = datetime.now(timezone.utc)
+    expired = indicator("198.51.100.1", valid_from=timestamp(now - timedelta(days=2)))
+    expired.payload["valid_until"] = timestamp(now - timedelta(days=1))
+    lasting = indicator("198.51.100.2", valid_until=timestamp(now + timedelta(days=1)))
+    store.apply(expired)
+    store.apply(lasting)
+    assert [p["id"] for _, p in store.payloads()] == [lasting.id]
+    assert [p["id"] for p in store.expiring()] == [expired.id, lasting.id]
+    assert store.drop_expired() == 1
+    assert store.entry(expired.id) is None and store.entry(lasting.id) is not None
 
 
 def test_sid_collisions_probe_to_a_free_sid(tmp_path: Path) -> None:

@@ -9,6 +9,8 @@ import time
 from typing import Any
 
 from threatbus.data import Indicator, Message, SnapshotEnvelope
+from threatbus.expiry import ExpirySchedule
+from threatbus.routing import Sink
 from threatbus.worker import POLL_INTERVAL, Backoff, StoppableWorker
 from threatbus_suricata.mapping import Unsupported
 from threatbus_suricata.settings import SuricataSettings
@@ -19,11 +21,18 @@ logger = logging.getLogger(__name__)
 
 
 class DetectionSync:
-    """Keeps Suricata's detections in step with the store; its counters are read by the metrics."""
+    """Keeps Suricata's detections in step with the store; its counters are read by the metrics.
 
-    def __init__(self, settings: SuricataSettings, store: DetectionStore, socket: SuricataSocket) -> None:
+    ``expiry`` schedules the removal of what the rules file held at start
+    (the bus schedules what it delivers from then on); removals are handed
+    to ``inbox``, the queue the detection worker takes indicators from.
+    """
+
+    def __init__(self, settings: SuricataSettings, store: DetectionStore, socket: SuricataSocket, inbox: Sink) -> None:
         self.store = store
         self.socket = socket
+        self.inbox = inbox
+        self.expiry = ExpirySchedule()
         self.reload_interval = settings.reload_interval
         self.reload_command = settings.reload_command
         self.dataset_command_limit = settings.dataset_command_limit
@@ -34,6 +43,17 @@ class DetectionSync:
         self.dataset_commands = 0
         self.socket_errors = 0
         self.write_errors = 0
+        self.out_of_step = False  # Suricata missed changes (unreachable): say so when it has them
+        # Changes since Suricata last took the files: the counts of a reconciliation.
+        self.unsynced = {"added": 0, "updated": 0, "removed": 0}
+
+    def expire_held(self) -> None:
+        """Drop what expired while the node was down; schedule the expiry of the rest."""
+        removed = self.store.drop_expired()
+        if removed:
+            logger.info("reconciled: 0 added, %d removed (expired while the node was down)", removed)
+        for payload in self.store.expiring():
+            self.expiry.observe(Indicator(payload), (self.inbox,))
 
     def apply(self, message: Message) -> bool:
         """Apply an indicator (or a snapshot envelope of one) to the store; True if a flush is due."""
@@ -49,6 +69,10 @@ class DetectionSync:
             logger.info("indicator %s not mapped to Suricata: %s", message.id, err)
             return False
         logger.debug("indicator %s: %s", message.id, outcome)
+        if outcome in self.unsynced:
+            self.unsynced[outcome] += 1
+        if message.id in self.expiry:  # held since before a restart: a newer version moves its expiry
+            self.expiry.observe(message, (self.inbox,))
         return outcome in ("added", "updated", "removed", "unchanged")
 
     def flush(self, final: bool = False) -> bool:
@@ -83,7 +107,20 @@ class DetectionSync:
                 logger.warning("%s; the files are written, reloading once Suricata is reachable", err)
             # The files are current: a reload later brings Suricata up to date.
             self.reload_pending = True
+            self.out_of_step = True
             return False
+        unsynced = self.unsynced
+        if self.out_of_step:
+            logger.info(
+                "reconciled Suricata: %d added, %d replaced, %d removed while it was unreachable (%d detections)",
+                unsynced["added"],
+                unsynced["updated"],
+                unsynced["removed"],
+                len(store),
+            )
+            self.out_of_step = False
+        for outcome in unsynced:
+            unsynced[outcome] = 0
         return True
 
     def _dataset_commands(self, ops: list[tuple[str, Any]]) -> None:

@@ -79,7 +79,7 @@ class Detection:
     set_type: str = ""
     datavalue: str = ""
 
-    def render(self, indicator_id: str, sid: int, action: str) -> str:
+    def render(self, indicator_id: str, sid: int, action: str, rev: int = 1) -> str:
         """The rule line of a ``RULE`` detection."""
         if self.given_rule:
             return self.given_rule
@@ -88,7 +88,7 @@ class Detection:
             *self.options,
             f"metadata:threatbus_indicator {indicator_id}",
             f"sid:{sid}",
-            "rev:1",
+            f"rev:{rev}",
         )
         return f"{action} {self.header} (" + " ".join(f"{option};" for option in options) + ")"
 

@@ -14,6 +14,7 @@ from typing import Any
 import threatbus
 from threatbus.data import TOPIC_INDICATOR, Indicator, Message, SnapshotEnvelope, SnapshotRequest, SnapshotType
 from threatbus.errors import PluginError
+from threatbus.expiry import ExpiryWorker, hand_to
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, Metrics
 from threatbus.node import Node
 from threatbus.routing import Sink
@@ -66,11 +67,13 @@ class SuricataApp:
         except ForeignFile as err:
             raise PluginError(f"{PREFIX}.rules_file: {err}") from None
         self.socket = SuricataSocket(settings.socket, timeout=settings.socket_timeout)
-        self.sync = DetectionSync(settings, self.store, self.socket)
+        self.sync = DetectionSync(settings, self.store, self.socket, self.inbox)
         self.alerts = Alerts(self.store, publish_queue)
         self._register_metrics(metrics)
+        self.sync.expire_held()
 
         self.workers.append(DetectionWorker(self.sync, self.inbox))
+        self.workers.append(ExpiryWorker(self.sync.expiry, hand_to))
         eve = settings.eve
         if eve:
             follower = LogFollower(eve, from_start=settings.eve_from_start)
@@ -108,16 +111,17 @@ class SuricataApp:
     def snapshot(
         self, snapshot_request: SnapshotRequest, result_queue: queue.SimpleQueue[Message], requester: Sink | None
     ) -> None:
-        """Answer indicator snapshots with the held indicators modified within the period."""
+        """Answer indicator snapshots with the held active indicators modified within the period."""
         if (
             self.store is None
             or snapshot_request.snapshot_type is not SnapshotType.INDICATOR
             or requester is self.inbox  # our own request
         ):
             return
-        since = timestamp(datetime.now(timezone.utc) - snapshot_request.snapshot)
+        now = datetime.now(timezone.utc)
+        since = timestamp(now - snapshot_request.snapshot)
         answered = 0
-        for modified, payload in self.store.payloads():
+        for modified, payload in self.store.payloads(now):  # active intel only
             if modified >= since:
                 result_queue.put(SnapshotEnvelope.wrap(snapshot_request, Indicator(payload)))
                 answered += 1

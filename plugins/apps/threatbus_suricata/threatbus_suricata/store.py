@@ -18,12 +18,14 @@ import os
 import tempfile
 import threading
 from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import orjson
 
 from threatbus.data import DecodeError, Indicator, from_payload
+from threatbus.lifecycle import is_active, is_older, is_removal
 from threatbus_suricata.mapping import (
     DATASET,
     RESERVED_SIDS,
@@ -63,6 +65,7 @@ class Entry:
     sid: int | None = None
     payload: dict[str, Any] | None = None
     text: str = field(default="", compare=False)  # its lines in the rules file, rendered once
+    rev: int = 1  # the rule's rev: bumped when a new version replaces the detection under the same sid
 
     def record(self) -> dict[str, Any]:
         detection = {}
@@ -70,13 +73,16 @@ class Entry:
             value = getattr(self.detection, name)
             if name in ("kind", "value") or value not in ("", (), None):
                 detection[name] = value
-        return {
+        record = {
             "id": self.indicator_id,
             "modified": self.modified,
             "sid": self.sid,
             "detection": detection,
             "indicator": self.payload,
         }
+        if self.rev > 1:
+            record["rev"] = self.rev
+        return record
 
 
 _DETECTION_FIELDS = tuple(f.name for f in fields(Detection))
@@ -98,6 +104,13 @@ class Changes:
     write: bool = False  # files differ from disk
     reload: bool = False  # rule lines changed: Suricata must reload its rules
     dataset_ops: list[tuple[str, Detection]] = field(default_factory=list)  # (command, detection)
+
+
+def _still_active(payload: dict[str, Any], now: datetime) -> bool:
+    try:
+        return is_active(payload, now)
+    except ValueError:  # an unreadable valid_until (held from before validation): keep it
+        return True
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -146,19 +159,21 @@ class DetectionStore:
         Returns what happened: added, updated, removed, unchanged, stale or
         unknown (removal of an indicator we do not hold). Raises ``Unsupported``.
         """
-        if indicator.is_removal:
+        modified = indicator.modified or ""
+        if is_removal(indicator.payload):  # REMOVE, revoked, or expiry
             with self._lock:
                 old = self.entries.get(indicator.id)
                 if old is None:
                     return "unknown"
+                if is_older(modified, old.modified):
+                    return "stale"  # the removal of a version a newer one replaced
                 self._remove(old)
                 return "removed"
         detection = classify(indicator, self.settings)
-        modified = indicator.modified or ""
         with self._lock:
             old = self.entries.get(indicator.id)
             if old is not None:
-                if modified < old.modified:
+                if is_older(modified, old.modified):
                     return "stale"
                 if old.detection == detection:
                     if modified != old.modified or old.payload != indicator.payload:
@@ -168,6 +183,8 @@ class DetectionStore:
                     return "unchanged"
             entry = Entry(indicator.id, modified, detection, payload=indicator.payload)
             keep = old.sid if old is not None and old.detection.sid is None else None
+            if keep is not None and old is not None:
+                entry.rev = old.rev + 1  # the same sid with another rule: Suricata sees a new revision
             self._add(entry, keep_sid=keep, replacing=old)
             return "updated" if old is not None else "added"
 
@@ -246,7 +263,7 @@ class DetectionStore:
         line = ENTRY_PREFIX + orjson.dumps(entry.record()).decode() + "\n"
         if entry.detection.kind == RULE:
             assert entry.sid is not None
-            line += entry.detection.render(entry.indicator_id, entry.sid, self.settings.action) + "\n"
+            line += entry.detection.render(entry.indicator_id, entry.sid, self.settings.action, entry.rev) + "\n"
         entry.text = line
 
     # ---- flushing -----------------------------------------------------
@@ -367,7 +384,15 @@ class DetectionStore:
             except Unsupported as err:
                 logger.warning("dropping detection of %s: %s", record["id"], err)
                 return
-        entry = Entry(str(record["id"]), str(record["modified"]), detection, payload=payload, text=text)
+        rev = record.get("rev", 1)
+        entry = Entry(
+            str(record["id"]),
+            str(record["modified"]),
+            detection,
+            payload=payload,
+            text=text,
+            rev=rev if isinstance(rev, int) and rev > 0 else 1,
+        )
         sid = record.get("sid")
         with self._lock:
             duplicate = self.entries.get(entry.indicator_id)
@@ -397,10 +422,29 @@ class DetectionStore:
                 if i in self.entries
             ]
 
-    def payloads(self) -> list[tuple[str, dict[str, Any]]]:
-        """(modified, indicator) of every held indicator."""
+    def payloads(self, now: datetime | None = None) -> list[tuple[str, dict[str, Any]]]:
+        """(modified, indicator) of every held indicator active at ``now`` (not yet expired)."""
+        now = now or datetime.now(timezone.utc)
         with self._lock:
-            return [(e.modified, e.payload) for e in self.entries.values() if e.payload is not None]
+            return [
+                (e.modified, e.payload)
+                for e in self.entries.values()
+                if e.payload is not None and _still_active(e.payload, now)
+            ]
+
+    def expiring(self) -> list[dict[str, Any]]:
+        """The held indicators that have a ``valid_until`` (to schedule their expiry)."""
+        with self._lock:
+            return [e.payload for e in self.entries.values() if e.payload is not None and "valid_until" in e.payload]
+
+    def drop_expired(self, now: datetime | None = None) -> int:
+        """Remove the detections whose ``valid_until`` passed (e.g. while the node was down)."""
+        now = now or datetime.now(timezone.utc)
+        with self._lock:
+            gone = [e for e in self.entries.values() if e.payload is not None and not _still_active(e.payload, now)]
+            for entry in gone:
+                self._remove(entry)
+            return len(gone)
 
     def static_sid(self, name: str) -> int:
         return self.sid_min + STATIC_SID_OFFSETS[name]

@@ -92,9 +92,9 @@ def test_indicators_become_intel_events(zeek, zeek_config, caplog):
 
 
 def test_a_mapping_bug_costs_one_indicator_not_the_connection(zeek, zeek_config, monkeypatch, caplog):
-    from threatbus_zeek import link
+    from threatbus_zeek import state
 
-    real = link.to_zeek_intel
+    real = state.to_zeek_intel
     broken = indicator("6.6.6.6")
 
     def to_zeek_intel(message):
@@ -102,7 +102,7 @@ def test_a_mapping_bug_costs_one_indicator_not_the_connection(zeek, zeek_config,
             raise RuntimeError("simulated bug")
         return real(message)
 
-    monkeypatch.setattr(link, "to_zeek_intel", to_zeek_intel)
+    monkeypatch.setattr(state, "to_zeek_intel", to_zeek_intel)
     with running_bus(apps={"zeek": ZeekApp()}, plugin_config=zeek_config) as bus:
         zeek.wait_for_client()
         fine = indicator("7.7.7.7")

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import queue
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
@@ -16,10 +18,12 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 from threatbus import stix
 from threatbus.data import TOPIC_INDICATOR, Indicator, Message, SnapshotEnvelope, describe
 from threatbus.errors import DecodeError
+from threatbus.expiry import ExpirySchedule
 from threatbus.worker import Backoff, ReconnectingWorker
 from threatbus_zeek import broker
-from threatbus_zeek.mapping import InvalidMatch, Unsupported, sighting_from_match, to_zeek_intel
+from threatbus_zeek.mapping import InvalidMatch, Unsupported, ZeekIntel, sighting_from_match
 from threatbus_zeek.settings import ZeekSettings
+from threatbus_zeek.state import ZeekIntelState
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +36,12 @@ CONNECT_TIMEOUT = 5.0
 POLL = 0.05
 # Messages sent in a row before the sender lets the reader run.
 BATCH = 512
+# Least seconds between two writes of the state file.
+SAVE_INTERVAL = 1.0
+
+
+def _key(item: ZeekIntel) -> tuple[str, str, str]:
+    return (item.indicator, item.intel_type, item.source)
 
 
 @dataclass
@@ -65,7 +75,9 @@ class ZeekLink(ReconnectingWorker):
 
     Reconnects with backoff whenever the connection fails or drops. An
     intel event whose send failed is kept and sent first after the next
-    connect; everything else waits in ``intel_queue`` meanwhile.
+    connect; everything else waits in ``intel_queue`` meanwhile. What Zeek
+    was given is kept in ``state`` (and its file, if configured), so every
+    (re)connect reconciles Zeek with the current intel.
     """
 
     def __init__(
@@ -75,6 +87,9 @@ class ZeekLink(ReconnectingWorker):
         publish_queue: queue.SimpleQueue[Message],
         subscribe: Callable[..., list[str]],
         stats: ZeekStats,
+        state: ZeekIntelState | None = None,
+        expiry: ExpirySchedule | None = None,
+        stale: list[ZeekIntel] | None = None,
     ) -> None:
         super().__init__("zeek-link", Backoff(initial=0.5, maximum=30.0))
         self.settings = settings
@@ -83,15 +98,25 @@ class ZeekLink(ReconnectingWorker):
         self.subscribe = subscribe
         self.stats = stats
         self.ssl_context = settings.ssl_context()
-        self._pending: str | None = None
+        # Encoded events not yet sent: a failed send is retried first after the next connect.
+        self._pending: collections.deque[str] = collections.deque()
         self._established = False  # whether the last attempt got as far as the handshake
         self._problem: BaseException | None = None  # what ended the last attempt
+        self.state = state or ZeekIntelState()
+        self.expiry = expiry or ExpirySchedule()
+        self._stale = list(stale or [])  # items Zeek may hold that are gone (expired while the node was down)
+        self._saved = 0.0
 
     # ---- connection ----------------------------------------------------
 
     def connect_and_serve(self) -> None:
         # One event loop per connection: the reconnect loop with its backoff is the core's.
         asyncio.run(self._connect_and_serve())
+
+    def finish(self) -> None:
+        # What Zeek holds must survive the stop: write the state file one last time.
+        self._save(force=True)
+        super().finish()
 
     async def _connect_and_serve(self) -> None:
         self._established = False
@@ -164,6 +189,7 @@ class ZeekLink(ReconnectingWorker):
         if self.settings.snapshot > timedelta(0):
             # Zeek keeps its intel only in memory: ask the bus for the recent intel on every (re)connect.
             self.subscribe(TOPIC_INDICATOR, self.intel_queue, snapshot=self.settings.snapshot)
+        self._reconcile()
         tasks = [
             asyncio.create_task(self._send_intel(connection), name="zeek-send"),
             asyncio.create_task(self._read_zeek(connection), name="zeek-read"),
@@ -180,50 +206,93 @@ class ZeekLink(ReconnectingWorker):
 
     # ---- Threat Bus -> Zeek --------------------------------------------
 
+    def _reconcile(self) -> None:
+        """Bring a (re)connected Zeek to the current intel: what went meanwhile out, everything held in.
+
+        Zeek may have restarted (its intel lives in memory) or kept its
+        items; inserting a held item again is harmless, so all are sent:
+        first the removals of what expired while the node was down, then the
+        items held before, then what arrived while Zeek was away, in order.
+        """
+        before = self.state.items()
+        drained: list[ZeekIntel] = []
+        while True:
+            try:
+                message = self.intel_queue.get_nowait()
+            except queue.Empty:
+                break
+            drained.extend(self._apply(message))
+        held = {_key(item) for item in self.state.items()}
+        resent = [item for item in before if _key(item) in held]
+        events = [*self._stale, *resent, *drained]
+        self._stale = []
+        self._pending.extend(self._event(item) for item in events)
+        removed = sum(1 for item in events if item.remove)
+        logger.info("reconciled Zeek: %d added, %d removed", len(events) - removed, removed)
+
     async def _send_intel(self, connection: ClientConnection) -> None:
         while True:
             for _ in range(BATCH):
-                if self._pending is None:
+                if not self._pending:
                     try:
                         message = self.intel_queue.get_nowait()
                     except queue.Empty:
                         break
-                    self._pending = self._encode(message)
-                    if self._pending is None:
-                        continue
-                await connection.send(self._pending)
-                self._pending = None
+                    self._pending.extend(self._event(item) for item in self._apply(message))
+                    continue
+                await connection.send(self._pending[0])
+                self._pending.popleft()
                 self.stats.sent += 1
             else:
                 await asyncio.sleep(0)  # a full batch went out: let the reader run, then go on
                 continue
+            self._save()
             await asyncio.sleep(POLL)  # the queue is empty: look again soon
 
-    def _encode(self, message: Message) -> str | None:
-        """The data message to send to Zeek for ``message``, or None to skip it."""
+    def _apply(self, message: Message) -> list[ZeekIntel]:
+        """The Zeek items to remove and add for ``message`` (``state.ZeekIntelState``)."""
         if isinstance(message, SnapshotEnvelope):
             message = message.stix
         if not isinstance(message, Indicator):
-            return None
+            return []
         try:
-            intel = to_zeek_intel(message)
+            items = self.state.apply(message)
         except Unsupported as err:
             self.stats.skipped += 1
             logger.debug("skipping indicator %s for Zeek: %s", message.id, err)
-            return None
+            return []
         except Exception:
             # A bug must cost this one indicator, not the connection.
             self.stats.skipped += 1
             logger.exception("cannot map indicator %s for Zeek; skipped", message.id)
-            return None
-        logger.debug(
-            "%s Zeek intel %s %s (%s)",
-            "removing" if intel.remove else "adding",
-            intel.intel_type,
-            intel.indicator,
-            intel.source,
-        )
-        return broker.encode(broker.data_message(INTEL_TOPIC, intel.event(self.settings.module_namespace)))
+            return []
+        if message.id in self.expiry:  # held since before a restart: a newer version moves its expiry
+            self.expiry.observe(message, (self.intel_queue,))
+        for item in items:
+            logger.debug(
+                "%s Zeek intel %s %s (%s)",
+                "removing" if item.remove else "adding",
+                item.intel_type,
+                item.indicator,
+                item.source,
+            )
+        return items
+
+    def _event(self, item: ZeekIntel) -> str:
+        return broker.encode(broker.data_message(INTEL_TOPIC, item.event(self.settings.module_namespace)))
+
+    def _save(self, force: bool = False) -> None:
+        """Write the state file (if configured) when it changed, at most every SAVE_INTERVAL."""
+        if not self.settings.state_file or not self.state.dirty:
+            return
+        now = time.monotonic()
+        if not force and now - self._saved < SAVE_INTERVAL:
+            return
+        self._saved = now
+        try:
+            self.state.save(Path(self.settings.state_file))
+        except OSError as err:
+            logger.warning("cannot write the Zeek state file %s: %s; retrying", self.settings.state_file, err)
 
     # ---- Zeek -> Threat Bus --------------------------------------------
 

@@ -14,11 +14,15 @@ from pathlib import Path
 from typing import Any
 
 import threatbus
-from threatbus.data import TOPIC_INDICATOR, Message, SnapshotRequest
+from threatbus.data import TOPIC_INDICATOR, Indicator, Message, SnapshotRequest
+from threatbus.errors import PluginError
+from threatbus.expiry import ExpirySchedule, ExpiryWorker, hand_to
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, QUEUE_DEPTH, SUBSCRIBERS, Metrics
 from threatbus.worker import stop_workers
 from threatbus_zeek.link import INTEL_TOPIC, MATCH_TOPIC, ZeekLink, ZeekStats
-from threatbus_zeek.settings import PLUGIN, ZeekSettings, validators
+from threatbus_zeek.mapping import ZeekIntel
+from threatbus_zeek.settings import PLUGIN, PREFIX, ZeekSettings, validators
+from threatbus_zeek.state import ZeekIntelState
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +43,7 @@ class ZeekApp:
         self.stats = ZeekStats()
         self.intel_queue: queue.Queue[Message] | None = None
         self.link: ZeekLink | None = None
+        self.expiry_worker: ExpiryWorker | None = None
         self._unsubscribe: Callable[..., None] | None = None
 
     @threatbus.app
@@ -57,12 +62,40 @@ class ZeekApp:
         settings = ZeekSettings.from_config(config)
         self.intel_queue = queue.Queue(maxsize=settings.queue_size)
         self._register_metrics(metrics, self.intel_queue)
-        self.link = ZeekLink(settings, self.intel_queue, publish_queue, subscribe, self.stats)
+        state, expiry, stale = self._restore(settings, self.intel_queue)
+        self.link = ZeekLink(settings, self.intel_queue, publish_queue, subscribe, self.stats, state, expiry, stale)
+        self.expiry_worker = ExpiryWorker(expiry, hand_to)
         # Subscribe before connecting: intel arriving while Zeek is away waits in the queue.
         subscribe(TOPIC_INDICATOR, self.intel_queue)
         self._unsubscribe = unsubscribe
         self.link.start()
+        self.expiry_worker.start()
         logger.info("Zeek app started: connecting to %s, Zeek module %s", settings.uri, settings.module_namespace)
+
+    @staticmethod
+    def _restore(
+        settings: ZeekSettings, intel_queue: queue.Queue[Message]
+    ) -> tuple[ZeekIntelState, ExpirySchedule, list[ZeekIntel]]:
+        """The state a previous run left (``state_file``), what expired since, and the expiry of the rest."""
+        state, expiry = ZeekIntelState(), ExpirySchedule()
+        if not settings.state_file:
+            return state, expiry, []
+        try:
+            loaded = state.load(Path(settings.state_file))
+        except OSError as err:
+            raise PluginError(f"{PREFIX}.state_file: cannot read {settings.state_file}: {err}") from err
+        stale = state.drop_expired()
+        for payload in state.payloads():
+            if "valid_until" in payload:
+                expiry.observe(Indicator(payload), (intel_queue,))
+        if loaded:
+            logger.info(
+                "Zeek state from %s: %d indicators, %d of them expired while the node was down",
+                settings.state_file,
+                loaded,
+                len(stale),
+            )
+        return state, expiry, stale
 
     def _register_metrics(self, metrics: Metrics, intel_queue: queue.Queue[Message]) -> None:
         stats = self.stats
@@ -79,8 +112,7 @@ class ZeekApp:
 
     @threatbus.app
     def stop(self) -> None:
-        if self.link is not None:
-            stop_workers([self.link])
+        stop_workers([w for w in (self.expiry_worker, self.link) if w is not None])
         if self._unsubscribe is not None and self.intel_queue is not None:
             self._unsubscribe(TOPIC_INDICATOR, self.intel_queue)
             self._unsubscribe = None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import ssl
 from dataclasses import dataclass
@@ -19,6 +20,11 @@ PREFIX = f"plugins.apps.{PLUGIN}"
 ANONYMOUS_CIPHERS = "AECDH-AES256-SHA"
 
 _NAMESPACE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(::[A-Za-z_][A-Za-z0-9_]*)*$")
+
+
+def _writable_dir(path: str) -> bool:
+    parent = os.path.dirname(os.path.abspath(path))
+    return os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)
 
 
 def validators() -> list[Any]:
@@ -46,6 +52,13 @@ def validators() -> list[Any]:
         option(f"{PREFIX}.tls.key_file", str, default=""),
         option(f"{PREFIX}.tls.skip_verify", bool, default=False),
         option(f"{PREFIX}.tls.anonymous", bool, default=False),
+        option(
+            f"{PREFIX}.state_file",
+            str,
+            default="",
+            check=lambda path: path == "" or _writable_dir(path),
+            expected="'' (keep the state in memory) or a file path in an existing, writable directory",
+        ),
     ]
 
 
@@ -64,6 +77,7 @@ class ZeekSettings:
     key_file: str
     skip_verify: bool
     anonymous: bool
+    state_file: str
 
     @classmethod
     def from_config(cls, config: Any) -> ZeekSettings:
@@ -80,6 +94,7 @@ class ZeekSettings:
             key_file=tls["key_file"] or "",
             skip_verify=bool(tls["skip_verify"]),
             anonymous=bool(tls["anonymous"]),
+            state_file=config["state_file"] or "",
         )
 
     @property

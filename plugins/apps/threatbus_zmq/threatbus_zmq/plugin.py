@@ -12,7 +12,16 @@ import threatbus
 from threatbus.config import count, option, port, seconds
 from threatbus.data import MAX_MESSAGE_BYTES, Message, SnapshotRequest
 from threatbus.errors import PluginError
-from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, DROPPED, QUEUE_DEPTH, SUBSCRIBERS, Metrics
+from threatbus.metrics import (
+    APP_RECEIVED,
+    APP_REJECTED,
+    DELIVERED,
+    DROPPED,
+    EXPIRED_ON_ENTRY,
+    QUEUE_DEPTH,
+    SUBSCRIBERS,
+    Metrics,
+)
 from threatbus.node import Node
 from threatbus.routing import Sink
 from threatbus.worker import stop_workers
@@ -139,6 +148,7 @@ class ZmqApp:
         metrics.counter(APP_RECEIVED, lambda: receiver.received, plugin=NAME)
         metrics.counter(APP_REJECTED, lambda: receiver.rejected, plugin=NAME, endpoint="sub")
         metrics.counter(APP_REJECTED, lambda: manage.rejected, plugin=NAME, endpoint="manage")
+        metrics.counter(EXPIRED_ON_ENTRY, lambda: receiver.expired, plugin=NAME)
         metrics.counter(DELIVERED, lambda: publisher.delivered, plugin=NAME)
         metrics.counter(DROPPED, subs.dropped, where=NAME, plugin=NAME)
         metrics.gauge(SUBSCRIBERS, lambda: len(subs), plugin=NAME)

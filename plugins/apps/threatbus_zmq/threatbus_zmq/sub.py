@@ -34,7 +34,9 @@ class ReceiverWorker(StoppableWorker):
         self.publish_queue = publish_queue
         self.received = 0
         self.rejected = 0
+        self.expired = 0  # valid indicators past their valid_until: not delivered, counted apart
         self._log_rejected = RateLimitedLog(logger)
+        self._log_expired = RateLimitedLog(logger)
 
     def run(self) -> None:
         try:
@@ -84,6 +86,10 @@ class ReceiverWorker(StoppableWorker):
             if type(message) not in wanted:
                 raise DecodeError(f"a {message.type_name} cannot be published on topic {describe(topic, 60)}")
             stix.validate(message)
+        except stix.ExpiredIntel as err:
+            self.expired += 1
+            self._log_expired("dropped on the sub socket: %s", err)
+            return None
         except DecodeError as err:
             self.rejected += 1
             self._log_rejected("rejected frame on the sub socket: %s; frame %s", err, describe(frame))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from contextlib import ExitStack
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import orjson
@@ -15,7 +15,9 @@ from testbus import running_bus
 import threatbus
 from threatbus.bus import Bus
 from threatbus.data import SnapshotEnvelope
-from threatbus.metrics import BACKBONE_CONNECTED, BACKBONE_REJECTED, DROPPED
+from threatbus.lifecycle import REMOVE
+from threatbus.metrics import BACKBONE_CONNECTED, BACKBONE_CONSUMED, BACKBONE_PUBLISHED, BACKBONE_REJECTED, DROPPED
+from threatbus.stix import timestamp
 from threatbus.testing import (
     Subscriber,
     assert_nothing_more,
@@ -317,3 +319,27 @@ def test_a_snapshot_request_is_answered_by_an_app_on_another_node(broker):
         assert {e.snapshot_id for e in envelopes} == set(requester.snapshot_ids)
         assert_nothing_more(requester.queue)
         assert [r.snapshot for r in holder.requests] == [timedelta(days=2)]
+
+
+def test_expiry_is_delivered_on_every_node_without_crossing_the_broker(broker):
+    with broker.node("a") as (bus_a, _), broker.node("b") as (bus_b, _):
+        connected(bus_a, bus_b)
+        at_a, at_b = Subscriber(bus_a, "stix2/indicator"), Subscriber(bus_b, "stix2/indicator")
+        consuming(bus_a, bus_b)
+        now = datetime.now(timezone.utc)
+        ioc = indicator(
+            "10.9.0.1",
+            valid_from=timestamp(now - timedelta(hours=1)),
+            valid_until=timestamp(now + timedelta(seconds=1.5)),
+        )
+        bus_a.publish_queue.put(ioc)
+        for subscriber in (at_a, at_b):
+            assert get_within(subscriber.queue, 20) == ioc
+        for subscriber in (at_a, at_b):
+            removal = get_within(subscriber.queue, 5)
+            assert removal.id == ioc.id and removal.payload["x_threatbus_update"] == REMOVE
+            assert_nothing_more(subscriber.queue)
+        # One message went through the broker: the indicator; each node expired it on its own.
+        assert bus_a.metrics.value(BACKBONE_PUBLISHED, backbone="rabbitmq") == 1
+        assert bus_b.metrics.value(BACKBONE_PUBLISHED, backbone="rabbitmq") == 0
+        assert bus_b.metrics.value(BACKBONE_CONSUMED, backbone="rabbitmq") == 1
