@@ -24,7 +24,6 @@ from threatbus import logging as threatbus_logging
 from threatbus.bus import Bus
 from threatbus.data import Message, decode
 from threatbus.errors import DecodeError
-from threatbus.node import Node
 from threatbus.stix import validate
 from threatbus.worker import StoppableWorker, stop_workers
 
@@ -121,7 +120,7 @@ def main(path: str) -> int:
     threatbus_logging.configure_early()
     settings, source = config.load(path)
     config.validate(settings, config.core_validators())
-    node = Node.create(settings.node.name, str(Path(source).resolve()))
+    node = cli.node_of(settings, source)
     loaded = plugins.load(settings)
     app = FileApp(settings.testapp.inbox, settings.testapp.outbox, settings.testapp.get("subscribe_when"))
     bus = Bus(settings, apps={"testapp": app}, backbones=loaded["backbones"], node=node)

@@ -28,6 +28,7 @@ from pika.spec import Basic, BasicProperties
 from threatbus.data import TOPIC_INDICATOR, TOPIC_SIGHTING, Message, decode, describe
 from threatbus.routing import TopicRouter
 from threatbus_rabbitmq.connection import AmqpWorker
+from threatbus_rabbitmq.dedup import PersistentDeduplicator
 from threatbus_rabbitmq.settings import BrokerSettings
 
 logger = logging.getLogger(__name__)
@@ -75,13 +76,17 @@ class Consumer(AmqpWorker):
     role = "consumer"
 
     def __init__(
-        self, settings: BrokerSettings, router: TopicRouter, importing: Callable[[Message], bool] | None = None
+        self,
+        settings: BrokerSettings,
+        router: TopicRouter,
+        importing: Callable[[Message], bool] | None = None,
+        dedup: PersistentDeduplicator | None = None,
     ) -> None:
         super().__init__(settings)
         self.router = router
         # The node's import filter (RoutedBackbone.importing), for messages other nodes published.
         self.importing = importing
-        self.dedup = Deduplicator(settings.dedup_window)
+        self.dedup = dedup if dedup is not None else Deduplicator(settings.dedup_window)
         self.consumed = 0
         self.rejected = 0
         self.duplicates = 0

@@ -15,7 +15,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pika
@@ -25,6 +25,7 @@ from pika.spec import Basic
 from threatbus.data import Message
 from threatbus.worker import StoppableWorker
 from threatbus_rabbitmq.connection import AmqpWorker
+from threatbus_rabbitmq.outbox import DurableOutbox
 from threatbus_rabbitmq.settings import BrokerSettings
 
 logger = logging.getLogger(__name__)
@@ -66,13 +67,16 @@ class Outbox:
         self.items.append(message)
         return True
 
+    def settled(self, messages: Iterable[Message]) -> None:
+        """The broker confirmed ``messages`` (the durable outbox forgets them on disk; nothing to do here)."""
+
 
 class Publisher(AmqpWorker):
     """Owns the publishing connection; runs in its own thread."""
 
     role = "publisher"
 
-    def __init__(self, settings: BrokerSettings, outbox: Outbox) -> None:
+    def __init__(self, settings: BrokerSettings, outbox: Outbox | DurableOutbox) -> None:
         super().__init__(settings)
         self.outbox = outbox
         self.feeder_done = threading.Event()
@@ -155,6 +159,7 @@ class Publisher(AmqpWorker):
             except Exception as err:  # a payload JSON cannot express: no retry helps
                 self.unencodable += 1
                 logger.error("publisher: dropped a %s that cannot be encoded: %s", type(message).__name__, err)
+                self.outbox.settled((message,))
                 continue
             try:
                 channel.basic_publish(exchange, "", body, properties)
@@ -183,6 +188,7 @@ class Publisher(AmqpWorker):
             logger.warning("publisher: broker nacked %d message(s); sending them again", len(settled))
         else:
             self.published += len(settled)
+            self.outbox.settled(settled)
         if self.outbox.items:
             self._flush()
         elif self._shutdown_deadline is not None:
@@ -244,7 +250,7 @@ class Feeder(StoppableWorker):
     def __init__(
         self,
         inq: queue.Queue[Message],
-        outbox: Outbox,
+        outbox: Outbox | DurableOutbox,
         publisher: Publisher,
         exporting: Callable[[Message], bool] | None = None,
     ) -> None:
