@@ -4,7 +4,7 @@ A receiving node killed between handing messages to its apps and acking them
 gets them again from the broker after its restart. With the window of keys
 it had seen on disk, it drops them instead of delivering them twice.
 
-The file is a ring of 64-bit key digests behind a small header. Writing a key
+Keys are written once the apps took the message (see ``handover``). The file is a ring of 64-bit key digests behind a small header. Writing a key
 is a store into shared memory (no system call on the hot path): the kernel
 owns those pages, so a key is in the file as soon as it is written, even if
 the process is killed the next instant. The kernel writes the pages to the
@@ -19,6 +19,7 @@ import logging
 import mmap
 import os
 import struct
+from collections import deque
 from collections.abc import Hashable
 from pathlib import Path
 
@@ -38,14 +39,49 @@ def digest(key: Hashable) -> int:
     return value or 1
 
 
-class PersistentDeduplicator:
-    """Remembers the last ``size`` message keys, in memory and in ``path``; ``seen`` is True for a repeat."""
+class Deduplicator:
+    """Remembers the last ``size`` message keys (as 64-bit digests: 100k keys take a few MB).
+
+    ``check`` returns 0 for a repeat, else the key's digest; ``record`` is
+    told the digests of messages handed over for good (kept in memory only here).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._order: deque[int] = deque()
+        self._keys: set[int] = set()
+
+    def check(self, key: Hashable) -> int:
+        if self.size <= 0:
+            return digest(key)
+        value = digest(key)
+        if value in self._keys:
+            return 0
+        if len(self._order) >= self.size:
+            self._keys.discard(self._order.popleft())
+        self._order.append(value)
+        self._keys.add(value)
+        return value
+
+    def seen(self, key: Hashable) -> bool:
+        return self.check(key) == 0
+
+    def record(self, digests: list[int]) -> None:
+        """The messages of ``digests`` reached the apps (nothing to keep beyond memory here)."""
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    def close(self) -> None:
+        pass
+
+
+class PersistentDeduplicator(Deduplicator):
+    """The window also in ``path``: ``record`` writes the digests there, loaded again at the next start."""
 
     def __init__(self, size: int, path: Path) -> None:
-        self.size = size
+        super().__init__(size)
         self.path = path
-        self._keys: set[int] = set()
-        self._ring: list[int] = [0] * size
         self._head = 0
         self._file, self._map = self._open(self._load())
 
@@ -69,15 +105,15 @@ class PersistentDeduplicator:
 
     def _open(self, known: list[int]) -> tuple[int, mmap.mmap]:
         known = known[-self.size :]
-        for position, value in enumerate(known):
-            self._ring[position] = value
+        self._order.extend(known)
         self._keys.update(known)
         self._head = len(known) % self.size
+        ring = known + [0] * (self.size - len(known))
         tmp = self.path.with_suffix(".tmp")
         # Rewritten at each start (a few MB at most): the window size may have changed.
         with open(tmp, "wb") as out:
             out.write(_HEADER.pack(MAGIC, self.size, self._head))
-            out.write(struct.pack(f"<{self.size}Q", *self._ring))
+            out.write(struct.pack(f"<{self.size}Q", *ring))
         os.replace(tmp, self.path)
         fd = os.open(self.path, os.O_RDWR)
         try:
@@ -86,25 +122,16 @@ class PersistentDeduplicator:
             os.close(fd)
             raise
 
-    def seen(self, key: Hashable) -> bool:
-        value = digest(key)
-        if value in self._keys:
-            return True
-        head = self._head
-        old = self._ring[head]
-        if old:
-            self._keys.discard(old)
-        self._ring[head] = value
-        self._keys.add(value)
-        # The key first, then the head: a kill in between leaves the key readable (loads take every slot).
-        _SLOT.pack_into(self._map, _HEADER.size + head * _SLOT.size, value)
-        head += 1
-        self._head = 0 if head == self.size else head
-        _SLOT.pack_into(self._map, _HEAD_OFFSET, self._head)
-        return False
-
-    def __len__(self) -> int:
-        return len(self._keys)
+    def record(self, digests: list[int]) -> None:
+        mapped, head, size = self._map, self._head, self.size
+        for value in digests:
+            # The key first, then the head: a kill in between leaves the key readable (loads take every slot).
+            _SLOT.pack_into(mapped, _HEADER.size + head * _SLOT.size, value)
+            head += 1
+            if head == size:
+                head = 0
+        self._head = head
+        _SLOT.pack_into(mapped, _HEAD_OFFSET, head)
 
     def close(self) -> None:
         try:
@@ -114,10 +141,10 @@ class PersistentDeduplicator:
             os.close(self._file)
 
 
-def open_dedup(size: int, directory: Path | None) -> PersistentDeduplicator | None:
-    """The persistent window in ``directory``, or ``None`` (keep it in memory) without one or with size 0."""
+def open_dedup(size: int, directory: Path | None) -> Deduplicator:
+    """The window on disk in ``directory``; in memory only without a directory or with size 0."""
     if directory is None or size <= 0:
-        return None
+        return Deduplicator(size)
     window = PersistentDeduplicator(size, directory / FILE_NAME)
     logger.info("dedup: %d key(s) of the last window loaded from %s", len(window), window.path)
     return window

@@ -23,7 +23,7 @@ from threatbus.node import Node
 from threatbus.routing import RoutedBackbone, TopicRouter
 from threatbus.worker import stop_workers
 from threatbus_rabbitmq.consumer import Consumer
-from threatbus_rabbitmq.dedup import PersistentDeduplicator, open_dedup
+from threatbus_rabbitmq.dedup import Deduplicator, open_dedup
 from threatbus_rabbitmq.outbox import DIR_NAME, DurableOutbox
 from threatbus_rabbitmq.publisher import Feeder, Outbox, Publisher
 from threatbus_rabbitmq.settings import NAME, BrokerSettings, resolve, validators
@@ -48,7 +48,7 @@ class RabbitMQBackbone(RoutedBackbone):
         self.settings: BrokerSettings | None = None
         self.outbox: Outbox | DurableOutbox | None = None
         self.state: StateDir | None = None
-        self.dedup: PersistentDeduplicator | None = None
+        self.dedup: Deduplicator | None = None
         self.publisher: Publisher | None = None
         self.consumer: Consumer | None = None
         self.feeder: Feeder | None = None
@@ -87,6 +87,7 @@ class RabbitMQBackbone(RoutedBackbone):
         self.state = StateDir.open(node, NAME) if settings.state_on_disk else None
         if self.state is None:
             self.outbox = Outbox(settings.outbox_size)
+            self.dedup = open_dedup(settings.dedup_window, None)
             return
         try:
             self.outbox = DurableOutbox(self.state.path / DIR_NAME, settings.outbox_size, settings.outbox_max_bytes)
