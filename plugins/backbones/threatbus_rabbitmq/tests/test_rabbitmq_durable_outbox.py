@@ -78,9 +78,7 @@ def outage_kill_restart(broker: Any, ctl: Any, spawn_node: Any, state: str) -> t
     return sender, [m.get("id") for m in receiver.received()], [m.id for m in intel + newer]
 
 
-def test_what_a_node_accepted_survives_its_sigkill_during_an_outage_and_is_sent_first_in_order(
-    broker, ctl, spawn_node
-):
+def test_what_a_node_accepted_survives_its_sigkill_during_an_outage_and_is_sent_first_in_order(broker, ctl, spawn_node):
     sender, got, ids = outage_kill_restart(broker, ctl, spawn_node, "disk")
     counts = Counter(got)
     lost = [i for i in ids if counts[i] == 0]

@@ -43,12 +43,12 @@ def _host_port(entry: str) -> tuple[str, int | None]:
         host, _, rest = entry[1:].partition("]")
         if rest and not rest.startswith(":"):
             raise ValueError(entry)
-        port_text = rest[1:]
+        port_text = rest[1:] if rest else None
     elif entry.count(":") == 1:
         host, _, port_text = entry.partition(":")
-    else:
-        host, port_text = entry, ""
-    if not host or (port_text and not port_text.isdigit()):
+    else:  # a name, or an IPv6 address without brackets (and so without port)
+        host, port_text = entry, None
+    if not host or (port_text is not None and not port_text.isdigit()):
         raise ValueError(entry)
     number = int(port_text) if port_text else None
     if number is not None and not 0 < number < 65536:
