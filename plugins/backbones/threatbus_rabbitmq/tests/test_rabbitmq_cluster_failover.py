@@ -19,7 +19,7 @@ import pytest
 
 from threatbus.testing import indicator, unavailable, wait_until
 
-pytestmark = [pytest.mark.rabbitmq, pytest.mark.e2e]
+pytestmark = [pytest.mark.rabbitmq, pytest.mark.e2e, pytest.mark.rabbitmq_cluster]
 
 SCRIPT = Path(__file__).resolve().parents[4] / "scripts" / "rabbitmq-cluster"
 
