@@ -63,7 +63,8 @@ class _OutboxWriter(StoppableWorker):
         self.source = source
 
     def run(self) -> None:
-        with self.path.open("ab") as outbox:
+        # Unbuffered: each batch is one write(), so a SIGKILL leaves whole lines (tests kill nodes mid-stream).
+        with self.path.open("ab", buffering=0) as outbox:
             for message in self.drain(self.source):
                 batch = [message]
                 while True:
@@ -72,7 +73,6 @@ class _OutboxWriter(StoppableWorker):
                     except queue.Empty:
                         break
                 outbox.write(b"".join(m.encode() + b"\n" for m in batch))
-                outbox.flush()
 
 
 class _LateSubscriber(StoppableWorker):

@@ -33,8 +33,9 @@ from threatbus_rabbitmq.settings import BrokerSettings
 
 logger = logging.getLogger(__name__)
 
-# Acks wait at most this long to be batched with later ones.
-ACK_DELAY = 0.01
+# While messages wait in the apps' queues, how often the consumer looks whether they were taken (then writes
+# their keys; the shorter, the fewer a kill in between repeats) and acks what was taken.
+RELEASE_INTERVAL = 0.001
 # Poison messages: at most this many log lines per window, then a summary.
 _POISON_LOG_BURST = 20
 _POISON_LOG_WINDOW = 10.0
@@ -74,6 +75,8 @@ class Consumer(AmqpWorker):
         self._consumer_tag: str | None = None
         self._ack_batch = max(1, settings.prefetch // 4)
         self._ack_timer: Any = None
+        self._ackable = 0  # the highest delivery tag the apps took (all below it too)
+        self._acked = 0
         self._poison_window_start = 0.0
         self._poison_logged = 0
         self._poison_suppressed = 0
@@ -264,27 +267,34 @@ class Consumer(AmqpWorker):
         self._ack()
 
     def _ack(self) -> None:
-        if len(self.handover) >= self._ack_batch:
-            self._flush_acks()
+        self._release_taken()
         if len(self.handover) and self._ack_timer is None:
-            self._ack_timer = self.call_later(ACK_DELAY, self._on_ack_timer)
+            self._ack_timer = self.call_later(RELEASE_INTERVAL, self._on_ack_timer)
 
     def _on_ack_timer(self) -> None:
         self._ack_timer = None
-        self._flush_acks()
+        self._release_taken(ack_now=True)
         if len(self.handover) and self._channel is not None and self._channel.is_open:
-            self._ack_timer = self.call_later(ACK_DELAY, self._on_ack_timer)
+            self._ack_timer = self.call_later(RELEASE_INTERVAL, self._on_ack_timer)
+
+    def _release_taken(self, ack_now: bool = False) -> None:
+        """Write the keys of what the apps took to the dedup window, then ack it (batched unless ``ack_now``)."""
+        tag, digests = self.handover.taken()
+        if digests:
+            self.dedup.record(digests)
+        if tag:
+            self._ackable = tag
+        if self._ackable > self._acked and (ack_now or self._ackable - self._acked >= self._ack_batch):
+            if self._channel is not None and self._channel.is_open:
+                self._channel.basic_ack(self._ackable, multiple=True)
+            self._acked = self._ackable
 
     def _flush_acks(self) -> None:
         """Ack what the apps took so far, after writing its dedup keys."""
         if self._ack_timer is not None:
             self.remove_timeout(self._ack_timer)
             self._ack_timer = None
-        tag, digests = self.handover.taken()
-        if digests:
-            self.dedup.record(digests)
-        if tag and self._channel is not None and self._channel.is_open:
-            self._channel.basic_ack(tag, multiple=True)
+        self._release_taken(ack_now=True)
 
     def _log_poison(self, err: Exception, body: bytes, method: Basic.Deliver) -> None:
         now = time.monotonic()
@@ -316,6 +326,7 @@ class Consumer(AmqpWorker):
         _tag, digests = self.handover.taken()
         self.dedup.record(digests)
         waiting = self.handover.clear()
+        self._ackable = self._acked = 0
         if not self.stopping:
             self.dedup.record(waiting)
         self._consumer_tag = None
