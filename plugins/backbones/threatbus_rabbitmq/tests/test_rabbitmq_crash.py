@@ -27,16 +27,23 @@ def lost_and_repeated(received: list[dict[str, Any]], ids: list[str]) -> tuple[l
 
 def kill_receiver_mid_stream(broker: Any, spawn_node: Any, state: str) -> tuple[list[str], dict[str, int], str]:
     """Node B receives a stream from node A, is SIGKILLed twice mid-stream and restarted; (lost, repeated, B's log)."""
+    queue_b = broker.queue(f"recv-{state}")
     sender = spawn_node(f"send-{state}-{broker.id}", broker.config(broker.queue(f"send-{state}"), state=state))
-    receiver = spawn_node(f"recv-{state}-{broker.id}", broker.config(broker.queue(f"recv-{state}"), state=state))
+    receiver = spawn_node(f"recv-{state}-{broker.id}", broker.config(queue_b, state=state))
     sender.start()
     receiver.start()
     intel = [indicator(f"10.9.{i // 250}.{i % 250}") for i in range(6000)]
     ids = [i.id for i in intel]
     sender.publish(intel)
-    for threshold in (1000, 3500):
-        # Killed when a part has arrived (polled, not timed), while the rest streams in.
-        wait_until(lambda t=threshold: len(receiver.received()) >= t, 60, interval=0.002, what=f"{threshold} at B")
+    for fetched in (1000, 3500):
+        # Killed once B fetched that many from its queue: a moment set by the broker's side, not by B's app
+        # writing its output (a kill right after the app's output would hit the one window left, see README).
+        wait_until(
+            lambda f=fetched: len(ids) - broker.message_count(f"threatbus.{queue_b}") >= f,
+            60,
+            interval=0.005,
+            what=f"B to fetch {fetched}",
+        )
         receiver.kill()  # SIGKILL: no stop, no last acks
         killed_at = len(receiver.received())
         assert killed_at < len(ids), f"the kill came after the stream ended ({killed_at})"
