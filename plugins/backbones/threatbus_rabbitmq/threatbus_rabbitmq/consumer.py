@@ -36,6 +36,10 @@ logger = logging.getLogger(__name__)
 # While messages wait in the apps' queues, how often the consumer looks whether they were taken (then writes
 # their keys; the shorter, the fewer a kill in between repeats) and acks what was taken.
 RELEASE_INTERVAL = 0.001
+# Acks of taken messages wait at most this long to be batched with later ones.
+ACK_DELAY = 0.01
+# On a busy queue the consumer looks at what was taken at every this many deliveries too.
+RELEASE_EVERY = 16
 # Poison messages: at most this many log lines per window, then a summary.
 _POISON_LOG_BURST = 20
 _POISON_LOG_WINDOW = 10.0
@@ -77,6 +81,7 @@ class Consumer(AmqpWorker):
         self._ack_timer: Any = None
         self._ackable = 0  # the highest delivery tag the apps took (all below it too)
         self._acked = 0
+        self._ack_due = 0.0  # monotonic: when what was taken must be acked at the latest
         self._poison_window_start = 0.0
         self._poison_logged = 0
         self._poison_suppressed = 0
@@ -267,14 +272,16 @@ class Consumer(AmqpWorker):
         self._ack()
 
     def _ack(self) -> None:
-        self._release_taken()
-        if len(self.handover) and self._ack_timer is None:
+        if len(self.handover) >= RELEASE_EVERY:
+            self._release_taken()
+        if self._ack_timer is None:
             self._ack_timer = self.call_later(RELEASE_INTERVAL, self._on_ack_timer)
 
     def _on_ack_timer(self) -> None:
         self._ack_timer = None
-        self._release_taken(ack_now=True)
-        if len(self.handover) and self._channel is not None and self._channel.is_open:
+        self._release_taken(ack_now=time.monotonic() >= self._ack_due)
+        waiting = len(self.handover) or self._ackable > self._acked
+        if waiting and self._channel is not None and self._channel.is_open:
             self._ack_timer = self.call_later(RELEASE_INTERVAL, self._on_ack_timer)
 
     def _release_taken(self, ack_now: bool = False) -> None:
@@ -283,6 +290,8 @@ class Consumer(AmqpWorker):
         if digests:
             self.dedup.record(digests)
         if tag:
+            if self._ackable == self._acked:
+                self._ack_due = time.monotonic() + ACK_DELAY
             self._ackable = tag
         if self._ackable > self._acked and (ack_now or self._ackable - self._acked >= self._ack_batch):
             if self._channel is not None and self._channel.is_open:

@@ -152,25 +152,37 @@ class DurableOutbox:
 
     def put(self, message: Message) -> bool:
         """On disk and queued for the publisher: True; refused (full): False, logged and counted."""
-        body = message.encode()
-        size = _RECORD.size + len(body)
+        return self.put_many([message]) == 1
+
+    def put_many(self, messages: list[Message]) -> int:
+        """``put`` for several, with one ``write``; returns how many were taken (the rest is refused)."""
+        records = []
+        taken = []
         with self._lock:
-            if len(self.items) >= self.capacity or self.bytes + size > self.max_bytes:
-                self._refuse()
-                return False
-            if id(message) in self._seq_of:  # the same object twice: give the second its own identity
-                message = type(message)(message.payload, body)
-            seq = self._next
             if self._segment_size >= self.segment_bytes:
                 self._roll()
-            os.write(self._fd, _RECORD.pack(len(body), zlib.crc32(body), seq) + body)
-            self._segment_size += size
-            self._next = seq + 1
-            self._seq_of[id(message)] = seq
-            self._size_of[seq] = size
-            self.bytes += size
-            self.items.append(message)
-        return True
+            seq = self._next
+            for message in messages:
+                body = message.encode()
+                size = _RECORD.size + len(body)
+                if len(self.items) + len(taken) >= self.capacity or self.bytes + size > self.max_bytes:
+                    self._refuse()
+                    continue
+                if id(message) in self._seq_of:  # the same object twice: give the second its own identity
+                    message = type(message)(message.payload, body)
+                records.append(_RECORD.pack(len(body), zlib.crc32(body), seq))
+                records.append(body)
+                self._seq_of[id(message)] = seq
+                self._size_of[seq] = size
+                self.bytes += size
+                self._segment_size += size
+                taken.append(message)
+                seq += 1
+            if taken:
+                os.write(self._fd, b"".join(records))
+                self._next = seq
+                self.items.extend(taken)  # only now: the publisher sends nothing that is not on disk
+        return len(taken)
 
     def _refuse(self) -> None:
         self.dropped += 1

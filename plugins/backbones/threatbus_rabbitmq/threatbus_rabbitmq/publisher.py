@@ -10,6 +10,7 @@ in their order and are sent again (consumers drop the duplicates this can make).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -32,6 +33,8 @@ logger = logging.getLogger(__name__)
 
 # While stopping, how often the publisher checks whether everything is confirmed.
 _SHUTDOWN_CHECK = 0.02
+# The feeder moves at most this many messages into the outbox at once.
+FEED_BATCH = 256
 # At most one "outbox full" log line per this many seconds.
 _DROP_LOG_INTERVAL = 5.0
 
@@ -66,6 +69,9 @@ class Outbox:
             return False
         self.items.append(message)
         return True
+
+    def put_many(self, messages: list[Message]) -> int:
+        return sum(self.put(message) for message in messages)
 
     def settled(self, messages: Iterable[Message]) -> None:
         """The broker confirmed ``messages`` (the durable outbox forgets them on disk; nothing to do here)."""
@@ -263,19 +269,24 @@ class Feeder(StoppableWorker):
         self.invalid = 0
 
     def _take(self, message: Any) -> None:
-        if not isinstance(message, Message):
-            self.invalid += 1
-            logger.error("feeder: dropped an object that is not a Threat Bus message: %r", type(message).__name__)
-            return
-        if self.exporting is not None and not self.exporting(message):
-            return
-        if self.outbox.put(message):
+        self._take_all([message])
+
+    def _take_all(self, messages: list[Any]) -> None:
+        accepted = []
+        for message in messages:
+            if not isinstance(message, Message):
+                self.invalid += 1
+                logger.error("feeder: dropped an object that is not a Threat Bus message: %r", type(message).__name__)
+            elif self.exporting is None or self.exporting(message):
+                accepted.append(message)
+        # One write to the durable outbox for what the apps handed over meanwhile.
+        if accepted and self.outbox.put_many(accepted):
             self.publisher.wake()
 
     def run(self) -> None:
         try:
             for message in self.drain(self.inq):
-                self._take(message)
+                self._take_all([message, *itertools.islice(self.leftovers(self.inq), FEED_BATCH - 1)])
             # The apps stopped before the backbone: what they published is in inq; send it too.
             for message in self.leftovers(self.inq):
                 self._take(message)
