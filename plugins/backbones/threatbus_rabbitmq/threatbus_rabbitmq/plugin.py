@@ -146,8 +146,9 @@ class RabbitMQBackbone(RoutedBackbone):
         timeout = (self.settings.stop_timeout if self.settings else 5.0) + 2.0
         # The feeder moves what the apps published last into the outbox; the
         # publisher sends it and waits for its confirms; the consumer acks what it routed.
-        stop_workers(workers, timeout=timeout)
-        self._close_state()  # what the broker did not confirm stays on disk for the next start
+        if not stop_workers(workers, timeout=timeout):
+            self._close_state()  # what the broker did not confirm stays on disk for the next start
+        # else a worker still runs and may write: the files close with the process (the next start reads them)
         logger.info(
             "RabbitMQ backbone stopped: %d published, %d consumed, %d rejected, %d duplicates dropped",
             self.publisher.published if self.publisher else 0,
