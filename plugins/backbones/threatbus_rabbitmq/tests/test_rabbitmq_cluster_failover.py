@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,14 +46,18 @@ def cluster_ports() -> Iterator[list[int]]:
         cluster("down", timeout=120)
 
 
-def test_stopping_the_cluster_node_both_bus_nodes_use_loses_nothing_and_repeats_nothing(
-    broker, spawn_node, cluster_ports
-):
-    hosts = [f"127.0.0.1:{port}" for port in cluster_ports]
-    # `hosts` replaces the shared broker's host/port of broker.config (which gives the unique names).
-    section = {"hosts": hosts, "queue": {"type": "quorum"}, "reconnect": {"initial": 0.2, "max": 1.0}}
-    sender = spawn_node(f"fo-a-{broker.id}", {**broker.config(broker.queue("fo-a")), **section})
-    receiver = spawn_node(f"fo-b-{broker.id}", {**broker.config(broker.queue("fo-b")), **section})
+def test_stopping_the_cluster_node_both_bus_nodes_use_loses_nothing_and_repeats_nothing(spawn_node, cluster_ports):
+    # Names of its own: the cluster is not the shared broker (which this test neither needs nor touches).
+    run = uuid.uuid4().hex[:12]
+    section = {
+        "hosts": [f"127.0.0.1:{port}" for port in cluster_ports],
+        "exchange_name": f"tb-failover-{run}",
+        "queue": {"type": "quorum"},
+        "reconnect": {"initial": 0.2, "max": 1.0},
+        "heartbeat": 10,
+    }
+    sender = spawn_node(f"fo-a-{run}", {**section, "queue": {"type": "quorum", "name_suffix": f"fo-a-{run}"}})
+    receiver = spawn_node(f"fo-b-{run}", {**section, "queue": {"type": "quorum", "name_suffix": f"fo-b-{run}"}})
     sender.start()
     receiver.start()
     first_port = cluster_ports[0]
