@@ -80,11 +80,20 @@ def prepare(config_path: str | None) -> Bus:
     else:
         logger.info("using config file %s", source)
     config.validate(settings, config.core_validators())
-    node = Node.create(settings.node.name, str(Path(source).resolve()))
+    node = node_of(settings, source)
     loaded = plugins.load(settings)
     bus = Bus(settings, apps=loaded["apps"], backbones=loaded["backbones"], node=node)
     bus.configure()
     return bus
+
+
+def node_of(settings: Any, source: Path) -> Node:
+    """The node's identity and data directory from the validated core config. Raises ``ConfigError``."""
+    name = settings.node.name
+    data_dir = settings.node.get("data_dir") or Node.default_data_dir(name or Node.create().name)
+    node = Node.create(name, str(Path(source).resolve()), data_dir)
+    node.check_data_dir()
+    return node
 
 
 def run(bus: Bus) -> int:

@@ -144,6 +144,8 @@ def core_validators() -> list[Validator]:
         choice("logging.file_verbosity", LOG_LEVELS, default="DEBUG"),
         option("logging.filename", str, default="threatbus.log"),
         option("node.name", str, default=None, check=bool, expected="a non-empty string"),
+        # State that must survive a crash (the rabbitmq outbox and dedup window); default ./threatbus-data/<name>.
+        option("node.data_dir", str, default=None, check=bool, expected="a directory path"),
         # Metrics and health endpoints (threatbus.observability): off unless http.port is set.
         option("http", dict, default={}),
         option("http.host", str, default="127.0.0.1", check=bool, expected="a host name or IP address"),

@@ -149,7 +149,11 @@ class ThreatBusProcess:
         self, config: Mapping[str, Any], workdir: Path, name: str = "node", extra_env: Mapping[str, str] | None = None
     ) -> None:
         self.config_path = Path(workdir) / f"{name}.yaml"
-        self.config_path.write_text(yaml.safe_dump(dict(config)))
+        config = dict(config)
+        # Durable state in the test's directory, not ./threatbus-data/<name> shared by every test of that name.
+        config["node"] = {"data_dir": str(Path(workdir) / f"{name}.data"), **(config.get("node") or {})}
+        self.data_dir = Path(config["node"]["data_dir"])
+        self.config_path.write_text(yaml.safe_dump(config))
         self.log_path = Path(workdir) / f"{name}.log"
         self.extra_env = dict(extra_env or {})
         self.process: subprocess.Popen[bytes] | None = None

@@ -24,7 +24,6 @@ from threatbus import logging as threatbus_logging
 from threatbus.bus import Bus
 from threatbus.data import Message, decode
 from threatbus.errors import DecodeError
-from threatbus.node import Node
 from threatbus.stix import validate
 from threatbus.worker import StoppableWorker, stop_workers
 
@@ -64,7 +63,8 @@ class _OutboxWriter(StoppableWorker):
         self.source = source
 
     def run(self) -> None:
-        with self.path.open("ab") as outbox:
+        # Unbuffered: each batch is one write(), so a SIGKILL leaves whole lines (tests kill nodes mid-stream).
+        with self.path.open("ab", buffering=0) as outbox:
             for message in self.drain(self.source):
                 batch = [message]
                 while True:
@@ -73,7 +73,6 @@ class _OutboxWriter(StoppableWorker):
                     except queue.Empty:
                         break
                 outbox.write(b"".join(m.encode() + b"\n" for m in batch))
-                outbox.flush()
 
 
 class _LateSubscriber(StoppableWorker):
@@ -121,7 +120,7 @@ def main(path: str) -> int:
     threatbus_logging.configure_early()
     settings, source = config.load(path)
     config.validate(settings, config.core_validators())
-    node = Node.create(settings.node.name, str(Path(source).resolve()))
+    node = cli.node_of(settings, source)
     loaded = plugins.load(settings)
     app = FileApp(settings.testapp.inbox, settings.testapp.outbox, settings.testapp.get("subscribe_when"))
     bus = Bus(settings, apps={"testapp": app}, backbones=loaded["backbones"], node=node)

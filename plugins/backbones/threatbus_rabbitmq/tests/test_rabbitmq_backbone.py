@@ -285,11 +285,11 @@ def test_an_unexpected_error_in_the_consumer_reconnects_instead_of_dying(broker,
         original_ack = consumer._ack
         failures = []
 
-        def ack_failing_once(tag: int) -> None:
+        def ack_failing_once() -> None:
             if not failures:
-                failures.append(tag)
+                failures.append(True)
                 raise RuntimeError("injected bug")
-            original_ack(tag)
+            original_ack()
 
         consumer._ack = ack_failing_once  # type: ignore[method-assign]
         first, second = indicator("10.12.0.1"), indicator("10.12.0.2")

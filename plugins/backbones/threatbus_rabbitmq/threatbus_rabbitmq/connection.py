@@ -61,7 +61,18 @@ class AmqpWorker(ReconnectingWorker):
         self._channel: Channel | None = None
         self._closing = False
         self._failures = 0  # attempts since the last successful set-up
+        self._address = 0  # index into settings.brokers: the next failure moves on to the next broker
         self._tick_handle: Any = None
+
+    @property
+    def url(self) -> str:
+        """The broker this worker is connected (or connecting) to."""
+        return self.settings.url_of(self._address)
+
+    def _next_broker(self) -> None:
+        # A cluster: after a failure try the next node (a stopped node's queues live on in the others).
+        if len(self.settings.brokers) > 1:
+            self._address = (self._address + 1) % len(self.settings.brokers)
 
     # ---- thread side ---------------------------------------------------
 
@@ -74,7 +85,7 @@ class AmqpWorker(ReconnectingWorker):
         self.on_lost()
 
     def reconnecting(self, delay: float) -> None:
-        logger.info("%s: reconnecting to %s in %.1fs", self.role, self.settings.url, delay)
+        logger.info("%s: reconnecting to %s in %.1fs", self.role, self.url, delay)
 
     def finish(self) -> None:
         self.connected = False
@@ -99,7 +110,7 @@ class AmqpWorker(ReconnectingWorker):
         self._closing = False
         try:
             connection = pika.SelectConnection(
-                self.settings.parameters(self.role),
+                self.settings.parameters(self.role, self._address),
                 on_open_callback=self._on_connection_open,
                 on_open_error_callback=self._on_open_error,
                 on_close_callback=self._on_connection_closed,
@@ -154,11 +165,12 @@ class AmqpWorker(ReconnectingWorker):
             level,
             "%s: cannot connect to RabbitMQ at %s (attempt %d): %s; keeps retrying with backoff (max %.0fs)",
             self.role,
-            self.settings.url,
+            self.url,
             self._failures,
             describe_close(err) if not isinstance(err, pika.exceptions.AMQPConnectionError) else _flatten(err),
             self.settings.reconnect_max,
         )
+        self._next_broker()
 
     def _on_open_error(self, connection: pika.SelectConnection, err: BaseException) -> None:
         self._failed_attempt(err)
@@ -195,7 +207,9 @@ class AmqpWorker(ReconnectingWorker):
         self.on_lost()
         if not self._closing:
             level = logging.WARNING if was_connected else logging.ERROR
-            logger.log(level, "%s: connection to %s lost: %s", self.role, self.settings.url, describe_close(reason))
+            logger.log(level, "%s: connection to %s lost: %s", self.role, self.url, describe_close(reason))
+            if was_connected:
+                self._next_broker()
         if self._tick_handle is not None:
             connection.ioloop.remove_timeout(self._tick_handle)
             self._tick_handle = None
@@ -206,11 +220,9 @@ class AmqpWorker(ReconnectingWorker):
         self.connected = True
         self.connects += 1
         if self.connects > 1:
-            logger.info(
-                "%s: reconnected to %s (%d failed attempt(s) before)", self.role, self.settings.url, self._failures
-            )
+            logger.info("%s: reconnected to %s (%d failed attempt(s) before)", self.role, self.url, self._failures)
         else:
-            logger.info("%s: connected to %s", self.role, self.settings.url)
+            logger.info("%s: connected to %s", self.role, self.url)
         self._failures = 0
         self.backoff.reset()
 

@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from typing import Any
 
 from pika.channel import Channel
@@ -28,12 +27,19 @@ from pika.spec import Basic, BasicProperties
 from threatbus.data import TOPIC_INDICATOR, TOPIC_SIGHTING, Message, decode, describe
 from threatbus.routing import TopicRouter
 from threatbus_rabbitmq.connection import AmqpWorker
+from threatbus_rabbitmq.dedup import Deduplicator
+from threatbus_rabbitmq.handover import Handover
 from threatbus_rabbitmq.settings import BrokerSettings
 
 logger = logging.getLogger(__name__)
 
-# Acks wait at most this long to be batched with later ones.
+# While messages wait in the apps' queues, how often the consumer looks whether they were taken (then writes
+# their keys; the shorter, the fewer a kill in between repeats) and acks what was taken.
+RELEASE_INTERVAL = 0.001
+# Acks of taken messages wait at most this long to be batched with later ones.
 ACK_DELAY = 0.01
+# On a busy queue the consumer looks at what was taken at every this many deliveries too.
+RELEASE_EVERY = 16
 # Poison messages: at most this many log lines per window, then a summary.
 _POISON_LOG_BURST = 20
 _POISON_LOG_WINDOW = 10.0
@@ -43,45 +49,24 @@ HOLD_CHECK = 0.1
 INTEL_TOPICS = (TOPIC_INDICATOR, TOPIC_SIGHTING)
 
 
-class Deduplicator:
-    """Remembers the last ``size`` message keys; ``seen`` is True for a repeat."""
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._order: deque[int] = deque()
-        self._keys: set[int] = set()
-
-    def seen(self, key: Hashable) -> bool:
-        if self.size <= 0:
-            return False
-        # Keep only the 64-bit hash (the default window of 100k keys takes a few MB, not tens):
-        # a collision within the window is about as likely as 1 in 10^9.
-        digest = hash(key)
-        if digest in self._keys:
-            return True
-        if len(self._order) >= self.size:
-            self._keys.discard(self._order.popleft())
-        self._order.append(digest)
-        self._keys.add(digest)
-        return False
-
-    def __len__(self) -> int:
-        return len(self._order)
-
-
 class Consumer(AmqpWorker):
     """Owns the consuming connection; runs in its own thread."""
 
     role = "consumer"
 
     def __init__(
-        self, settings: BrokerSettings, router: TopicRouter, importing: Callable[[Message], bool] | None = None
+        self,
+        settings: BrokerSettings,
+        router: TopicRouter,
+        importing: Callable[[Message], bool] | None = None,
+        dedup: Deduplicator | None = None,
     ) -> None:
         super().__init__(settings)
         self.router = router
         # The node's import filter (RoutedBackbone.importing), for messages other nodes published.
         self.importing = importing
-        self.dedup = Deduplicator(settings.dedup_window)
+        self.dedup = dedup if dedup is not None else Deduplicator(settings.dedup_window)
+        self.handover = Handover()
         self.consumed = 0
         self.rejected = 0
         self.duplicates = 0
@@ -92,10 +77,11 @@ class Consumer(AmqpWorker):
         self._hold_timer: Any = None
         self.holding = False  # queue declared and bound, consumption held back
         self._consumer_tag: str | None = None
-        self._unacked = 0
-        self._last_tag = 0
         self._ack_batch = max(1, settings.prefetch // 4)
         self._ack_timer: Any = None
+        self._ackable = 0  # the highest delivery tag the apps took (all below it too)
+        self._acked = 0
+        self._ack_due = 0.0  # monotonic: when what was taken must be acked at the latest
         self._poison_window_start = 0.0
         self._poison_logged = 0
         self._poison_suppressed = 0
@@ -258,14 +244,15 @@ class Consumer(AmqpWorker):
         self.consumed += 1
         try:
             message = decode(body)
-            repeated = self.dedup.seen(message.dedup_key)
+            digest = self.dedup.check(message.dedup_key)
         except Exception as err:  # DecodeError, or anything else odd input may provoke
             self.rejected += 1
             self._log_poison(err, body, method)
             self._flush_acks()
             channel.basic_reject(method.delivery_tag, requeue=False)
             return
-        if repeated:
+        queues: tuple[Any, ...] = ()
+        if not digest:
             self.duplicates += 1
         elif (
             self.importing is not None
@@ -274,32 +261,49 @@ class Consumer(AmqpWorker):
         ):
             pass  # held back by the import filter, counted there
         else:
+            queues = self.router.subscribers(message.topic)
             try:
                 self.router.route(message)
             except Exception:
                 # A broken subscriber must not stop the consumer nor block the queue.
                 logger.exception("consumer: delivering %s to local subscribers failed", message.type_name)
-        self._ack(method.delivery_tag)
+        # Acked (and its key kept on disk) once the apps took it from their queues: see handover.
+        self.handover.routed(method.delivery_tag, digest, queues)
+        self._ack()
 
-    def _ack(self, tag: int) -> None:
-        self._last_tag = tag
-        self._unacked += 1
-        if self._unacked >= self._ack_batch:
-            self._flush_acks()
-        elif self._ack_timer is None:
-            self._ack_timer = self.call_later(ACK_DELAY, self._on_ack_timer)
+    def _ack(self) -> None:
+        if len(self.handover) >= RELEASE_EVERY:
+            self._release_taken()
+        if self._ack_timer is None:
+            self._ack_timer = self.call_later(RELEASE_INTERVAL, self._on_ack_timer)
 
     def _on_ack_timer(self) -> None:
         self._ack_timer = None
-        self._flush_acks()
+        self._release_taken(ack_now=time.monotonic() >= self._ack_due)
+        waiting = len(self.handover) or self._ackable > self._acked
+        if waiting and self._channel is not None and self._channel.is_open:
+            self._ack_timer = self.call_later(RELEASE_INTERVAL, self._on_ack_timer)
+
+    def _release_taken(self, ack_now: bool = False) -> None:
+        """Write the keys of what the apps took to the dedup window, then ack it (batched unless ``ack_now``)."""
+        tag, digests = self.handover.taken()
+        if digests:
+            self.dedup.record(digests)
+        if tag:
+            if self._ackable == self._acked:
+                self._ack_due = time.monotonic() + ACK_DELAY
+            self._ackable = tag
+        if self._ackable > self._acked and (ack_now or self._ackable - self._acked >= self._ack_batch):
+            if self._channel is not None and self._channel.is_open:
+                self._channel.basic_ack(self._ackable, multiple=True)
+            self._acked = self._ackable
 
     def _flush_acks(self) -> None:
+        """Ack what the apps took so far, after writing its dedup keys."""
         if self._ack_timer is not None:
             self.remove_timeout(self._ack_timer)
             self._ack_timer = None
-        if self._unacked and self._channel is not None and self._channel.is_open:
-            self._channel.basic_ack(self._last_tag, multiple=True)
-        self._unacked = 0
+        self._release_taken(ack_now=True)
 
     def _log_poison(self, err: Exception, body: bytes, method: Basic.Deliver) -> None:
         now = time.monotonic()
@@ -326,7 +330,14 @@ class Consumer(AmqpWorker):
 
     def on_lost(self) -> None:
         # Delivery tags belong to the channel: unacked messages come again and the dedup window catches them.
-        self._unacked = 0
+        # What the apps took is delivered: its keys go to disk. What they did not take yet: when running they
+        # will, so it counts as delivered too; when stopping, the apps are gone and it must come again.
+        _tag, digests = self.handover.taken()
+        self.dedup.record(digests)
+        waiting = self.handover.clear()
+        self._ackable = self._acked = 0
+        if not self.stopping:
+            self.dedup.record(waiting)
         self._consumer_tag = None
         self._end_hold()
         if self._ack_timer is not None:

@@ -8,6 +8,7 @@ from typing import Any
 
 import threatbus
 from threatbus.data import Message
+from threatbus.errors import PluginError
 from threatbus.metrics import (
     BACKBONE_CONNECTED,
     BACKBONE_CONSUMED,
@@ -22,13 +23,17 @@ from threatbus.node import Node
 from threatbus.routing import RoutedBackbone, TopicRouter
 from threatbus.worker import stop_workers
 from threatbus_rabbitmq.consumer import Consumer
+from threatbus_rabbitmq.dedup import Deduplicator, open_dedup
+from threatbus_rabbitmq.outbox import DIR_NAME, DurableOutbox
 from threatbus_rabbitmq.publisher import Feeder, Outbox, Publisher
 from threatbus_rabbitmq.settings import NAME, BrokerSettings, resolve, validators
+from threatbus_rabbitmq.state import StateDir
 
 logger = logging.getLogger(__name__)
 
 DUPLICATES = "threatbus_backbone_duplicates"  # counter{backbone}: repeats dropped by the consumer
 RESENT = "threatbus_backbone_resent"  # counter{backbone}: unconfirmed publishes sent again
+OUTBOX_BYTES = "threatbus_backbone_outbox_bytes"  # gauge{backbone}: durable outbox records not yet confirmed
 
 
 class RabbitMQBackbone(RoutedBackbone):
@@ -41,7 +46,9 @@ class RabbitMQBackbone(RoutedBackbone):
     def __init__(self) -> None:
         self.router = TopicRouter()
         self.settings: BrokerSettings | None = None
-        self.outbox: Outbox | None = None
+        self.outbox: Outbox | DurableOutbox | None = None
+        self.state: StateDir | None = None
+        self.dedup: Deduplicator | None = None
         self.publisher: Publisher | None = None
         self.consumer: Consumer | None = None
         self.feeder: Feeder | None = None
@@ -54,10 +61,10 @@ class RabbitMQBackbone(RoutedBackbone):
     def run(self, config: Any, publish_queue: queue.SimpleQueue[Message], node: Node, metrics: Metrics) -> None:
         settings = resolve(config, node)
         self.settings = settings
-        self.outbox = Outbox(settings.outbox_size)
+        self._open_state(settings, node)
         self.publisher = Publisher(settings, self.outbox)
         self.configure_policy(NAME, config, metrics)
-        self.consumer = Consumer(settings, self.router, importing=self.importing)
+        self.consumer = Consumer(settings, self.router, importing=self.importing, dedup=self.dedup)
         self.feeder = Feeder(publish_queue, self.outbox, self.publisher, exporting=self.exporting)
         self._register_metrics(metrics, self.publisher, self.consumer, self.outbox, self.feeder)
         logger.info(
@@ -75,8 +82,30 @@ class RabbitMQBackbone(RoutedBackbone):
         self.publisher.start()
         self.feeder.start()
 
+    def _open_state(self, settings: BrokerSettings, node: Node) -> None:
+        """The outbox and the dedup window: on disk under node.data_dir (``state: disk``), else in memory."""
+        self.state = StateDir.open(node, NAME) if settings.state_on_disk else None
+        if self.state is None:
+            self.outbox = Outbox(settings.outbox_size)
+            self.dedup = open_dedup(settings.dedup_window, None)
+            return
+        try:
+            self.outbox = DurableOutbox(self.state.path / DIR_NAME, settings.outbox_size, settings.outbox_max_bytes)
+            self.dedup = open_dedup(settings.dedup_window, self.state.path)
+        except OSError as err:
+            self._close_state()
+            raise PluginError(f"cannot open the backbone's state in {self.state.path} (node.data_dir): {err}") from err
+
+    def _close_state(self) -> None:
+        for closable in (self.outbox, self.dedup, self.state):
+            if closable is not None and hasattr(closable, "close"):
+                try:
+                    closable.close()
+                except OSError:
+                    logger.exception("closing the backbone's state failed")
+
     def _register_metrics(
-        self, metrics: Metrics, publisher: Publisher, consumer: Consumer, outbox: Outbox, feeder: Feeder
+        self, metrics: Metrics, publisher: Publisher, consumer: Consumer, outbox: Outbox | DurableOutbox, feeder: Feeder
     ) -> None:
         label = {"backbone": NAME}
         metrics.counter(BACKBONE_PUBLISHED, lambda: publisher.published, **label)
@@ -93,6 +122,8 @@ class RabbitMQBackbone(RoutedBackbone):
             where=f"{NAME}-invalid",
         )
         metrics.gauge(QUEUE_DEPTH, outbox.__len__, queue=f"{NAME}-outbox")
+        if isinstance(outbox, DurableOutbox):
+            metrics.gauge(OUTBOX_BYTES, "Bytes in the durable outbox not yet confirmed", lambda: outbox.bytes, **label)
         metrics.gauge(
             QUEUE_DEPTH,
             lambda: publisher.in_flight,
@@ -112,7 +143,9 @@ class RabbitMQBackbone(RoutedBackbone):
         timeout = (self.settings.stop_timeout if self.settings else 5.0) + 2.0
         # The feeder moves what the apps published last into the outbox; the
         # publisher sends it and waits for its confirms; the consumer acks what it routed.
-        stop_workers(workers, timeout=timeout)
+        if not stop_workers(workers, timeout=timeout):
+            self._close_state()  # what the broker did not confirm stays on disk for the next start
+        # else a worker still runs and may write: the files close with the process (the next start reads them)
         logger.info(
             "RabbitMQ backbone stopped: %d published, %d consumed, %d rejected, %d duplicates dropped",
             self.publisher.published if self.publisher else 0,
@@ -141,6 +174,9 @@ class RabbitMQBackbone(RoutedBackbone):
             "exchange": self.settings.exchange if self.settings else None,
             "queue": self.settings.queue_name if self.settings else None,
             "outbox": len(self.outbox) if self.outbox else 0,
+            "outbox_bytes": self.outbox.bytes if isinstance(self.outbox, DurableOutbox) else None,
+            "outbox_max_bytes": self.outbox.max_bytes if isinstance(self.outbox, DurableOutbox) else None,
+            "state_dir": str(self.state.path) if self.state else None,
             "unconfirmed": publisher.in_flight if publisher else 0,
             "subscriptions": self.router.subscription_count,
         }

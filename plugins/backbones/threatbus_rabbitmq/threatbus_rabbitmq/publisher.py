@@ -10,12 +10,13 @@ in their order and are sent again (consumers drop the duplicates this can make).
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pika
@@ -25,12 +26,15 @@ from pika.spec import Basic
 from threatbus.data import Message
 from threatbus.worker import StoppableWorker
 from threatbus_rabbitmq.connection import AmqpWorker
+from threatbus_rabbitmq.outbox import DurableOutbox
 from threatbus_rabbitmq.settings import BrokerSettings
 
 logger = logging.getLogger(__name__)
 
 # While stopping, how often the publisher checks whether everything is confirmed.
 _SHUTDOWN_CHECK = 0.02
+# The feeder moves at most this many messages into the outbox at once.
+FEED_BATCH = 256
 # At most one "outbox full" log line per this many seconds.
 _DROP_LOG_INTERVAL = 5.0
 
@@ -66,13 +70,19 @@ class Outbox:
         self.items.append(message)
         return True
 
+    def put_many(self, messages: list[Message]) -> int:
+        return sum(self.put(message) for message in messages)
+
+    def settled(self, messages: Iterable[Message]) -> None:
+        """The broker confirmed ``messages`` (the durable outbox forgets them on disk; nothing to do here)."""
+
 
 class Publisher(AmqpWorker):
     """Owns the publishing connection; runs in its own thread."""
 
     role = "publisher"
 
-    def __init__(self, settings: BrokerSettings, outbox: Outbox) -> None:
+    def __init__(self, settings: BrokerSettings, outbox: Outbox | DurableOutbox) -> None:
         super().__init__(settings)
         self.outbox = outbox
         self.feeder_done = threading.Event()
@@ -155,6 +165,7 @@ class Publisher(AmqpWorker):
             except Exception as err:  # a payload JSON cannot express: no retry helps
                 self.unencodable += 1
                 logger.error("publisher: dropped a %s that cannot be encoded: %s", type(message).__name__, err)
+                self.outbox.settled((message,))
                 continue
             try:
                 channel.basic_publish(exchange, "", body, properties)
@@ -183,6 +194,7 @@ class Publisher(AmqpWorker):
             logger.warning("publisher: broker nacked %d message(s); sending them again", len(settled))
         else:
             self.published += len(settled)
+            self.outbox.settled(settled)
         if self.outbox.items:
             self._flush()
         elif self._shutdown_deadline is not None:
@@ -244,7 +256,7 @@ class Feeder(StoppableWorker):
     def __init__(
         self,
         inq: queue.SimpleQueue[Message],
-        outbox: Outbox,
+        outbox: Outbox | DurableOutbox,
         publisher: Publisher,
         exporting: Callable[[Message], bool] | None = None,
     ) -> None:
@@ -257,20 +269,26 @@ class Feeder(StoppableWorker):
         self.invalid = 0
 
     def _take(self, message: Any) -> None:
-        if not isinstance(message, Message):
-            self.invalid += 1
-            logger.error("feeder: dropped an object that is not a Threat Bus message: %r", type(message).__name__)
-            return
-        if self.exporting is not None and not self.exporting(message):
-            return
-        if self.outbox.put(message):
+        self._take_all([message])
+
+    def _take_all(self, messages: list[Any]) -> None:
+        accepted = []
+        for message in messages:
+            if not isinstance(message, Message):
+                self.invalid += 1
+                logger.error("feeder: dropped an object that is not a Threat Bus message: %r", type(message).__name__)
+            elif self.exporting is None or self.exporting(message):
+                accepted.append(message)
+        # One write to the durable outbox for what the apps handed over meanwhile.
+        if accepted and self.outbox.put_many(accepted):
             self.publisher.wake()
 
     def run(self) -> None:
         try:
             # The apps stopped before the backbone: what they published is in inq; send it too.
+            # Batches: one write to the outbox for what arrived meanwhile.
             for message in self.drain_all(self.inq):
-                self._take(message)
+                self._take_all([message, *itertools.islice(self.leftovers(self.inq), FEED_BATCH - 1)])
         finally:
             self.publisher.feeder_done.set()
             self.publisher.wake()

@@ -23,6 +23,39 @@ PREFIX = f"plugins.backbones.{NAME}"
 AMQP_PORT = 5672
 AMQPS_PORT = 5671
 QUEUE_TYPES = ("classic", "quorum")
+STATE_KINDS = ("disk", "memory")
+OUTBOX_MAX_BYTES = 256 * 1024 * 1024
+
+
+def _host_port(entry: str) -> tuple[str, int | None]:
+    """``host``, ``host:port`` or ``[v6]:port``; ValueError if malformed."""
+    entry = entry.strip()
+    if entry.startswith("["):
+        host, _, rest = entry[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ValueError(entry)
+        port_text = rest[1:] if rest else None
+    elif entry.count(":") == 1:
+        host, _, port_text = entry.partition(":")
+    else:  # a name, or an IPv6 address without brackets (and so without port)
+        host, port_text = entry, None
+    if not host or (port_text is not None and not port_text.isdigit()):
+        raise ValueError(entry)
+    number = int(port_text) if port_text else None
+    if number is not None and not 0 < number < 65536:
+        raise ValueError(entry)
+    return host, number
+
+
+def _broker_list(value: Any) -> bool:
+    if not value or not all(isinstance(entry, str) for entry in value):
+        return False
+    try:
+        for entry in value:
+            _host_port(entry)
+    except ValueError:
+        return False
+    return True
 
 
 def validators() -> list[Any]:
@@ -32,6 +65,14 @@ def validators() -> list[Any]:
         # --- the keys of the original Threat Bus (WIRE.md) ---
         option(f"{p}.host", str, default="localhost", check=bool, expected="a host name"),
         port(f"{p}.port", default=None),
+        # Several brokers (a cluster): tried in turn, the next one when a connection fails. Overrides host/port.
+        option(
+            f"{p}.hosts",
+            list,
+            default=None,
+            check=_broker_list,
+            expected="a non-empty list of 'host:port' strings (port optional, 1-65535)",
+        ),
         option(f"{p}.username", str, default="guest"),
         option(f"{p}.password", str, default=None),
         option(f"{p}.vhost", str, default="/"),
@@ -61,6 +102,8 @@ def validators() -> list[Any]:
         count(f"{p}.prefetch", default=200),
         count(f"{p}.max_in_flight", default=1000),
         count(f"{p}.outbox_size", default=100_000),
+        count(f"{p}.outbox_max_bytes", default=OUTBOX_MAX_BYTES, expected="bytes, an integer > 0"),
+        choice(f"{p}.state", STATE_KINDS, default="disk"),
         count(f"{p}.dedup_window", default=100_000, minimum=0),
         option(f"{p}.reconnect", dict, default={}),
         seconds(f"{p}.reconnect.initial", default=0.5),
@@ -135,6 +178,8 @@ class BrokerSettings:
     vhost: str
     username: str
     password: str
+    # Every broker to try, in order (host/port are the first); a cluster's nodes with `hosts`.
+    addresses: tuple[tuple[str, int], ...]
     ssl: bool
     exchange: str
     exchange_durable: bool
@@ -150,6 +195,8 @@ class BrokerSettings:
     prefetch: int
     max_in_flight: int
     outbox_size: int
+    outbox_max_bytes: int
+    state_on_disk: bool  # the outbox and the dedup window in node.data_dir
     dedup_window: int
     reconnect_initial: float
     reconnect_max: float
@@ -157,13 +204,22 @@ class BrokerSettings:
     wait_for_subscribers: float
     node_name: str
     ssl_options: pika.SSLOptions | None
+    ssl_server_hostname: str  # empty: the host connected to
 
     @property
     def url(self) -> str:
-        """Where we connect, for log lines (never with the password)."""
+        """Where we connect (the first broker), for log lines (never with the password)."""
+        return self.url_of(0)
+
+    @property
+    def brokers(self) -> tuple[tuple[str, int], ...]:
+        return self.addresses or ((self.host, self.port),)
+
+    def url_of(self, index: int) -> str:
+        host, port = self.brokers[index % len(self.brokers)]
         scheme = "amqps" if self.ssl else "amqp"
         vhost = "" if self.vhost == "/" else self.vhost
-        return f"{scheme}://{self.username}@{self.host}:{self.port}/{vhost}"
+        return f"{scheme}://{self.username}@{host}:{port}/{vhost}"
 
     @property
     def publish_exchange(self) -> str:
@@ -177,15 +233,22 @@ class BrokerSettings:
     def persistent(self) -> bool:
         return self.queue_durable
 
-    def parameters(self, role: str) -> pika.ConnectionParameters:
-        """Connection parameters for one connection (``role`` names it on the broker)."""
+    def _ssl_for(self, host: str) -> pika.SSLOptions | None:
+        # Several brokers: check each one's certificate against its own name (unless ssl.server_hostname).
+        if self.ssl_options is None or len(self.brokers) == 1 or self.ssl_server_hostname:
+            return self.ssl_options
+        return pika.SSLOptions(self.ssl_options.context, host)
+
+    def parameters(self, role: str, index: int = 0) -> pika.ConnectionParameters:
+        """Connection parameters for one connection to broker ``index`` (``role`` names it on the broker)."""
+        host, port = self.brokers[index % len(self.brokers)]
         return pika.ConnectionParameters(
-            host=self.host,
-            port=self.port,
+            host=host,
+            port=port,
             virtual_host=self.vhost,
             credentials=pika.PlainCredentials(self.username, self.password),
             heartbeat=self.heartbeat,
-            ssl_options=self.ssl_options,
+            ssl_options=self._ssl_for(host),
             connection_attempts=1,
             socket_timeout=self.connect_timeout,
             stack_timeout=self.connect_timeout * 2,
@@ -235,6 +298,19 @@ def _ssl_options(config: Any, host: str) -> pika.SSLOptions:
     return pika.SSLOptions(context, server_hostname=_get(config, "ssl.server_hostname") or host)
 
 
+def _addresses(hosts: Any, host: str, default_port: int) -> tuple[tuple[str, int], ...]:
+    """``hosts`` (port default: ``port``, else 5672/5671) or else the single ``host``. Raises ``ConfigError``."""
+    if not hosts:
+        return ((host, default_port),)
+    if isinstance(hosts, str) or not _broker_list(hosts):
+        raise ConfigError(f"{PREFIX}.hosts must be a non-empty list of 'host:port' strings, got {hosts!r}")
+    addresses = []
+    for entry in hosts:
+        name, number = _host_port(entry)
+        addresses.append((name, number or default_port))
+    return tuple(addresses)
+
+
 def resolve(config: Any, node: Node) -> BrokerSettings:
     """Turn the validated config section into ``BrokerSettings``. Raises ``ConfigError``."""
     host = _get(config, "host")
@@ -269,9 +345,12 @@ def resolve(config: Any, node: Node) -> BrokerSettings:
         raise ConfigError(
             f"{PREFIX}.reconnect.max ({reconnect_max}) must be >= reconnect.initial ({reconnect_initial})"
         )
+    default_port = int(_get(config, "port") or (AMQPS_PORT if use_ssl else AMQP_PORT))
+    addresses = _addresses(_get(config, "hosts"), host, default_port)
     return BrokerSettings(
-        host=host,
-        port=int(_get(config, "port") or (AMQPS_PORT if use_ssl else AMQP_PORT)),
+        host=addresses[0][0],
+        port=addresses[0][1],
+        addresses=addresses,
         vhost=_get(config, "vhost"),
         username=_get(config, "username"),
         password=_password(config),
@@ -290,6 +369,8 @@ def resolve(config: Any, node: Node) -> BrokerSettings:
         prefetch=int(_get(config, "prefetch")),
         max_in_flight=int(_get(config, "max_in_flight")),
         outbox_size=int(_get(config, "outbox_size")),
+        outbox_max_bytes=int(_get(config, "outbox_max_bytes")),
+        state_on_disk=_get(config, "state") == "disk",
         dedup_window=int(_get(config, "dedup_window")),
         reconnect_initial=reconnect_initial,
         reconnect_max=reconnect_max,
@@ -297,4 +378,5 @@ def resolve(config: Any, node: Node) -> BrokerSettings:
         wait_for_subscribers=float(_get(config, "wait_for_subscribers")),
         node_name=node.name,
         ssl_options=_ssl_options(config, host) if use_ssl else None,
+        ssl_server_hostname=_get(config, "ssl.server_hostname") or "",
     )
