@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from threatbus import __version__, cluster, config, explain, plugins
+from threatbus import __version__, cluster, config, deadletters, explain, plugins
 from threatbus import logging as threatbus_logging
 from threatbus.bus import Bus
 from threatbus.errors import ConfigError, ThreatBusError
@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("plugins", parents=[sub_option], help="list installed and configured plugins")
     cluster.add_parser(commands)
     explain.add_parser(commands, parents=[sub_option])
+    deadletters.add_parser(commands, [sub_option])
     return parser
 
 
@@ -132,6 +133,15 @@ def list_plugins(config_path: str | None) -> int:
     return EXIT_OK
 
 
+def dead_letters(args: argparse.Namespace) -> int:
+    """``threatbus dlq ...``: the backbone plugin provides the store, ``threatbus.deadletters`` the output."""
+    store = prepare(args.config).dead_letter_admin()
+    try:
+        return deadletters.command(args, store)
+    finally:
+        store.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     threatbus_logging.configure_early()
@@ -142,6 +152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return list_plugins(args.config)
         if args.command == "policy":
             return explain.command(args, sys.stdout)
+        if args.command == "dlq":
+            return dead_letters(args)
         bus = prepare(args.config)
         if args.command == "check":
             return check(bus)
