@@ -61,14 +61,14 @@ class Broker:
     def queue(self, label: str) -> str:
         """A unique queue name suffix; the full queue name is ``threatbus.<suffix>``."""
         suffix = f"{label}-{self.id}"
-        self.queues.append(f"threatbus.{suffix}")
+        self.queues += [f"threatbus.{suffix}", f"threatbus.{suffix}.dlq"]  # the node's queue and its DLQ
         return suffix
 
     def node_queue(self, node_name: str, config_path: Path | str | None = None) -> str:
         """The default queue name of a node (unique per node, stable across restarts)."""
         node = Node.create(node_name, str(Path(config_path).resolve()) if config_path else None)
         name = f"threatbus.{default_queue_suffix(node)}"
-        self.queues.append(name)
+        self.queues += [name, f"{name}.dlq"]
         return name
 
     def config(self, suffix: str | None = None, **overrides: Any) -> dict[str, Any]:
@@ -100,13 +100,15 @@ class Broker:
     def connect(self) -> pika.BlockingConnection:
         return pika.BlockingConnection(pika.ConnectionParameters(RABBITMQ_HOST, RABBITMQ_PORT, heartbeat=30))
 
-    def publish_raw(self, bodies: list[bytes], exchange: str | None = None) -> None:
+    def publish_raw(
+        self, bodies: list[bytes], exchange: str | None = None, properties: pika.BasicProperties | None = None
+    ) -> None:
         connection = self.connect()
         try:
             channel = connection.channel()
             channel.confirm_delivery()
             for body in bodies:
-                channel.basic_publish(exchange or self.exchange, "", body)
+                channel.basic_publish(exchange or self.exchange, "", body, properties)
         finally:
             connection.close()
 

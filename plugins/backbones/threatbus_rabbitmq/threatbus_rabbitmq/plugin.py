@@ -8,6 +8,7 @@ from typing import Any
 
 import threatbus
 from threatbus.data import Message
+from threatbus.deadletters import DEAD_LETTERED, REASONS
 from threatbus.errors import PluginError
 from threatbus.metrics import (
     BACKBONE_CONNECTED,
@@ -23,10 +24,12 @@ from threatbus.node import Node
 from threatbus.routing import RoutedBackbone, TopicRouter
 from threatbus.worker import stop_workers
 from threatbus_rabbitmq.consumer import Consumer
+from threatbus_rabbitmq.deadletter import BrokerDeadLetters, DeadLetterQueue, DeadLetterSettings
+from threatbus_rabbitmq.deadletter import validators as dead_letter_validators
 from threatbus_rabbitmq.dedup import Deduplicator, open_dedup
 from threatbus_rabbitmq.outbox import DIR_NAME, DurableOutbox
 from threatbus_rabbitmq.publisher import Feeder, Outbox, Publisher
-from threatbus_rabbitmq.settings import NAME, BrokerSettings, resolve, validators
+from threatbus_rabbitmq.settings import NAME, PREFIX, BrokerSettings, resolve, validators
 from threatbus_rabbitmq.state import StateDir
 
 logger = logging.getLogger(__name__)
@@ -52,10 +55,11 @@ class RabbitMQBackbone(RoutedBackbone):
         self.publisher: Publisher | None = None
         self.consumer: Consumer | None = None
         self.feeder: Feeder | None = None
+        self.dlq: DeadLetterQueue | None = None
 
     @threatbus.backbone
     def config_validators(self) -> list[Any]:
-        return validators()
+        return validators() + dead_letter_validators()
 
     @threatbus.backbone
     def run(self, config: Any, inq: queue.Queue[Message], node: Node, metrics: Metrics) -> None:
@@ -64,7 +68,11 @@ class RabbitMQBackbone(RoutedBackbone):
         self._open_state(settings, node)
         self.publisher = Publisher(settings, self.outbox)
         self.configure_policy(NAME, config, metrics)
-        self.consumer = Consumer(settings, self.router, importing=self.importing, dedup=self.dedup)
+        dlq_settings = DeadLetterSettings.resolve(config, settings)
+        self.dlq = DeadLetterQueue(dlq_settings, node.name) if dlq_settings.enabled else None
+        self.consumer = Consumer(
+            settings, self.router, importing=self.importing, dedup=self.dedup, dead_letters=self.dlq
+        )
         self.feeder = Feeder(inq, self.outbox, self.publisher, exporting=self.exporting)
         self._register_metrics(metrics, self.publisher, self.consumer, self.outbox, self.feeder)
         logger.info(
@@ -125,6 +133,19 @@ class RabbitMQBackbone(RoutedBackbone):
         metrics.gauge(QUEUE_DEPTH, "Messages waiting to be published", outbox.__len__, queue=f"{NAME}-outbox")
         if isinstance(outbox, DurableOutbox):
             metrics.gauge(OUTBOX_BYTES, "Bytes in the durable outbox not yet confirmed", lambda: outbox.bytes, **label)
+        dlq = self.dlq
+        if dlq is not None:
+            for reason in REASONS:
+                metrics.counter(
+                    DEAD_LETTERED,
+                    "Messages put into the dead-letter queue",
+                    lambda reason=reason: dlq.sent[reason],
+                    backbone=NAME,
+                    reason=reason,
+                )
+            metrics.counter(
+                DROPPED, "Dead letters that could not be published", lambda: dlq.failed, where=f"{NAME}-dlq"
+            )
         metrics.gauge(
             QUEUE_DEPTH,
             "Messages published, not yet confirmed",
@@ -158,6 +179,18 @@ class RabbitMQBackbone(RoutedBackbone):
         )
 
     @threatbus.backbone
+    def dead_letters(self) -> None:
+        return None  # they live in a queue on the broker: `threatbus dlq` reads it there
+
+    @threatbus.backbone
+    def dead_letter_admin(self, config: Any, node: Node, http_url: str | None) -> BrokerDeadLetters:
+        broker = resolve(config, node)
+        dlq = DeadLetterSettings.resolve(config, broker)
+        if not dlq.enabled:
+            logger.warning("%s.dead_letters.enabled is false: the node keeps no dead letters", PREFIX)
+        return BrokerDeadLetters(broker, dlq)
+
+    @threatbus.backbone
     def health(self) -> dict[str, Any]:
         publisher, consumer = self.publisher, self.consumer
         publishing = bool(publisher and publisher.connected)
@@ -182,4 +215,6 @@ class RabbitMQBackbone(RoutedBackbone):
             "state_dir": str(self.state.path) if self.state else None,
             "unconfirmed": publisher.in_flight if publisher else 0,
             "subscriptions": self.router.subscription_count,
+            "dead_lettered": sum(self.dlq.sent.values()) if self.dlq else 0,
+            "dead_letter_queue": self.dlq.settings.queue if self.dlq else None,
         }
