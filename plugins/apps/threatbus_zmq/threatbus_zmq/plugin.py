@@ -37,7 +37,6 @@ PREFIX = f"plugins.apps.{NAME}"
 DEFAULT_SEND_HWM = 1000
 # Frames from apps queued inside ZeroMQ before the sending app's own socket holds them back.
 RECEIVE_HWM = 100_000
-MAX_MANAGE_BYTES = 64 * 1024
 
 
 def _positive(value: Any) -> bool:
@@ -134,7 +133,8 @@ class ZmqApp:
         sockets["sub"].setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         # ZeroMQ disconnects a peer that sends more than this, before the bus allocates it.
         sockets["sub"].setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 1024)
-        sockets["manage"].setsockopt(zmq.MAXMSGSIZE, MAX_MANAGE_BYTES)
+        # Only a hard cap on memory: requests over manage.MAX_REQUEST_BYTES are received and answered with an error.
+        sockets["manage"].setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         sockets["sub"].setsockopt(zmq.SUBSCRIBE, b"")  # everything: invalid input is logged, not ignored
         try:
             for name, sock in sockets.items():
@@ -177,6 +177,10 @@ class ZmqApp:
         metrics.counter(
             EXPIRED_ON_ENTRY, "Indicators past valid_until on entry, dropped", lambda: receiver.expired, plugin=NAME
         )
+        metrics.counter(
+            DROPPED, "Manage requests over 64 KiB, answered with an error", lambda: manage.oversized,
+            where="zmq-manage-oversized", plugin=NAME,
+        )  # fmt: skip
         metrics.counter(DELIVERED, "Messages handed to subscribers", lambda: publisher.delivered, plugin=NAME)
         metrics.counter(DROPPED, "Messages lost to full buffers", subs.dropped, where=NAME, plugin=NAME)
         metrics.gauge(SUBSCRIBERS, "Subscribed apps", lambda: len(subs), plugin=NAME)

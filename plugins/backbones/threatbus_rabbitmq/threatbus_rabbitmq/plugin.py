@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 DUPLICATES = "threatbus_backbone_duplicates"  # counter{backbone}: repeats dropped by the consumer
 RESENT = "threatbus_backbone_resent"  # counter{backbone}: unconfirmed publishes sent again
 OUTBOX_BYTES = "threatbus_backbone_outbox_bytes"  # gauge{backbone}: durable outbox records not yet confirmed
+BLOCKED = "threatbus_backbone_blocked"  # gauge{backbone}: 1 while the broker's flow control blocks us
 
 
 class RabbitMQBackbone(RoutedBackbone):
@@ -153,6 +154,12 @@ class RabbitMQBackbone(RoutedBackbone):
             queue=f"{NAME}-unconfirmed",
         )
         metrics.gauge(
+            BLOCKED,
+            "1 while the broker blocks a connection (memory or disk alarm)",
+            lambda: int(bool(publisher.blocked or consumer.blocked)),
+            **label,
+        )
+        metrics.gauge(
             BACKBONE_CONNECTED,
             "1 while both connections to the broker are up",
             lambda: int(publisher.connected and (consumer.connected or consumer.holding)),
@@ -197,9 +204,12 @@ class RabbitMQBackbone(RoutedBackbone):
         consuming = bool(consumer and consumer.connected)
         # Holding back consumption after start (wait_for_subscribers): connected, queue bound, not consuming yet.
         holding = bool(consumer and consumer.holding)
+        blocked = (publisher.blocked if publisher else None) or (consumer.blocked if consumer else None)
         return {
             "backbone": NAME,
             "connected": publishing and (consuming or holding),
+            "blocked": blocked is not None,  # flow control: /health answers 503 while true
+            "blocked_reason": blocked,
             "publisher_connected": publishing,
             "consumer_connected": consuming or holding,
             "consuming": consuming,
