@@ -285,7 +285,9 @@ class NodeProcess(ThreatBusProcess):
     def received(self) -> list[dict[str, Any]]:
         if not self.outbox.exists():
             return []
-        return [json.loads(line) for line in self.outbox.read_bytes().splitlines() if line.strip()]
+        data = self.outbox.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]  # the app may be writing the last line right now
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def wait_received(self, ids: set[str], timeout: float = 30.0) -> list[dict[str, Any]]:
         """Wait until the app received every id in ``ids``; return all it received."""

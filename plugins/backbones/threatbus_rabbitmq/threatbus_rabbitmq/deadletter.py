@@ -103,7 +103,13 @@ def is_replay(properties: BasicProperties | None) -> bool:
 
 
 class DeadLetterQueue:
-    """The node side: declares the DLQ and publishes rejected messages to it (consumer's thread only)."""
+    """The node side: declares the DLQ and publishes rejected messages to it (consumer's thread only).
+
+    It uses a channel of its own on the consumer's connection, so that a
+    broker refusing the DLQ (a user without the permissions: configure and
+    write on the DLQ, write on ``amq.default``) only turns dead-lettering
+    off, logged once, and the node keeps consuming.
+    """
 
     def __init__(self, settings: DeadLetterSettings, node_name: str) -> None:
         self.settings = settings
@@ -111,32 +117,66 @@ class DeadLetterQueue:
         self.sent: Counter[str] = Counter()  # by reason
         self.failed = 0
         self.depth_at_connect = 0
+        self.refused: str | None = None  # why the broker refused the DLQ, until the next connection
+        self._channel: Channel | None = None
 
-    def declare(self, channel: Channel, then: Any) -> None:
+    @property
+    def available(self) -> bool:
+        return self._channel is not None and self._channel.is_open
+
+    def open(self, connection: Any) -> None:
+        """Open the DLQ's channel and declare the queue (asynchronously; dead letters are rejected until then)."""
+        self._channel = None
+        try:
+            connection.channel(on_open_callback=self._on_open)
+        except Exception as err:
+            logger.error("cannot open a channel for the dead-letter queue: %s; rejecting dead letters", err)
+
+    def _on_open(self, channel: Channel) -> None:
+        channel.add_on_close_callback(self._on_closed)
+
         def declared(frame: Any) -> None:
+            self._channel = channel
             self.depth_at_connect = frame.method.message_count
+            if self.refused is not None:
+                logger.info("dead-letter queue '%s' usable again", self.settings.queue)
+                self.refused = None
             if self.depth_at_connect:
                 logger.info(
                     "dead-letter queue '%s' holds %d message(s): see `threatbus dlq list`",
                     self.settings.queue,
                     self.depth_at_connect,
                 )
-            then()
 
         channel.queue_declare(
             queue=self.settings.queue, durable=True, arguments=self.settings.arguments, callback=declared
         )
 
-    def send(
-        self,
-        channel: Channel | None,
-        body: bytes,
-        properties: BasicProperties | None,
-        exchange: str,
-        reason: str,
-        detail: str,
-    ) -> bool:
-        """Publish one dead letter; False if the channel is gone (the original comes again, unacked)."""
+    def _on_closed(self, channel: Channel, reason: BaseException) -> None:
+        if channel is self._channel or self._channel is None:
+            self._channel = None
+        connection_going = isinstance(reason, pika.exceptions.ChannelClosedByClient) or not getattr(
+            channel.connection, "is_open", False
+        )
+        if connection_going:
+            return
+        if self.refused is None:
+            self.refused = describe_close(reason)
+            logger.error(
+                "dead-letter queue '%s' refused by the broker: %s; rejected messages are dropped (not "
+                "dead-lettered) until the next connection. The node's user needs configure and write "
+                "on '%s' and write on 'amq.default' (see deploy/README.md), or set dead_letters.enabled: false",
+                self.settings.queue,
+                self.refused,
+                self.settings.queue,
+            )
+
+    def send(self, body: bytes, properties: BasicProperties | None, exchange: str, reason: str, detail: str) -> bool:
+        """Publish one dead letter; False when the DLQ cannot take it (the caller rejects the message)."""
+        channel = self._channel
+        if channel is None or not channel.is_open:
+            self.failed += 1
+            return False
         headers = dict(properties.headers or {}) if properties is not None else {}
         headers.pop(H_REPLAY, None)
         app_id = properties.app_id if properties is not None else None
@@ -158,9 +198,6 @@ class DeadLetterQueue:
             delivery_mode=2,
             headers=headers,
         )
-        if channel is None or not channel.is_open:
-            self.failed += 1
-            return False
         try:
             channel.basic_publish("", self.settings.queue, body, letter)
         except Exception as err:
