@@ -89,6 +89,9 @@ def unsubscribe(topic: str, queue: Sink) -> None:
 def health() -> dict[str, Any]:
     """Report the backbone's state, e.g. ``{"connected": True}``.
 
+    ``/health`` answers 200 while ``connected`` is true and ``blocked`` (the
+    broker's flow control holds back publishing) is not, else 503.
+
     Called from any thread (the health endpoint); must be cheap and must not
     touch sockets owned by other threads.
     """
