@@ -43,11 +43,12 @@ from benchmark.scenarios import (
     wait_for_broker,
 )
 from benchmark.stats import ratio
+from benchmark.validation import validation_scenario
 
 logger = logging.getLogger("benchmark")
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = ("inmem", "ceiling", "rabbitmq", "fanout", "policy", "expiry")
+SCENARIOS = ("inmem", "ceiling", "rabbitmq", "fanout", "policy", "expiry", "validation")
 
 TARGET_INMEM_MSGS_PER_S = 10_000
 TARGET_CEILING_RATIO = 0.5
@@ -288,6 +289,8 @@ class Runner:
         rabbit_missing = plugin_missing("backbones", "rabbitmq")
         broker_down = broker_missing(self.broker_settings)
         fanout_on = set(self.args.fanout_backbones.split(",")) if "fanout" in self.selected else set()
+        if "validation" in self.selected:
+            self.attempt("validation", lambda: validation_scenario(self.profile.validation_count))
         if {"inmem"} & self.selected or "inmem" in fanout_on:
             self.attempt("inmem", self.inmem, zmq_missing)
         if "ceiling" in self.selected:
@@ -448,6 +451,12 @@ def summary(result: dict[str, Any]) -> str:
             f"{late['late_p50_ms']} ms, p99 {late['late_p99_ms']} ms, max {late['late_max_ms']} ms, "
             f"received {late['removals_received']}, early {late['early']}"
         )
+    for kind, row in scenarios.get("validation", {}).items():
+        if isinstance(row, dict):
+            lines.append(
+                f"  validation {kind:<24} µs per message: ours {row['ours_us']}, foreign (validated) "
+                f"{row['foreign_validated_us']} (+{row['validation_us']})"
+            )
     for row in result["targets"]:
         verdict = {True: "MET", False: "MISSED", None: "not measured"}[row["met"]]
         lines.append(f"  target {row['name']}: {row['measured']} ({row['target']}) {verdict}")

@@ -52,10 +52,11 @@ class Profile:
     fanout_rate: int
     fanout_seconds: float
     window: int = 500
+    validation_count: int = 20_000
 
 
 PROFILES = {
-    "quick": Profile("quick", 3_000, (200, 1000, 5000), 1.0, 3_000, (1, 10), 1_000, 200, 1.0),
+    "quick": Profile("quick", 3_000, (200, 1000, 5000), 1.0, 3_000, (1, 10), 1_000, 200, 1.0, validation_count=2_000),
     "full": Profile("full", 200_000, (200, 1000, 5000), 8.0, 100_000, (1, 10, 50), 10_000, 200, 5.0),
 }
 

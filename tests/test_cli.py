@@ -68,7 +68,7 @@ def test_unreadable_yaml_exit_2(tmp_path):
 def test_configured_but_missing_plugin_names_the_package(tmp_path):
     path = write_config(tmp_path / "c.yaml", {"plugins": {"backbones": {"inmem": {}}, "apps": {"nosuchapp": {}}}})
     result = threatbus("check", "-c", str(path))
-    assert result.returncode == 1
+    assert result.returncode == 2  # a config naming what is not there: a typo or a package to install
     assert "pip install threatbus-nosuchapp" in result.stderr
     assert "Traceback" not in result.stderr
 

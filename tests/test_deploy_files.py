@@ -268,9 +268,16 @@ def rabbitmqctl(*args):
     return subprocess.run(["rabbitmqctl", *args], capture_output=True, text=True, timeout=60)
 
 
+# The permissions the guide gave before nodes had a dead-letter queue.
+PERMISSIONS_BEFORE_DLQ = r"^threatbus(\.durable|\.node-1)?$"
+
+
 @pytest.fixture
-def site_user():
-    """A vhost and user made with the guide's commands, with a unique node suffix; removed afterwards."""
+def site_user(request):
+    """A vhost and user made with the guide's commands, with a unique node suffix; removed afterwards.
+
+    Parametrised indirectly with "before-dlq", the user gets the permissions of earlier releases.
+    """
     require_rabbitmq()
     if shutil.which("rabbitmqctl") is None:
         unavailable("rabbitmqctl is not installed here (the broker runs elsewhere)")
@@ -291,6 +298,8 @@ def site_user():
         "password": uuid.uuid4().hex,
         "suffix": f"node-{run_id}",
     }
+    if getattr(request, "param", "guide") == "before-dlq":
+        regexes = [PERMISSIONS_BEFORE_DLQ]
     regex = regexes[0].replace(r"\.node-1", rf"\.{names['suffix']}")
     assert rabbitmqctl("add_vhost", names["vhost"]).returncode == 0
     try:
@@ -313,11 +322,8 @@ def removed(result):
     return result.returncode == 0 or "does not exist" in result.stdout + result.stderr
 
 
-@pytest.mark.rabbitmq
-@pytest.mark.e2e
-def test_the_guides_permissions_let_a_node_run_and_nothing_more(site_user, tmp_path):
-    port = free_port()
-    node = ThreatBusProcess(
+def site_node(site_user, tmp_path, port):
+    return ThreatBusProcess(
         {
             "node": {"name": "site-a-node"},
             "http": {"port": port},
@@ -338,6 +344,13 @@ def test_the_guides_permissions_let_a_node_run_and_nothing_more(site_user, tmp_p
         },
         tmp_path,
     ).start()
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.e2e
+def test_the_guides_permissions_let_a_node_run_and_nothing_more(site_user, tmp_path):
+    port = free_port()
+    node = site_node(site_user, tmp_path, port)
     credentials = pika.PlainCredentials(site_user["user"], site_user["password"])
     parameters = pika.ConnectionParameters(
         RABBITMQ_HOST, RABBITMQ_PORT, virtual_host=site_user["vhost"], credentials=credentials
@@ -352,6 +365,17 @@ def test_the_guides_permissions_let_a_node_run_and_nothing_more(site_user, tmp_p
         channel.basic_publish("threatbus.durable", "", indicator("10.8.0.1").encode())
         connection.close()
         wait_until(lambda: consumed(port) == 1, 10, what="the node to consume the message")
+        # poison goes to the node's own dead-letter queue, which the user may read
+        connection = pika.BlockingConnection(parameters)
+        channel = connection.channel()
+        channel.confirm_delivery()
+        channel.basic_publish("threatbus.durable", "", b"not json")
+        wait_until(
+            lambda: channel.queue_declare(f"threatbus.{site_user['suffix']}.dlq", passive=True).method.message_count,
+            10,
+            what="the poison in the dead-letter queue",
+        )
+        connection.close()
         # and nothing else: another exchange, another node's queue
         for declare in (
             lambda ch: ch.exchange_declare("other", "fanout"),
@@ -362,6 +386,32 @@ def test_the_guides_permissions_let_a_node_run_and_nothing_more(site_user, tmp_p
                 declare(connection.channel())
             connection.close()
         assert "ACCESS_REFUSED" not in node.log()
+    finally:
+        assert node.stop() == 0
+
+
+@pytest.mark.rabbitmq
+@pytest.mark.e2e
+@pytest.mark.parametrize("site_user", ["before-dlq"], indirect=True)
+def test_a_user_with_the_permissions_of_earlier_releases_still_runs_the_node(site_user, tmp_path):
+    port = free_port()
+    node = site_node(site_user, tmp_path, port)
+    credentials = pika.PlainCredentials(site_user["user"], site_user["password"])
+    parameters = pika.ConnectionParameters(
+        RABBITMQ_HOST, RABBITMQ_PORT, virtual_host=site_user["vhost"], credentials=credentials
+    )
+    try:
+        wait_until(lambda: cluster.health(port)[0], 20, what="the node to connect without the DLQ permissions")
+        connection = pika.BlockingConnection(parameters)
+        channel = connection.channel()
+        channel.confirm_delivery()
+        for body in (b"not json", indicator("10.8.0.2").encode()):
+            channel.basic_publish("threatbus.durable", "", body)
+        connection.close()
+        wait_until(lambda: consumed(port) == 2, 10, what="the node to consume both")
+        assert cluster.health(port)[0]
+        refused = [line for line in node.log().splitlines() if "dead-letter queue" in line and "refused" in line]
+        assert len(refused) == 1 and "ACCESS_REFUSED" in refused[0], node.log()
     finally:
         assert node.stop() == 0
 

@@ -7,8 +7,8 @@ calls without arguments; the object holds the backbone's state and
 implements the hooks below, marked with ``@threatbus.backbone``. Exactly one
 backbone runs per node. Hooks are called with keyword arguments.
 
-Threads: ``config_validators``, ``run`` and ``stop`` are called from the
-main thread; ``subscribe`` and ``unsubscribe`` from any thread (app workers
+Threads: ``config_validators``, ``run``, ``stop`` and ``dead_letter_admin``
+are called from the main thread; ``subscribe`` and ``unsubscribe`` from any thread (app workers
 subscribe when their clients ask), so they must be thread-safe.
 """
 
@@ -22,6 +22,7 @@ import pluggy
 from dynaconf import Validator
 
 from threatbus.data import Message
+from threatbus.deadletters import DeadLetters
 from threatbus.metrics import Metrics
 from threatbus.node import Node
 from threatbus.routing import Sink
@@ -105,7 +106,34 @@ def health() -> dict[str, Any]:
     """Report the backbone's state, e.g. ``{"connected": True}``.
 
     ``firstresult``: exactly one backbone runs, its answer is the node's.
+    ``/health`` answers 200 while ``connected`` is true and ``blocked`` (the
+    broker's flow control holds back publishing) is not, else 503.
 
     Called from any thread (the health endpoint); must be cheap and must not
     touch sockets owned by other threads.
+    """
+
+
+@hookspec(firstresult=True)
+def dead_letters() -> DeadLetters | None:
+    """The dead letters the running backbone keeps in this node's memory, or None.
+
+    Called after ``run``, from the HTTP endpoint's threads (``GET /dlq`` ...,
+    see ``threatbus.observability``), so the store must be thread-safe.
+    Backbones that keep dead letters elsewhere (a broker queue) return None.
+    """
+
+
+@hookspec(firstresult=True)
+def dead_letter_admin(config: Any, node: Node, http_url: str | None) -> DeadLetters:
+    """A ``threatbus.deadletters.DeadLetters`` store for the ``threatbus dlq`` command.
+
+    Called in the command's own process, never in a running node: ``run`` is
+    not called first. ``config`` is this backbone's validated section,
+    ``node`` the identity of the node the config file describes (the same
+    as the node process has), ``http_url`` that node's HTTP endpoint
+    (``http://host:port``) or None when ``http.port`` is not configured.
+    The store may connect lazily; the command calls its ``close()`` at the
+    end. Raise ``ConfigError`` when the dead letters cannot be reached with
+    this config (e.g. in node memory, but no HTTP endpoint configured).
     """

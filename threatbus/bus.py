@@ -13,6 +13,7 @@ import pluggy
 
 from threatbus import appspecs, backbonespecs, config, policy
 from threatbus.data import TOPIC_SNAPSHOT_ENVELOPE, TOPIC_SNAPSHOT_REQUEST, Message, SnapshotRequest
+from threatbus.deadletters import DeadLetters
 from threatbus.errors import ConfigError, PluginError
 from threatbus.expiry import ExpirySchedule, ExpiryWorker
 from threatbus.metrics import EXPIRY_REMOVALS, EXPIRY_SCHEDULED, QUEUE_DEPTH, Metrics
@@ -210,7 +211,12 @@ class Bus:
             logger.debug("metrics and health endpoints off (set http.port to turn them on)")
             return
         self.http = ObservabilityServer(
-            self.metrics, self.health, self.node, host=http.get("host") or "127.0.0.1", port=http["port"]
+            self.metrics,
+            self.health,
+            self.node,
+            host=http.get("host") or "127.0.0.1",
+            port=http["port"],
+            dead_letters=self.dead_letters,
         )
         self.http.start()
 
@@ -263,3 +269,23 @@ class Bus:
     def health(self) -> dict[str, Any]:
         """The backbone's view of its own state (see ``backbonespecs.health``)."""
         return self.backbones.hook.health() or {}
+
+    def dead_letters(self) -> DeadLetters | None:
+        """The dead letters the running backbone keeps in the node (``backbonespecs.dead_letters``)."""
+        return self.backbones.hook.dead_letters()
+
+    def dead_letter_admin(self) -> DeadLetters:
+        """A store of this node's dead letters for ``threatbus dlq`` (the node runs in another process)."""
+        name, backbone = self.backbones.list_name_plugin()[0]
+        http = self.settings.get("http") or {}
+        url = None
+        if http.get("port"):
+            host = http.get("host") or "127.0.0.1"
+            host = {"0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)  # listening everywhere: ask locally
+            url = f"http://[{host}]:{http['port']}" if ":" in host else f"http://{host}:{http['port']}"
+        store = self._only(self.backbones, backbone, "dead_letter_admin")(
+            config=config.section(self.settings, "backbones", name), node=self.node, http_url=url
+        )
+        if store is None:
+            raise ConfigError(f"plugins.backbones.{name}: this backbone keeps no dead letters")
+        return store

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from threatbus import __version__, config, explain, plugins
+from threatbus import __version__, config, deadletters, explain, plugins
 from threatbus import logging as threatbus_logging
 from threatbus.bus import Bus
 from threatbus.errors import ConfigError, ThreatBusError
@@ -69,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, extension in plugins.commands().items():
         extension.add_parser(commands)
         parser.set_defaults(**{f"_extension_{name}": extension})
+    deadletters.add_parser(commands, [sub_option])
     return parser
 
 
@@ -134,6 +135,15 @@ def list_plugins(config_path: str | None) -> int:
     return EXIT_OK
 
 
+def dead_letters(args: argparse.Namespace) -> int:
+    """``threatbus dlq ...``: the backbone plugin provides the store, ``threatbus.deadletters`` the output."""
+    store = prepare(args.config).dead_letter_admin()
+    try:
+        return deadletters.command(args, store)
+    finally:
+        store.close()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     threatbus_logging.configure_early()
@@ -145,6 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return list_plugins(args.config)
         if args.command == "policy":
             return explain.command(args, sys.stdout)
+        if args.command == "dlq":
+            return dead_letters(args)
         bus = prepare(args.config)
         if args.command == "check":
             return check(bus)

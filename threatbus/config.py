@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import yaml
 from dynaconf import Dynaconf, ValidationError, Validator
 
 from threatbus.errors import ConfigError
@@ -199,26 +200,87 @@ def load(path: str | os.PathLike[str] | None) -> tuple[Dynaconf, Path]:
         settings.as_dict()  # dynaconf reads lazily: surface YAML errors here
     except Exception as err:
         detail = " ".join(str(err).split())
+        top = _top_level(source)
+        if top is not None and not isinstance(top, dict):
+            detail = f"the top level must be a mapping (logging, node, http, plugins), got {_show(top)}"
         raise ConfigError(f"cannot read config file {str(source)!r}: {detail}") from None
     _normalise_sections(settings)
     return settings, source
 
 
+def _top_level(source: Path) -> Any:
+    try:
+        return yaml.safe_load(source.read_text())
+    except Exception:  # dynaconf's own message says what is wrong with the file
+        return None
+
+
 def _normalise_sections(settings: Dynaconf) -> None:
-    # `inmem:` with nothing after it is YAML null; it means "configured, all defaults".
+    """Check the sections every node reads before any plugin does, and fill in empty ones.
+
+    ``plugins``, ``plugins.apps``, ``plugins.backbones`` and each plugin's
+    section must be mappings; ``inmem:`` with nothing after it is YAML null
+    and means "configured, all defaults".
+    """
+    for name in ("logging", "node", "http", "plugins"):
+        _require_mapping(name, settings.get(name))
+    plugins = settings.get("plugins") or {}
     for kind in ("apps", "backbones"):
-        sections = settings.get(f"plugins.{kind}")
-        if isinstance(sections, dict):
-            for name, section in list(sections.items()):
-                if section is None:
-                    settings.set(f"plugins.{kind}.{name}", {})
+        sections = plugins.get(kind)
+        _require_mapping(f"plugins.{kind}", sections)
+        for name, section in list((sections or {}).items()):
+            _require_mapping(
+                f"plugins.{kind}.{name}", section, what="a mapping (the plugin's settings, or {} for none)"
+            )
+            if section is None:
+                settings.set(f"plugins.{kind}.{name}", {})
     if "http" in settings and settings.get("http") is None:  # `http:` alone: all defaults
         settings.set("http", {})
+
+
+def _require_mapping(key: str, value: Any, what: str = "a mapping") -> None:
+    if value is not None and not isinstance(value, dict):
+        raise ConfigError(f"invalid config: {key} must be {what}, got {_show(value)}")
+
+
+def _show(value: Any, limit: int = 60) -> str:
+    text = " ".join(repr(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def raw_value(settings: Any, dotted: str) -> Any:
+    """The value at ``a.b.c`` as written, or None; never raises, whatever shape is on the way."""
+    parts = dotted.split(".")
+    value = settings.get(parts[0])
+    for part in parts[1:]:
+        if not isinstance(value, dict):
+            return None
+        value = value.get(part)
+    return value
+
+
+def check_shapes(settings: Any, validators: Iterable[Validator]) -> None:
+    """Every section a validator looks into must be a mapping (or absent).
+
+    Runs before the validators: dynaconf cannot look up ``queue.name_suffix``
+    when ``queue`` is ``5`` (it raises deep inside), and a plugin reading its
+    section would crash the same way. Raises ``ConfigError`` naming the key.
+    """
+    parents: dict[str, None] = {}
+    for validator in validators:
+        for name in getattr(validator, "names", ()):
+            parts = str(name).split(".")
+            for depth in range(1, len(parts)):
+                parents.setdefault(".".join(parts[:depth]), None)
+    # Shallowest first, so the message names the outermost wrong section.
+    for key in sorted(parents, key=lambda k: (k.count("."), k)):
+        _require_mapping(key, raw_value(settings, key))
 
 
 def validate(settings: Dynaconf, validators: Iterable[Validator]) -> None:
     """Apply validators (setting their defaults); raise ``ConfigError`` naming every bad key."""
     validators = list(validators)
+    check_shapes(settings, validators)
     settings.validators.register(*validators)
     try:
         settings.validators.validate_all()

@@ -15,3 +15,7 @@ class PluginError(ThreatBusError):
 
 class DecodeError(ThreatBusError, ValueError):
     """Bytes from the outside are not a valid Threat Bus message."""
+
+
+class MissingPlugin(ConfigError, PluginError):
+    """The config names a plugin that is not installed (a typo, or a package to install): exit 2."""

@@ -7,8 +7,10 @@ import sys
 from typing import Any
 
 FORMAT = "%(asctime)s %(levelname)-7s [{node}] %(name)s: %(message)s"
-# Libraries that are chatty at INFO about things the bus logs better itself.
-QUIET_LIBRARIES = ("pika", "websockets", "asyncio")
+# Libraries that are chatty about things the bus logs better itself, and the least level they may log at.
+# pika logs each failed connection attempt as several ERROR lines with tracebacks; the backbone logs
+# one line per attempt with the cause, so pika's own loggers only speak for CRITICAL.
+QUIET_LIBRARIES = {"pika": logging.CRITICAL, "websockets": logging.WARNING, "asyncio": logging.WARNING}
 
 
 def configure(settings: Any, node_name: str) -> None:
@@ -32,10 +34,15 @@ def configure(settings: Any, node_name: str) -> None:
         root.addHandler(file_handler)
         levels.append(logging.getLevelName(settings.file_verbosity))
     root.setLevel(min(levels) if levels else logging.CRITICAL)
-    for name in QUIET_LIBRARIES:
-        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    quiet_libraries(root.level)
+
+
+def quiet_libraries(level: int = logging.INFO) -> None:
+    for name, least in QUIET_LIBRARIES.items():
+        logging.getLogger(name).setLevel(max(least, level))
 
 
 def configure_early() -> None:
     """Console logging until the config is read, so its errors are visible."""
     logging.basicConfig(level=logging.INFO, format=FORMAT.format(node="threatbus"), stream=sys.stderr)
+    quiet_libraries()

@@ -6,9 +6,15 @@ default so that several nodes on one host never collide on a port and an
 upgrade from the original Threat Bus opens no new port; the local cluster
 tool and the files in deploy/ turn it on with one port per node.
 
-``/health`` answers 200 while the backbone reports ``connected``, else 503,
-so it serves as a readiness probe (container health checks, load balancers,
-``threatbus cluster up``).
+``/health`` answers 200 while the backbone reports ``connected`` (and not
+``blocked`` by the broker's flow control), else 503, so it serves as a
+readiness probe (container health checks, load balancers, ``threatbus
+cluster up``).
+
+Where the backbone keeps its dead letters in the node (inmem), they are
+served under ``/dlq`` for ``threatbus dlq``: ``GET /dlq?limit=N``,
+``GET /dlq/<id>``, ``POST /dlq/replay`` (``{"ids": [...]}`` or
+``{"all": true}``) and ``POST /dlq/purge``.
 """
 
 from __future__ import annotations
@@ -21,11 +27,12 @@ from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from threatbus import __version__
+from threatbus.deadletters import DEFAULT_LIST_LIMIT, DeadLetters
 from threatbus.errors import ThreatBusError
 from threatbus.metrics import Metrics
 from threatbus.node import Node
@@ -38,6 +45,7 @@ NODE_INFO = "threatbus_node_info"  # gauge{instance, version}, always 1: who thi
 # A client that sends nothing for this long is dropped, so a stop is never held up by one.
 REQUEST_TIMEOUT = 5.0
 JSON_TYPE = "application/json"
+MAX_REQUEST_BODY = 1024 * 1024
 
 
 class _Server(ThreadingHTTPServer):
@@ -71,16 +79,33 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._respond(head=True)
 
+    def do_POST(self) -> None:
+        url = urlsplit(self.path)
+        length = int(self.headers.get("Content-Length") or 0)
+        if not url.path.startswith("/dlq") or not 0 <= length <= MAX_REQUEST_BODY:
+            self._send(HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8", b"not found\n", head=False)
+            return
+        status, content_type, body = self.server.endpoints.dlq_response(
+            "POST", url.path, url.query, self.rfile.read(length)
+        )
+        self._send(status, content_type, body, head=False)
+
     def _respond(self, head: bool) -> None:
-        path = urlsplit(self.path).path.rstrip("/") or "/"
+        url = urlsplit(self.path)
+        path = url.path.rstrip("/") or "/"
         endpoints = self.server.endpoints
         if path == "/metrics":
             status, content_type, body = endpoints.metrics_response()
         elif path == "/health":
             status, content_type, body = endpoints.health_response()
+        elif path == "/dlq" or path.startswith("/dlq/"):
+            status, content_type, body = endpoints.dlq_response("GET", path, url.query, b"")
         else:
             status, content_type = HTTPStatus.NOT_FOUND, "text/plain; charset=utf-8"
             body = b"not found: try /metrics or /health\n"
+        self._send(status, content_type, body, head)
+
+    def _send(self, status: int, content_type: str, body: bytes, head: bool) -> None:
         self.send_response(status)
         self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
@@ -108,10 +133,12 @@ class ObservabilityServer(StoppableWorker):
         node: Node,
         host: str = DEFAULT_HOST,
         port: int = 0,
+        dead_letters: Callable[[], DeadLetters | None] | None = None,
     ) -> None:
         super().__init__(name="http-endpoints")
         self.metrics = metrics
         self.health = health
+        self.dead_letters = dead_letters or (lambda: None)
         self.node = node
         try:
             self.server = _Server((host, port), self)
@@ -174,5 +201,46 @@ class ObservabilityServer(StoppableWorker):
             logger.exception("the backbone failed to report its health")
             backbone = {"connected": False, "error": str(err)}
         report["backbone"] = backbone
-        report["status"] = "ok" if backbone.get("connected") is True else "unavailable"
+        # Blocked by the broker's flow control (memory or disk alarm): connected, yet nothing gets published.
+        healthy = backbone.get("connected") is True and not backbone.get("blocked")
+        report["status"] = "ok" if healthy else "unavailable"
         return report
+
+    def dlq_response(self, method: str, path: str, query: str, body: bytes) -> tuple[int, str, bytes]:
+        """The ``/dlq`` endpoints (see the module's docstring)."""
+        store = self.dead_letters()
+        if store is None:
+            return _json(HTTPStatus.NOT_FOUND, {"error": "this node's backbone keeps no dead letters in the node"})
+        try:
+            if method == "GET" and path == "/dlq":
+                limit = int(parse_qs(query).get("limit", [DEFAULT_LIST_LIMIT])[0])
+                return _json(HTTPStatus.OK, {"dead_letters": [letter.to_json() for letter in store.list(limit)]})
+            if method == "GET":
+                letter = store.get(unquote(path[len("/dlq/") :]))
+                if letter is None:
+                    return _json(HTTPStatus.NOT_FOUND, {"error": "no such dead letter"})
+                return _json(HTTPStatus.OK, letter.to_json())
+            request = json.loads(body or b"{}")
+            if path == "/dlq/replay" and isinstance(request, dict):
+                ids = request.get("ids")
+                if request.get("all") is True:
+                    result = store.replay(None)
+                elif isinstance(ids, list) and ids and all(isinstance(i, str) for i in ids):
+                    result = store.replay(ids)
+                else:
+                    return _json(HTTPStatus.BAD_REQUEST, {"error": 'send {"ids": ["..."]} or {"all": true}'})
+                logger.info(
+                    "dead letters replayed over HTTP: %d (%d not found)", len(result.replayed), len(result.not_found)
+                )
+                return _json(HTTPStatus.OK, {"replayed": result.replayed, "not_found": result.not_found})
+            if path == "/dlq/purge":
+                purged = store.purge()
+                logger.info("dead letters purged over HTTP: %d", purged)
+                return _json(HTTPStatus.OK, {"purged": purged})
+        except ValueError as err:
+            return _json(HTTPStatus.BAD_REQUEST, {"error": str(err)})
+        return _json(HTTPStatus.NOT_FOUND, {"error": "not found"})
+
+
+def _json(status: int, data: Any) -> tuple[int, str, bytes]:
+    return status, JSON_TYPE, json.dumps(data).encode() + b"\n"

@@ -9,7 +9,7 @@ from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from threatbus import config
-from threatbus.errors import PluginError
+from threatbus.errors import MissingPlugin, PluginError
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def load(settings: Any) -> dict[str, dict[str, object]]:
         missing = [name for name in wanted if name not in found]
         if missing:
             packages = " ".join(package_name(name) for name in missing)
-            raise PluginError(
+            raise MissingPlugin(
                 f"configured but not installed: {', '.join(f'plugins.{kind}.{n}' for n in missing)}; "
                 f"install with: pip install {packages}"
             )

@@ -6,7 +6,7 @@ import logging
 import queue
 import threading
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Protocol
 
 import threatbus
@@ -52,6 +52,9 @@ class TopicRouter:
         self.dropped = 0
         self._log_drop = RateLimitedLog(logger)
         self.expiry: ExpirySchedule | None = None
+        # Called with a message some subscriber could not take, and why, in the thread that routed it
+        # (the backbone's, or the expiry's for removals at expiry): backbones dead-letter it there.
+        self.on_drop: Callable[[Message, str], None] | None = None
 
     def subscribe(self, topic: str, sink: Sink) -> None:
         with self._lock:
@@ -111,15 +114,19 @@ class TopicRouter:
         return self._hand(message, tuple(sink for sink in sinks if sink in current))
 
     def _hand(self, message: Message, targets: tuple[Sink, ...]) -> int:
-        handed = 0
+        handed = full = 0
         for sink in targets:
             try:
                 sink.put_nowait(message)
                 handed += 1
             except queue.Full:
-                self.dropped += 1
+                full += 1
                 self._log_drop("subscriber queue full, dropped %s %s", message.type_name, _message_ref(message))
         self.delivered += handed
+        if full:
+            self.dropped += full
+            if self.on_drop is not None:
+                self.on_drop(message, f"{full} local subscriber queue(s) full")
         return handed
 
 

@@ -140,3 +140,14 @@ def test_policy_scenario_measures_every_filter_in_microseconds() -> None:
     assert result["filters"]["tlp_boundary"]["held_back_of_mix"] == "3/10"  # RED (1.0 and 2.0), AMBER+STRICT
     for data in result["filters"].values():
         assert 0 < data["us_per_evaluation_best"] <= data["us_per_evaluation_median"] < 1_000
+
+
+def test_validation_figures_are_plausible() -> None:
+    from benchmark.validation import validation_scenario
+
+    result = validation_scenario(300)
+    for kind in ("point_pattern", "compound_pattern_cached", "compound_pattern_unseen"):
+        row = result[kind]
+        assert 0 < row["ours_us"] < row["foreign_validated_us"] < 1_000_000, (kind, row)
+    # The parser runs for unseen compound patterns only: far dearer than a cached verdict.
+    assert result["compound_pattern_unseen"]["validation_us"] > result["compound_pattern_cached"]["validation_us"]

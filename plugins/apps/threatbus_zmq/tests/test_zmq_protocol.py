@@ -195,6 +195,25 @@ def test_an_oversized_frame_is_refused_and_the_bus_keeps_serving(our_bus):
     consumer.assert_nothing()
 
 
+def test_an_oversized_manage_request_gets_an_error_reply_and_is_logged_and_counted(our_bus, caplog):
+    from threatbus.metrics import DROPPED
+
+    manage = our_bus.manage_client()
+    huge = {"action": "subscribe", "topic": "stix2/" + "x" * (70 * 1024)}
+    reply = manage.request(huge)  # a client without a timeout would have waited forever
+    assert reply["status"] == "error" and "request too large" in reply["reason"]
+    assert is_success(manage.subscribe("stix2"))  # the socket keeps serving
+    if our_bus.bus is not None:
+        assert our_bus.metric(DROPPED, where="zmq-manage-oversized") == 1
+        assert our_bus.metric(APP_REJECTED, plugin="zmq", endpoint="manage") == 1
+        logged = caplog.text
+    else:
+        wait_until(lambda: "dropped a manage request of" in our_bus.log(), 10, what="the log line")
+        logged = our_bus.log()
+    assert f"dropped a manage request of {len(orjson.dumps(huge))} bytes (at most 65536)" in logged
+    manage.close()
+
+
 def test_a_client_subscribing_to_everything_on_pub_gets_nothing(our_bus):
     eavesdropper = Receiver(our_bus.host, our_bus.pub, "", our_bus.context)
     consumer = our_bus.fake_app("stix2/indicator")

@@ -20,6 +20,8 @@ from threatbus_zmq.wire import STATUS_ERROR, STATUS_SUCCESS, STATUS_UNKNOWN, is_
 
 logger = logging.getLogger(__name__)
 
+# Longest manage request served; a longer one gets an error reply (and is logged and counted).
+MAX_REQUEST_BYTES = 64 * 1024
 MAX_TOPICS = 16
 MAX_TOPIC_LENGTH = 256
 MAX_SNAPSHOT_DAYS = 36500
@@ -76,6 +78,7 @@ class ManageWorker(StoppableWorker):
         self.pub_port = pub_port
         self.sub_port = sub_port
         self.rejected = 0
+        self.oversized = 0  # requests over MAX_REQUEST_BYTES, answered with an error
         self._log_rejected = RateLimitedLog(logger)
 
     def run(self) -> None:
@@ -113,6 +116,15 @@ class ManageWorker(StoppableWorker):
         self.socket.send(orjson.dumps(reply))
 
     def handle(self, frames: list[bytes]) -> dict[str, Any]:
+        size = sum(len(frame) for frame in frames)
+        if size > MAX_REQUEST_BYTES:
+            # Answered, so that a client without a timeout does not wait forever; never parsed.
+            self.rejected += 1
+            self.oversized += 1
+            self._log_rejected(
+                "dropped a manage request of %d bytes (at most %d): %s", size, MAX_REQUEST_BYTES, describe(frames[0])
+            )
+            return {"status": STATUS_ERROR, "reason": f"request too large: {size} bytes, at most {MAX_REQUEST_BYTES}"}
         raw = b"".join(frames)
         try:
             if len(frames) != 1:

@@ -38,7 +38,6 @@ PREFIX = f"plugins.apps.{NAME}"
 DEFAULT_SEND_HWM = 1000
 # Frames from apps queued inside ZeroMQ before the sending app's own socket holds them back.
 RECEIVE_HWM = 100_000
-MAX_MANAGE_BYTES = 64 * 1024
 
 
 def endpoint(host: str, port_number: int) -> str:
@@ -112,7 +111,8 @@ class ZmqApp:
         sockets["sub"].setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         # ZeroMQ disconnects a peer that sends more than this, before the bus allocates it.
         sockets["sub"].setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 1024)
-        sockets["manage"].setsockopt(zmq.MAXMSGSIZE, MAX_MANAGE_BYTES)
+        # Only a hard cap on memory: requests over manage.MAX_REQUEST_BYTES are received and answered with an error.
+        sockets["manage"].setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         sockets["sub"].setsockopt(zmq.SUBSCRIBE, b"")  # everything: invalid input is logged, not ignored
         try:
             for name, sock in sockets.items():
@@ -149,6 +149,8 @@ class ZmqApp:
         metrics.counter(APP_REJECTED, lambda: receiver.rejected, plugin=NAME, endpoint="sub")
         metrics.counter(APP_REJECTED, lambda: manage.rejected, plugin=NAME, endpoint="manage")
         metrics.counter(EXPIRED_ON_ENTRY, lambda: receiver.expired, plugin=NAME)
+        # Manage requests over 64 KiB, answered with an error.
+        metrics.counter(DROPPED, lambda: manage.oversized, where="zmq-manage-oversized", plugin=NAME)
         metrics.counter(DELIVERED, lambda: publisher.delivered, plugin=NAME)
         metrics.counter(DROPPED, subs.dropped, where=NAME, plugin=NAME)
         metrics.gauge(SUBSCRIBERS, lambda: len(subs), plugin=NAME)

@@ -7,13 +7,20 @@ import queue
 from typing import Any
 
 import threatbus
+from threatbus.config import count, option
 from threatbus.data import Message
+from threatbus.deadletters import DEAD_LETTERED, DEAD_LETTERS, DEAD_LETTERS_REPLAYED, UNDELIVERED, HttpDeadLetters
+from threatbus.errors import ConfigError
 from threatbus.metrics import DELIVERED, DROPPED, Metrics
 from threatbus.node import Node
 from threatbus.routing import RoutedBackbone, TopicRouter
 from threatbus.worker import StoppableWorker, stop_workers
+from threatbus_inmem.deadletters import MemoryDeadLetters
 
 logger = logging.getLogger(__name__)
+
+NAME = "inmem"
+PREFIX = f"plugins.backbones.{NAME}"
 
 
 class _Distributor(StoppableWorker):
@@ -34,15 +41,31 @@ class InMemoryBackbone(RoutedBackbone):
     def __init__(self) -> None:
         self.router = TopicRouter()
         self.worker: _Distributor | None = None
+        self.dlq: MemoryDeadLetters | None = None
 
     @threatbus.backbone
     def config_validators(self) -> list[Any]:
-        return []
+        return [
+            option(f"{PREFIX}.dead_letters", dict, default={}),
+            count(
+                f"{PREFIX}.dead_letters.max_items", default=1000, minimum=0, expected="an integer >= 0 (0 keeps none)"
+            ),
+        ]
 
     @threatbus.backbone
     def run(self, config: Any, publish_queue: queue.SimpleQueue[Message], node: Node, metrics: Metrics) -> None:
-        metrics.counter(DELIVERED, lambda: self.router.delivered, plugin="inmem")
-        metrics.counter(DROPPED, lambda: self.router.dropped, where="inmem")
+        capacity = int((config.get("dead_letters") or {}).get("max_items", 1000))
+        self.dlq = dlq = MemoryDeadLetters(capacity, publish_queue.put, node.name)
+        self.router.on_drop = lambda message, why: dlq.add(message, UNDELIVERED, why)
+        metrics.counter(DELIVERED, lambda: self.router.delivered, plugin=NAME)
+        metrics.counter(DROPPED, lambda: self.router.dropped, where=NAME)
+        metrics.counter(DROPPED, lambda: dlq.evicted, where=f"{NAME}-dlq")
+        metrics.counter(
+            DEAD_LETTERED, "Messages put into the dead-letter queue", lambda: dlq.added[UNDELIVERED],
+            backbone=NAME, reason=UNDELIVERED,
+        )  # fmt: skip
+        metrics.counter(DEAD_LETTERS_REPLAYED, "Dead letters sent again", lambda: dlq.replayed, backbone=NAME)
+        metrics.gauge(DEAD_LETTERS, "Messages held in the dead-letter queue", dlq.__len__, backbone=NAME)
         sections = [config.get(direction) for direction in ("export", "import")] if config else []
         if any(isinstance(section, dict) and section.get("filter") for section in sections):
             # One node, no other nodes: everything stays local, so export and import filters change nothing.
@@ -52,6 +75,20 @@ class InMemoryBackbone(RoutedBackbone):
         logger.info("in-memory backbone running on node '%s'", node.name)
 
     @threatbus.backbone
+    def dead_letters(self) -> MemoryDeadLetters | None:
+        return self.dlq
+
+    @threatbus.backbone
+    def dead_letter_admin(self, config: Any, node: Node, http_url: str | None) -> HttpDeadLetters:
+        if http_url is None:
+            raise ConfigError(
+                "http.port is not configured: the inmem backbone keeps its dead letters in the running node's "
+                "memory, which `threatbus dlq` reaches through the node's HTTP endpoint; set http.port "
+                "(a fixed port, not 0) and http.host in the node's config"
+            )
+        return HttpDeadLetters(http_url)
+
+    @threatbus.backbone
     def stop(self) -> None:
         if self.worker is not None:
             stop_workers([self.worker])
@@ -59,4 +96,9 @@ class InMemoryBackbone(RoutedBackbone):
     @threatbus.backbone
     def health(self) -> dict[str, Any]:
         running = self.worker is not None and self.worker.is_alive()
-        return {"backbone": "inmem", "connected": running, "subscriptions": self.router.subscription_count}
+        return {
+            "backbone": NAME,
+            "connected": running,
+            "subscriptions": self.router.subscription_count,
+            "dead_letters": len(self.dlq) if self.dlq is not None else 0,
+        }

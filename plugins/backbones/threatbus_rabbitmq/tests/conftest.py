@@ -58,14 +58,14 @@ class Broker:
     def queue(self, label: str) -> str:
         """A unique queue name suffix; the full queue name is ``threatbus.<suffix>``."""
         suffix = f"{label}-{self.id}"
-        self.queues.append(f"threatbus.{suffix}")
+        self.queues += [f"threatbus.{suffix}", f"threatbus.{suffix}.dlq"]  # the node's queue and its DLQ
         return suffix
 
     def node_queue(self, node_name: str, config_path: Path | str | None = None) -> str:
         """The default queue name of a node (unique per node, stable across restarts)."""
         node = Node.create(node_name, str(Path(config_path).resolve()) if config_path else None)
         name = f"threatbus.{default_queue_suffix(node)}"
-        self.queues.append(name)
+        self.queues += [name, f"{name}.dlq"]
         return name
 
     def config(self, suffix: str | None = None, **overrides: Any) -> dict[str, Any]:
@@ -113,13 +113,15 @@ class Broker:
     def connect(self) -> pika.BlockingConnection:
         return pika.BlockingConnection(pika.ConnectionParameters(RABBITMQ_HOST, RABBITMQ_PORT, heartbeat=30))
 
-    def publish_raw(self, bodies: list[bytes], exchange: str | None = None) -> None:
+    def publish_raw(
+        self, bodies: list[bytes], exchange: str | None = None, properties: pika.BasicProperties | None = None
+    ) -> None:
         connection = self.connect()
         try:
             channel = connection.channel()
             channel.confirm_delivery()
             for body in bodies:
-                channel.basic_publish(exchange or self.exchange, "", body)
+                channel.basic_publish(exchange or self.exchange, "", body, properties)
         finally:
             connection.close()
 
@@ -296,7 +298,9 @@ class NodeProcess(ThreatBusProcess):
     def received(self) -> list[dict[str, Any]]:
         if not self.outbox.exists():
             return []
-        return [json.loads(line) for line in self.outbox.read_bytes().splitlines() if line.strip()]
+        data = self.outbox.read_bytes()
+        complete = data[: data.rfind(b"\n") + 1]  # the app may be writing the last line right now
+        return [json.loads(line) for line in complete.splitlines() if line.strip()]
 
     def wait_received(self, ids: set[str], timeout: float = 30.0) -> list[dict[str, Any]]:
         """Wait until the app received every id in ``ids``; return all it received."""

@@ -9,6 +9,7 @@ only through ``wake()`` / ``add_callback_threadsafe``. Every AMQP step is an
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import pika
@@ -63,6 +64,9 @@ class AmqpWorker(ReconnectingWorker):
         self._failures = 0  # attempts since the last successful set-up
         self._address = 0  # index into settings.brokers: the next failure moves on to the next broker
         self._tick_handle: Any = None
+        # The broker's flow control (memory or disk alarm): its reason while it blocks this connection.
+        self.blocked: str | None = None
+        self._blocked_since = 0.0
 
     @property
     def url(self) -> str:
@@ -85,7 +89,9 @@ class AmqpWorker(ReconnectingWorker):
         self.on_lost()
 
     def reconnecting(self, delay: float) -> None:
-        logger.info("%s: reconnecting to %s in %.1fs", self.role, self.url, delay)
+        # After a failed attempt its own line said it all: one line per attempt, not two.
+        level = logging.DEBUG if self._failures else logging.INFO
+        logger.log(level, "%s: reconnecting to %s in %.1fs", self.role, self.url, delay)
 
     def finish(self) -> None:
         self.connected = False
@@ -119,6 +125,8 @@ class AmqpWorker(ReconnectingWorker):
             self._failed_attempt(err)
             return
         self._connection = connection
+        connection.add_on_connection_blocked_callback(self._on_blocked)
+        connection.add_on_connection_unblocked_callback(self._on_unblocked)
         self._tick_handle = connection.ioloop.call_later(POLL_INTERVAL, self._on_tick)
         try:
             try:
@@ -189,21 +197,44 @@ class AmqpWorker(ReconnectingWorker):
 
     def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
         was_connected = self.connected
-        self.connected = False
         self._channel = None
         connection = self._connection
         if connection is None or not connection.is_open:
-            return  # the whole connection is going: _on_connection_closed tells why
+            return  # the whole connection is going: _on_connection_closed tells why (and whether it was up)
+        self.connected = False
         if not self._closing:
             logger.error("%s: channel closed by the broker: %s", self.role, describe_close(reason))
             if not was_connected:
                 self._failures += 1
             self.close()
 
+    def _on_blocked(self, _connection: pika.SelectConnection, frame: Any) -> None:
+        if self.blocked is None:
+            self.blocked = str(getattr(frame.method, "reason", "") or "no reason given")
+            self._blocked_since = time.monotonic()
+            logger.warning(
+                "%s: the broker %s blocks this connection (flow control): %s; publishing waits until the "
+                "broker's memory or disk alarm clears",
+                self.role,
+                self.url,
+                self.blocked,
+            )
+
+    def _on_unblocked(self, _connection: pika.SelectConnection | None = None, _frame: Any = None) -> None:
+        if self.blocked is not None:
+            logger.info(
+                "%s: the broker unblocked this connection after %.1fs (was: %s)",
+                self.role,
+                time.monotonic() - self._blocked_since,
+                self.blocked,
+            )
+            self.blocked = None
+
     def _on_connection_closed(self, connection: pika.SelectConnection, reason: BaseException) -> None:
         was_connected = self.connected
         self.connected = False
         self._channel = None
+        self._on_unblocked()  # a new connection starts unblocked; the broker tells it again if need be
         self.on_lost()
         if not self._closing:
             level = logging.WARNING if was_connected else logging.ERROR

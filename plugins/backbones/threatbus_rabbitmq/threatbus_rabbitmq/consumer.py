@@ -4,9 +4,12 @@ The consumer owns its pika connection in its own thread. For every delivery
 it decodes the body (structure only, ``threatbus.data.decode``), drops it if
 an identical message was seen recently (at-least-once delivery repeats
 messages after reconnects), routes it with the ``TopicRouter`` (never blocks)
-and only then acknowledges it. Acks are batched (``multiple=True``). Poison
-messages are logged, counted and rejected without requeue: the broker drops
-them, or dead-letters them where the operator set a dead-letter policy.
+and only then acknowledges it. Acks are batched (``multiple=True``). Messages
+that did not come from one of our nodes (``deadletter.from_our_node``) are
+first validated like intel entering the bus (``threatbus.stix.validate``).
+Poison, invalid intel and what no local app could take are logged, counted
+and published to the node's dead-letter queue (``deadletter.py``), then
+acked; without a usable dead-letter queue they are rejected without requeue.
 
 After the node starts, the first connection declares and binds the queue but
 holds back ``basic_consume`` until an app subscribes to intel locally (or
@@ -17,6 +20,7 @@ within seconds, and what waited in the durable queue is meant for them.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,9 +29,13 @@ from pika.channel import Channel
 from pika.spec import Basic, BasicProperties
 
 from threatbus.data import TOPIC_INDICATOR, TOPIC_SIGHTING, Message, decode, describe
+from threatbus.deadletters import INVALID_MESSAGE, INVALID_STIX, UNDELIVERED
 from threatbus.routing import TopicRouter
+from threatbus.stix import InvalidIntel, validate
 from threatbus_rabbitmq.connection import AmqpWorker
+from threatbus_rabbitmq.deadletter import DeadLetterQueue, from_our_node, is_replay
 from threatbus_rabbitmq.dedup import Deduplicator
+from threatbus_rabbitmq.dedup import digest as dedup_digest
 from threatbus_rabbitmq.handover import Handover
 from threatbus_rabbitmq.settings import BrokerSettings
 
@@ -60,11 +68,16 @@ class Consumer(AmqpWorker):
         router: TopicRouter,
         importing: Callable[[Message], bool] | None = None,
         dedup: Deduplicator | None = None,
+        dead_letters: DeadLetterQueue | None = None,
     ) -> None:
         super().__init__(settings)
         self.router = router
         # The node's import filter (RoutedBackbone.importing), for messages other nodes published.
         self.importing = importing
+        self.dead_letters = dead_letters
+        self.foreign = 0  # messages validated because they came from no node of ours
+        self._current: tuple[bytes, BasicProperties, str] | None = None  # the delivery being routed
+        router.on_drop = self._on_undelivered
         self.dedup = dedup if dedup is not None else Deduplicator(settings.dedup_window)
         self.handover = Handover()
         self.consumed = 0
@@ -133,6 +146,9 @@ class Consumer(AmqpWorker):
                 else "not sharing it: each node must see every message",
             )
         exchanges = [s.exchange, *([s.bridge_exchange] if s.bridge_exchange else [])]
+        if self.dead_letters is not None and self._connection is not None:
+            # A channel of its own: a broker that refuses it (permissions) must not stop the consuming.
+            self.dead_letters.open(self._connection)
         self._bind(channel, exchanges)
 
     def _bind(self, channel: Channel, exchanges: list[str]) -> None:
@@ -241,15 +257,31 @@ class Consumer(AmqpWorker):
     # ---- the hot path --------------------------------------------------
 
     def _on_message(self, channel: Channel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
+        try:
+            self._handle(channel, method, properties, body)
+        except Exception as err:
+            # pika would abort the connection and tell only its own (quiet) loggers: say it here, then start
+            # afresh; what was not acked comes again and the dedup window catches what was delivered.
+            logger.exception("consumer: unexpected error handling a delivery: %s; reconnecting", err)
+            self.connected = False
+            self.close()
+
+    def _handle(self, channel: Channel, method: Basic.Deliver, properties: BasicProperties, body: bytes) -> None:
         self.consumed += 1
         try:
             message = decode(body)
+            if not from_our_node(properties):
+                # Not from one of our nodes (an original node, another producer): check it like an app's intel.
+                self.foreign += 1
+                validate(message)
             digest = self.dedup.check(message.dedup_key)
-        except Exception as err:  # DecodeError, or anything else odd input may provoke
+            if not digest and is_replay(properties):
+                digest = dedup_digest(message.dedup_key)  # a replay is an operator's explicit "send it again"
+        except Exception as err:  # DecodeError, InvalidIntel, or anything else odd input may provoke
             self.rejected += 1
             self._log_poison(err, body, method)
-            self._flush_acks()
-            channel.basic_reject(method.delivery_tag, requeue=False)
+            reason = INVALID_STIX if isinstance(err, InvalidIntel) else INVALID_MESSAGE
+            self._dead_letter(channel, method, body, properties, reason, str(err))
             return
         queues: tuple[Any, ...] = ()
         if not digest:
@@ -262,14 +294,34 @@ class Consumer(AmqpWorker):
             pass  # held back by the import filter, counted there
         else:
             queues = self.router.subscribers(message.topic)
+            self._current = (body, properties, method.exchange)
             try:
                 self.router.route(message)
             except Exception:
                 # A broken subscriber must not stop the consumer nor block the queue.
                 logger.exception("consumer: delivering %s to local subscribers failed", message.type_name)
+            finally:
+                self._current = None
         # Acked (and its key kept on disk) once the apps took it from their queues: see handover.
         self.handover.routed(method.delivery_tag, digest, queues)
         self._ack()
+
+    def _dead_letter(
+        self, channel: Channel, method: Basic.Deliver, body: bytes, properties: BasicProperties, reason: str, why: str
+    ) -> None:
+        if self.dead_letters is not None and self.dead_letters.send(body, properties, method.exchange, reason, why):
+            self.handover.routed(method.delivery_tag, 0, ())  # acked in order, like a message no app wanted
+            self._ack()
+        else:  # no dead-letter queue (off, or refused by the broker): as before, the broker drops it
+            self._flush_acks()
+            channel.basic_reject(method.delivery_tag, requeue=False)
+
+    def _on_undelivered(self, message: Message, why: str) -> None:
+        # Called by the router when a local app could not take the message: inside _on_message in this
+        # thread, or in the expiry worker's thread (removals at expiry), which must not touch our channel.
+        if self.dead_letters is not None and self._current is not None and threading.current_thread() is self:
+            body, properties, exchange = self._current
+            self.dead_letters.send(body, properties, exchange, UNDELIVERED, why)
 
     def _ack(self) -> None:
         if len(self.handover) >= RELEASE_EVERY:

@@ -8,6 +8,7 @@ from typing import Any
 
 import threatbus
 from threatbus.data import Message
+from threatbus.deadletters import DEAD_LETTERED, REASONS
 from threatbus.errors import PluginError
 from threatbus.metrics import (
     BACKBONE_CONNECTED,
@@ -23,10 +24,12 @@ from threatbus.node import Node
 from threatbus.routing import RoutedBackbone, TopicRouter
 from threatbus.worker import stop_workers
 from threatbus_rabbitmq.consumer import Consumer
+from threatbus_rabbitmq.deadletter import BrokerDeadLetters, DeadLetterQueue, DeadLetterSettings
+from threatbus_rabbitmq.deadletter import validators as dead_letter_validators
 from threatbus_rabbitmq.dedup import Deduplicator, open_dedup
 from threatbus_rabbitmq.outbox import DIR_NAME, DurableOutbox
 from threatbus_rabbitmq.publisher import Feeder, Outbox, Publisher
-from threatbus_rabbitmq.settings import NAME, BrokerSettings, resolve, validators
+from threatbus_rabbitmq.settings import NAME, PREFIX, BrokerSettings, resolve, validators
 from threatbus_rabbitmq.state import StateDir
 
 logger = logging.getLogger(__name__)
@@ -34,6 +37,7 @@ logger = logging.getLogger(__name__)
 DUPLICATES = "threatbus_backbone_duplicates"  # counter{backbone}: repeats dropped by the consumer
 RESENT = "threatbus_backbone_resent"  # counter{backbone}: unconfirmed publishes sent again
 OUTBOX_BYTES = "threatbus_backbone_outbox_bytes"  # gauge{backbone}: durable outbox records not yet confirmed
+BLOCKED = "threatbus_backbone_blocked"  # gauge{backbone}: 1 while the broker's flow control blocks us
 
 
 class RabbitMQBackbone(RoutedBackbone):
@@ -52,10 +56,11 @@ class RabbitMQBackbone(RoutedBackbone):
         self.publisher: Publisher | None = None
         self.consumer: Consumer | None = None
         self.feeder: Feeder | None = None
+        self.dlq: DeadLetterQueue | None = None
 
     @threatbus.backbone
     def config_validators(self) -> list[Any]:
-        return validators()
+        return validators() + dead_letter_validators()
 
     @threatbus.backbone
     def run(self, config: Any, publish_queue: queue.SimpleQueue[Message], node: Node, metrics: Metrics) -> None:
@@ -64,7 +69,11 @@ class RabbitMQBackbone(RoutedBackbone):
         self._open_state(settings, node)
         self.publisher = Publisher(settings, self.outbox)
         self.configure_policy(NAME, config, metrics)
-        self.consumer = Consumer(settings, self.router, importing=self.importing, dedup=self.dedup)
+        dlq_settings = DeadLetterSettings.resolve(config, settings)
+        self.dlq = DeadLetterQueue(dlq_settings, node.name) if dlq_settings.enabled else None
+        self.consumer = Consumer(
+            settings, self.router, importing=self.importing, dedup=self.dedup, dead_letters=self.dlq
+        )
         self.feeder = Feeder(publish_queue, self.outbox, self.publisher, exporting=self.exporting)
         self._register_metrics(metrics, self.publisher, self.consumer, self.outbox, self.feeder)
         logger.info(
@@ -124,10 +133,27 @@ class RabbitMQBackbone(RoutedBackbone):
         metrics.gauge(QUEUE_DEPTH, outbox.__len__, queue=f"{NAME}-outbox")
         if isinstance(outbox, DurableOutbox):
             metrics.gauge(OUTBOX_BYTES, "Bytes in the durable outbox not yet confirmed", lambda: outbox.bytes, **label)
+        dlq = self.dlq
+        if dlq is not None:
+            for reason in REASONS:
+                metrics.counter(
+                    DEAD_LETTERED,
+                    "Messages put into the dead-letter queue",
+                    lambda reason=reason: dlq.sent[reason],
+                    backbone=NAME,
+                    reason=reason,
+                )
+            metrics.counter(DROPPED, lambda: dlq.failed, where=f"{NAME}-dlq")  # dead letters not published
         metrics.gauge(
             QUEUE_DEPTH,
             lambda: publisher.in_flight,
             queue=f"{NAME}-unconfirmed",
+        )
+        metrics.gauge(
+            BLOCKED,
+            "1 while the broker blocks a connection (memory or disk alarm)",
+            lambda: int(bool(publisher.blocked or consumer.blocked)),
+            **label,
         )
         metrics.gauge(
             BACKBONE_CONNECTED,
@@ -155,15 +181,30 @@ class RabbitMQBackbone(RoutedBackbone):
         )
 
     @threatbus.backbone
+    def dead_letters(self) -> None:
+        return None  # they live in a queue on the broker: `threatbus dlq` reads it there
+
+    @threatbus.backbone
+    def dead_letter_admin(self, config: Any, node: Node, http_url: str | None) -> BrokerDeadLetters:
+        broker = resolve(config, node)
+        dlq = DeadLetterSettings.resolve(config, broker)
+        if not dlq.enabled:
+            logger.warning("%s.dead_letters.enabled is false: the node keeps no dead letters", PREFIX)
+        return BrokerDeadLetters(broker, dlq)
+
+    @threatbus.backbone
     def health(self) -> dict[str, Any]:
         publisher, consumer = self.publisher, self.consumer
         publishing = bool(publisher and publisher.connected)
         consuming = bool(consumer and consumer.connected)
         # Holding back consumption after start (wait_for_subscribers): connected, queue bound, not consuming yet.
         holding = bool(consumer and consumer.holding)
+        blocked = (publisher.blocked if publisher else None) or (consumer.blocked if consumer else None)
         return {
             "backbone": NAME,
             "connected": publishing and (consuming or holding),
+            "blocked": blocked is not None,  # flow control: /health answers 503 while true
+            "blocked_reason": blocked,
             "publisher_connected": publishing,
             "consumer_connected": consuming or holding,
             "consuming": consuming,
@@ -179,4 +220,6 @@ class RabbitMQBackbone(RoutedBackbone):
             "state_dir": str(self.state.path) if self.state else None,
             "unconfirmed": publisher.in_flight if publisher else 0,
             "subscriptions": self.router.subscription_count,
+            "dead_lettered": sum(self.dlq.sent.values()) if self.dlq else 0,
+            "dead_letter_queue": self.dlq.settings.queue if self.dlq else None,
         }

@@ -94,8 +94,9 @@ class Publisher(AmqpWorker):
         self._in_flight: dict[int, Message] = {}
         self._next_tag = 1
         self._oldest_tag = 1
-        # app_id (our queue's name, unique per node) lets our consumer tell our own messages from other
-        # nodes' for the import filter; original nodes ignore it.
+        # app_id (our queue's name, unique per node, always starting "threatbus") lets consumers tell our own
+        # messages from other nodes' (import filter) and our nodes' from foreign ones (validated); original
+        # nodes ignore it.
         self._properties = pika.BasicProperties(
             content_type="application/json", delivery_mode=2 if settings.persistent else 1, app_id=settings.queue_name
         )
