@@ -136,4 +136,8 @@ def dead_letter_admin(config: Any, node: Node, http_url: str | None) -> DeadLett
     The store may connect lazily; the command calls its ``close()`` at the
     end. Raise ``ConfigError`` when the dead letters cannot be reached with
     this config (e.g. in node memory, but no HTTP endpoint configured).
+
+    :param config: this backbone's validated config section.
+    :param node: the node the config file describes.
+    :param http_url: that node's HTTP endpoint, or None.
     """
