@@ -55,7 +55,7 @@ class Broker:
     def __init__(self) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.exchange = f"tb-test-{self.id}"
-        self.queues: list[str] = []
+        self.queues: list[str] = [f"{self.exchange}.log"]  # the intel log (stream) of the exchange
         self.exchanges: list[str] = [self.exchange, f"{self.exchange}.durable"]
 
     def queue(self, label: str) -> str:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 import threatbus
 from threatbus.data import Message
 from threatbus.deadletters import DEAD_LETTERED, REASONS
 from threatbus.errors import PluginError
+from threatbus.history import LogEntry
 from threatbus.metrics import (
     BACKBONE_CONNECTED,
     BACKBONE_CONSUMED,
@@ -23,6 +26,7 @@ from threatbus.metrics import (
 from threatbus.node import Node
 from threatbus.routing import RoutedBackbone, TopicRouter
 from threatbus.worker import stop_workers
+from threatbus_rabbitmq import intel_log
 from threatbus_rabbitmq.consumer import Consumer
 from threatbus_rabbitmq.deadletter import BrokerDeadLetters, DeadLetterQueue, DeadLetterSettings
 from threatbus_rabbitmq.deadletter import validators as dead_letter_validators
@@ -57,10 +61,12 @@ class RabbitMQBackbone(RoutedBackbone):
         self.consumer: Consumer | None = None
         self.feeder: Feeder | None = None
         self.dlq: DeadLetterQueue | None = None
+        self.log_keeper: intel_log.LogKeeper | None = None
+        self.log_reader: intel_log.LogReader | None = None
 
     @threatbus.backbone
     def config_validators(self) -> list[Any]:
-        return validators() + dead_letter_validators()
+        return validators() + dead_letter_validators() + intel_log.validators()
 
     @threatbus.backbone
     def run(self, config: Any, inq: queue.Queue[Message], node: Node, metrics: Metrics) -> None:
@@ -87,6 +93,7 @@ class RabbitMQBackbone(RoutedBackbone):
             settings.queue_durable,
             dict(settings.queue_arguments).get("x-queue-mode") == "lazy",
         )
+        self._start_log(intel_log.LogSettings.resolve(config, settings))
         self.consumer.start()
         self.publisher.start()
         self.feeder.start()
@@ -112,6 +119,21 @@ class RabbitMQBackbone(RoutedBackbone):
                     closable.close()
                 except OSError:
                     logger.exception("closing the backbone's state failed")
+    def _start_log(self, log: intel_log.LogSettings) -> None:
+        if not log.enabled:
+            logger.info("intel log off (history.enabled false): snapshots come only from apps with history")
+            return
+        self.log_keeper = intel_log.LogKeeper(self.settings, log)
+        self.log_reader = intel_log.LogReader(self.settings, log)
+        self.log_keeper.start()
+        self.log_reader.start()
+
+    @threatbus.backbone
+    def history(self, since: datetime, until: datetime) -> Iterable[LogEntry] | None:
+        keeper, reader = self.log_keeper, self.log_reader
+        if keeper is None or reader is None or keeper.refused or reader.available is False:
+            return None
+        return reader.read(since, until)
 
     def _register_metrics(
         self, metrics: Metrics, publisher: Publisher, consumer: Consumer, outbox: Outbox | DurableOutbox, feeder: Feeder
@@ -168,7 +190,9 @@ class RabbitMQBackbone(RoutedBackbone):
 
     @threatbus.backbone
     def stop(self) -> None:
-        workers = [w for w in (self.feeder, self.publisher, self.consumer) if w is not None]
+        workers = [
+            w for w in (self.feeder, self.publisher, self.consumer, self.log_reader, self.log_keeper) if w is not None
+        ]
         if not workers:
             return
         timeout = (self.settings.stop_timeout if self.settings else 5.0) + 2.0
@@ -227,4 +251,13 @@ class RabbitMQBackbone(RoutedBackbone):
             "subscriptions": self.router.subscription_count,
             "dead_lettered": sum(self.dlq.sent.values()) if self.dlq else 0,
             "dead_letter_queue": self.dlq.settings.queue if self.dlq else None,
+            "intel_log": self._log_health(),
         }
+
+    def _log_health(self) -> str:
+        keeper, reader = self.log_keeper, self.log_reader
+        if keeper is None or reader is None:
+            return "off"
+        if keeper.refused or reader.available is False:
+            return "unavailable"
+        return "ready" if keeper.bound.is_set() and reader.available else "starting"
