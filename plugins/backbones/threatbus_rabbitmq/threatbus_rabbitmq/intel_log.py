@@ -129,14 +129,18 @@ class LogKeeper(StoppableWorker):
                 self.refused = str(err)
                 logger.warning("intel log: the broker refused stream '%s' (%s); %s", self.log.stream, err, NO_STREAMS)
                 return
-            except pika.exceptions.AMQPError as err:
+            except (pika.exceptions.AMQPError, OSError) as err:  # OSError: TLS, sockets
                 failures += 1
                 # The publisher and consumer report an unreachable broker; one line here is enough.
                 logger.log(
                     logging.WARNING if failures == 1 else logging.DEBUG,
                     "intel log: no broker connection (%s); retrying",
-                    type(err).__name__,
+                    _describe(err),
                 )
+                self.wait(self._backoff.next_delay())
+            except Exception:
+                failures += 1
+                logger.exception("intel log: unexpected error keeping the stream; retrying")
                 self.wait(self._backoff.next_delay())
             finally:
                 if connection is not None and connection.is_open:
