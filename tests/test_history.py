@@ -33,7 +33,11 @@ def version(ident: str, modified: datetime, **extra) -> Indicator:
 
 
 def entries(*messages, at=NOW - timedelta(hours=1)):
-    return [(at, m) for m in messages]
+    return [(at.timestamp(), m) for m in messages]
+
+
+def window(days=7):
+    return (NOW - timedelta(days=days)).timestamp(), NOW.timestamp()
 
 
 # ---- the fold ------------------------------------------------------------
@@ -59,7 +63,7 @@ def test_fold_keeps_the_latest_version_and_leaves_out_removed_revoked_and_expire
     )
     # The newer version of a first, the older after it: arrival order must not matter.
     log = entries(a_new, a_old, removed, removal, revoked, expired, live, sighting())
-    result = fold(log, SnapshotType.INDICATOR, NOW - timedelta(days=7), NOW)
+    result = fold(log, SnapshotType.INDICATOR, *window())
     assert sorted(m.payload["id"][-1] for m in result) == ["a", "e"]
     assert next(m for m in result if m.payload["id"].endswith("a")) == a_new
 
@@ -68,9 +72,13 @@ def test_fold_skips_entries_before_the_period_and_other_kinds():
     early = indicator("9.9.9.9")
     inside = indicator("8.8.8.8")
     seen = sighting()
-    log = [(NOW - timedelta(days=2), early), (NOW - timedelta(hours=1), inside), (NOW, seen)]
-    assert fold(log, SnapshotType.INDICATOR, NOW - timedelta(days=1), NOW) == [inside]
-    assert fold(log, SnapshotType.SIGHTING, NOW - timedelta(days=1), NOW) == [seen]
+    log = [
+        ((NOW - timedelta(days=2)).timestamp(), early),
+        ((NOW - timedelta(hours=1)).timestamp(), inside),
+        (NOW.timestamp(), seen),
+    ]
+    assert fold(log, SnapshotType.INDICATOR, *window(1)) == [inside]
+    assert fold(log, SnapshotType.SIGHTING, *window(1)) == [seen]
 
 
 def test_fold_survives_garbage_timestamps_the_structure_check_lets_through():
@@ -78,7 +86,10 @@ def test_fold_survives_garbage_timestamps_the_structure_check_lets_through():
         {"type": "indicator", "id": "indicator--x", "pattern": "p", "pattern_type": "stix", "modified": "x"}
     )
     good = indicator("7.7.7.7")
-    assert fold(entries(bad, good), SnapshotType.INDICATOR, NOW - timedelta(days=1), NOW) == [good]
+    bad_twice = Indicator({**bad.payload, "modified": "y"})
+    unreadable_expiry = indicator("7.7.7.8", valid_until="soon")
+    log = entries(bad, good, bad_twice, unreadable_expiry)
+    assert fold(log, SnapshotType.INDICATOR, *window(1)) == [good]
 
 
 # ---- the in-memory log ---------------------------------------------------
@@ -111,8 +122,9 @@ def test_memory_log_reads_the_window_only():
     messages = [indicator(f"10.0.1.{n}") for n in range(5)]
     for n, message in enumerate(messages):
         log.append(message, now=base - 3600 * (5 - n))  # 5h ago ... 1h ago
-    window = list(log.read(datetime.fromtimestamp(base - 3.5 * 3600, timezone.utc), datetime.now(timezone.utc)))
-    assert [m for _, m in window] == messages[2:]
+    read = list(log.read(datetime.fromtimestamp(base - 3.5 * 3600, timezone.utc), datetime.now(timezone.utc)))
+    assert [m for _, m in read] == messages[2:]
+    assert all(isinstance(when, float) for when, _ in read)
 
 
 # ---- snapshots through the bus -------------------------------------------

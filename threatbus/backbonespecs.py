@@ -134,8 +134,8 @@ def history(since: datetime, until: datetime) -> Iterable[LogEntry] | None:
     intel (``threatbus.history.fold``) and hands it to the requester only.
     May block while the log is read; the iterable ends at the first entry
     after ``until`` or when the log holds nothing newer, and soon after
-    ``stop``. Each entry is ``(when, message)``: ``when`` is the aware UTC
-    time the log took the message; entries a little before ``since`` are
-    allowed (the core filters them). Return None when the backbone keeps no
+    ``stop``. Each entry is ``(when, message)``: ``when`` is the time the log
+    took the message, in epoch seconds; entries a little before ``since``
+    are allowed (the core filters them). Only indicators and sightings count. Return None when the backbone keeps no
     log (``history.enabled: false``, or the broker cannot keep one).
     """

@@ -21,13 +21,13 @@ from dynaconf import Validator
 
 from threatbus.config import option
 from threatbus.data import Indicator, Message, Sighting, SnapshotRequest, SnapshotType, StixObject
-from threatbus.lifecycle import IntelState
+from threatbus.lifecycle import IntelState, is_active
 from threatbus.worker import StoppableWorker
 
 logger = logging.getLogger(__name__)
 
-LogEntry = tuple[datetime, Message]
-"""One message of the log and when the bus carried it (aware UTC)."""
+LogEntry = tuple[float, Message]
+"""One message of the log and when the bus carried it (epoch seconds)."""
 
 ReadLog = Callable[[datetime, datetime], "Iterable[LogEntry] | None"]
 """``read_log(since, until)``: the log's entries of that window, None without a log."""
@@ -75,23 +75,46 @@ class HistorySettings:
 _KINDS: dict[SnapshotType, type[StixObject]] = {SnapshotType.INDICATOR: Indicator, SnapshotType.SIGHTING: Sighting}
 
 
-def fold(entries: Iterable[LogEntry], snapshot_type: SnapshotType, since: datetime, now: datetime) -> list[StixObject]:
-    """The current intel of ``snapshot_type`` the log holds from ``since`` on.
+def fold(entries: Iterable[LogEntry], snapshot_type: SnapshotType, since: float, now: float) -> list[StixObject]:
+    """The current intel of ``snapshot_type`` the log holds from ``since`` on (epoch seconds).
 
     The latest version of each id counts; removed, revoked and (at ``now``)
     expired indicators are left out. Entries before ``since`` are skipped: a
-    log may start reading a little early (stream chunks).
+    log may start reading a little early (stream chunks). Most ids have one
+    version in a log: those are only checked for being active; ids with
+    several versions go through ``IntelState``, which orders them. The
+    messages are returned as they came (their encoded bytes cached).
     """
     kind = _KINDS[snapshot_type]
+    moment = datetime.fromtimestamp(now, timezone.utc)
+    single: dict[str, StixObject] = {}
     state = IntelState()
     for when, message in entries:
         if when < since or type(message) is not kind:
             continue
+        ident = message.payload["id"]
         try:
+            if ident in state:
+                state.apply(message.payload)
+                continue
+            first = single.pop(ident, None)
+            if first is None:
+                single[ident] = message  # type: ignore[assignment]
+                continue
+            state.apply(first.payload)
             state.apply(message.payload)
         except (KeyError, ValueError, TypeError) as err:  # a timestamp the structure check let through
             logger.debug("history: skipped a %s the fold cannot order: %s", message.type_name, err)
-    return [kind(payload) for payload in state.active(now)]
+    result = [message for message in single.values() if _active(message.payload, moment)]
+    result.extend(kind(payload) for payload in state.active(moment))
+    return result
+
+
+def _active(payload: dict[str, Any], moment: datetime) -> bool:
+    try:
+        return is_active(payload, moment)
+    except (ValueError, TypeError):  # a valid_until nobody can read: not usable
+        return False
 
 
 @dataclass(frozen=True)
@@ -139,7 +162,9 @@ class LogAnswerer(StoppableWorker):
         entries = self._read_log(job.since, job.until)
         if entries is None:
             return
-        intel = fold(self._until_stopped(entries), job.request.snapshot_type, job.since, job.until)
+        intel = fold(
+            self._until_stopped(entries), job.request.snapshot_type, job.since.timestamp(), job.until.timestamp()
+        )
         if self.stopping:
             return
         logger.info(

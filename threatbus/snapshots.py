@@ -43,6 +43,33 @@ class SnapshotEnd:
     count: int
 
 
+# How long the log's answer waits for room in a full requester queue, per object.
+LOG_ANSWER_PUT_TIMEOUT = 10.0
+
+
+class _LogEnvelope(SnapshotEnvelope):
+    """An envelope of the log's answer: keeps the original object, so its encoded bytes are reused."""
+
+    __slots__ = ("_stix",)
+
+    @classmethod
+    def of(cls, request: SnapshotRequest, stix: StixObject) -> _LogEnvelope:
+        envelope = cls(
+            {
+                "type": cls.type_name,
+                "snapshot_type": int(request.snapshot_type),
+                "snapshot_id": request.snapshot_id,
+                "body": stix.payload,
+            }
+        )
+        envelope._stix = stix
+        return envelope
+
+    @property
+    def stix(self) -> StixObject:
+        return self._stix
+
+
 @dataclass
 class _Open:
     """One request of a local requester: where answers go and what it already got."""
@@ -154,8 +181,41 @@ class SnapshotRouter(StoppableWorker):
         return 1
 
     def _deliver_log(self, request: SnapshotRequest, intel: list[StixObject]) -> None:
-        for stix in intel:
-            self._pass(SnapshotEnvelope.wrap(request, stix), stix.dedup_key)
+        """Hand the log's answer to the requester; a bounded requester makes this wait (its own thread)."""
+        with self._lock:
+            open_request = self._requesters.get(request.snapshot_id)
+            if open_request is None:
+                return
+            fresh = []
+            for stix in intel:
+                key = stix.dedup_key
+                if key not in open_request.sent:
+                    open_request.sent.add(key)
+                    fresh.append(stix)
+            repeated = len(intel) - len(fresh)
+            open_request.duplicates += repeated
+            self.duplicates += repeated
+        requester = open_request.requester
+        put = getattr(requester, "put", None)
+        lost = 0
+        for stix in fresh:
+            envelope = _LogEnvelope.of(request, stix)
+            if put is None:
+                try:
+                    requester.put_nowait(envelope)
+                except queue.Full:
+                    lost += 1
+                continue
+            try:
+                # Thousands of answers at once: wait for room rather than lose them, but not for ever.
+                put(envelope, timeout=LOG_ANSWER_PUT_TIMEOUT)
+            except queue.Full:
+                lost += 1
+                put = None  # a requester that takes nothing for that long: no more waiting on it
+            if self.answerer.stopping:
+                return
+        if lost:
+            logger.warning("requester queue full: lost %d object(s) of snapshot %s", lost, request.snapshot_id)
 
     def _log_done(self, request: SnapshotRequest) -> None:
         with self._lock:
@@ -163,8 +223,12 @@ class SnapshotRouter(StoppableWorker):
             if open_request is None or not open_request.want_end:
                 return
             end = SnapshotEnd(request.snapshot_id, request.snapshot_type, len(open_request.sent))
+        put = getattr(open_request.requester, "put", None)
         try:
-            open_request.requester.put_nowait(end)
+            if put is None:
+                open_request.requester.put_nowait(end)
+            else:
+                put(end, timeout=LOG_ANSWER_PUT_TIMEOUT)
         except queue.Full:
             logger.warning("requester queue full, dropped the end marker of snapshot %s", request.snapshot_id)
 

@@ -72,6 +72,7 @@ class Subscription:
         # The client's own filter, behind the app's (which the core applies before this queue).
         self.filter = client_filter
         self.filtered = filtered or FilterStats()
+        self._room = threading.Event()
         prefix = p2p_topic.encode("ascii")
         self._prefixes = {cls: prefix + kind.encode() + b" " for cls, kind in KINDS.items()}
         self._end_prefix = prefix + SNAPSHOT_END_KIND.encode() + b" "
@@ -101,7 +102,27 @@ class Subscription:
         self._ready.put(self)
 
     def put(self, message: Message | SnapshotEnd, block: bool = True, timeout: float | None = None) -> None:
+        """As ``put_nowait``, but a blocking put waits (up to ``timeout``) while the buffer is full.
+
+        The core's log answerer uses it to hand over a large snapshot without
+        losing it; raises ``queue.Full`` when no room came in time.
+        """
+        if block and not self.closed and len(self.pending) >= self.bound:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while len(self.pending) >= self.bound and not self.closed:
+                self._room.clear()
+                if len(self.pending) < self.bound:
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise queue.Full
+                self._room.wait(0.05 if remaining is None else min(remaining, 0.05))
         self.put_nowait(message)
+
+    def made_room(self) -> None:
+        """Called by the publisher after sending: wakes a blocked ``put``."""
+        if len(self.pending) < self.bound:
+            self._room.set()
 
     def qsize(self) -> int:
         return len(self.pending)

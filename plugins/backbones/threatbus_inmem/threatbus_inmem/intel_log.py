@@ -14,7 +14,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import datetime
 
 from threatbus.data import Message
 from threatbus.history import HistorySettings, LogEntry
@@ -68,4 +68,4 @@ class MemoryLog:
             # islice walks the deques once; indexing a deque in the middle is not O(1).
             window = list(itertools.islice(zip(times, self._entries, strict=True), first, last))
         for stamp, (message, _size) in window:
-            yield datetime.fromtimestamp(stamp, timezone.utc), message
+            yield stamp, message

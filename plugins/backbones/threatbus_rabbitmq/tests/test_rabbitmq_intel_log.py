@@ -123,7 +123,8 @@ def test_entries_before_the_period_are_left_out(broker):
         publish_through(bus, [indicator("10.4.0.2")])
         entries = list(backbone.history(since=after, until=datetime.now(timezone.utc)))
         # Reading from a timestamp starts at its chunk: the core's fold filters by each entry's time.
-        assert [m.payload["pattern"] for when, m in entries if when >= after] == ["[ipv4-addr:value = '10.4.0.2']"]
+        cut = after.timestamp()
+        assert [m.payload["pattern"] for when, m in entries if when >= cut] == ["[ipv4-addr:value = '10.4.0.2']"]
 
 
 def test_retention_is_declared_on_the_stream(broker):
@@ -214,3 +215,40 @@ def test_a_classic_queue_in_the_way_of_the_log_is_refused_with_one_warning(broke
     warnings = [r for r in caplog.records if r.levelno >= logging.WARNING and "intel log" in r.getMessage()]
     assert len(warnings) == 1, [r.getMessage() for r in warnings]
     assert not any(r.exc_info for r in caplog.records)
+
+
+# ---- the AMQP 1.0 body of a stream entry (no broker) ------------------------
+
+STORED_FROM_AMQP091 = (
+    b"\x00Sr\xc1C\x06\xa3\rx-routing-key\xa1\x00\xa3\nx-exchange\xa1\nraw-622238\xa3\x15x-basic-delivery-modeP\x02"
+    b'\x00Ss\xc0\x1f\r@@@@@@\xa3\x10application/json@@@@@@\x00Su\xa0\x08{"a": 1}'
+)
+
+
+@pytest.mark.parametrize(
+    ("raw", "body"),
+    [
+        (STORED_FROM_AMQP091, b'{"a": 1}'),
+        (
+            b'\x00Sr\xc1*\x04\xa3\rx-routing-key\xa1\x00\xa3\nx-exchange\xa1\nraw-622238\x00Su\xa0\x08{"b": 2}',
+            b'{"b": 2}',
+        ),
+        (b'\x00Su\xa0\x08{"c": 3}', b'{"c": 3}'),
+        (b"\x00Su\xb0\x00\x00\x00\x03abc\x00Su\xa0\x02de", b"abcde"),
+        (b"\x00Sw\xa1\x02hi", b"hi"),
+    ],
+)
+def test_amqp_body_finds_the_data_sections(raw, body):
+    from threatbus_rabbitmq.intel_log import amqp_body
+
+    assert amqp_body(raw) == body
+
+
+@pytest.mark.parametrize(
+    "raw", [b"", b"{}", b"\x00Su", b"\x00Su\xa0\x08{", b"\x00Sr\xc1\x01\x00", b"\x00Su\x99\x01x", b"\x00Su\xa0\x01x!"]
+)
+def test_amqp_body_refuses_garbage(raw):
+    from threatbus_rabbitmq.intel_log import amqp_body
+
+    with pytest.raises((ValueError, IndexError)):
+        amqp_body(raw)
