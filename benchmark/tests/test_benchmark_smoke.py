@@ -151,3 +151,22 @@ def test_validation_figures_are_plausible() -> None:
         assert 0 < row["ours_us"] < row["foreign_validated_us"] < 1_000_000, (kind, row)
     # The parser runs for unseen compound patterns only: far dearer than a cached verdict.
     assert result["compound_pattern_unseen"]["validation_us"] > result["compound_pattern_cached"]["validation_us"]
+
+
+def test_quick_streams_run_replays_every_snapshot_indicator(tmp_path: Path) -> None:
+    from threatbus.testing import rabbitmq_reachable
+
+    code, result, output = run_quick(tmp_path, "--only", "streams")
+    assert code == 0, output[-4000:]
+    assert result["errors"] == {}
+    snapshot = result["scenarios"]["streams"]["snapshot"]
+    backbones = ["inmem", "rabbitmq"] if rabbitmq_reachable() else ["inmem"]
+    for backbone in backbones:
+        replay = snapshot[backbone]
+        assert replay["indicators"] == replay["marker_count"] == snapshot["count"], backbone
+        assert replay["indicators_per_s"] > 0
+    if rabbitmq_reachable():
+        ceiling = result["scenarios"]["streams"]["stream_ceiling"]
+        assert ceiling["published_msgs_per_s"] > 0 and ceiling["consumed_msgs_per_s"] > 0
+    names = [row["name"] for row in result["targets"]]
+    assert any("snapshot of" in name for name in names)

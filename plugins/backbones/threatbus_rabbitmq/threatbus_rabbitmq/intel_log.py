@@ -45,6 +45,8 @@ STREAM_TLS_PORT = 5551
 READ_IDLE = 0.5
 # Chunks the broker may send ahead of the reader.
 READ_CREDIT = 20
+# Entries handed to the reading thread at once.
+READ_BATCH = 500
 
 NO_STREAMS = (
     "running without the intel log: snapshots are answered only by apps that keep history of their own "
@@ -259,7 +261,7 @@ class LogReader(StoppableWorker):
                 continue
             if item is _END:
                 return
-            yield item
+            yield from item
 
     # ---- the reader's thread -------------------------------------------
 
@@ -329,6 +331,7 @@ class LogReader(StoppableWorker):
         last = loop.time()
         done = asyncio.Event()
         taken = 0
+        batch: list[LogEntry] = []  # handed over in batches: one queue operation per READ_BATCH entries
 
         def on_message(message: Any, context: Any) -> None:
             nonlocal last, taken
@@ -351,7 +354,10 @@ class LogReader(StoppableWorker):
                 return
             if isinstance(decoded, StixObject):
                 taken += 1
-                out.put((stamp / 1000, decoded))
+                batch.append((stamp / 1000, decoded))
+                if len(batch) >= READ_BATCH:
+                    out.put(batch.copy())
+                    batch.clear()
 
         consumer = self._consumer()
         try:
@@ -379,6 +385,8 @@ class LogReader(StoppableWorker):
                 _describe(err),
             )
         finally:
+            if batch:
+                out.put(batch)
             out.put(_END)
             with contextlib.suppress(Exception):
                 await consumer.close()
