@@ -47,29 +47,6 @@ class SnapshotEnd:
 LOG_ANSWER_PUT_TIMEOUT = 10.0
 
 
-class _LogEnvelope(SnapshotEnvelope):
-    """An envelope of the log's answer: keeps the original object, so its encoded bytes are reused."""
-
-    __slots__ = ("_stix",)
-
-    @classmethod
-    def of(cls, request: SnapshotRequest, stix: StixObject) -> _LogEnvelope:
-        envelope = cls(
-            {
-                "type": cls.type_name,
-                "snapshot_type": int(request.snapshot_type),
-                "snapshot_id": request.snapshot_id,
-                "body": stix.payload,
-            }
-        )
-        envelope._stix = stix
-        return envelope
-
-    @property
-    def stix(self) -> StixObject:
-        return self._stix
-
-
 @dataclass
 class _Open:
     """One request of a local requester: where answers go and what it already got."""
@@ -199,7 +176,7 @@ class SnapshotRouter(StoppableWorker):
         put = getattr(requester, "put", None)
         lost = 0
         for stix in fresh:
-            envelope = _LogEnvelope.of(request, stix)
+            envelope = SnapshotEnvelope.wrap(request, stix)
             if put is None:
                 try:
                     requester.put_nowait(envelope)

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from threatbus.testing import indicator, sighting
 from threatbus_zmq.client import Receiver, is_success
 from threatbus_zmq.wire import split_pub_frame
 
 
-def publish_and_see(bus, messages) -> None:
-    """Publish through the sub socket and wait until a listener got them all (they are in the log then)."""
+def publish_and_see(bus, messages, arrive=None) -> None:
+    """Publish through the sub socket and wait until a listener got them (they are in the log then)."""
     listener = bus.fake_app("stix2")
     sender = bus.sender()
     for message in messages:
         sender.send(message)
-    listener.recv_many(len(messages))
+    listener.recv_many(len(messages) if arrive is None else arrive)
     sender.close(linger=1)
 
 
@@ -89,3 +90,24 @@ def test_snapshot_end_that_is_not_true_is_ignored_like_the_original_would(our_bu
     finally:
         receiver.close()
         manage.close()
+
+
+@pytest.mark.parametrize("kind", ["inprocess", "process"])
+def test_the_log_answer_passes_the_app_and_client_filters_and_still_ends(configured_bus, kind):
+    from threatbus.testing import intel_mix
+
+    with configured_bus(kind, filter={"min_confidence": 50}) as target:
+        mix = intel_mix()
+        publish_and_see(target, list(mix.values()), arrive=7)  # the app's filter holds back 2 of 9
+        manage = target.manage_client()
+        reply = manage.subscribe("stix2/indicator", 1, {"tlp": "green"}, snapshot_end=True)
+        assert is_success(reply), reply
+        receiver = Receiver(target.host, reply["pub_port"], reply["topic"], target.context)
+        try:
+            got, markers = frames_until_end(receiver)
+            names = {item.id: name for name, item in mix.items()}
+            assert {names[body["id"]] for _, body in got} == {"clear", "white", "unmarked_noconf"}
+            assert len(markers) == 1
+        finally:
+            receiver.close()
+            manage.close()
