@@ -42,7 +42,7 @@ MAX_UNCONFIRMED = 20_000
 # How often the consumer stores its offset on the broker (seconds).
 STORE_INTERVAL = 0.5
 # Polling the bus's inq: fast while busy, slower when idle.
-POLL_BUSY, POLL_IDLE = 0.001, 0.02
+POLL_BUSY, POLL_IDLE = 0.001, 0.005
 
 
 def validators() -> list[Any]:
