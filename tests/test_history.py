@@ -247,3 +247,14 @@ def test_bad_history_keys_are_config_errors_naming_the_key(key, value):
         running_bus(backbones={"inmem": InMemoryBackbone()}, plugin_config=config),
     ):
         pass
+
+
+def test_a_bounded_requester_gets_a_large_snapshot_whole():
+    with running_bus() as bus:
+        intel = [indicator(f"10.7.{n // 250}.{n % 250}") for n in range(500)]
+        publish_and_wait(bus, intel)
+        sink = queue.Queue(maxsize=10)  # far smaller than the answer: the log's answer waits for room
+        bus.subscribe("stix2/indicator", sink, snapshot=timedelta(days=1), snapshot_end=True)
+        envelopes, end = drain_snapshot(sink)
+        assert len(envelopes) == end.count == 500
+        assert {e.stix.id for e in envelopes} == {m.id for m in intel}
