@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from threatbus.data import Indicator, Message, SnapshotEnvelope, SnapshotRequest
 from threatbus.expiry import ExpirySchedule
 from threatbus.history import LogAnswerer, ReadLog
 from threatbus.routing import Sink
-from threatbus.worker import StoppableWorker
+from threatbus.worker import POLL_INTERVAL, StoppableWorker
 
 logger = logging.getLogger(__name__)
 
@@ -183,16 +184,25 @@ class SnapshotRouter(StoppableWorker):
                 except queue.Full:
                     lost += 1
                 continue
-            try:
-                # Thousands of answers at once: wait for room rather than lose them, but not for ever.
-                put(envelope, timeout=LOG_ANSWER_PUT_TIMEOUT)
-            except queue.Full:
+            # Thousands of answers at once: wait for room rather than lose them, but not for ever.
+            if not self._put_waiting(put, envelope):
                 lost += 1
                 put = None  # a requester that takes nothing for that long: no more waiting on it
             if self.answerer.stopping:
                 return
         if lost:
             logger.warning("requester queue full: lost %d object(s) of snapshot %s", lost, request.snapshot_id)
+
+    def _put_waiting(self, put: Callable[..., None], item: object) -> bool:
+        """``put`` with a timeout, in short steps so that a stop of the bus is noticed."""
+        deadline = time.monotonic() + LOG_ANSWER_PUT_TIMEOUT
+        while True:
+            try:
+                put(item, timeout=POLL_INTERVAL)
+                return True
+            except queue.Full:
+                if self.answerer.stopping or time.monotonic() >= deadline:
+                    return False
 
     def _log_done(self, request: SnapshotRequest) -> None:
         with self._lock:
@@ -204,8 +214,8 @@ class SnapshotRouter(StoppableWorker):
         try:
             if put is None:
                 open_request.requester.put_nowait(end)
-            else:
-                put(end, timeout=LOG_ANSWER_PUT_TIMEOUT)
+            elif not self._put_waiting(put, end):
+                raise queue.Full
         except queue.Full:
             logger.warning("requester queue full, dropped the end marker of snapshot %s", request.snapshot_id)
 
