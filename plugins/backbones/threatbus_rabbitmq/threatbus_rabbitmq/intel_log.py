@@ -35,6 +35,7 @@ from threatbus.data import StixObject, decode
 from threatbus.history import HistorySettings, LogEntry
 from threatbus.ratelimit import RateLimitedLog
 from threatbus.worker import POLL_INTERVAL, Backoff, StoppableWorker
+from threatbus_rabbitmq.connection import describe_close
 from threatbus_rabbitmq.settings import PREFIX, BrokerSettings
 
 logger = logging.getLogger(__name__)
@@ -133,10 +134,12 @@ class LogKeeper(StoppableWorker):
             except (pika.exceptions.AMQPError, OSError) as err:  # OSError: TLS, sockets
                 failures += 1
                 # The publisher and consumer report an unreachable broker; one line here is enough.
+                # A declaration the broker refuses (406: the config is at odds with the exchange) is an error.
+                refused = isinstance(err, pika.exceptions.ChannelClosed)
                 logger.log(
-                    logging.WARNING if failures == 1 else logging.DEBUG,
-                    "intel log: no broker connection (%s); retrying",
-                    _describe(err),
+                    (logging.ERROR if refused else logging.WARNING) if failures == 1 else logging.DEBUG,
+                    "intel log: cannot keep the stream (%s); retrying",
+                    describe_close(err) if refused else _describe(err),
                 )
                 self.wait(self._backoff.next_delay())
             except Exception:
