@@ -199,7 +199,7 @@ def test_what_an_original_node_published_is_in_our_new_nodes_snapshot(broker, or
         backbones={"rabbitmq": RabbitMQBackbone()}, plugin_config=config, node_name=f"first-{broker.id}"
     ) as bus:
         broker.node_queue(f"first-{broker.id}")
-        wait_until(lambda: bus.health()["intel_log"] == "ready", 20, what="the log bound")
+        wait_until(lambda: bus.health()["intel_log"] == "ready", 60, what="the log bound")
     client = ZmqClient(original_node)
     theirs = [indicator(f"10.31.0.{n}") for n in range(3)]
     try:
