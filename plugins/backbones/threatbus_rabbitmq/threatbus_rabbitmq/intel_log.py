@@ -42,8 +42,12 @@ logger = logging.getLogger(__name__)
 
 STREAM_PORT = 5552
 STREAM_TLS_PORT = 5551
-# A read ends when the stream delivered nothing for this long (it holds nothing newer).
-READ_IDLE = 0.5
+# How long the stream may take to deliver its last entry (found first; none: the stream is empty).
+END_WAIT = 2.0
+# A read gives up when the stream delivered nothing for this long before reaching that entry.
+READ_STALL = 15.0
+# A chunk's timestamp is when it was written; entries in it may be a little older.
+CHUNK_SLACK_MS = 1000
 # Chunks the broker may send ahead of the reader.
 READ_CREDIT = 20
 # Entries handed to the reading thread at once.
@@ -336,12 +340,21 @@ class LogReader(StoppableWorker):
         taken = 0
         batch: list[LogEntry] = []  # handed over in batches: one queue operation per READ_BATCH entries
 
+        end: list[int] = []  # [offset, timestamp] of the stream's last entry when the read began
+
+        def on_last(_message: Any, context: Any) -> None:
+            if not end or context.offset > end[0]:
+                end[:] = [context.offset, context.timestamp]
+            found_end.set()
+
         def on_message(message: Any, context: Any) -> None:
             nonlocal last, taken
             if done.is_set():
                 return
             last = loop.time()
             stamp = context.timestamp
+            if end and context.offset >= end[0]:
+                done.set()  # the last entry that was there when the read began; this one still counts
             if stamp > until_ms:
                 done.set()  # the present: what follows is live traffic, not history
                 return
@@ -362,9 +375,23 @@ class LogReader(StoppableWorker):
                     out.put(batch.copy())
                     batch.clear()
 
+        found_end = asyncio.Event()
         consumer = self._consumer()
         try:
             await asyncio.wait_for(consumer.start(), self.broker.connect_timeout)
+            # Where the log ends now: the read stops there, however slowly the broker delivers.
+            probe = await consumer.subscribe(
+                self.log.stream,
+                on_last,
+                decoder=bytes,
+                offset_specification=ConsumerOffsetSpecification(OffsetType.LAST, None),
+                initial_credit=1,
+            )
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(found_end.wait(), END_WAIT)  # nothing: an empty stream
+            await consumer.unsubscribe(probe)
+            if not end or end[1] < since_ms - CHUNK_SLACK_MS:
+                return  # empty, or nothing in the period
             await consumer.subscribe(
                 self.log.stream,
                 on_message,
@@ -373,9 +400,15 @@ class LogReader(StoppableWorker):
                 initial_credit=READ_CREDIT,
             )
             last = loop.time()
-            while not done.is_set() and not self.stopping and loop.time() - last < READ_IDLE:
+            while not done.is_set() and not self.stopping and loop.time() - last < READ_STALL:
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(done.wait(), READ_IDLE / 5)
+                    await asyncio.wait_for(done.wait(), 0.1)
+            if not done.is_set() and not self.stopping:
+                self._log_failure(
+                    "intel log: stream '%s' delivered nothing for %.0fs before its end: the snapshot is partial",
+                    self.log.stream,
+                    READ_STALL,
+                )
             logger.debug("intel log: read %d entries of stream '%s' since %s", taken, self.log.stream, since)
         except asyncio.CancelledError:
             raise
