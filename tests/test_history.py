@@ -258,3 +258,16 @@ def test_a_bounded_requester_gets_a_large_snapshot_whole():
         envelopes, end = drain_snapshot(sink)
         assert len(envelopes) == end.count == 500
         assert {e.stix.id for e in envelopes} == {m.id for m in intel}
+
+
+def test_an_indicator_from_the_log_is_removed_at_its_valid_until():
+    with running_bus() as bus:
+        now = datetime.now(timezone.utc)
+        soon = indicator("10.8.0.1", valid_until=stamp(now + timedelta(seconds=2)))
+        publish_and_wait(bus, [soon])
+        sink = queue.Queue()
+        bus.subscribe("stix2/indicator", sink, snapshot=timedelta(days=1), snapshot_end=True)
+        envelopes, _ = drain_snapshot(sink)
+        assert [e.stix.id for e in envelopes] == [soon.id]
+        removal = get_within(sink, 10)
+        assert removal.id == soon.id and removal.payload.get("x_threatbus_update") == "REMOVE"

@@ -71,9 +71,7 @@ class Bus:
         self.metrics.counter(
             EXPIRY_REMOVALS, "Removals handed to local subscribers at valid_until", lambda: self.expiry.removals
         )
-        self.snapshots = SnapshotRouter(
-            self.publish_queue, self._ask_apps, expiry=self.expiry, read_log=self._read_log
-        )
+        self.snapshots = SnapshotRouter(self.publish_queue, self._ask_apps, expiry=self.expiry, read_log=self._read_log)
         self._started: list[tuple[pluggy.PluginManager, str]] = []
         self.http: ObservabilityServer | None = None
 

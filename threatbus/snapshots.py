@@ -175,6 +175,7 @@ class SnapshotRouter(StoppableWorker):
             self.duplicates += repeated
         requester = open_request.requester
         put = getattr(requester, "put", None)
+        expiry = self.expiry
         lost = 0
         for stix in fresh:
             envelope = SnapshotEnvelope.wrap(request, stix)
@@ -183,11 +184,15 @@ class SnapshotRouter(StoppableWorker):
                     requester.put_nowait(envelope)
                 except queue.Full:
                     lost += 1
-                continue
+                    continue
             # Thousands of answers at once: wait for room rather than lose them, but not for ever.
-            if not self._put_waiting(put, envelope):
+            elif not self._put_waiting(put, envelope):
                 lost += 1
                 put = None  # a requester that takes nothing for that long: no more waiting on it
+                continue
+            if expiry is not None and isinstance(stix, Indicator):
+                # Only active intel comes from the log: the requester gets its removal at valid_until.
+                expiry.observe(stix, (requester,))
             if self.answerer.stopping:
                 return
         if lost:
