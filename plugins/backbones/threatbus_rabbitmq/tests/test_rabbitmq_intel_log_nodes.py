@@ -87,7 +87,9 @@ def test_a_node_without_the_stream_protocol_runs_and_says_so_once(broker, spawn_
 
 
 @pytest.mark.parametrize("transport", ["queue", "stream"])
-def test_sigkill_of_a_receiving_node_mid_stream_loses_nothing_and_repeats_nothing(broker, spawn_node, tmp_path, transport):
+def test_sigkill_of_a_receiving_node_mid_stream_loses_nothing_and_repeats_nothing(
+    broker, spawn_node, tmp_path, transport
+):
     """Nothing lost, nothing twice: the dedup window is on disk (state: disk), for the stream transport too."""
     import threading
     import time
