@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Mapping
-from datetime import timedelta
+from collections.abc import Iterable, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 import pluggy
@@ -15,6 +15,7 @@ from threatbus.data import TOPIC_SNAPSHOT_ENVELOPE, TOPIC_SNAPSHOT_REQUEST, Mess
 from threatbus.deadletters import DeadLetters
 from threatbus.errors import ConfigError, PluginError
 from threatbus.expiry import ExpirySchedule, ExpiryWorker
+from threatbus.history import LogEntry
 from threatbus.metrics import EXPIRY_REMOVALS, EXPIRY_SCHEDULED, QUEUE_DEPTH, Metrics
 from threatbus.node import Node
 from threatbus.observability import ObservabilityServer
@@ -70,7 +71,7 @@ class Bus:
         self.metrics.counter(
             EXPIRY_REMOVALS, "Removals handed to local subscribers at valid_until", lambda: self.expiry.removals
         )
-        self.snapshots = SnapshotRouter(self.publish_queue, self._ask_apps, self.expiry)
+        self.snapshots = SnapshotRouter(self.publish_queue, self._ask_apps, expiry=self.expiry, read_log=self._read_log)
         self._started: list[tuple[pluggy.PluginManager, str]] = []
         self.http: ObservabilityServer | None = None
 
@@ -220,12 +221,14 @@ class Bus:
 
     # ---- what apps call ------------------------------------------------
 
-    def subscribe(self, topic: str, queue: Sink, snapshot: timedelta = timedelta(0)) -> list[str]:
+    def subscribe(
+        self, topic: str, queue: Sink, snapshot: timedelta = timedelta(0), snapshot_end: bool = False
+    ) -> list[str]:
         """Subscribe ``queue`` to ``topic`` on the backbone; request a snapshot if asked."""
         logger.debug("subscribe %s (snapshot %s)", topic, snapshot)
         self.backbones.hook.subscribe(topic=topic, queue=queue)
         if snapshot > timedelta(0):
-            return self.snapshots.request(topic, queue, snapshot)
+            return self.snapshots.request(topic, queue, snapshot, snapshot_end=snapshot_end)
         return []
 
     def unsubscribe(self, topic: str, queue: Sink) -> None:
@@ -252,6 +255,10 @@ class Bus:
                 self._only(self.apps, app, "snapshot")(snapshot_request=request, result_queue=self.publish_queue)
             except Exception:
                 logger.exception("app plugin '%s' failed to answer snapshot %s", name, request.snapshot_id)
+
+    def _read_log(self, since: datetime, until: datetime) -> Iterable[LogEntry] | None:
+        # Called from the core's log answerer thread; None when the backbone keeps no log.
+        return self.backbones.hook.history(since=since, until=until)
 
     # ---- introspection -------------------------------------------------
 

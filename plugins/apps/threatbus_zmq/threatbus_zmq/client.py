@@ -64,12 +64,21 @@ class ManageClient:
             self._socket = None
 
     def subscribe(
-        self, topic: str | list[str], snapshot: float = 0, filter: dict[str, Any] | None = None
+        self,
+        topic: str | list[str],
+        snapshot: float = 0,
+        filter: dict[str, Any] | None = None,
+        snapshot_end: bool = False,
     ) -> dict[str, Any]:
-        """Subscribe; ``filter`` (the keys of ``threatbus.policy``) narrows what this subscriber gets."""
+        """Subscribe; ``filter`` (the keys of ``threatbus.policy``) narrows what this subscriber gets.
+
+        ``snapshot_end`` asks for a ``snapshotend`` frame after the log's answer (the original ignores it).
+        """
         request: dict[str, Any] = {"action": "subscribe", "topic": topic, "snapshot": snapshot}
         if filter is not None:
             request["filter"] = filter
+        if snapshot_end:
+            request["snapshot_end"] = True
         return self.request(request)
 
     def unsubscribe(self, p2p_topic: str) -> dict[str, Any]:
