@@ -43,18 +43,22 @@ from benchmark.scenarios import (
     wait_for_broker,
 )
 from benchmark.stats import ratio
+from benchmark.streams import snapshot_scenario, stream_ceiling
 from benchmark.validation import validation_scenario
 
 logger = logging.getLogger("benchmark")
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = ("inmem", "ceiling", "rabbitmq", "fanout", "policy", "expiry", "validation")
+SCENARIOS = ("inmem", "ceiling", "rabbitmq", "fanout", "policy", "expiry", "validation", "streams", "rabbitmq_stream")
 
 TARGET_INMEM_MSGS_PER_S = 10_000
 TARGET_CEILING_RATIO = 0.5
 TARGET_P99_MS = 10.0
 TARGET_P99_RATE = 1000
 TARGET_FILTER_US = 5.0  # a typical policy filter, per evaluation: small beside a delivery's cost
+TARGET_SNAPSHOT_PER_S = 50_000
+TARGET_STREAM_OVER_INMEM = 0.5
+SNAPSHOT_COUNT = {"quick": 5_000, "full": 100_000}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -210,6 +214,31 @@ def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
             "met": None if filter_us is None else filter_us < TARGET_FILTER_US,
         }
     )
+    stream_bus = scenarios.get("rabbitmq_stream", {}).get("saturation", {}).get("msgs_per_s")
+    stream_ratio = ratio(stream_bus, inmem)
+    rows.append(
+        {
+            "name": "rabbitmq, two nodes, transport stream: msgs/s over the inmem node's (same run)",
+            "target": f">= {TARGET_STREAM_OVER_INMEM}",
+            "measured": stream_ratio,
+            "bus_msgs_per_s": stream_bus,
+            "inmem_msgs_per_s": inmem,
+            "met": None if stream_ratio is None else stream_ratio >= TARGET_STREAM_OVER_INMEM,
+        }
+    )
+    streams = scenarios.get("streams", {}).get("snapshot", {})
+    for backbone in ("inmem", "rabbitmq"):
+        replay = streams.get(backbone, {}).get("indicators_per_s")
+        rows.append(
+            {
+                "name": f"{backbone}: snapshot of {streams.get('count')} indicators replayed to a new subscriber "
+                "(indicators/s)",
+                "target": f">= {TARGET_SNAPSHOT_PER_S}",
+                "measured": replay,
+                "ratio_to_target": ratio(replay, TARGET_SNAPSHOT_PER_S),
+                "met": None if replay is None else replay >= TARGET_SNAPSHOT_PER_S,
+            }
+        )
     return rows
 
 
@@ -299,6 +328,10 @@ class Runner:
             self.attempt("rabbitmq", self.rabbitmq, zmq_missing, rabbit_missing, broker_down)
         if "policy" in self.selected:
             self.attempt("policy", lambda: policy_scenario(self.profile.name == "quick"))
+        if "streams" in self.selected:
+            self.attempt("streams", self.streams, zmq_missing)
+        if "rabbitmq_stream" in self.selected:
+            self.attempt("rabbitmq_stream", self.rabbitmq_stream, zmq_missing, rabbit_missing, broker_down)
         if {"ceiling", "rabbitmq"} <= self.selected and "ceiling" in self.scenarios and "rabbitmq" in self.scenarios:
             # The ceiling once more after the bus, so that drifting load on the machine shows up.
             again = self.attempt("ceiling-after", lambda: self.ceiling(again=True))
@@ -370,6 +403,32 @@ class Runner:
             result["disturbed_first_attempt"] = first.get("node_log_problems", [])[:5]
         return result
 
+    def rabbitmq_stream(self) -> dict[str, Any]:
+        """Two nodes app to app with ``transport: stream``: what the inmem node's figure is compared with."""
+        broker = Broker(self.broker_settings)
+        try:
+            extra = {**self.args.rabbitmq_extra, "transport": "stream"}
+            nodes = start_rabbitmq_pair(self.workdir / "rabbitmq-stream", broker, self.queue, extra)
+            return self._with_nodes("rabbitmq_stream", nodes)
+        finally:
+            failed = broker.cleanup()
+            if failed:
+                logger.warning("could not delete RabbitMQ objects: %s", ", ".join(failed))
+
+    def streams(self) -> dict[str, Any]:
+        """The intel log: rstream's own ceiling beside pika's, and snapshot replay from each backbone's log."""
+        count = SNAPSHOT_COUNT[self.profile.name]
+        broker = (
+            None
+            if broker_missing(self.broker_settings) or plugin_missing("backbones", "rabbitmq")
+            else (self.broker_settings)
+        )
+        result: dict[str, Any] = {}
+        if broker is not None:
+            result["stream_ceiling"] = stream_ceiling(broker, self.profile.ceiling_count)
+        result["snapshot"] = snapshot_scenario(self.workdir / "snapshot", broker, count)
+        return result
+
     def ceiling(self, again: bool = False) -> dict[str, Any]:
         args = self.args
         matched = {
@@ -400,7 +459,7 @@ class Runner:
 def summary(result: dict[str, Any]) -> str:
     lines = [f"Threat Bus benchmark ({result['meta']['mode']}), {result['meta']['started']}"]
     scenarios = result["scenarios"]
-    for name in ("inmem", "rabbitmq"):
+    for name in ("inmem", "rabbitmq", "rabbitmq_stream"):
         data = scenarios.get(name)
         if not data:
             continue
@@ -419,6 +478,18 @@ def summary(result: dict[str, Any]) -> str:
             f"  ceiling {variant:<11} {data['saturation']['msgs_per_s']} msg/s, "
             f"CPU µs per message: {data['saturation'].get('cpu_us_per_msg')}"
         )
+    stream_ceiling = scenarios.get("streams", {}).get("stream_ceiling")
+    if stream_ceiling:
+        lines.append(
+            f"  ceiling rstream     {stream_ceiling['published_msgs_per_s']} msg/s published (confirmed batches of "
+            f"{stream_ceiling['batch']}), {stream_ceiling['consumed_msgs_per_s']} msg/s consumed"
+        )
+    for backbone, replay in scenarios.get("streams", {}).get("snapshot", {}).items():
+        if isinstance(replay, dict):
+            lines.append(
+                f"  snapshot {backbone:<8} {replay['indicators']} indicators in {replay['seconds']} s = "
+                f"{replay['indicators_per_s']}/s (first after {replay['first_after_s']} s)"
+            )
     for backbone, rows in scenarios.get("fanout", {}).items():
         for row in rows:
             sat, lat = row["saturation"], row["latency"]

@@ -350,7 +350,10 @@ def start_rabbitmq_pair(
     nodes = []
     suffixes = [f"bench-{uuid.uuid4().hex[:12]}-{i}" for i in (1, 2)]
     # The backbone publishes through a durable bridge exchange `<exchange>.durable` bound to the main one.
-    broker.forget_later(queues=[f"threatbus.{s}" for s in suffixes], exchanges=[exchange, f"{exchange}.durable"])
+    # ... and keep every message in the intel log, the stream `<exchange>.log`.
+    broker.forget_later(
+        queues=[f"threatbus.{s}" for s in suffixes] + [f"{exchange}.log"], exchanges=[exchange, f"{exchange}.durable"]
+    )
     try:
         for i, suffix in enumerate(suffixes, 1):
             nodes.append(

@@ -28,7 +28,7 @@ from threatbus.routing import Sink
 hookspec = pluggy.HookspecMarker("threatbus.app")
 
 SubscribeCallback = Callable[..., "list[str]"]
-"""``subscribe(topic, queue, snapshot=timedelta(0)) -> [snapshot_id, ...]``"""
+"""``subscribe(topic, queue, snapshot=timedelta(0), snapshot_end=False) -> [snapshot_id, ...]``"""
 UnsubscribeCallback = Callable[[str, Sink], None]
 """``unsubscribe(topic, queue)``"""
 
@@ -62,10 +62,13 @@ def run(
         (``threatbus.stix.validate``): this is where intel enters the bus.
     :param subscribe: ``subscribe(topic, queue, snapshot=timedelta(0))``
         makes ``queue`` receive every message whose topic starts with
-        ``topic``. A positive ``snapshot`` also asks every other app for the
-        intel of that period (one request per snapshot type the topic
-        covers); the answers (``SnapshotEnvelope``) arrive in the same
-        queue. Returns the ids of the requests made, empty without snapshot.
+        ``topic``. A positive ``snapshot`` also asks the node's intel log
+        (the backbone's ``history``) and every other app for the intel of
+        that period (one request per snapshot type the topic covers); the
+        answers (``SnapshotEnvelope``, each object once) arrive in the same
+        queue. With ``snapshot_end=True`` a ``threatbus.snapshots.SnapshotEnd``
+        follows the log's answer to each request. Returns the ids of the
+        requests made, empty without snapshot.
         The queue is any object with ``put_nowait`` (``routing.Sink``); the
         backbone never blocks on it: a bounded ``queue.Queue``
         loses (and counts) what does not fit; an unbounded

@@ -9,13 +9,15 @@ backbone runs per node. Hooks are called with keyword arguments.
 
 Threads: ``config_validators``, ``run``, ``stop`` and ``dead_letter_admin``
 are called from the main thread; ``subscribe`` and ``unsubscribe`` from any thread (app workers
-subscribe when their clients ask), so they must be thread-safe.
+subscribe when their clients ask), so they must be thread-safe; ``history``
+from the core's log answerer thread.
 """
 
 from __future__ import annotations
 
 import queue
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 import pluggy
@@ -23,6 +25,7 @@ from dynaconf import Validator
 
 from threatbus.data import Message
 from threatbus.deadletters import DeadLetters
+from threatbus.history import LogEntry
 from threatbus.metrics import Metrics
 from threatbus.node import Node
 from threatbus.routing import Sink
@@ -140,4 +143,24 @@ def dead_letter_admin(config: Any, node: Node, http_url: str | None) -> DeadLett
     :param config: this backbone's validated config section.
     :param node: the node the config file describes.
     :param http_url: that node's HTTP endpoint, or None.
+    """
+
+
+@hookspec(firstresult=True)
+def history(since: datetime, until: datetime) -> Iterable[LogEntry] | None:
+    """The messages the bus carried from ``since`` to ``until``, oldest first, from the backbone's intel log.
+
+    Called from the core's log answerer thread when an app of this node
+    subscribes with a snapshot; the core folds the entries to the current
+    intel (``threatbus.history.fold``) and hands it to the requester only.
+    May block while the log is read; the iterable ends at the first entry
+    after ``until`` or when the log holds nothing newer, and soon after
+    ``stop``. Each entry is ``(when, message)``: ``when`` is the time the log
+    took the message, in epoch seconds; entries a little before ``since``
+    are allowed (the core filters them). Only indicators and sightings
+    count. Return None when the backbone keeps no log (``history.enabled:
+    false``, or the broker cannot keep one).
+
+    :param since: the start of the period asked for (aware UTC).
+    :param until: the end of the period: the time of the request.
     """

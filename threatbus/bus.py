@@ -5,8 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import queue
-from collections.abc import Iterator, Mapping
-from datetime import timedelta
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 import pluggy
@@ -16,6 +16,7 @@ from threatbus.data import TOPIC_SNAPSHOT_ENVELOPE, TOPIC_SNAPSHOT_REQUEST, Mess
 from threatbus.deadletters import DeadLetters
 from threatbus.errors import ConfigError, PluginError
 from threatbus.expiry import ExpirySchedule, ExpiryWorker
+from threatbus.history import LogEntry
 from threatbus.metrics import EXPIRY_REMOVALS, EXPIRY_SCHEDULED, QUEUE_DEPTH, Metrics
 from threatbus.node import Node
 from threatbus.observability import ObservabilityServer
@@ -79,7 +80,7 @@ class Bus:
         self.expiry_worker: ExpiryWorker | None = None
         self.metrics.gauge(EXPIRY_SCHEDULED, lambda: len(self.expiry))
         self.metrics.counter(EXPIRY_REMOVALS, lambda: self.expiry.removals)
-        self.snapshots = SnapshotRouter(self.publish_queue, self._ask_apps, self.expiry)
+        self.snapshots = SnapshotRouter(self.publish_queue, self._ask_apps, expiry=self.expiry, read_log=self._read_log)
         self._started: list[tuple[pluggy.PluginManager, str]] = []
         self.http: ObservabilityServer | None = None
 
@@ -227,12 +228,14 @@ class Bus:
 
     # ---- what apps call ------------------------------------------------
 
-    def subscribe(self, topic: str, queue: Sink, snapshot: timedelta = timedelta(0)) -> list[str]:
+    def subscribe(
+        self, topic: str, queue: Sink, snapshot: timedelta = timedelta(0), snapshot_end: bool = False
+    ) -> list[str]:
         """Subscribe ``queue`` to ``topic`` on the backbone; request a snapshot if asked."""
         logger.debug("subscribe %s (snapshot %s)", topic, snapshot)
         self.backbones.hook.subscribe(topic=topic, queue=queue)
         if snapshot > timedelta(0):
-            return self.snapshots.request(topic, queue, snapshot)
+            return self.snapshots.request(topic, queue, snapshot, snapshot_end=snapshot_end)
         return []
 
     def unsubscribe(self, topic: str, queue: Sink) -> None:
@@ -259,6 +262,10 @@ class Bus:
                 self._snapshot_app(name, app, request, requester)
             except Exception:
                 logger.exception("app plugin '%s' failed to answer snapshot %s", name, request.snapshot_id)
+
+    def _read_log(self, since: datetime, until: datetime) -> Iterable[LogEntry] | None:
+        # Called from the core's log answerer thread; None when the backbone keeps no log.
+        return self.backbones.hook.history(since=since, until=until)
 
     # ---- introspection -------------------------------------------------
 

@@ -173,13 +173,13 @@ class SnapshotRequest(Message):
 class SnapshotEnvelope(Message):
     """One answer to a snapshot request; routed only to the requester."""
 
-    __slots__ = ()
+    __slots__ = ("_stix",)  # the wrapped object, when made by ``wrap``: its encoding is reused
     type_name = "snapshotenvelope"
     topic = TOPIC_SNAPSHOT_ENVELOPE
 
     @classmethod
     def wrap(cls, request: SnapshotRequest, stix: StixObject) -> SnapshotEnvelope:
-        return cls(
+        envelope = cls(
             {
                 "type": cls.type_name,
                 "snapshot_type": int(request.snapshot_type),
@@ -187,6 +187,8 @@ class SnapshotEnvelope(Message):
                 "body": stix.payload,
             }
         )
+        envelope._stix = stix
+        return envelope
 
     @property
     def snapshot_type(self) -> SnapshotType:
@@ -199,6 +201,9 @@ class SnapshotEnvelope(Message):
     @property
     def stix(self) -> StixObject:
         """The indicator or sighting this envelope carries."""
+        wrapped = getattr(self, "_stix", None)
+        if wrapped is not None:
+            return wrapped
         body = self.payload["body"]
         return Indicator(body) if body.get("type") == "indicator" else Sighting(body)
 

@@ -212,7 +212,9 @@ class Filter:
         """None when ``message`` passes, else the reason it is held back."""
         if not self._checks:
             return None
-        payload = message.payload
+        payload = getattr(message, "payload", None)
+        if payload is None:  # a marker that carries no intel (threatbus.snapshots.SnapshotEnd)
+            return None
         kind = type(message)
         if kind is SnapshotEnvelope:
             body = payload.get("body")
@@ -423,6 +425,18 @@ class FilteredSink:
         else:
             self.stats.held(reason)
 
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """A blocking put where the queue has one (the log's snapshot answer waits for room)."""
+        reason = self.filter.check(item)
+        if reason is not None:
+            self.stats.held(reason)
+            return
+        put = getattr(self.sink, "put", None)
+        if put is None:
+            self.sink.put_nowait(item)
+        else:
+            put(item, block, timeout)
+
 
 class AppGate:
     """Puts one app's filter in front of every queue the app subscribes.
@@ -447,11 +461,13 @@ class AppGate:
         self._lock = threading.Lock()
         self._wrapped: dict[int, tuple[FilteredSink, set[str]]] = {}
 
-    def subscribe(self, topic: str, queue: Sink, snapshot: timedelta = timedelta(0)) -> list[str]:
+    def subscribe(
+        self, topic: str, queue: Sink, snapshot: timedelta = timedelta(0), snapshot_end: bool = False
+    ) -> list[str]:
         with self._lock:
             wrapped, topics = self._wrapped.setdefault(id(queue), (FilteredSink(queue, self.filter, self.stats), set()))
             topics.add(topic)
-        return self._subscribe(topic, wrapped, snapshot=snapshot)
+        return self._subscribe(topic, wrapped, snapshot=snapshot, snapshot_end=snapshot_end)
 
     def unsubscribe(self, topic: str, queue: Sink) -> None:
         with self._lock:

@@ -1,23 +1,62 @@
-"""Snapshot bookkeeping: requests go to every app, envelopes only to the requester."""
+"""Snapshot bookkeeping: requests go to every app, envelopes only to the requester.
+
+Answers reach a requester from two sides: its own node's intel log
+(``threatbus.history.LogAnswerer``) and apps anywhere that keep history of
+their own. Both pass one gate per request that drops an object already sent
+(same id and version), so a requester sees each object once.
+"""
 
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass, field
 from datetime import timedelta
 
-from threatbus.data import Indicator, Message, SnapshotEnvelope, SnapshotRequest, SnapshotType
+from threatbus.data import Indicator, Message, SnapshotEnvelope, SnapshotRequest, SnapshotType, StixObject
 from threatbus.expiry import ExpirySchedule
+from threatbus.history import LogAnswerer, ReadLog
 from threatbus.routing import Sink
-from threatbus.worker import StoppableWorker
+from threatbus.worker import POLL_INTERVAL, StoppableWorker
 
 logger = logging.getLogger(__name__)
 
 # Requests whose answers we still route; the oldest are forgotten beyond this.
 MAX_OPEN_REQUESTS = 10_000
+
+
+@dataclass(frozen=True)
+class SnapshotEnd:
+    """Put into a requester's queue after the log's answer to its request, if it asked (``snapshot_end``).
+
+    Not a wire message: apps translate it for their clients (the zmq app's
+    ``snapshotend`` frame). ``count`` is how many objects the requester got
+    for the request until then; apps with history of their own may still
+    answer after it.
+    """
+
+    snapshot_id: str
+    snapshot_type: SnapshotType
+    count: int
+
+
+# How long the log's answer waits for room in a full requester queue, per object.
+LOG_ANSWER_PUT_TIMEOUT = 10.0
+
+
+@dataclass
+class _Open:
+    """One request of a local requester: where answers go and what it already got."""
+
+    requester: Sink
+    snapshot_type: SnapshotType
+    want_end: bool
+    sent: set[Hashable] = field(default_factory=set)
+    duplicates: int = 0
 
 
 class SnapshotRouter(StoppableWorker):
@@ -36,6 +75,7 @@ class SnapshotRouter(StoppableWorker):
         publish_queue: queue.SimpleQueue[Message],
         ask_apps: Callable[[SnapshotRequest, Sink | None], None],
         expiry: ExpirySchedule | None = None,
+        read_log: ReadLog | None = None,
     ) -> None:
         super().__init__(name="snapshot-router")
         self.expiry = expiry
@@ -43,21 +83,41 @@ class SnapshotRouter(StoppableWorker):
         self._publish_queue = publish_queue
         self._ask_apps = ask_apps
         self._lock = threading.Lock()
-        self._requesters: OrderedDict[str, Sink] = OrderedDict()
+        self._requesters: OrderedDict[str, _Open] = OrderedDict()
         self._seen_requests: OrderedDict[str, None] = OrderedDict()
+        self.duplicates = 0  # answers dropped because the requester already had the object
+        self.answerer = LogAnswerer(read_log or (lambda _since, _until: None), self._deliver_log, self._log_done)
 
-    def request(self, topic: str, requester: Sink, period: timedelta) -> list[str]:
-        """Ask all apps for the intel of ``period`` on ``topic``; answers go to ``requester``."""
+    def start(self) -> None:
+        super().start()
+        self.answerer.start()
+
+    def stop(self) -> None:
+        self.answerer.stop()
+        super().stop()
+
+    def join(self, timeout: float | None = None) -> None:
+        self.answerer.join(timeout)
+        super().join(timeout)
+
+    def request(self, topic: str, requester: Sink, period: timedelta, snapshot_end: bool = False) -> list[str]:
+        """Ask the log and all apps for the intel of ``period`` on ``topic``; answers go to ``requester``.
+
+        With ``snapshot_end`` the requester gets a ``SnapshotEnd`` per request
+        once the log's answer is in its queue.
+        """
         ids = []
         for snapshot_type in SnapshotType.for_topic(topic):
             request = SnapshotRequest.create(snapshot_type, period)
             with self._lock:
-                self._requesters[request.snapshot_id] = requester
+                self._requesters[request.snapshot_id] = _Open(requester, snapshot_type, snapshot_end)
                 while len(self._requesters) > MAX_OPEN_REQUESTS:
                     self._requesters.popitem(last=False)
             logger.info(
                 "requesting a %s snapshot of %s (id %s)", snapshot_type.name.lower(), period, request.snapshot_id
             )
+            # The log first: its answer is the bulk, and it is read on this node only.
+            self.answerer.submit(request)
             self._publish_queue.put(request)
             ids.append(request.snapshot_id)
         return ids
@@ -65,8 +125,105 @@ class SnapshotRouter(StoppableWorker):
     def forget(self, requester: Sink) -> None:
         """Stop routing envelopes to ``requester`` (it unsubscribed)."""
         with self._lock:
-            for snapshot_id in [sid for sid, q in self._requesters.items() if q is requester]:
+            for snapshot_id in [sid for sid, o in self._requesters.items() if o.requester is requester]:
                 del self._requesters[snapshot_id]
+
+    # ---- the gate: each object once per request ---------------------------
+
+    def _pass(self, envelope: SnapshotEnvelope, key: Hashable | None = None) -> None:
+        with self._lock:
+            open_request = self._requesters.get(envelope.snapshot_id)
+            if open_request is None:
+                return
+            if key is None:
+                key = envelope.stix.dedup_key
+            if key in open_request.sent:
+                open_request.duplicates += 1
+                self.duplicates += 1
+                return
+            open_request.sent.add(key)
+        requester = open_request.requester
+        body = envelope.stix
+        if self.expiry is not None and isinstance(body, Indicator):
+            # Handed over and scheduled in one step: the requester also gets the removal at valid_until.
+            self.expiry.route(lambda _body, _sinks: self._put(requester, envelope), body, (requester,))
+        else:
+            self._put(requester, envelope)
+
+    @staticmethod
+    def _put(requester: Sink, envelope: SnapshotEnvelope) -> int:
+        try:
+            requester.put_nowait(envelope)
+        except queue.Full:
+            logger.warning("requester queue full, dropped envelope of snapshot %s", envelope.snapshot_id)
+            return 0
+        return 1
+
+    def _deliver_log(self, request: SnapshotRequest, intel: list[StixObject]) -> None:
+        """Hand the log's answer to the requester; a bounded requester makes this wait (its own thread)."""
+        with self._lock:
+            open_request = self._requesters.get(request.snapshot_id)
+            if open_request is None:
+                return
+            fresh = []
+            for stix in intel:
+                key = stix.dedup_key
+                if key not in open_request.sent:
+                    open_request.sent.add(key)
+                    fresh.append(stix)
+            repeated = len(intel) - len(fresh)
+            open_request.duplicates += repeated
+            self.duplicates += repeated
+        requester = open_request.requester
+        put = getattr(requester, "put", None)
+        expiry = self.expiry
+        lost = 0
+        for stix in fresh:
+            envelope = SnapshotEnvelope.wrap(request, stix)
+            if put is None:
+                try:
+                    requester.put_nowait(envelope)
+                except queue.Full:
+                    lost += 1
+                    continue
+            # Thousands of answers at once: wait for room rather than lose them, but not for ever.
+            elif not self._put_waiting(put, envelope):
+                lost += 1
+                put = None  # a requester that takes nothing for that long: no more waiting on it
+                continue
+            if expiry is not None and isinstance(stix, Indicator):
+                # Only active intel comes from the log: the requester gets its removal at valid_until.
+                expiry.observe(stix, (requester,))
+            if self.answerer.stopping:
+                return
+        if lost:
+            logger.warning("requester queue full: lost %d object(s) of snapshot %s", lost, request.snapshot_id)
+
+    def _put_waiting(self, put: Callable[..., None], item: object) -> bool:
+        """``put`` with a timeout, in short steps so that a stop of the bus is noticed."""
+        deadline = time.monotonic() + LOG_ANSWER_PUT_TIMEOUT
+        while True:
+            try:
+                put(item, timeout=POLL_INTERVAL)
+                return True
+            except queue.Full:
+                if self.answerer.stopping or time.monotonic() >= deadline:
+                    return False
+
+    def _log_done(self, request: SnapshotRequest) -> None:
+        with self._lock:
+            open_request = self._requesters.get(request.snapshot_id)
+            if open_request is None or not open_request.want_end:
+                return
+            end = SnapshotEnd(request.snapshot_id, request.snapshot_type, len(open_request.sent))
+        put = getattr(open_request.requester, "put", None)
+        try:
+            if put is None:
+                open_request.requester.put_nowait(end)
+            elif not self._put_waiting(put, end):
+                raise queue.Full
+        except queue.Full:
+            logger.warning("requester queue full, dropped the end marker of snapshot %s", request.snapshot_id)
 
     def run(self) -> None:
         for message in self.drain(self.inbox):
@@ -86,25 +243,8 @@ class SnapshotRouter(StoppableWorker):
         while len(self._seen_requests) > MAX_OPEN_REQUESTS:
             self._seen_requests.popitem(last=False)
         with self._lock:
-            requester = self._requesters.get(request.snapshot_id)
-        self._ask_apps(request, requester)
+            open_request = self._requesters.get(request.snapshot_id)
+        self._ask_apps(request, open_request.requester if open_request is not None else None)
 
     def _handle_envelope(self, envelope: SnapshotEnvelope) -> None:
-        with self._lock:
-            requester = self._requesters.get(envelope.snapshot_id)
-        if requester is None:
-            return
-        body = envelope.stix
-        if self.expiry is not None and isinstance(body, Indicator):
-            self.expiry.route(lambda _body, _sinks: self._put(requester, envelope), body, (requester,))
-        else:
-            self._put(requester, envelope)
-
-    @staticmethod
-    def _put(requester: Sink, envelope: SnapshotEnvelope) -> int:
-        try:
-            requester.put_nowait(envelope)
-        except queue.Full:
-            logger.warning("requester queue full, dropped envelope of snapshot %s", envelope.snapshot_id)
-            return 0
-        return 1
+        self._pass(envelope)

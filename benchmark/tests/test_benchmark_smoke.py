@@ -72,9 +72,10 @@ def test_quick_inmem_run_writes_plausible_results(tmp_path: Path) -> None:
     assert ten["expected_deliveries"] == ten["delivered"] == 10 * ten["sent"]
 
     names = [t["name"] for t in result["targets"]]
-    assert len(names) == 4 and result["targets"][0]["measured"] == saturation["msgs_per_s"]
+    assert len(names) == 7 and result["targets"][0]["measured"] == saturation["msgs_per_s"]
     assert result["targets"][1]["met"] is None  # rabbitmq not run: not measured, not failed
     assert result["targets"][3]["met"] is None  # nor the policy scenario
+    assert all(row["met"] is None for row in result["targets"][4:])  # nor stream transport and snapshots
 
     png = Path(result["meta"]["node_logs"]) / "results.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -151,3 +152,22 @@ def test_validation_figures_are_plausible() -> None:
         assert 0 < row["ours_us"] < row["foreign_validated_us"] < 1_000_000, (kind, row)
     # The parser runs for unseen compound patterns only: far dearer than a cached verdict.
     assert result["compound_pattern_unseen"]["validation_us"] > result["compound_pattern_cached"]["validation_us"]
+
+
+def test_quick_streams_run_replays_every_snapshot_indicator(tmp_path: Path) -> None:
+    from testbus import rabbitmq_reachable
+
+    code, result, output = run_quick(tmp_path, "--only", "streams")
+    assert code == 0, output[-4000:]
+    assert result["errors"] == {}
+    snapshot = result["scenarios"]["streams"]["snapshot"]
+    backbones = ["inmem", "rabbitmq"] if rabbitmq_reachable() else ["inmem"]
+    for backbone in backbones:
+        replay = snapshot[backbone]
+        assert replay["indicators"] == replay["marker_count"] == snapshot["count"], backbone
+        assert replay["indicators_per_s"] > 0
+    if rabbitmq_reachable():
+        ceiling = result["scenarios"]["streams"]["stream_ceiling"]
+        assert ceiling["published_msgs_per_s"] > 0 and ceiling["consumed_msgs_per_s"] > 0
+    names = [row["name"] for row in result["targets"]]
+    assert any("snapshot of" in name for name in names)

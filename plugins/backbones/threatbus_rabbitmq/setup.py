@@ -9,7 +9,7 @@ setup(
     license="BSD-3-Clause",
     python_requires=">=3.10",
     packages=find_packages(exclude=["tests", "bench"]),
-    install_requires=["threatbus>=2026.11.24", "pika>=1.3"],
+    install_requires=["threatbus>=2026.11.24", "pika>=1.3", "rstream>=1.1"],
     extras_require={"test": ["pytest>=7", "pytest-timeout>=2", "pyzmq>=25"]},
     entry_points={"threatbus.backbone": ["rabbitmq = threatbus_rabbitmq:RabbitMQBackbone"]},
 )

@@ -210,3 +210,23 @@ def test_tail_with_a_filter_prints_only_what_passes_it(process_bus, tmp_path: Pa
     assert bad.returncode == 2 and b"must be a JSON object" in bad.stderr
     refused = run_cli("tail", "--filter", '{"tlp": "pink"}', *connection(process_bus))
     assert refused.returncode != 0 and b"filter.tlp must be one of" in refused.stderr
+
+
+def test_tail_with_a_snapshot_gets_the_log_and_says_how_many_arrived(process_bus):
+    iocs = [indicator(f"198.18.0.{n}") for n in range(3)]
+    live = Tail("--count", "3", *connection(process_bus))
+    try:
+        live.wait_for_stderr("tailing")
+        result = run_cli("publish", "-", *connection(process_bus), stdin=b"\n".join(i.encode() for i in iocs))
+        assert result.returncode == 0, result.stderr
+        live.lines(3)  # carried by the bus, so in its intel log
+    finally:
+        live.stop()
+    tail = Tail("--topic", "stix2/indicator", "--snapshot", "1", *connection(process_bus))
+    try:
+        lines = tail.lines(3)
+        assert sorted(line.split()[2] for line in lines) == sorted(i.id for i in iocs)
+        tail.wait_for_stderr("indicator(s) arrived")
+        assert ": 3 indicator(s) arrived" in tail.stderr.decode()
+    finally:
+        assert tail.stop() == 0

@@ -24,7 +24,7 @@ from threatbus import stix
 from threatbus.data import Indicator, Message, Sighting, SnapshotRequest, decode, from_payload
 from threatbus.errors import DecodeError
 from threatbus_zmq.client import BusUnreachable, ManageClient, Sender, SubscriptionRefused, Tail, is_success
-from threatbus_zmq.wire import split_pub_frame
+from threatbus_zmq.wire import SNAPSHOT_END_KIND, split_pub_frame
 
 EXIT_OK = 0
 EXIT_INVALID = 1  # some or all input was invalid
@@ -307,6 +307,16 @@ def describe_message(kind: str, message: Message) -> str:
     return f"{now} {kind}  {orjson.dumps(payload).decode()}"
 
 
+def describe_snapshot_end(body: bytes) -> str:
+    """The line for the end marker of a snapshot: how many objects arrived."""
+    try:
+        end = orjson.loads(body)
+        kind = {1: "indicator", 2: "sighting"}[end["snapshot_type"]]
+        return f"snapshot {end['snapshot_id']}: {end['count']} {kind}(s) arrived"
+    except (orjson.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"malformed snapshot end marker {body[:80]!r}: {err}") from None
+
+
 class _Stop:
     def __init__(self) -> None:
         self.event = threading.Event()
@@ -348,6 +358,9 @@ def tail(args: argparse.Namespace, out: TextIO) -> int:
         for frame in subscription.frames(stop.event.is_set):
             try:
                 _p2p, kind, body = split_pub_frame(frame)
+                if kind == SNAPSHOT_END_KIND:
+                    print(describe_snapshot_end(body), file=sys.stderr, flush=True)
+                    continue
                 line = body.decode("utf-8", "replace") if args.raw else describe_message(kind, decode(body))
             except (ValueError, DecodeError) as err:
                 print(f"threatbus-zmq: skipped a malformed frame: {err}", file=sys.stderr)

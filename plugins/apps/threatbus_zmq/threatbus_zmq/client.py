@@ -65,12 +65,21 @@ class ManageClient:
             self._socket = None
 
     def subscribe(
-        self, topic: str | list[str], snapshot: float = 0, filter: dict[str, Any] | None = None
+        self,
+        topic: str | list[str],
+        snapshot: float = 0,
+        filter: dict[str, Any] | None = None,
+        snapshot_end: bool = False,
     ) -> dict[str, Any]:
-        """Subscribe; ``filter`` (the keys of ``threatbus.policy``) narrows what this subscriber gets."""
+        """Subscribe; ``filter`` (the keys of ``threatbus.policy``) narrows what this subscriber gets.
+
+        ``snapshot_end`` asks for a ``snapshotend`` frame after the log's answer (the original ignores it).
+        """
         request: dict[str, Any] = {"action": "subscribe", "topic": topic, "snapshot": snapshot}
         if filter is not None:
             request["filter"] = filter
+        if snapshot_end:
+            request["snapshot_end"] = True
         return self.request(request)
 
     def unsubscribe(self, p2p_topic: str) -> dict[str, Any]:
@@ -217,7 +226,7 @@ class Tail:
 
     def open(self) -> Receiver:
         """Subscribe; raises ``SubscriptionRefused`` or ``BusUnreachable``."""
-        reply = self.manage.subscribe(self.topic, self.snapshot, self.filter)
+        reply = self.manage.subscribe(self.topic, self.snapshot, self.filter, snapshot_end=self.snapshot > 0)
         if not is_success(reply):
             raise SubscriptionRefused(reply)
         self.p2p = reply["topic"]

@@ -154,8 +154,9 @@ class ManageWorker(StoppableWorker):
         topics = parse_topics(request.get("topic"))
         snapshot = parse_snapshot(request.get("snapshot"))
         client_filter = parse_filter(request.get("filter"))
+        snapshot_end = request.get("snapshot_end") is True  # our addition: a marker after the snapshot
         try:
-            sub = self.subscriptions.add(topics, snapshot, client_filter)
+            sub = self.subscriptions.add(topics, snapshot, client_filter, snapshot_end=snapshot_end)
         except SubscriptionError as err:
             logger.warning("refused subscription to %s: %s", ", ".join(topics), err)
             return {"status": STATUS_ERROR, "reason": str(err)}

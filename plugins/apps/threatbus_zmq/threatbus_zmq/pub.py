@@ -90,6 +90,12 @@ class PublisherWorker(StoppableWorker):
 
     def _flush(self, sub: Subscription) -> bool:
         """Send what ``sub`` has buffered; False if its connection is full."""
+        try:
+            return self._send_pending(sub)
+        finally:
+            sub.made_room()
+
+    def _send_pending(self, sub: Subscription) -> bool:
         pending = sub.pending
         send = self.socket.send
         while pending and not sub.closed:

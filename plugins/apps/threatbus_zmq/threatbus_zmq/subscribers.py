@@ -19,9 +19,12 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import orjson
+
 from threatbus.data import TOPIC_SNAPSHOT_ENVELOPE, Message, SnapshotEnvelope, SnapshotRequest
 from threatbus.policy import Filter, FilterStats
-from threatbus_zmq.wire import KINDS, new_p2p_topic
+from threatbus.snapshots import SnapshotEnd
+from threatbus_zmq.wire import KINDS, SNAPSHOT_END_KIND, new_p2p_topic
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +58,7 @@ class Subscription:
         self.p2p_topic = p2p_topic
         self.topics = topics
         self.bound = bound
-        self.pending: deque[Message] = deque()
+        self.pending: deque[Message | SnapshotEnd] = deque()
         self.snapshot_ids: frozenset[str] = frozenset()
         self.dropped = 0
         self.reported_dropped = 0
@@ -69,8 +72,10 @@ class Subscription:
         # The client's own filter, behind the app's (which the core applies before this queue).
         self.filter = client_filter
         self.filtered = filtered or FilterStats()
+        self._room = threading.Event()
         prefix = p2p_topic.encode("ascii")
         self._prefixes = {cls: prefix + kind.encode() + b" " for cls, kind in KINDS.items()}
+        self._end_prefix = prefix + SNAPSHOT_END_KIND.encode() + b" "
         # Envelopes reach this queue through the snapshot router (ours by
         # construction) and, for a subscription to 'threatbus/…', through topic
         # routing as well: only those need checking against our request ids.
@@ -81,7 +86,7 @@ class Subscription:
 
     # ---- the queue interface the core uses -------------------------------
 
-    def put_nowait(self, message: Message) -> None:
+    def put_nowait(self, message: Message | SnapshotEnd) -> None:
         """Buffer ``message`` for the app; when the buffer is full, count it as dropped."""
         if self.closed:
             return
@@ -96,19 +101,47 @@ class Subscription:
         self.pending.append(message)
         self._ready.put(self)
 
-    def put(self, message: Message, block: bool = True, timeout: float | None = None) -> None:
+    def put(self, message: Message | SnapshotEnd, block: bool = True, timeout: float | None = None) -> None:
+        """As ``put_nowait``, but a blocking put waits (up to ``timeout``) while the buffer is full.
+
+        The core's log answerer uses it to hand over a large snapshot without
+        losing it; raises ``queue.Full`` when no room came in time.
+        """
+        if block and not self.closed and len(self.pending) >= self.bound:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while len(self.pending) >= self.bound and not self.closed:
+                self._room.clear()
+                if len(self.pending) < self.bound:
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    raise queue.Full
+                self._room.wait(0.05 if remaining is None else min(remaining, 0.05))
         self.put_nowait(message)
+
+    def made_room(self) -> None:
+        """Called by the publisher after sending: wakes a blocked ``put``."""
+        if len(self.pending) < self.bound:
+            self._room.set()
 
     def qsize(self) -> int:
         return len(self.pending)
 
     # ---- publisher side ------------------------------------------------
 
-    def frame(self, message: Message) -> bytes | None:
+    def frame(self, message: Message | SnapshotEnd) -> bytes | None:
         """The pub frame of ``message`` for this subscriber, or None if it gets none."""
         prefix = self._prefixes.get(type(message))
         if prefix is not None:
-            return prefix + message.encode()
+            return prefix + message.encode()  # type: ignore[union-attr]
+        if isinstance(message, SnapshotEnd):
+            # Only subscribers that asked get one (the core sends it only then).
+            body = {
+                "snapshot_id": message.snapshot_id,
+                "snapshot_type": int(message.snapshot_type),
+                "count": message.count,
+            }
+            return self._end_prefix + orjson.dumps(body)
         if isinstance(message, SnapshotEnvelope):
             if self._sees_all_envelopes and message.snapshot_id not in self.snapshot_ids:
                 return None
@@ -144,8 +177,11 @@ class Subscriptions:
 
     # ---- manage requests -----------------------------------------------
 
-    def add(self, topics: list[str], snapshot: timedelta, client_filter: Filter | None = None) -> Subscription:
-        """Subscribe a new app to ``topics`` behind its own filter, if any; request a snapshot if asked."""
+    def add(
+        self, topics: list[str], snapshot: timedelta, client_filter: Filter | None = None, snapshot_end: bool = False
+    ) -> Subscription:
+        """Subscribe a new app to ``topics`` behind its own filter, if any; request a snapshot if asked
+        (with an end marker if asked)."""
         with self._lock:
             if len(self._by_topic) >= self.max_subscribers:
                 raise SubscriptionError(f"subscriber limit of {self.max_subscribers} reached")
@@ -159,7 +195,9 @@ class Subscriptions:
         subscribed: list[str] = []
         try:
             for topic in topics:
-                snapshot_ids.extend(self._subscribe(topic, sub, snapshot=snapshot) or [])
+                # snapshot_end only when asked: the subscribe callback of older cores lacks it.
+                extra = {"snapshot_end": True} if snapshot_end and snapshot else {}
+                snapshot_ids.extend(self._subscribe(topic, sub, snapshot=snapshot, **extra) or [])
                 subscribed.append(topic)
         except Exception:
             sub.closed = True

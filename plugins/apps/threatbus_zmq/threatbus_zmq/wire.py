@@ -19,6 +19,9 @@ STATUS_SUCCESS = "success"
 STATUS_ERROR = "error"
 STATUS_UNKNOWN = "unknown request"
 
+# The kind of the frame that follows the last snapshot object, for clients that asked ("snapshot_end": true).
+SNAPSHOT_END_KIND = "snapshotend"
+
 # Frames apps send to the bus's sub socket start with one of these topics.
 STIX2_PREFIX = b"stix2/"
 ENVELOPE_TOPIC = TOPIC_SNAPSHOT_ENVELOPE.encode()

@@ -4,18 +4,22 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 import threatbus
+from threatbus import history
 from threatbus.config import count, option
-from threatbus.data import Message
+from threatbus.data import Message, StixObject
 from threatbus.deadletters import DEAD_LETTERED, DEAD_LETTERS, DEAD_LETTERS_REPLAYED, UNDELIVERED, HttpDeadLetters
 from threatbus.errors import ConfigError
-from threatbus.metrics import DELIVERED, DROPPED, Metrics
+from threatbus.metrics import DELIVERED, DROPPED, QUEUE_DEPTH, Metrics
 from threatbus.node import Node
 from threatbus.routing import RoutedBackbone, TopicRouter
 from threatbus.worker import StoppableWorker, stop_workers
 from threatbus_inmem.deadletters import MemoryDeadLetters
+from threatbus_inmem.intel_log import MemoryLog
 
 logger = logging.getLogger(__name__)
 
@@ -24,24 +28,32 @@ PREFIX = f"plugins.backbones.{NAME}"
 
 
 class _Distributor(StoppableWorker):
-    def __init__(self, inq: queue.SimpleQueue[Message], router: TopicRouter) -> None:
+    def __init__(self, inq: queue.SimpleQueue[Message], router: TopicRouter, log: MemoryLog | None) -> None:
         super().__init__(name="inmem-distributor")
         self.inq = inq
         self.router = router
+        self.log = log
+
+    def _take(self, message: Message) -> None:
+        # Only intel goes into the log: snapshots are folded from indicators and sightings.
+        if self.log is not None and isinstance(message, StixObject):
+            self.log.append(message)
+        self.router.route(message)
 
     def run(self) -> None:
         # Also what apps published before the stop, so nothing accepted is lost.
         for message in self.drain_all(self.inq):
-            self.router.route(message)
+            self._take(message)
 
 
 class InMemoryBackbone(RoutedBackbone):
-    """Backbone for a single node: no broker, no persistence."""
+    """Backbone for a single node: no broker, no persistence; the intel log in memory."""
 
     def __init__(self) -> None:
         self.router = TopicRouter()
         self.worker: _Distributor | None = None
         self.dlq: MemoryDeadLetters | None = None
+        self.log: MemoryLog | None = None
 
     @threatbus.backbone
     def config_validators(self) -> list[Any]:
@@ -50,6 +62,7 @@ class InMemoryBackbone(RoutedBackbone):
             count(
                 f"{PREFIX}.dead_letters.max_items", default=1000, minimum=0, expected="an integer >= 0 (0 keeps none)"
             ),
+            *history.validators(PREFIX),
         ]
 
     @threatbus.backbone
@@ -70,9 +83,17 @@ class InMemoryBackbone(RoutedBackbone):
         if any(isinstance(section, dict) and section.get("filter") for section in sections):
             # One node, no other nodes: everything stays local, so export and import filters change nothing.
             logger.info("inmem: export and import filters have no effect (no other nodes)")
-        self.worker = _Distributor(publish_queue, self.router)
+        settings = history.HistorySettings.from_config(config)
+        if settings.enabled:
+            self.log = MemoryLog(settings)
+            metrics.gauge(QUEUE_DEPTH, self.log.__len__, queue="inmem-log")
+        self.worker = _Distributor(publish_queue, self.router, self.log)
         self.worker.start()
-        logger.info("in-memory backbone running on node '%s'", node.name)
+        logger.info(
+            "in-memory backbone running on node '%s'%s",
+            node.name,
+            f", intel log of {settings.max_age.days} day(s) in memory" if self.log else ", no intel log",
+        )
 
     @threatbus.backbone
     def dead_letters(self) -> MemoryDeadLetters | None:
@@ -92,6 +113,10 @@ class InMemoryBackbone(RoutedBackbone):
     def stop(self) -> None:
         if self.worker is not None:
             stop_workers([self.worker])
+
+    @threatbus.backbone
+    def history(self, since: datetime, until: datetime) -> Iterable[history.LogEntry] | None:
+        return self.log.read(since, until) if self.log is not None else None
 
     @threatbus.backbone
     def health(self) -> dict[str, Any]:

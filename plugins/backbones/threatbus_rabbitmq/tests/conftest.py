@@ -52,7 +52,7 @@ class Broker:
     def __init__(self) -> None:
         self.id = uuid.uuid4().hex[:12]
         self.exchange = f"tb-test-{self.id}"
-        self.queues: list[str] = []
+        self.queues: list[str] = [f"{self.exchange}.log"]  # the intel log (stream) of the exchange
         self.exchanges: list[str] = [self.exchange, f"{self.exchange}.durable"]
 
     def queue(self, label: str) -> str:
@@ -175,21 +175,22 @@ class BrokerControl:
             raise AssertionError(f"rabbitmqctl {' '.join(args)} failed ({result.returncode}): {result.stderr}")
         return result.stdout
 
-    def connections_matching(self, text: str) -> list[str]:
-        """Pids of broker connections whose client-given name contains ``text``."""
+    def connections_matching(self, text: str, roles: tuple[str, ...] = ()) -> list[str]:
+        """Pids of broker connections whose client-given name contains ``text`` (and one of ``roles``)."""
         # Tab-separated: <rabbit@host.1.2.3>  [{"product", ...},{"connection_name","..."}]
         out = self.run("list_connections", "pid", "client_properties", "--silent")
         pids = []
         for line in out.splitlines():
             pid, _, properties = line.partition("\t")
             for match in re.finditer(r'\{"connection_name","([^"]*)"\}', properties):
-                if text in match.group(1):
+                name = match.group(1)
+                if text in name and (not roles or any(f" {role} " in name for role in roles)):
                     pids.append(pid.strip())
         return pids
 
-    def close_connections(self, text: str) -> int:
+    def close_connections(self, text: str, roles: tuple[str, ...] = ()) -> int:
         """Close (as a network failure would) the broker connections named with ``text``; only ours."""
-        pids = self.connections_matching(text)
+        pids = self.connections_matching(text, roles)
         for pid in pids:
             self.run("close_connection", pid, "threatbus test: connection killed")
         return len(pids)
@@ -243,7 +244,14 @@ class NodeProcess(ThreatBusProcess):
     creates it, ``app_away()`` removes it before a restart).
     """
 
-    def __init__(self, workdir: Path, name: str, backbone: dict[str, Any], extra_env: dict[str, str] | None = None):
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        backbone: dict[str, Any],
+        extra_env: dict[str, str] | None = None,
+        snapshot_days: float = 0,
+    ):
         self.name = name
         self.inbox = Path(workdir) / f"{name}.inbox.jsonl"
         self.outbox = Path(workdir) / f"{name}.outbox.jsonl"
@@ -258,6 +266,7 @@ class NodeProcess(ThreatBusProcess):
                 "inbox": str(self.inbox),
                 "outbox": str(self.outbox),
                 "subscribe_when": str(self.subscribe_trigger),
+                "snapshot_days": snapshot_days,
             },
         }
         super().__init__(config, workdir, name=name, extra_env=extra_env)
@@ -320,11 +329,13 @@ class NodeProcess(ThreatBusProcess):
 
 @pytest.fixture
 def spawn_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
-    """``spawn_node(name, backbone_section, extra_env=None)``: a node process (not started); killed at the end."""
+    """``spawn_node(name, backbone_section, extra_env=None, snapshot_days=0)``: a node process (not started)."""
     made: list[NodeProcess] = []
 
-    def spawn(name: str, backbone: dict[str, Any], extra_env: dict[str, str] | None = None) -> NodeProcess:
-        node = NodeProcess(tmp_path, name, backbone, extra_env)
+    def spawn(
+        name: str, backbone: dict[str, Any], extra_env: dict[str, str] | None = None, snapshot_days: float = 0
+    ) -> NodeProcess:
+        node = NodeProcess(tmp_path, name, backbone, extra_env, snapshot_days)
         made.append(node)
         return node
 

@@ -6,8 +6,11 @@ config (backbone from its entry point) with an extra top-level section
 appended to ``inbox`` (validated like a real app does) and appends every
 message it receives for ``stix2`` to ``outbox``, one JSON line each. With
 ``subscribe_when: PATH`` it subscribes only once that file exists (an app that
-reconnects to a restarted node a while after it started). Signals
-and shutdown are those of ``threatbus.cli.run``.
+reconnects to a restarted node a while after it started). With
+``snapshot_days: N`` it subscribes with a snapshot of N days and asks for the
+end marker: envelopes are written as they are, the marker as a line
+``{"type": "snapshotend", ...}``. Signals and shutdown are those of
+``threatbus.cli.run``.
 """
 
 from __future__ import annotations
@@ -15,8 +18,11 @@ from __future__ import annotations
 import logging
 import queue
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 import threatbus
 from threatbus import cli, config, plugins
@@ -24,6 +30,7 @@ from threatbus import logging as threatbus_logging
 from threatbus.bus import Bus
 from threatbus.data import Message, decode
 from threatbus.errors import DecodeError
+from threatbus.snapshots import SnapshotEnd
 from threatbus.stix import validate
 from threatbus.worker import StoppableWorker, stop_workers
 
@@ -72,7 +79,13 @@ class _OutboxWriter(StoppableWorker):
                         batch.append(self.source.get_nowait())
                     except queue.Empty:
                         break
-                outbox.write(b"".join(m.encode() + b"\n" for m in batch))
+                outbox.write(b"".join(_line(m) + b"\n" for m in batch))
+
+
+def _line(item: Message | SnapshotEnd) -> bytes:
+    if isinstance(item, SnapshotEnd):
+        return orjson.dumps({"type": "snapshotend", "snapshot_id": item.snapshot_id, "count": item.count})
+    return item.encode()
 
 
 class _LateSubscriber(StoppableWorker):
@@ -90,7 +103,8 @@ class _LateSubscriber(StoppableWorker):
 
 
 class FileApp:
-    def __init__(self, inbox: str, outbox: str, subscribe_when: str | None = None) -> None:
+    def __init__(self, inbox: str, outbox: str, subscribe_when: str | None = None, snapshot_days: float = 0) -> None:
+        self.snapshot = timedelta(days=snapshot_days)
         self.inbox = Path(inbox)
         self.outbox = Path(outbox)
         self.subscribe_when = Path(subscribe_when) if subscribe_when else None
@@ -104,10 +118,17 @@ class FileApp:
     @threatbus.app
     def run(self, publish_queue: queue.Queue[Message], subscribe: Any) -> None:
         self.workers = [_InboxReader(self.inbox, publish_queue), _OutboxWriter(self.outbox, self.received)]
+
+        def subscribe_all() -> None:
+            if self.snapshot:
+                subscribe("stix2", self.received, snapshot=self.snapshot, snapshot_end=True)
+            else:
+                subscribe("stix2", self.received)
+
         if self.subscribe_when is None:
-            subscribe("stix2", self.received)
+            subscribe_all()
         else:
-            self.workers.append(_LateSubscriber(self.subscribe_when, lambda: subscribe("stix2", self.received)))
+            self.workers.append(_LateSubscriber(self.subscribe_when, subscribe_all))
         for worker in self.workers:
             worker.start()
 
@@ -122,7 +143,12 @@ def main(path: str) -> int:
     config.validate(settings, config.core_validators())
     node = cli.node_of(settings, source)
     loaded = plugins.load(settings)
-    app = FileApp(settings.testapp.inbox, settings.testapp.outbox, settings.testapp.get("subscribe_when"))
+    app = FileApp(
+        settings.testapp.inbox,
+        settings.testapp.outbox,
+        settings.testapp.get("subscribe_when"),
+        float(settings.testapp.get("snapshot_days") or 0),
+    )
     bus = Bus(settings, apps={"testapp": app}, backbones=loaded["backbones"], node=node)
     bus.configure()
     threatbus_logging.configure(bus.settings.logging, node.name)

@@ -172,3 +172,55 @@ def test_our_node_and_an_original_node_share_intel_both_ways(broker, original_no
             assert backbone.consumer.rejected == 0
     finally:
         client.close()
+
+
+def test_what_an_original_node_published_is_in_our_new_nodes_snapshot(broker, original_node):
+    """Mixed cluster: the log is bound to the shared exchange, so a node that joins later serves the original's intel."""
+    import queue as queue_module
+    from datetime import timedelta
+
+    from threatbus.data import SnapshotEnvelope
+    from threatbus.snapshots import SnapshotEnd
+
+    config = {
+        "backbones": {"rabbitmq": {"host": RABBITMQ_HOST, "port": RABBITMQ_PORT, "exchange_name": broker.exchange}}
+    }
+    # A first node of ours declares the log; then the original's app publishes while only the original listens.
+    with running_bus(
+        backbones={"rabbitmq": RabbitMQBackbone()}, plugin_config=config, node_name=f"first-{broker.id}"
+    ) as bus:
+        broker.node_queue(f"first-{broker.id}")
+        wait_until(lambda: bus.health()["intel_log"] == "ready", 60, what="the log bound")
+    client = ZmqClient(original_node)
+    theirs = [indicator(f"10.31.0.{n}") for n in range(3)]
+    try:
+        # The original echoes its app's intel back to its client once it is on the exchange (and so in the log).
+        pending = {m.id for m in theirs}
+        deadline = time.monotonic() + 20
+        while pending and time.monotonic() < deadline:
+            for message in theirs:
+                if message.id in pending:
+                    client.send("stix2/indicator", message)
+            try:
+                pending.discard(client.receive(0.5)["id"])
+            except AssertionError:
+                continue
+        assert not pending, f"the original did not carry its intel\n{original_node['log'].read_text()[-3000:]}"
+    finally:
+        client.close()
+    node_name = f"late-{broker.id}"
+    broker.node_queue(node_name)
+    with running_bus(backbones={"rabbitmq": RabbitMQBackbone()}, plugin_config=config, node_name=node_name) as bus:
+        wait_until(lambda: bus.health()["intel_log"] == "ready", 20, what="the log readable")
+        sink: queue_module.Queue[Any] = queue_module.Queue()
+        bus.subscribe("stix2/indicator", sink, snapshot=timedelta(days=1), snapshot_end=True)
+        got = []
+        while True:
+            item = sink.get(timeout=30)
+            if isinstance(item, SnapshotEnd):
+                break
+            if isinstance(item, SnapshotEnvelope):
+                got.append(item.stix.id)
+        # The original resends until echoed: the fold gives each id once all the same.
+        assert sorted(got) == sorted(m.id for m in theirs)
+        assert item.count == len(theirs)

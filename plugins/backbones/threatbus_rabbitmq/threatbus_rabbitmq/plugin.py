@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections.abc import Iterable
+from datetime import datetime
 from typing import Any
 
 import threatbus
 from threatbus.data import Message
 from threatbus.deadletters import DEAD_LETTERED, REASONS
-from threatbus.errors import PluginError
+from threatbus.errors import ConfigError, PluginError
+from threatbus.history import LogEntry
 from threatbus.metrics import (
     BACKBONE_CONNECTED,
     BACKBONE_CONSUMED,
@@ -23,6 +26,7 @@ from threatbus.metrics import (
 from threatbus.node import Node
 from threatbus.routing import RoutedBackbone, TopicRouter
 from threatbus.worker import stop_workers
+from threatbus_rabbitmq import intel_log, stream_transport
 from threatbus_rabbitmq.consumer import Consumer
 from threatbus_rabbitmq.deadletter import BrokerDeadLetters, DeadLetterQueue, DeadLetterSettings
 from threatbus_rabbitmq.deadletter import validators as dead_letter_validators
@@ -57,16 +61,22 @@ class RabbitMQBackbone(RoutedBackbone):
         self.consumer: Consumer | None = None
         self.feeder: Feeder | None = None
         self.dlq: DeadLetterQueue | None = None
+        self.log_keeper: intel_log.LogKeeper | None = None
+        self.log_reader: intel_log.LogReader | None = None
+        self.stream: stream_transport.StreamTransport | None = None
 
     @threatbus.backbone
     def config_validators(self) -> list[Any]:
-        return validators() + dead_letter_validators()
+        return validators() + dead_letter_validators() + intel_log.validators() + stream_transport.validators()
 
     @threatbus.backbone
     def run(self, config: Any, publish_queue: queue.SimpleQueue[Message], node: Node, metrics: Metrics) -> None:
         settings = resolve(config, node)
         self.settings = settings
         self._open_state(settings, node)
+        if (config.get("transport") if config else None) == "stream":
+            self._run_stream(config, publish_queue, node, metrics)
+            return
         self.publisher = Publisher(settings, self.outbox)
         self.configure_policy(NAME, config, metrics)
         dlq_settings = DeadLetterSettings.resolve(config, settings)
@@ -87,6 +97,7 @@ class RabbitMQBackbone(RoutedBackbone):
             settings.queue_durable,
             dict(settings.queue_arguments).get("x-queue-mode") == "lazy",
         )
+        self._start_log(intel_log.LogSettings.resolve(config, settings))
         self.consumer.start()
         self.publisher.start()
         self.feeder.start()
@@ -112,6 +123,59 @@ class RabbitMQBackbone(RoutedBackbone):
                     closable.close()
                 except OSError:
                     logger.exception("closing the backbone's state failed")
+
+    def _run_stream(self, config: Any, publish_queue: queue.SimpleQueue[Message], node: Node, metrics: Metrics) -> None:
+        log = intel_log.LogSettings.resolve(config, self.settings)
+        if not log.enabled:
+            raise ConfigError(f"{PREFIX}.transport stream needs the intel log: history.enabled must be true")
+        self.configure_policy(NAME, config, metrics)
+        logger.warning(
+            "RabbitMQ backbone on node '%s': stream transport over '%s': original Threat Bus nodes on exchange '%s' "
+            "do not receive what this node publishes (they read only the exchange); see the README on mixed clusters",
+            node.name,
+            log.stream,
+            self.settings.exchange,
+        )
+        self._start_log(log)
+        assert self.log_keeper is not None
+        self.stream = stream_transport.StreamTransport(
+            self.settings,
+            log,
+            self.log_keeper,
+            publish_queue,
+            self.router,
+            exporting=self.exporting,
+            importing=self.importing,
+            dedup=self.dedup,  # on disk with state: disk, so a restart after SIGKILL repeats nothing
+        )
+        stream = self.stream
+        label = {"backbone": NAME}
+        metrics.counter(BACKBONE_PUBLISHED, "Messages confirmed by the broker", lambda: stream.published, **label)
+        metrics.counter(BACKBONE_CONSUMED, "Messages consumed from the broker", lambda: stream.consumed, **label)
+        metrics.counter(BACKBONE_REJECTED, "Invalid messages rejected", lambda: stream.rejected, **label)
+        metrics.counter(DUPLICATES, "Repeated deliveries dropped", lambda: stream.duplicates, **label)
+        metrics.counter(DELIVERED, "Messages handed to local subscribers", lambda: self.router.delivered, plugin=NAME)
+        metrics.counter(DROPPED, "Messages lost to full subscriber queues", lambda: self.router.dropped, where=NAME)
+        metrics.gauge(
+            BACKBONE_CONNECTED, "1 while the stream connections are up", lambda: int(stream.connected), **label
+        )
+        stream.start()
+
+    def _start_log(self, log: intel_log.LogSettings) -> None:
+        if not log.enabled:
+            logger.info("intel log off (history.enabled false): snapshots come only from apps with history")
+            return
+        self.log_keeper = intel_log.LogKeeper(self.settings, log)
+        self.log_reader = intel_log.LogReader(self.settings, log)
+        self.log_keeper.start()
+        self.log_reader.start()
+
+    @threatbus.backbone
+    def history(self, since: datetime, until: datetime) -> Iterable[LogEntry] | None:
+        keeper, reader = self.log_keeper, self.log_reader
+        if keeper is None or reader is None or keeper.refused or reader.available is False:
+            return None
+        return reader.read(since, until)
 
     def _register_metrics(
         self, metrics: Metrics, publisher: Publisher, consumer: Consumer, outbox: Outbox | DurableOutbox, feeder: Feeder
@@ -163,7 +227,11 @@ class RabbitMQBackbone(RoutedBackbone):
 
     @threatbus.backbone
     def stop(self) -> None:
-        workers = [w for w in (self.feeder, self.publisher, self.consumer) if w is not None]
+        workers = [
+            w
+            for w in (self.feeder, self.publisher, self.consumer, self.stream, self.log_reader, self.log_keeper)
+            if w is not None
+        ]
         if not workers:
             return
         timeout = (self.settings.stop_timeout if self.settings else 5.0) + 2.0
@@ -194,6 +262,19 @@ class RabbitMQBackbone(RoutedBackbone):
 
     @threatbus.backbone
     def health(self) -> dict[str, Any]:
+        if self.stream is not None:
+            return {
+                "backbone": NAME,
+                "transport": "stream",
+                "connected": self.stream.connected,
+                "consuming": self.stream.consuming,
+                "broker": self.settings.url if self.settings else None,
+                "stream": self.stream.log.stream,
+                "offset": self.stream.offset,
+                "unconfirmed": self.stream.in_flight,
+                "subscriptions": self.router.subscription_count,
+                "intel_log": self._log_health(),
+            }
         publisher, consumer = self.publisher, self.consumer
         publishing = bool(publisher and publisher.connected)
         consuming = bool(consumer and consumer.connected)
@@ -222,4 +303,13 @@ class RabbitMQBackbone(RoutedBackbone):
             "subscriptions": self.router.subscription_count,
             "dead_lettered": sum(self.dlq.sent.values()) if self.dlq else 0,
             "dead_letter_queue": self.dlq.settings.queue if self.dlq else None,
+            "intel_log": self._log_health(),
         }
+
+    def _log_health(self) -> str:
+        keeper, reader = self.log_keeper, self.log_reader
+        if keeper is None or reader is None:
+            return "off"
+        if keeper.refused or reader.available is False:
+            return "unavailable"
+        return "ready" if keeper.bound.is_set() and reader.available else "starting"

@@ -1,0 +1,77 @@
+"""The in-memory intel log: what the node carried, bounded by age and size.
+
+The same ``history`` keys as the RabbitMQ stream, so a single node on the
+embedded default answers snapshots like a cluster does. Entries are kept as
+their encoded JSON (a message object takes about five times the memory) and
+decoded again when a snapshot reads them; sizes count that JSON, and
+``max_bytes: 0`` means a cap of ``MEMORY_CAP_BYTES`` rather than none.
+"""
+
+from __future__ import annotations
+
+import bisect
+import itertools
+import threading
+import time
+from collections import deque
+from collections.abc import Iterator
+from datetime import datetime
+
+from threatbus.data import Message, decode
+from threatbus.errors import DecodeError
+from threatbus.history import HistorySettings, LogEntry
+
+# The cap of ``max_bytes: 0`` in memory (~140,000 indicators of 450 bytes; ~80 MB with overheads).
+MEMORY_CAP_BYTES = 64 * 1024 * 1024
+
+
+class MemoryLog:
+    """Append from the distributor thread, read from any thread."""
+
+    def __init__(self, settings: HistorySettings) -> None:
+        self.max_age = settings.max_age.total_seconds()
+        self.max_bytes = settings.max_bytes or MEMORY_CAP_BYTES
+        self._lock = threading.Lock()
+        self._times: deque[float] = deque()  # epoch seconds, non-decreasing
+        self._entries: deque[bytes] = deque()
+        self.bytes = 0
+        self.evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def append(self, message: Message, now: float | None = None) -> None:
+        raw = message.encode()
+        size = len(raw)
+        stamp = time.time() if now is None else now
+        with self._lock:
+            if self._times and stamp < self._times[-1]:
+                stamp = self._times[-1]  # the wall clock stepped back: keep the order searchable
+            self._times.append(stamp)
+            self._entries.append(raw)
+            self.bytes += size
+            self._trim(stamp)
+
+    def _trim(self, now: float) -> None:
+        oldest = now - self.max_age
+        times, entries = self._times, self._entries
+        while times and (times[0] < oldest or self.bytes > self.max_bytes):
+            times.popleft()
+            self.bytes -= len(entries.popleft())
+            self.evicted += 1
+
+    def read(self, since: datetime, until: datetime) -> Iterator[LogEntry]:
+        """The entries from ``since`` to ``until`` (a copy: appends go on meanwhile)."""
+        start, end = since.timestamp(), until.timestamp()
+        with self._lock:
+            self._trim(time.time())
+            times = self._times
+            first = bisect.bisect_left(times, start)
+            last = bisect.bisect_right(times, end)
+            # islice walks the deques once; indexing a deque in the middle is not O(1).
+            window = list(itertools.islice(zip(times, self._entries, strict=True), first, last))
+        for stamp, raw in window:
+            try:
+                yield stamp, decode(raw)
+            except DecodeError:  # it was a valid message when it was logged: never expected
+                continue

@@ -1,0 +1,94 @@
+"""``transport: stream``: nodes publish to and consume from the intel log over the stream protocol."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+
+from threatbus.bus import Bus
+from testbus import running_bus
+from threatbus.testing import Subscriber, collect, indicator, wait_until
+from threatbus_rabbitmq import RabbitMQBackbone
+
+pytestmark = pytest.mark.rabbitmq
+
+
+@contextmanager
+def node(broker: Any, label: str, **overrides: Any) -> Iterator[tuple[Bus, RabbitMQBackbone]]:
+    backbone = RabbitMQBackbone()
+    overrides.setdefault("wait_for_subscribers", 0)
+    config = broker.plugin_config(broker.queue(label), transport="stream", **overrides)
+    with running_bus(backbones={"rabbitmq": backbone}, plugin_config=config, node_name=f"{label}-{broker.id}") as bus:
+        yield bus, backbone
+
+
+def ready(*buses: Bus) -> None:
+    wait_until(lambda: all(bus.health()["consuming"] for bus in buses), 30, what="stream transport consuming")
+
+
+def test_two_stream_nodes_get_every_message_once(broker):
+    with node(broker, "a") as (bus_a, backbone_a), node(broker, "b") as (bus_b, _):
+        ready(bus_a, bus_b)
+        at_a, at_b = Subscriber(bus_a), Subscriber(bus_b)
+        intel = [indicator(f"10.50.{i // 250}.{i % 250}") for i in range(2000)]
+        for message in intel:
+            bus_a.publish_queue.put(message)
+        for subscriber in (at_a, at_b):
+            got = collect(subscriber.queue, len(intel), 30)
+            assert [m.id for m in got] == [m.id for m in intel]  # in order, once
+        wait_until(lambda: backbone_a.stream.published == len(intel), 10, what="all confirmed")
+
+
+def test_a_restarted_stream_node_resumes_where_it_stopped(broker, caplog):
+    caplog.set_level(logging.INFO, logger="threatbus_rabbitmq")
+    first = [indicator(f"10.51.0.{i}") for i in range(50)]
+    meanwhile = [indicator(f"10.51.1.{i}") for i in range(200)]
+    with node(broker, "pub") as (bus_pub, _):
+        ready(bus_pub)
+        with node(broker, "sub") as (bus_sub, _):
+            ready(bus_sub)
+            at_sub = Subscriber(bus_sub)
+            for message in first:
+                bus_pub.publish_queue.put(message)
+            collect(at_sub.queue, len(first), 30)
+        for message in meanwhile:
+            bus_pub.publish_queue.put(message)
+        wait_until(lambda: bus_pub.health()["unconfirmed"] == 0, 10)
+        # Restarted, its app subscribes a moment later: what waited in the stream is held for it.
+        with node(broker, "sub", wait_for_subscribers=15) as (bus_sub, _):
+            wait_until(lambda: bus_sub.health()["connected"], 30)
+            assert not bus_sub.health()["consuming"]
+            at_sub = Subscriber(bus_sub)
+            got = collect(at_sub.queue, len(meanwhile), 30)
+            assert [m.id for m in got] == [m.id for m in meanwhile]
+    assert any("resuming after offset" in r.getMessage() for r in caplog.records)
+
+
+def test_stream_transport_warns_that_original_nodes_are_left_out(broker, caplog):
+    caplog.set_level(logging.WARNING, logger="threatbus_rabbitmq")
+    with node(broker, "a") as (bus, _):
+        ready(bus)
+    assert any("original Threat Bus nodes" in r.getMessage() for r in caplog.records)
+
+
+def test_what_is_published_on_the_exchange_reaches_stream_nodes_and_garbage_is_skipped(broker):
+    with node(broker, "a") as (bus, backbone):
+        ready(bus)
+        wait_until(lambda: bus.health()["intel_log"] == "ready", 20)
+        at = Subscriber(bus)
+        foreign = indicator("10.52.0.1")
+        # As an original node publishes: plain JSON on the shared exchange, which the log is bound to.
+        broker.publish_raw([b"not json", b'{"type": "indicator"}', foreign.encode()])
+        assert collect(at.queue, 1, 20) == [foreign]
+        assert backbone.stream.rejected == 2
+
+
+def test_stream_transport_without_the_log_is_a_config_error(broker):
+    from threatbus.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="history.enabled"), node(broker, "a", history={"enabled": False}):
+        pass

@@ -1,0 +1,274 @@
+"""Snapshots answered by the bus from its intel log (in-memory backbone), in-process."""
+
+import queue
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+import threatbus
+from threatbus.data import Indicator, SnapshotEnvelope, SnapshotType
+from threatbus.errors import ConfigError
+from threatbus.history import HistorySettings, fold
+from threatbus.snapshots import SnapshotEnd
+from testbus import running_bus
+from threatbus.testing import assert_nothing_more, get_within, indicator, sighting, wait_until
+from threatbus_inmem import InMemoryBackbone
+from threatbus_inmem.intel_log import MemoryLog
+
+NOW = datetime(2026, 11, 30, 12, 0, tzinfo=timezone.utc)
+
+
+def stamp(at: datetime) -> str:
+    return at.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def version(ident: str, modified: datetime, **extra) -> Indicator:
+    return indicator(
+        "1.2.3.4",
+        id=ident,
+        created=stamp(modified - timedelta(days=1)),
+        modified=stamp(modified),
+        valid_from=stamp(modified - timedelta(days=1)),
+        **extra,
+    )
+
+
+def entries(*messages, at=NOW - timedelta(hours=1)):
+    return [(at.timestamp(), m) for m in messages]
+
+
+def window(days=7):
+    return (NOW - timedelta(days=days)).timestamp(), NOW.timestamp()
+
+
+# ---- the fold ------------------------------------------------------------
+
+
+def test_fold_keeps_the_latest_version_and_leaves_out_removed_revoked_and_expired():
+    a_old = version("indicator--00000000-0000-4000-8000-00000000000a", NOW - timedelta(days=3))
+    a_new = version("indicator--00000000-0000-4000-8000-00000000000a", NOW - timedelta(days=2))
+    removed = version("indicator--00000000-0000-4000-8000-00000000000b", NOW - timedelta(days=2))
+    removal = version(
+        "indicator--00000000-0000-4000-8000-00000000000b", NOW - timedelta(days=1), x_threatbus_update="REMOVE"
+    )
+    revoked = version("indicator--00000000-0000-4000-8000-00000000000c", NOW - timedelta(days=1), revoked=True)
+    expired = version(
+        "indicator--00000000-0000-4000-8000-00000000000d",
+        NOW - timedelta(days=2),
+        valid_until=stamp(NOW - timedelta(hours=2)),
+    )
+    live = version(
+        "indicator--00000000-0000-4000-8000-00000000000e",
+        NOW - timedelta(days=2),
+        valid_until=stamp(NOW + timedelta(days=2)),
+    )
+    # The newer version of a first, the older after it: arrival order must not matter.
+    log = entries(a_new, a_old, removed, removal, revoked, expired, live, sighting())
+    result = fold(log, SnapshotType.INDICATOR, *window())
+    assert sorted(m.payload["id"][-1] for m in result) == ["a", "e"]
+    assert next(m for m in result if m.payload["id"].endswith("a")) == a_new
+
+
+def test_fold_skips_entries_before_the_period_and_other_kinds():
+    early = indicator("9.9.9.9")
+    inside = indicator("8.8.8.8")
+    seen = sighting()
+    log = [
+        ((NOW - timedelta(days=2)).timestamp(), early),
+        ((NOW - timedelta(hours=1)).timestamp(), inside),
+        (NOW.timestamp(), seen),
+    ]
+    assert fold(log, SnapshotType.INDICATOR, *window(1)) == [inside]
+    assert fold(log, SnapshotType.SIGHTING, *window(1)) == [seen]
+
+
+def test_fold_survives_garbage_timestamps_the_structure_check_lets_through():
+    bad = Indicator(
+        {"type": "indicator", "id": "indicator--x", "pattern": "p", "pattern_type": "stix", "modified": "x"}
+    )
+    good = indicator("7.7.7.7")
+    bad_twice = Indicator({**bad.payload, "modified": "y"})
+    unreadable_expiry = indicator("7.7.7.8", valid_until="soon")
+    log = entries(bad, good, bad_twice, unreadable_expiry)
+    assert fold(log, SnapshotType.INDICATOR, *window(1)) == [good]
+
+
+# ---- the in-memory log ---------------------------------------------------
+
+
+def test_memory_log_drops_what_is_older_than_max_age():
+    log = MemoryLog(HistorySettings(max_age=timedelta(days=1)))
+    start = NOW.timestamp()
+    log.append(indicator("1.1.1.1"), now=start)
+    log.append(indicator("2.2.2.2"), now=start + 23 * 3600)
+    log.append(indicator("3.3.3.3"), now=start + 25 * 3600)
+    assert len(log) == 2
+    assert log.evicted == 1
+
+
+def test_memory_log_keeps_within_max_bytes():
+    size = len(indicator("10.0.0.0").encode())  # every 10.0.0.<digit> is as long
+    log = MemoryLog(HistorySettings(max_bytes=size * 3))
+    for n in range(10):
+        log.append(indicator(f"10.0.0.{n}"))
+    assert len(log) == 3
+    assert log.bytes <= size * 3
+    values = [m.payload["pattern"] for _, m in log.read(NOW - timedelta(days=3650), datetime.now(timezone.utc))]
+    assert values[-1] == "[ipv4-addr:value = '10.0.0.9']"
+
+
+def test_memory_log_reads_the_window_only():
+    log = MemoryLog(HistorySettings())
+    base = datetime.now(timezone.utc).timestamp()
+    messages = [indicator(f"10.0.1.{n}") for n in range(5)]
+    for n, message in enumerate(messages):
+        log.append(message, now=base - 3600 * (5 - n))  # 5h ago ... 1h ago
+    read = list(log.read(datetime.fromtimestamp(base - 3.5 * 3600, timezone.utc), datetime.now(timezone.utc)))
+    assert [m for _, m in read] == messages[2:]
+    assert all(isinstance(when, float) for when, _ in read)
+
+
+# ---- snapshots through the bus -------------------------------------------
+
+
+class HistoryApp:
+    """An app that keeps history of its own and answers snapshots from it."""
+
+    def __init__(self, held=()):
+        self.held = list(held)
+        self.requests = []
+
+    @threatbus.app
+    def snapshot(self, snapshot_request, result_queue):
+        self.requests.append(snapshot_request)
+        for item in self.held:
+            result_queue.put(SnapshotEnvelope.wrap(snapshot_request, item))
+
+
+def publish_and_wait(bus, messages):
+    sink = queue.Queue()
+    bus.subscribe("stix2", sink)
+    for message in messages:
+        bus.publish_queue.put(message)
+    for _ in messages:
+        get_within(sink)
+    bus.unsubscribe("stix2", sink)
+
+
+def drain_snapshot(sink, timeout=10.0):
+    """Envelopes until the end marker; returns (envelopes, marker)."""
+    envelopes = []
+    while True:
+        item = get_within(sink, timeout)
+        if isinstance(item, SnapshotEnd):
+            return envelopes, item
+        if isinstance(item, SnapshotEnvelope):
+            envelopes.append(item)
+
+
+def test_snapshot_is_answered_from_the_log_without_any_app_keeping_history():
+    with running_bus() as bus:
+        first, second = indicator("1.1.1.1"), indicator("2.2.2.2")
+        publish_and_wait(bus, [first, second, sighting()])
+        sink = queue.Queue()
+        ids = bus.subscribe("stix2/indicator", sink, snapshot=timedelta(days=1), snapshot_end=True)
+        envelopes, end = drain_snapshot(sink)
+        assert {e.stix for e in envelopes} == {first, second}
+        assert {e.snapshot_id for e in envelopes} == set(ids)
+        assert end == SnapshotEnd(ids[0], SnapshotType.INDICATOR, 2)
+        assert_nothing_more(sink)
+
+
+def test_snapshot_folds_versions_and_removals():
+    with running_bus() as bus:
+        ident = "indicator--00000000-0000-4000-8000-0000000000f1"
+        old = version(ident, NOW - timedelta(days=2))
+        new = version(ident, NOW - timedelta(days=1))
+        gone = version("indicator--00000000-0000-4000-8000-0000000000f2", NOW - timedelta(days=2))
+        gone_removal = version(
+            "indicator--00000000-0000-4000-8000-0000000000f2", NOW - timedelta(days=1), x_threatbus_update="REMOVE"
+        )
+        publish_and_wait(bus, [old, new, gone, gone_removal])
+        sink = queue.Queue()
+        bus.subscribe("stix2/indicator", sink, snapshot=timedelta(days=1), snapshot_end=True)
+        envelopes, end = drain_snapshot(sink)
+        assert [e.stix for e in envelopes] == [new]
+        assert end.count == 1
+
+
+def test_answers_that_repeat_what_the_log_sent_are_dropped():
+    held = indicator("3.3.3.3")
+    extra = indicator("4.4.4.4")
+    app = HistoryApp(held=[held, extra])
+    with running_bus(apps={"history": app}) as bus:
+        publish_and_wait(bus, [held])
+        sink = queue.Queue()
+        ids = bus.subscribe("stix2/indicator", sink, snapshot=timedelta(days=1), snapshot_end=True)
+        wait_until(lambda: app.requests, what="the request reaching the app with its own history")
+        assert app.requests[0].snapshot_id == ids[0]
+        got = []
+        while len(got) < 2:
+            item = get_within(sink)
+            if isinstance(item, SnapshotEnvelope):
+                got.append(item.stix)
+        assert sorted(m.payload["pattern"] for m in got) == sorted([held.payload["pattern"], extra.payload["pattern"]])
+        wait_until(lambda: bus.snapshots.duplicates == 1, what="the repeated answer dropped")
+        rest = []
+        while True:
+            try:
+                rest.append(sink.get(timeout=0.3))
+            except queue.Empty:
+                break
+        assert not [r for r in rest if isinstance(r, SnapshotEnvelope)]
+
+
+def test_no_end_marker_unless_asked():
+    with running_bus() as bus:
+        publish_and_wait(bus, [indicator("5.5.5.5")])
+        sink = queue.Queue()
+        bus.subscribe("stix2/indicator", sink, snapshot=timedelta(days=1))
+        assert isinstance(get_within(sink), SnapshotEnvelope)
+        assert_nothing_more(sink, within=0.5)
+
+
+def test_history_disabled_answers_nothing_but_still_ends():
+    config = {"backbones": {"inmem": {"history": {"enabled": False}}}}
+    with running_bus(backbones={"inmem": InMemoryBackbone()}, plugin_config=config) as bus:
+        publish_and_wait(bus, [indicator("6.6.6.6")])
+        sink = queue.Queue()
+        ids = bus.subscribe("stix2/indicator", sink, snapshot=timedelta(days=1), snapshot_end=True)
+        assert get_within(sink) == SnapshotEnd(ids[0], SnapshotType.INDICATOR, 0)
+
+
+@pytest.mark.parametrize(("key", "value"), [("max_age", 0), ("max_age", "30"), ("max_bytes", -1), ("enabled", "yes")])
+def test_bad_history_keys_are_config_errors_naming_the_key(key, value):
+    config = {"backbones": {"inmem": {"history": {key: value}}}}
+    with (
+        pytest.raises(ConfigError, match=f"history.{key}"),
+        running_bus(backbones={"inmem": InMemoryBackbone()}, plugin_config=config),
+    ):
+        pass
+
+
+def test_a_bounded_requester_gets_a_large_snapshot_whole():
+    with running_bus() as bus:
+        intel = [indicator(f"10.7.{n // 250}.{n % 250}") for n in range(500)]
+        publish_and_wait(bus, intel)
+        sink = queue.Queue(maxsize=10)  # far smaller than the answer: the log's answer waits for room
+        bus.subscribe("stix2/indicator", sink, snapshot=timedelta(days=1), snapshot_end=True)
+        envelopes, end = drain_snapshot(sink)
+        assert len(envelopes) == end.count == 500
+        assert {e.stix.id for e in envelopes} == {m.id for m in intel}
+
+
+def test_an_indicator_from_the_log_is_removed_at_its_valid_until():
+    with running_bus() as bus:
+        now = datetime.now(timezone.utc)
+        soon = indicator("10.8.0.1", valid_until=stamp(now + timedelta(seconds=2)))
+        publish_and_wait(bus, [soon])
+        sink = queue.Queue()
+        bus.subscribe("stix2/indicator", sink, snapshot=timedelta(days=1), snapshot_end=True)
+        envelopes, _ = drain_snapshot(sink)
+        assert [e.stix.id for e in envelopes] == [soon.id]
+        removal = get_within(sink, 10)
+        assert removal.id == soon.id and removal.payload.get("x_threatbus_update") == "REMOVE"
