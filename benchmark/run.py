@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -29,6 +30,7 @@ import yaml
 if not __package__:  # run as a script (python benchmark/run.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmark.bulk import BULK_PROFILES, BulkRun
 from benchmark.expiry import expiry_scenario
 from benchmark.nodes import Broker, broker_missing, loadavg, machine_busy, plugin_missing, stop_nodes
 from benchmark.policy import policy_scenario
@@ -49,7 +51,7 @@ from benchmark.validation import validation_scenario
 logger = logging.getLogger("benchmark")
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = ("inmem", "ceiling", "rabbitmq", "fanout", "policy", "expiry", "validation", "streams", "rabbitmq_stream")
+SCENARIOS = ("inmem", "ceiling", "rabbitmq", "fanout", "policy", "expiry", "validation", "streams", "rabbitmq_stream", "bulk")
 
 TARGET_INMEM_MSGS_PER_S = 10_000
 TARGET_CEILING_RATIO = 0.5
@@ -75,6 +77,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--fanout-backbones", default="inmem,rabbitmq", help="backbones to run the fan-out on")
     parser.add_argument("--profile", action="store_true", help="record py-spy stacks of the nodes in saturation runs")
+    parser.add_argument(
+        "--bulk-indicators",
+        type=int,
+        default=None,
+        metavar="N",
+        help="indicators of the bulk scenario (default: 20,000 with --quick, else 1,000,000)",
+    )
     parser.add_argument("--note", default="", help="free text stored in the results, e.g. the load on the machine")
     broker = parser.add_argument_group("RabbitMQ (ceiling and rabbitmq scenarios)")
     broker.add_argument("--rabbitmq-host", default=os.environ.get("THREATBUS_TEST_RABBITMQ_HOST", "127.0.0.1"))
@@ -279,6 +288,7 @@ class Runner:
         self.scenarios: dict[str, Any] = {}
         self.skipped: dict[str, str] = {}
         self.errors: dict[str, str] = {}
+        self.bulk: dict[str, Any] | None = None  # results.json's top-level "bulk" object
         self.broker_settings = {
             "host": args.rabbitmq_host,
             "port": args.rabbitmq_port,
@@ -332,6 +342,9 @@ class Runner:
             self.attempt("streams", self.streams, zmq_missing)
         if "rabbitmq_stream" in self.selected:
             self.attempt("rabbitmq_stream", self.rabbitmq_stream, zmq_missing, rabbit_missing, broker_down)
+        if "bulk" in self.selected:
+            apps = [plugin_missing("apps", name) for name in ("zmq", "suricata", "zeek")]
+            self.attempt("bulk", self.run_bulk, *apps)
         if {"ceiling", "rabbitmq"} <= self.selected and "ceiling" in self.scenarios and "rabbitmq" in self.scenarios:
             # The ceiling once more after the bus, so that drifting load on the machine shows up.
             again = self.attempt("ceiling-after", lambda: self.ceiling(again=True))
@@ -351,6 +364,15 @@ class Runner:
                 kept = self.scenarios.pop(name)
                 self.scenarios.get("memory", {}).pop(name, None)
                 del kept
+
+    def run_bulk(self) -> dict[str, Any]:
+        profile = BULK_PROFILES[self.profile.name]
+        if self.args.bulk_indicators:
+            profile = replace(profile, indicators=self.args.bulk_indicators)
+        run = BulkRun(self.workdir / "bulk", profile)
+        self.bulk = run.result  # what finished is reported even if a later target fails
+        run.run()
+        return run.details
 
     def _with_nodes(self, name: str, nodes: list[Any]) -> dict[str, Any]:
         try:
@@ -528,6 +550,14 @@ def summary(result: dict[str, Any]) -> str:
                 f"  validation {kind:<24} µs per message: ours {row['ours_us']}, foreign (validated) "
                 f"{row['foreign_validated_us']} (+{row['validation_us']})"
             )
+    bulk = result.get("bulk", {})
+    for target in ("suricata_datasets", "suricata_rules", "zeek", "snapshot"):
+        if target in bulk:
+            data = bulk[target]
+            lines.append(
+                f"  bulk   {target:<17} {bulk['indicators']} indicators held after {data['seconds_until_held']} s; "
+                f"peak RSS MiB {data['peak_rss_mib']}; CPU µs per indicator {data['cpu_us_per_indicator']}"
+            )
     for row in result["targets"]:
         verdict = {True: "MET", False: "MISSED", None: "not measured"}[row["met"]]
         lines.append(f"  target {row['name']}: {row['measured']} ({row['target']}) {verdict}")
@@ -569,6 +599,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
     )
     result["scenarios"] = runner.scenarios
+    if runner.bulk is not None:
+        result["bulk"] = runner.bulk
     result["skipped"] = runner.skipped
     result["errors"] = runner.errors
     result["targets"] = targets(runner.scenarios)

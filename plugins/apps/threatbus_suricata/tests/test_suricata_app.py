@@ -1,7 +1,7 @@
 """The Suricata app on a running bus, against a stand-in Suricata.
 
 Suricata cannot be installed on our machines: these tests drive the
-stand-in unix socket of fake_suricata.py, which follows Suricata's
+stand-in unix socket of threatbus_suricata.testing, which follows Suricata's
 documented command protocol (version handshake, newline-terminated JSON
 commands and answers, Suricata's messages for rule reloads and
 dataset-add/remove), and write EVE lines in the format Suricata's user

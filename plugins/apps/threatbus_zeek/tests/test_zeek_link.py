@@ -1,6 +1,6 @@
 """The Zeek app on a running bus, against the stand-in for Zeek's WebSocket API.
 
-Zeek cannot be installed on our machines: ``ZeekStandIn`` (conftest.py)
+Zeek cannot be installed on our machines: ``ZeekStandIn`` (threatbus_zeek.testing)
 follows the documented JSON API v1 of Zeek's WebSocket API and checks what
 the plugin sends with zeek-client's implementation of Broker's data model.
 """
