@@ -37,6 +37,10 @@ MAX_SID = 2**32 - 1
 # sun_path of a unix socket holds 108 bytes including the terminating NUL.
 MAX_SOCKET_PATH = 107
 _SET_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# Flushing may take at most 1 / (1 + FLUSH_SPACING) of the detection worker's time.
+FLUSH_SPACING = 4
+# Seconds a due flush may wait while indicators keep arriving.
+BULK_HOLD = 60.0
 
 RULES_FILE = "/var/lib/suricata/rules/threatbus.rules"
 SOCKET = "/var/run/suricata/suricata-command.socket"
@@ -75,6 +79,13 @@ class DetectionWorker(StoppableWorker):
     The first change after a flush starts a timer of ``reload_interval``;
     everything that arrives meanwhile is flushed together: one file write,
     the dataset commands, and at most one rule reload.
+
+    A flush rewrites the files whole, so during a bulk load (a feed of a
+    million indicators, a snapshot) flushing every ``reload_interval`` would
+    cost time quadratic in the set: the timer is at least ``FLUSH_SPACING``
+    times the last flush's duration, and a due flush waits while the inbox
+    still holds indicators (up to ``BULK_HOLD`` seconds after the first
+    change), so a bulk load ends in one write and one reload.
     """
 
     def __init__(self, app: SuricataApp, inbox: queue.Queue[Message]) -> None:
@@ -83,6 +94,8 @@ class DetectionWorker(StoppableWorker):
         self.inbox = inbox
         self.backoff = Backoff(initial=app.reload_interval, maximum=max(60.0, app.reload_interval))
         self.next_flush: float | None = time.monotonic()  # the state read from disk may need a write
+        self.first_change = time.monotonic()  # of the changes the next flush writes
+        self.last_flush_seconds = 0.0
 
     def run(self) -> None:
         while not self.stopping:
@@ -92,9 +105,14 @@ class DetectionWorker(StoppableWorker):
             try:
                 with contextlib.suppress(queue.Empty):
                     self.handle(self.inbox.get(timeout=timeout))
-                if self.next_flush is not None and time.monotonic() >= self.next_flush:
+                now = time.monotonic()
+                if self.next_flush is not None and now >= self.next_flush:
+                    if not self.inbox.empty() and now - self.first_change < max(BULK_HOLD, self.app.reload_interval):
+                        continue  # a bulk load is arriving: apply it first, then write the files once
                     self.next_flush = None
-                    if not self.app.flush():
+                    done = self.app.flush()
+                    self.last_flush_seconds = time.monotonic() - now
+                    if not done:
                         self.next_flush = time.monotonic() + self.backoff.next_delay()
                     else:
                         self.backoff.reset()
@@ -128,7 +146,8 @@ class DetectionWorker(StoppableWorker):
         if message.id in app.expiry:  # held since before a restart: a newer version moves its expiry
             app.expiry.observe(message, (self.inbox,))
         if outcome in ("added", "updated", "removed", "unchanged") and self.next_flush is None:
-            self.next_flush = time.monotonic() + app.reload_interval
+            self.first_change = time.monotonic()
+            self.next_flush = self.first_change + max(app.reload_interval, FLUSH_SPACING * self.last_flush_seconds)
 
 
 class EveWorker(StoppableWorker):
@@ -294,7 +313,7 @@ class SuricataApp:
         self.dataset_command_limit = int(config["dataset_command_limit"])
         self.publish_queue = publish_queue
         self.unsubscribe = unsubscribe
-        self.store = DetectionStore(rules_file, settings, sid_min, sid_max)
+        self.store = DetectionStore(rules_file, settings, sid_min, sid_max, self.dataset_command_limit)
         try:
             loaded = self.store.load()
         except OSError as err:
