@@ -78,6 +78,26 @@ class ZeekIntel:
         return broker.event(f"{namespace}::add_intel", [*common, broker.string(self.desc)])
 
 
+def add_batch_event(items: list[ZeekIntel], namespace: str) -> dict[str, Any]:
+    """One ``add_intels`` event inserting all of ``items`` (additions only).
+
+    Its argument is a vector of ``ThreatBus::IntelItem`` records; Broker
+    carries a record as the vector of its fields.
+    """
+    records = [
+        broker.vector(
+            [
+                broker.string(item.indicator),
+                broker.enum(item.enum_name),
+                broker.string(item.source),
+                broker.string(item.desc),
+            ]
+        )
+        for item in items
+    ]
+    return broker.event(f"{namespace}::add_intels", [broker.vector(records)])
+
+
 def _address(value: str, family: str) -> tuple[str, str]:
     try:
         network = ipaddress.ip_network(value, strict=False)

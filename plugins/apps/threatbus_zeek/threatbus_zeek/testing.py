@@ -183,6 +183,10 @@ class ZeekStandIn:
         args = [arg.to_py() for arg in event.args]
         if name == "add_intel" and len(args) >= 3:
             self.intel.setdefault((str(args[0]), str(args[1])), set()).add(str(args[2]))
+        elif name == "add_intels" and len(args) == 1 and isinstance(args[0], list):
+            for record in args[0]:  # ThreatBus::IntelItem records: vectors of their fields
+                if isinstance(record, list) and len(record) >= 3:
+                    self.intel.setdefault((str(record[0]), str(record[1])), set()).add(str(record[2]))
         elif name == "remove_intel" and len(args) >= 3:
             key = (str(args[0]), str(args[1]))
             sources = self.intel.get(key, set())
