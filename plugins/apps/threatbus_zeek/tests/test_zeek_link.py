@@ -191,7 +191,7 @@ def test_queued_additions_travel_in_batches_and_a_removal_keeps_its_place(zeek, 
         ]
         wait_until(lambda: zeek.held() == 5, what="the stand-in to hold what was added and not removed")
         assert ("10.0.1.1", "Intel::ADDR") not in zeek.intel
-        assert bus.metrics.value(DELIVERED, plugin="zeek") == 7
+        wait_until(lambda: bus.metrics.value(DELIVERED, plugin="zeek") == 7, what="7 indicators counted as sent")
         # 500: the adds, the removal, the add; 2: three events of adds, ...; 1: one event per indicator.
         assert zeek.received_count == {500: 3, 2: 5, 1: 7}[batch_size]
 
