@@ -40,6 +40,7 @@ from benchmark.scenarios import (
     bus_scenario,
     ceiling_scenario,
     fanout_scenario,
+    nodes_fanout_scenario,
     start_inmem,
     start_rabbitmq_pair,
     wait_for_broker,
@@ -57,6 +58,7 @@ TARGET_INMEM_MSGS_PER_S = 10_000
 TARGET_CEILING_RATIO = 0.5
 TARGET_P99_MS = 10.0
 TARGET_P99_RATE = 1000
+FANOUT_NODES = 5  # rabbitmq nodes of the multi-node fan-out
 TARGET_FILTER_US = 5.0  # a typical policy filter, per evaluation: small beside a delivery's cost
 TARGET_SNAPSHOT_PER_S = 50_000
 TARGET_STREAM_OVER_INMEM = 0.5
@@ -336,6 +338,8 @@ class Runner:
             self.attempt("ceiling", self.ceiling, broker_down)
         if {"rabbitmq"} & self.selected or "rabbitmq" in fanout_on:
             self.attempt("rabbitmq", self.rabbitmq, zmq_missing, rabbit_missing, broker_down)
+        if "rabbitmq" in fanout_on:
+            self.attempt("fanout_nodes", self.fanout_nodes, zmq_missing, rabbit_missing, broker_down)
         if "policy" in self.selected:
             self.attempt("policy", lambda: policy_scenario(self.profile.name == "quick"))
         if "streams" in self.selected:
@@ -437,6 +441,28 @@ class Runner:
             if failed:
                 logger.warning("could not delete RabbitMQ objects: %s", ", ".join(failed))
 
+    def fanout_nodes(self) -> dict[str, Any]:
+        """Fan-out across FANOUT_NODES rabbitmq nodes, a receiving app on each."""
+        broker = Broker(self.broker_settings)
+        try:
+            nodes = start_rabbitmq_pair(self.workdir / "fanout-nodes", broker, self.queue, self.args.rabbitmq_extra,
+                                        count=FANOUT_NODES)  # fmt: skip
+            try:
+                result = nodes_fanout_scenario(nodes, self.profile)
+            finally:
+                codes = stop_nodes(nodes)
+            problems = log_problems(nodes)
+            if problems:
+                result["node_log_problems"] = problems
+            bad = {n: c for n, c in codes.items() if c != 0}
+            if bad:
+                raise RuntimeError(f"nodes did not stop cleanly: {bad} (logs in {self.workdir})")
+            return result
+        finally:
+            failed = broker.cleanup()
+            if failed:
+                logger.warning("could not delete RabbitMQ objects: %s", ", ".join(failed))
+
     def streams(self) -> dict[str, Any]:
         """The intel log: rstream's own ceiling beside pika's, and snapshot replay from each backbone's log."""
         count = SNAPSHOT_COUNT[self.profile.name]
@@ -519,6 +545,13 @@ def summary(result: dict[str, Any]) -> str:
                 f"  fanout {backbone:<8} {row['subscribers']:>3} subs: {sat['msgs_per_s']} msg/s = {sat['deliveries_per_s']} "
                 f"deliveries/s, lost {sat['lost']}; at {lat['offered_rate']}/s p99 {lat['p99_ms']} ms"
             )
+    nodes = scenarios.get("fanout_nodes")
+    if nodes:
+        sat, lat = nodes["saturation"], nodes["latency"]
+        lines.append(
+            f"  fanout {nodes['nodes']} rabbitmq nodes, an app on each: {sat['msgs_per_s']} msg/s = "
+            f"{sat['deliveries_per_s']} deliveries/s, lost {sat['lost']}; at {lat['offered_rate']}/s p99 {lat['p99_ms']} ms"
+        )
     for name, data in scenarios.get("policy", {}).get("filters", {}).items():
         lines.append(
             f"  policy  {name:<17} {data['us_per_evaluation_median']} µs CPU per evaluation "

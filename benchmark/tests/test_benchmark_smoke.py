@@ -210,3 +210,20 @@ def test_bulk_indicators_are_distinct_valid_and_mixed(tmp_path: Path) -> None:
     assert len(MIX) == 20
     assert sum("ipv4-addr" in o["pattern"] for o in objects) == kinds["ip"]
     assert sum("SHA-256" in o["pattern"] for o in objects) == kinds["sha256"]
+
+
+def test_quick_fanout_over_five_rabbitmq_nodes(tmp_path: Path) -> None:
+    from threatbus.testing import require_rabbitmq
+
+    require_rabbitmq()
+    code, result, output = run_quick(tmp_path, "--only", "fanout", "--fanout-backbones", "rabbitmq")
+    assert code == 0, output[-4000:]
+    nodes = result["scenarios"]["fanout_nodes"]
+    assert nodes["nodes"] == nodes["subscribers"] == 5
+    saturation, latency = nodes["saturation"], nodes["latency"]
+    assert saturation["expected_deliveries"] == saturation["delivered"] == 5 * saturation["sent"]
+    assert saturation["lost"] == 0 and saturation["deliveries_per_s"] == pytest.approx(
+        5 * saturation["msgs_per_s"], rel=0.01
+    )
+    assert 0 < latency["p50_ms"] <= latency["p99_ms"] < 5_000
+    assert "fanout 5 rabbitmq nodes" in output
