@@ -30,7 +30,7 @@ def suricata(conn: Any, socket_path: str, rules_file: str) -> None:
     """A Suricata command socket at ``socket_path`` whose reloads read ``rules_file``."""
     from threatbus_suricata.testing import FakeSuricata
 
-    fake = FakeSuricata(socket_path, rules_file=Path(rules_file), keep_commands=False)
+    fake = FakeSuricata(socket_path, rules_file=Path(rules_file), keep_commands=False, background_reloads=True)
     fake.start()
     try:
         _serve(conn, fake, lambda: None)

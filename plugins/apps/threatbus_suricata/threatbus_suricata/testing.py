@@ -42,8 +42,15 @@ _SID = re.compile(r"[(;\s]sid\s*:\s*(\d+)\s*;")
 
 
 class FakeSuricata(threading.Thread):
-    def __init__(self, path: str, rules_file: Path | None = None, keep_commands: bool = True) -> None:
+    def __init__(
+        self, path: str, rules_file: Path | None = None, keep_commands: bool = True, background_reloads: bool = False
+    ) -> None:
         super().__init__(name="fake-suricata", daemon=True)
+        # True: ruleset-reload-nonblocking answers at once and reloads in a thread, as Suricata does
+        # (tests keep False: a reload is complete when its answer arrives).
+        self.background_reloads = background_reloads
+        self._reload_lock = threading.Lock()
+        self._reloaders: list[threading.Thread] = []
         self.path = path
         self.rules_file = rules_file
         self.keep_commands = keep_commands  # False: count commands only (a million would fill the memory)
@@ -148,7 +155,12 @@ class FakeSuricata(threading.Thread):
         if name in RELOADS:
             if self.refuse_reloads:
                 return {"return": "NOK", "message": "Reload already in progress"}
-            self._reload()
+            if self.background_reloads and name == "ruleset-reload-nonblocking":
+                reloader = threading.Thread(target=self._reload, args=(True,), name="fake-suricata-reload", daemon=True)
+                reloader.start()
+                self._reloaders.append(reloader)
+            else:
+                self._reload()
             return {"return": "OK", "message": "done"}
         if name in ("dataset-add", "dataset-remove"):
             return self._dataset(name, arguments)
@@ -175,31 +187,44 @@ class FakeSuricata(threading.Thread):
             found[1].discard(value)
             return {"return": "OK", "message": "data removed"}
 
-    def _reload(self) -> None:
+    def _reload(self, merge: bool = False) -> None:
+        with self._reload_lock:  # one reload at a time; lookups and commands go on meanwhile
+            self._read_rules(merge)
+
+    def _read_rules(self, merge: bool) -> None:
+        """Load the rules file; ``merge``: add the dataset files' entries to the sets instead of replacing
+        them (a background reload must not undo dataset-add commands answered while it ran)."""
         with self._lock:
             self.reloads += 1
-            if self.rules_file is None or not self.rules_file.exists():
-                return
-            sids: set[int] = set()
-            hashlists: dict[str, set[str]] = {}
-            with open(self.rules_file, encoding="utf-8") as rules:
-                for line in rules:
-                    if line.startswith("#") or not line.strip():
-                        continue
-                    match = _DATASET_RULE.search(line)
-                    if match:
-                        set_name, set_type, load = match.groups()
-                        values = {_decode(set_type, v) for v in Path(load.strip()).read_text().split()}
-                        self.datasets[set_name] = (set_type, values)
-                        continue
-                    match = _HASHLIST_RULE.search(line)
-                    if match:
-                        algorithm, load = match.groups()
-                        hashlists[algorithm] = set(Path(load.strip()).read_text().split())
-                        continue
-                    found = _SID.search(line)
-                    if found:
-                        sids.add(int(found.group(1)))
+        if self.rules_file is None or not self.rules_file.exists():
+            return
+        sids: set[int] = set()
+        hashlists: dict[str, set[str]] = {}
+        datasets: dict[str, tuple[str, set[str]]] = {}
+        with open(self.rules_file, encoding="utf-8") as rules:
+            for line in rules:
+                if line.startswith("#") or not line.strip():
+                    continue
+                match = _DATASET_RULE.search(line)
+                if match:
+                    set_name, set_type, load = match.groups()
+                    values = {_decode(set_type, v) for v in Path(load.strip()).read_text().split()}
+                    datasets[set_name] = (set_type, values)
+                    continue
+                match = _HASHLIST_RULE.search(line)
+                if match:
+                    algorithm, load = match.groups()
+                    hashlists[algorithm] = set(Path(load.strip()).read_text().split())
+                    continue
+                found = _SID.search(line)
+                if found:
+                    sids.add(int(found.group(1)))
+        with self._lock:
+            for name, (set_type, values) in datasets.items():
+                old = self.datasets.get(name)
+                if merge and old is not None and old[0] == set_type:
+                    values |= old[1]
+                self.datasets[name] = (set_type, values)
             self.rule_sids = sids
             self.hashlists = hashlists
 
@@ -207,6 +232,8 @@ class FakeSuricata(threading.Thread):
         self._closing.set()
         self._server.close()
         self.join(2)
+        for reloader in self._reloaders:
+            reloader.join(30)
         for client in self._clients:
             client.join(2)
         if os.path.exists(self.path):
