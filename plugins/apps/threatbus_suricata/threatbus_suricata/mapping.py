@@ -92,7 +92,7 @@ class Detection:
             f"sid:{sid}",
             f"rev:{rev}",
         )
-        return f"{action} {self.header} (" + " ".join(f"{option};" for option in options) + ")"
+        return f"{action} {self.header} (" + "; ".join(options) + ";)"
 
 
 def stable_sid(indicator_id: str, low: int, high: int) -> int:
