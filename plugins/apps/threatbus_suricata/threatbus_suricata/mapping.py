@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from threatbus.data import Indicator
-from threatbus.stix import point_indicator
+from threatbus.stix import dotted_ipv4, point_indicator
 
 # How an indicator is detected.
 RULE = "rule"  # one rule of its own (sid maps alerts back)
@@ -36,8 +36,6 @@ _INDICATOR_ID = re.compile(r"^indicator--[A-Za-z0-9-]{1,64}$")
 _DOMAIN = re.compile(
     r"^(?=.{1,253}$)([a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)(\.[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?)*$"
 )
-_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
-_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 _SID = re.compile(r"(?:^|[(;\s])sid\s*:\s*(\d{1,10})\s*;")
 _RULE_START = re.compile(r"^(alert|drop|reject|rejectsrc|rejectdst|rejectboth|pass)\s+\S+")
 # Characters that cannot appear literally inside a content string.
@@ -141,7 +139,7 @@ def given_rule_sid(rule: str) -> int:
 
 
 def _ip(object_type: str, value: str, settings: Settings) -> Detection:
-    if object_type == "ipv4-addr" and _IPV4.fullmatch(value):  # the common case, without ipaddress (slow)
+    if object_type == "ipv4-addr" and dotted_ipv4(value):  # the common case, without ipaddress (slow)
         if settings.mode == "datasets":
             return Detection(DATASET, value, set_name=settings.ip_set, set_type="ip", datavalue=value)
         return Detection(RULE, value, what="IP", header=f"ip any any <> [{value}] any")

@@ -20,7 +20,7 @@ from typing import Any
 
 from threatbus.data import Indicator, Sighting
 from threatbus.errors import DecodeError
-from threatbus.stix import new_sighting, point_indicator
+from threatbus.stix import dotted_ipv4, new_sighting, point_indicator
 from threatbus_zeek import broker
 
 SIGHTING_SOURCE = "Zeek"
@@ -99,6 +99,8 @@ def add_batch_event(items: list[ZeekIntel], namespace: str) -> dict[str, Any]:
 
 
 def _address(value: str, family: str) -> tuple[str, str]:
+    if family == "ipv4-addr" and dotted_ipv4(value):  # the common case, without ipaddress (slow)
+        return value, "ADDR"
     try:
         network = ipaddress.ip_network(value, strict=False)
     except ValueError:
