@@ -13,6 +13,8 @@ directory, fsync, then ``os.replace``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import logging
 import os
 import tempfile
@@ -152,17 +154,6 @@ def write_atomically(path: Path, text: str | Iterable[str]) -> None:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-
-
-def _same_text(parts: list[str], text: str) -> bool:
-    """Whether ``"".join(parts) == text``, without joining."""
-    position = 0
-    for part in parts:
-        end = position + len(part)
-        if text[position:end] != part:
-            return False
-        position = end
-    return position == len(text)
 
 
 class DetectionStore:
@@ -391,40 +382,58 @@ class DetectionStore:
         indicator maps differently under the current config (another mode,
         another sid range) are re-mapped, and the next flush rewrites them.
         """
+        # Read line by line, with a digest to compare it with what the state renders: a file of a
+        # million entries is hundreds of MB, and neither it nor its lines are held whole.
         try:
-            text = self.rules_file.read_text(encoding="utf-8")
+            source = open(self.rules_file, encoding="utf-8")
         except FileNotFoundError:
             logger.info("rules file %s does not exist yet; starting without detections", self.rules_file)
             self._changes.write = self._changes.reload = True
             return 0
-        if text.strip() and not text.startswith(HEADER.splitlines()[0]):
-            raise ForeignFile(
-                f"{self.rules_file} exists but was not written by Threat Bus; refusing to overwrite it "
-                "(configure another rules_file, or remove the file)"
-            )
+        digest = hashlib.sha256()
         loaded = 0
-        lines = text.splitlines()
-        # Written under the same config: the entries' mapping and lines can be reused unchanged.
-        same = SETTINGS_PREFIX + self._fingerprint() in lines[:5]
-        for number, line in enumerate(lines, 1):
-            if not line.startswith(ENTRY_PREFIX):
-                continue
-            try:
-                rule = lines[number] if number < len(lines) else ""
-                self._load_entry(orjson.loads(line[len(ENTRY_PREFIX) :]), line, rule, same)
-                loaded += 1
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, DecodeError) as err:
-                logger.warning("%s:%d: skipping unreadable entry: %s", self.rules_file, number, err)
+        with source:
+            head = [source.readline() for _ in range(5)]
+            if not head[0].startswith(HEADER.splitlines()[0]) and ("".join(head) + source.read()).strip():
+                raise ForeignFile(
+                    f"{self.rules_file} exists but was not written by Threat Bus; refusing to overwrite it "
+                    "(configure another rules_file, or remove the file)"
+                )
+            # Written under the same config: the entries' mapping and lines can be reused unchanged.
+            same = SETTINGS_PREFIX + self._fingerprint() + "\n" in head
+            pending: tuple[int, str] | None = None  # an entry line, until the line after it is read
+            for number, raw in enumerate(itertools.chain(head, source), 1):
+                digest.update(raw.encode())
+                line = raw.rstrip("\n")
+                if pending is not None:
+                    loaded += self._load_line(*pending, line, same)
+                    pending = None
+                if line.startswith(ENTRY_PREFIX):
+                    pending = (number, line)
+            if pending is not None:
+                loaded += self._load_line(*pending, "", same)
         with self._lock:
             self._dirty_lists |= {name for (name, _v) in self.by_value}
             self._changes.dataset_ops.clear()  # Suricata loads the sets from their files
             rules, data_files = self.render()
             self._dirty_lists |= {name for (name, _v) in self.by_value}
-            if not _same_text(rules, text) or not all(os.path.exists(path) for path in data_files):
+            rendered = hashlib.sha256()
+            for part in rules:
+                rendered.update(part.encode())
+            if rendered.digest() != digest.digest() or not all(os.path.exists(path) for path in data_files):
                 self._changes.write = self._changes.reload = True
             else:
                 self._changes = Changes()
         return loaded
+
+    def _load_line(self, number: int, line: str, next_line: str, same_settings: bool) -> int:
+        """Load the entry of ``line`` (``next_line`` may be its rule); 1 if loaded, 0 if skipped."""
+        try:
+            self._load_entry(orjson.loads(line[len(ENTRY_PREFIX) :]), line, next_line, same_settings)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, DecodeError) as err:
+            logger.warning("%s:%d: skipping unreadable entry: %s", self.rules_file, number, err)
+            return 0
+        return 1
 
     def _load_entry(self, record: dict[str, Any], line: str, next_line: str, same_settings: bool) -> None:
         payload = record.get("indicator")
