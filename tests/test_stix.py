@@ -136,6 +136,8 @@ def test_validate_refuses_indicators_already_expired_on_entry():
 def test_validate_without_now_uses_the_clock():
     with pytest.raises(ExpiredIntel):
         validate(indicator(valid_from="2020-01-01T00:00:00Z", valid_until="2020-01-02T00:00:00Z"))
+
+
 def test_dotted_ipv4_accepts_only_canonical_addresses():
     from threatbus.stix import dotted_ipv4
 

@@ -519,5 +519,6 @@ class DetectionStore:
             for entry in gone:
                 self._remove(entry)
             return len(gone)
+
     def static_sid(self, name: str) -> int:
         return self.sid_min + STATIC_SID_OFFSETS[name]
