@@ -52,7 +52,18 @@ from benchmark.validation import validation_scenario
 logger = logging.getLogger("benchmark")
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = ("inmem", "ceiling", "rabbitmq", "fanout", "policy", "expiry", "validation", "streams", "rabbitmq_stream", "bulk")
+SCENARIOS = (
+    "inmem",
+    "ceiling",
+    "rabbitmq",
+    "fanout",
+    "policy",
+    "expiry",
+    "validation",
+    "streams",
+    "rabbitmq_stream",
+    "bulk",
+)
 
 TARGET_INMEM_MSGS_PER_S = 10_000
 TARGET_CEILING_RATIO = 0.5

@@ -171,6 +171,8 @@ def test_quick_streams_run_replays_every_snapshot_indicator(tmp_path: Path) -> N
         assert ceiling["published_msgs_per_s"] > 0 and ceiling["consumed_msgs_per_s"] > 0
     names = [row["name"] for row in result["targets"]]
     assert any("snapshot of" in name for name in names)
+
+
 def test_bulk_run_reports_every_sensor_in_the_issue_shape(tmp_path: Path) -> None:
     code, result, output = run_quick(tmp_path, "--only", "bulk", "--bulk-indicators", "2000")
     assert code == 0, output[-4000:]
