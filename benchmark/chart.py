@@ -1,4 +1,4 @@
-"""One PNG with the four views of a benchmark result."""
+"""One PNG with the views of a benchmark result: throughput, latency, fan-out, memory, bulk intel."""
 
 from __future__ import annotations
 
@@ -77,6 +77,10 @@ def _fanout(ax: Any, result: dict[str, Any]) -> None:
                 label=f"{backbone} deliveries/s")  # fmt: skip
         ax.plot(subs, [r["saturation"]["msgs_per_s"] or 0 for r in rows], "s--", color=COLOURS.get(backbone),
                 label=f"{backbone} published msgs/s")  # fmt: skip
+    nodes = result["scenarios"].get("fanout_nodes")
+    if nodes and nodes["saturation"].get("deliveries_per_s"):
+        ax.plot([nodes["subscribers"]], [nodes["saturation"]["deliveries_per_s"]], "*", markersize=12,
+                color="tab:red", label=f"rabbitmq {nodes['nodes']} nodes, an app on each: deliveries/s")  # fmt: skip
     ax.set_xscale("log")
     ax.set_yscale("log")
     subscribers = sorted({r["subscribers"] for rows in result["scenarios"].get("fanout", {}).values() for r in rows})
@@ -108,17 +112,69 @@ def _memory(ax: Any, result: dict[str, Any]) -> None:
     _legend(ax)
 
 
+BULK_TARGETS = (
+    ("suricata_datasets", "suricata\ndatasets"),
+    ("suricata_rules", "suricata\nrules"),
+    ("zeek", "zeek"),
+    ("snapshot", "snapshot to\na new zeek"),
+)
+
+
+def _bulk_time(ax: Any, result: dict[str, Any]) -> None:
+    bulk = result.get("bulk") or {}
+    rows = [(label, bulk[key]) for key, label in BULK_TARGETS if key in bulk]
+    if not rows:
+        ax.text(0.5, 0.5, "bulk scenario not run", ha="center", transform=ax.transAxes)
+        ax.set_axis_off()
+        return
+    seconds = [r["seconds_until_held"] or 0 for _, r in rows]
+    ax.bar([label for label, _ in rows], seconds, color="tab:green")
+    for i, (_, r) in enumerate(rows):
+        rss = r["peak_rss_mib"]
+        text = "not held" if r["seconds_until_held"] is None else f"{r['seconds_until_held']:.0f} s"
+        ax.text(i, seconds[i], f"{text}\nRSS node {rss['node']:.0f} MiB\nstand-in {rss['standin']:.0f} MiB",
+                ha="center", va="bottom", fontsize=7)  # fmt: skip
+    ax.axhline(60, color="tab:blue", linestyle=":", linewidth=1, label="target suricata datasets 60 s")
+    ax.axhline(120, color="tab:purple", linestyle=":", linewidth=1, label="target zeek 120 s")
+    ax.set_ylim(0, max(max(seconds), 120) * 1.35)
+    ax.set_ylabel("seconds until the stand-in holds all")
+    ax.set_title(f"Bulk: {bulk['indicators']:,} indicators into one node")
+    _legend(ax)
+    ax.tick_params(axis="x", labelsize=8)
+
+
+def _bulk_cpu(ax: Any, result: dict[str, Any]) -> None:
+    bulk = result.get("bulk") or {}
+    rows = [(label, bulk[key]["cpu_us_per_indicator"]) for key, label in BULK_TARGETS if key in bulk]
+    if not rows:
+        ax.set_axis_off()
+        return
+    bottoms = [0.0] * len(rows)
+    for process, colour in (("node", "tab:blue"), ("standin", "tab:orange"), ("publisher", "tab:gray")):
+        values = [cpu.get(process, 0) for _, cpu in rows]
+        ax.bar([label for label, _ in rows], values, bottom=bottoms, color=colour, label=process)
+        bottoms = [b + v for b, v in zip(bottoms, values, strict=True)]
+    for i, total in enumerate(bottoms):
+        ax.text(i, total, f"{total:.0f}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("CPU µs per indicator")
+    ax.set_title("Bulk: CPU per indicator and process")
+    _legend(ax)
+    ax.tick_params(axis="x", labelsize=8)
+
+
 def _legend(ax: Any) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
 
 
 def draw(result: dict[str, Any], path: Path) -> None:
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
+    fig, axes = plt.subplots(3, 2, figsize=(12, 12.5))
     _throughput(axes[0][0], result)
     _latency(axes[0][1], result)
     _fanout(axes[1][0], result)
     _memory(axes[1][1], result)
+    _bulk_time(axes[2][0], result)
+    _bulk_cpu(axes[2][1], result)
     meta = result["meta"]
     fig.suptitle(
         f"Threat Bus benchmark ({meta['mode']}) {meta['started']}, {meta['cpus']} CPUs, "

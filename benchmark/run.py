@@ -18,6 +18,7 @@ import sys
 import time
 import traceback
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -29,6 +30,7 @@ import yaml
 if not __package__:  # run as a script (python benchmark/run.py): make the package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmark.bulk import BULK_PROFILES, BulkRun
 from benchmark.expiry import expiry_scenario
 from benchmark.nodes import Broker, broker_missing, loadavg, machine_busy, plugin_missing, stop_nodes
 from benchmark.policy import policy_scenario
@@ -38,6 +40,7 @@ from benchmark.scenarios import (
     bus_scenario,
     ceiling_scenario,
     fanout_scenario,
+    nodes_fanout_scenario,
     start_inmem,
     start_rabbitmq_pair,
     wait_for_broker,
@@ -49,12 +52,24 @@ from benchmark.validation import validation_scenario
 logger = logging.getLogger("benchmark")
 
 REPO = Path(__file__).resolve().parent.parent
-SCENARIOS = ("inmem", "ceiling", "rabbitmq", "fanout", "policy", "expiry", "validation", "streams", "rabbitmq_stream")
+SCENARIOS = (
+    "inmem",
+    "ceiling",
+    "rabbitmq",
+    "fanout",
+    "policy",
+    "expiry",
+    "validation",
+    "streams",
+    "rabbitmq_stream",
+    "bulk",
+)
 
 TARGET_INMEM_MSGS_PER_S = 10_000
 TARGET_CEILING_RATIO = 0.5
 TARGET_P99_MS = 10.0
 TARGET_P99_RATE = 1000
+FANOUT_NODES = 5  # rabbitmq nodes of the multi-node fan-out
 TARGET_FILTER_US = 5.0  # a typical policy filter, per evaluation: small beside a delivery's cost
 TARGET_SNAPSHOT_PER_S = 50_000
 TARGET_STREAM_OVER_INMEM = 0.5
@@ -75,6 +90,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--fanout-backbones", default="inmem,rabbitmq", help="backbones to run the fan-out on")
     parser.add_argument("--profile", action="store_true", help="record py-spy stacks of the nodes in saturation runs")
+    parser.add_argument(
+        "--bulk-indicators",
+        type=int,
+        default=None,
+        metavar="N",
+        help="indicators of the bulk scenario (default: 20,000 with --quick, else 1,000,000)",
+    )
     parser.add_argument("--note", default="", help="free text stored in the results, e.g. the load on the machine")
     broker = parser.add_argument_group("RabbitMQ (ceiling and rabbitmq scenarios)")
     broker.add_argument("--rabbitmq-host", default=os.environ.get("THREATBUS_TEST_RABBITMQ_HOST", "127.0.0.1"))
@@ -279,6 +301,7 @@ class Runner:
         self.scenarios: dict[str, Any] = {}
         self.skipped: dict[str, str] = {}
         self.errors: dict[str, str] = {}
+        self.bulk: dict[str, Any] | None = None  # results.json's top-level "bulk" object
         self.broker_settings = {
             "host": args.rabbitmq_host,
             "port": args.rabbitmq_port,
@@ -326,12 +349,17 @@ class Runner:
             self.attempt("ceiling", self.ceiling, broker_down)
         if {"rabbitmq"} & self.selected or "rabbitmq" in fanout_on:
             self.attempt("rabbitmq", self.rabbitmq, zmq_missing, rabbit_missing, broker_down)
+        if "rabbitmq" in fanout_on:
+            self.attempt("fanout_nodes", self.fanout_nodes, zmq_missing, rabbit_missing, broker_down)
         if "policy" in self.selected:
             self.attempt("policy", lambda: policy_scenario(self.profile.name == "quick"))
         if "streams" in self.selected:
             self.attempt("streams", self.streams, zmq_missing)
         if "rabbitmq_stream" in self.selected:
             self.attempt("rabbitmq_stream", self.rabbitmq_stream, zmq_missing, rabbit_missing, broker_down)
+        if "bulk" in self.selected:
+            apps = [plugin_missing("apps", name) for name in ("zmq", "suricata", "zeek")]
+            self.attempt("bulk", self.run_bulk, *apps)
         if {"ceiling", "rabbitmq"} <= self.selected and "ceiling" in self.scenarios and "rabbitmq" in self.scenarios:
             # The ceiling once more after the bus, so that drifting load on the machine shows up.
             again = self.attempt("ceiling-after", lambda: self.ceiling(again=True))
@@ -351,6 +379,15 @@ class Runner:
                 kept = self.scenarios.pop(name)
                 self.scenarios.get("memory", {}).pop(name, None)
                 del kept
+
+    def run_bulk(self) -> dict[str, Any]:
+        profile = BULK_PROFILES[self.profile.name]
+        if self.args.bulk_indicators:
+            profile = replace(profile, indicators=self.args.bulk_indicators)
+        run = BulkRun(self.workdir / "bulk", profile)
+        self.bulk = run.result  # what finished is reported even if a later target fails
+        run.run()
+        return run.details
 
     def _with_nodes(self, name: str, nodes: list[Any]) -> dict[str, Any]:
         try:
@@ -410,6 +447,28 @@ class Runner:
             extra = {**self.args.rabbitmq_extra, "transport": "stream"}
             nodes = start_rabbitmq_pair(self.workdir / "rabbitmq-stream", broker, self.queue, extra)
             return self._with_nodes("rabbitmq_stream", nodes)
+        finally:
+            failed = broker.cleanup()
+            if failed:
+                logger.warning("could not delete RabbitMQ objects: %s", ", ".join(failed))
+
+    def fanout_nodes(self) -> dict[str, Any]:
+        """Fan-out across FANOUT_NODES rabbitmq nodes, a receiving app on each."""
+        broker = Broker(self.broker_settings)
+        try:
+            nodes = start_rabbitmq_pair(self.workdir / "fanout-nodes", broker, self.queue, self.args.rabbitmq_extra,
+                                        count=FANOUT_NODES)  # fmt: skip
+            try:
+                result = nodes_fanout_scenario(nodes, self.profile)
+            finally:
+                codes = stop_nodes(nodes)
+            problems = log_problems(nodes)
+            if problems:
+                result["node_log_problems"] = problems
+            bad = {n: c for n, c in codes.items() if c != 0}
+            if bad:
+                raise RuntimeError(f"nodes did not stop cleanly: {bad} (logs in {self.workdir})")
+            return result
         finally:
             failed = broker.cleanup()
             if failed:
@@ -497,6 +556,13 @@ def summary(result: dict[str, Any]) -> str:
                 f"  fanout {backbone:<8} {row['subscribers']:>3} subs: {sat['msgs_per_s']} msg/s = {sat['deliveries_per_s']} "
                 f"deliveries/s, lost {sat['lost']}; at {lat['offered_rate']}/s p99 {lat['p99_ms']} ms"
             )
+    nodes = scenarios.get("fanout_nodes")
+    if nodes:
+        sat, lat = nodes["saturation"], nodes["latency"]
+        lines.append(
+            f"  fanout {nodes['nodes']} rabbitmq nodes, an app on each: {sat['msgs_per_s']} msg/s = "
+            f"{sat['deliveries_per_s']} deliveries/s, lost {sat['lost']}; at {lat['offered_rate']}/s p99 {lat['p99_ms']} ms"
+        )
     for name, data in scenarios.get("policy", {}).get("filters", {}).items():
         lines.append(
             f"  policy  {name:<17} {data['us_per_evaluation_median']} µs CPU per evaluation "
@@ -527,6 +593,14 @@ def summary(result: dict[str, Any]) -> str:
             lines.append(
                 f"  validation {kind:<24} µs per message: ours {row['ours_us']}, foreign (validated) "
                 f"{row['foreign_validated_us']} (+{row['validation_us']})"
+            )
+    bulk = result.get("bulk", {})
+    for target in ("suricata_datasets", "suricata_rules", "zeek", "snapshot"):
+        if target in bulk:
+            data = bulk[target]
+            lines.append(
+                f"  bulk   {target:<17} {bulk['indicators']} indicators held after {data['seconds_until_held']} s; "
+                f"peak RSS MiB {data['peak_rss_mib']}; CPU µs per indicator {data['cpu_us_per_indicator']}"
             )
     for row in result["targets"]:
         verdict = {True: "MET", False: "MISSED", None: "not measured"}[row["met"]]
@@ -569,6 +643,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         }
     )
     result["scenarios"] = runner.scenarios
+    if runner.bulk is not None:
+        result["bulk"] = runner.bulk
     result["skipped"] = runner.skipped
     result["errors"] = runner.errors
     result["targets"] = targets(runner.scenarios)

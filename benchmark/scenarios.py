@@ -57,7 +57,7 @@ class Profile:
 
 PROFILES = {
     "quick": Profile("quick", 3_000, (200, 1000, 5000), 1.0, 3_000, (1, 10), 1_000, 200, 1.0, validation_count=2_000),
-    "full": Profile("full", 200_000, (200, 1000, 5000), 8.0, 100_000, (1, 10, 50), 10_000, 200, 5.0),
+    "full": Profile("full", 200_000, (200, 1000, 5000), 8.0, 100_000, (1, 10, 50, 100), 10_000, 200, 5.0),
 }
 
 
@@ -177,10 +177,15 @@ class ZmqBench:
         subscriptions: int,
         processes: int,
         watch: dict[str, int] | None = None,
+        receive_nodes: list[BusNode] | None = None,
     ) -> None:
+        """``receive_nodes``: one receiving process on each of these nodes instead of all on ``receive_node``."""
+        if receive_nodes:
+            processes = len(receive_nodes)
         processes = max(1, min(processes, subscriptions))
         self.watch = dict(watch or {})
         shares = [subscriptions // processes + (1 if i < subscriptions % processes else 0) for i in range(processes)]
+        targets = receive_nodes or [receive_node] * processes
         self.subscriptions = subscriptions
         self.counters = [shared_counter() for _ in shares]
         self.children: list[Child] = []
@@ -189,12 +194,12 @@ class ZmqBench:
                 self._child(
                     f"zmq-receiver-{i}",
                     zmq_clients.receiver_main,
-                    receive_node.manage_endpoint,
-                    receive_node.host,
+                    node.manage_endpoint,
+                    node.host,
                     share,
                     counter,
                 )
-                for i, (share, counter) in enumerate(zip(shares, self.counters, strict=True))
+                for i, (share, counter, node) in enumerate(zip(shares, self.counters, targets, strict=True))
             ]
             self.publisher = self._child(
                 "zmq-publisher", zmq_clients.publisher_main, publish_node.sub_endpoint, self.counters
@@ -341,14 +346,15 @@ def start_inmem(workdir: Path) -> list[BusNode]:
 
 
 def start_rabbitmq_pair(
-    workdir: Path, broker: Broker, queue: dict[str, Any], extra: dict[str, Any] | None = None
+    workdir: Path, broker: Broker, queue: dict[str, Any], extra: dict[str, Any] | None = None, count: int = 2
 ) -> list[BusNode]:
+    """Two nodes (or ``count``) on one fresh exchange, each with its own queue."""
     exchange = unique_name("exchange")
     # The backbone holds a fresh node's queue until an app subscribes (wait_for_subscribers, 15 s);
     # node 1 has no subscriber, so without this it would start consuming in the middle of a run.
     extra = {"wait_for_subscribers": 0, **(extra or {})}
     nodes = []
-    suffixes = [f"bench-{uuid.uuid4().hex[:12]}-{i}" for i in (1, 2)]
+    suffixes = [f"bench-{uuid.uuid4().hex[:12]}-{i}" for i in range(1, count + 1)]
     # The backbone publishes through a durable bridge exchange `<exchange>.durable` bound to the main one.
     # ... and keep every message in the intel log, the stream `<exchange>.log`.
     broker.forget_later(
@@ -477,3 +483,20 @@ def fanout_scenario(label: str, nodes: list[BusNode], profile: Profile) -> list[
         rows.append({"subscribers": subscriptions, "saturation": saturation, "latency": latency})
         logger.info("%s fan-out %d: %s msg/s", label, subscriptions, saturation["msgs_per_s"])
     return rows
+
+
+def nodes_fanout_scenario(nodes: list[BusNode], profile: Profile) -> dict[str, Any]:
+    """One publishing app on the first node, one receiving app on every node (the first included).
+
+    Every message crosses the broker once per node queue: deliveries/s and
+    latency show what a backbone of ``len(nodes)`` nodes costs.
+    """
+    bench = ZmqBench(nodes[0], nodes[-1], len(nodes), processes=len(nodes), watch=watched(nodes), receive_nodes=nodes)
+    try:
+        bench.warmup(timeout=60)
+        saturation = bench.run(profile.fanout_count, None, profile.window)
+        latency = bench.run(int(profile.fanout_rate * profile.fanout_seconds), profile.fanout_rate, profile.window)
+    finally:
+        bench.close()
+    logger.info("fan-out over %d nodes: %s msg/s", len(nodes), saturation["msgs_per_s"])
+    return {"nodes": len(nodes), "subscribers": len(nodes), "saturation": saturation, "latency": latency}

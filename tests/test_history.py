@@ -4,13 +4,13 @@ import queue
 from datetime import datetime, timedelta, timezone
 
 import pytest
+from testbus import running_bus
 
 import threatbus
 from threatbus.data import Indicator, SnapshotEnvelope, SnapshotType
 from threatbus.errors import ConfigError
 from threatbus.history import HistorySettings, fold
 from threatbus.snapshots import SnapshotEnd
-from testbus import running_bus
 from threatbus.testing import assert_nothing_more, get_within, indicator, sighting, wait_until
 from threatbus_inmem import InMemoryBackbone
 from threatbus_inmem.intel_log import MemoryLog

@@ -10,10 +10,8 @@ datasets are what Suricata would match).
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import signal
-import sys
 import tempfile
 import urllib.request
 from collections.abc import Iterator
@@ -29,26 +27,11 @@ from threatbus.data import Indicator
 from threatbus.lifecycle import REMOVE, as_removal
 from threatbus.stix import timestamp
 from threatbus.testing import ThreatBusProcess, free_port, indicator, wait_until
+from threatbus_suricata.testing import FakeSuricata
+from threatbus_zeek.testing import ZeekStandIn
 from threatbus_zmq.client import ManageClient, Receiver, Sender, is_success
 
 pytestmark = pytest.mark.e2e
-
-PLUGINS = Path(__file__).resolve().parent.parent / "plugins" / "apps"
-
-
-def _module(name: str, path: Path) -> Any:
-    spec = importlib.util.spec_from_file_location(name, path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-ZeekStandIn = _module("threatbus_zeek_standin", PLUGINS / "threatbus_zeek" / "tests" / "conftest.py").ZeekStandIn
-FakeSuricata = _module(
-    "threatbus_suricata_fake_e2e", PLUGINS / "threatbus_suricata" / "tests" / "fake_suricata.py"
-).FakeSuricata
 
 
 class ZeekIntel:
@@ -61,14 +44,17 @@ class ZeekIntel:
     def values(self) -> set[str]:
         while not self.zeek.received.empty():
             received = self.zeek.received.get_nowait()
-            value, intel_type, source = (arg.to_py() for arg in received.event.args[:3])
-            sources = self.items.setdefault((value, intel_type), set())
-            if received.event.name.endswith("::add_intel"):
-                sources.add(source)
-            else:
-                sources.discard(source)
-                if not sources:
-                    del self.items[(value, intel_type)]
+            name = received.event.name
+            args = [arg.to_py() for arg in received.event.args]
+            adds = name.endswith(("::add_intel", "::add_intels"))
+            for value, intel_type, source, *_ in args[0] if name.endswith("::add_intels") else [args]:
+                sources = self.items.setdefault((value, intel_type), set())
+                if adds:
+                    sources.add(source)
+                else:
+                    sources.discard(source)
+                    if not sources:
+                        del self.items[(value, intel_type)]
         return {value for value, _ in self.items}
 
 

@@ -136,3 +136,11 @@ def test_validate_refuses_indicators_already_expired_on_entry():
 def test_validate_without_now_uses_the_clock():
     with pytest.raises(ExpiredIntel):
         validate(indicator(valid_from="2020-01-01T00:00:00Z", valid_until="2020-01-02T00:00:00Z"))
+
+
+def test_dotted_ipv4_accepts_only_canonical_addresses():
+    from threatbus.stix import dotted_ipv4
+
+    assert all(dotted_ipv4(v) for v in ("0.0.0.0", "6.6.6.6", "10.0.0.255", "255.255.255.255"))
+    bad = ("256.1.1.1", "01.2.3.4", "1.2.3", "1.2.3.4/32", "1.2.3.4\n", " 1.2.3.4", "::1", "1.2.3.4.5", "")
+    assert not any(dotted_ipv4(v) for v in bad)

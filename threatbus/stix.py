@@ -64,6 +64,8 @@ _POINT_PATTERN = re.compile(
     r"\s*=\s*'(?P<value>(?:[^'\\]|\\['\\])*)'\s*\]$"
 )
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
+_DOTTED_IPV4 = re.compile(rf"{_OCTET}(?:\.{_OCTET}){{3}}")
 
 
 @dataclass(frozen=True)
@@ -123,6 +125,15 @@ def _parser_errors(pattern: str) -> tuple[str, ...]:
         return tuple(run_validator(pattern, stix_version="2.1"))
     except Exception as err:  # the ANTLR-based validator raises on some inputs
         return (f"FAIL: {err}",)
+
+
+def dotted_ipv4(value: str) -> bool:
+    """Whether ``value`` is one IPv4 address in canonical dotted form (what ``ipaddress`` would print).
+
+    Apps map most indicators of a feed from such values; this test costs a
+    fraction of ``ipaddress.ip_network``.
+    """
+    return _DOTTED_IPV4.fullmatch(value) is not None
 
 
 def point_indicator(pattern: str) -> PointIndicator | None:

@@ -171,3 +171,61 @@ def test_quick_streams_run_replays_every_snapshot_indicator(tmp_path: Path) -> N
         assert ceiling["published_msgs_per_s"] > 0 and ceiling["consumed_msgs_per_s"] > 0
     names = [row["name"] for row in result["targets"]]
     assert any("snapshot of" in name for name in names)
+
+
+def test_bulk_run_reports_every_sensor_in_the_issue_shape(tmp_path: Path) -> None:
+    code, result, output = run_quick(tmp_path, "--only", "bulk", "--bulk-indicators", "2000")
+    assert code == 0, output[-4000:]
+    assert result["errors"] == {} and result["skipped"] == {}
+    bulk = result["bulk"]
+    assert set(bulk) == {"indicators", "suricata_datasets", "suricata_rules", "zeek", "snapshot"}
+    assert bulk["indicators"] == 2000
+    for target in ("suricata_datasets", "suricata_rules", "zeek", "snapshot"):
+        figures = bulk[target]
+        assert set(figures) == {"seconds_until_held", "peak_rss_mib", "cpu_us_per_indicator"}, target
+        assert 0 < figures["seconds_until_held"] < 60, (target, figures)
+        assert set(figures["peak_rss_mib"]) == {"node", "standin"}
+        assert all(10 < mib < 2048 for mib in figures["peak_rss_mib"].values()), (target, figures)
+        assert figures["cpu_us_per_indicator"]["node"] > 0, (target, figures)
+        details = result["scenarios"]["bulk"][target]
+        assert details["held"] == 2000 and details["held_all"], (target, details)
+    for target in ("suricata_datasets", "suricata_rules", "zeek"):
+        assert bulk[target]["cpu_us_per_indicator"]["publisher"] > 0
+        assert result["scenarios"]["bulk"][target]["publish_failures"] == []
+    assert "bulk   zeek" in output
+
+
+def test_bulk_indicators_are_distinct_valid_and_mixed(tmp_path: Path) -> None:
+    from benchmark.bulk import MIX, mix_counts, write_indicators
+    from threatbus.data import from_payload
+    from threatbus.stix import validate
+
+    files = write_indicators(tmp_path, 250, chunk=100)
+    assert [len(f.read_bytes().splitlines()) for f in files] == [100, 100, 50]
+    objects = [orjson.loads(line) for f in files for line in f.read_bytes().splitlines()]
+    for obj in objects:
+        validate(from_payload(obj))
+    assert len({o["pattern"] for o in objects}) == len({o["id"] for o in objects}) == 250
+    kinds = mix_counts(250)
+    assert sum(kinds.values()) == 250
+    assert mix_counts(1000) == {"ip": 400, "domain": 300, "url": 200, "md5": 50, "sha256": 50}
+    assert len(MIX) == 20
+    assert sum("ipv4-addr" in o["pattern"] for o in objects) == kinds["ip"]
+    assert sum("SHA-256" in o["pattern"] for o in objects) == kinds["sha256"]
+
+
+def test_quick_fanout_over_five_rabbitmq_nodes(tmp_path: Path) -> None:
+    from threatbus.testing import require_rabbitmq
+
+    require_rabbitmq()
+    code, result, output = run_quick(tmp_path, "--only", "fanout", "--fanout-backbones", "rabbitmq")
+    assert code == 0, output[-4000:]
+    nodes = result["scenarios"]["fanout_nodes"]
+    assert nodes["nodes"] == nodes["subscribers"] == 5
+    saturation, latency = nodes["saturation"], nodes["latency"]
+    assert saturation["expected_deliveries"] == saturation["delivered"] == 5 * saturation["sent"]
+    assert saturation["lost"] == 0 and saturation["deliveries_per_s"] == pytest.approx(
+        5 * saturation["msgs_per_s"], rel=0.01
+    )
+    assert 0 < latency["p50_ms"] <= latency["p99_ms"] < 5_000
+    assert "fanout 5 rabbitmq nodes" in output

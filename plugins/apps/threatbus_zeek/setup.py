@@ -12,6 +12,6 @@ setup(
     packages=[*find_packages(exclude=["tests"]), "threatbus_zeek.scripts"],
     package_data={"threatbus_zeek.scripts": ["*.zeek"]},
     install_requires=["threatbus>=2026.11.24", "websockets>=15.0"],
-    extras_require={"test": ["pytest", "zeek-client>=1.5"]},
+    extras_require={"test": ["pytest", "zeek-client>=1.5", "zeekscript>=1.2"]},
     entry_points={"threatbus.app": ["zeek = threatbus_zeek:ZeekApp"]},
 )

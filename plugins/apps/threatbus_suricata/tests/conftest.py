@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -11,11 +10,7 @@ from typing import Any
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("threatbus_suricata_fake", Path(__file__).with_name("fake_suricata.py"))
-assert _spec is not None and _spec.loader is not None
-fake_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(fake_module)
-FakeSuricata = fake_module.FakeSuricata
+from threatbus_suricata.testing import FakeSuricata
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """The Suricata app on a running bus, against a stand-in Suricata.
 
 Suricata cannot be installed on our machines: these tests drive the
-stand-in unix socket of fake_suricata.py, which follows Suricata's
+stand-in unix socket of threatbus_suricata.testing, which follows Suricata's
 documented command protocol (version handshake, newline-terminated JSON
 commands and answers, Suricata's messages for rule reloads and
 dataset-add/remove), and write EVE lines in the format Suricata's user
@@ -101,11 +101,15 @@ def test_removal_takes_the_rule_out(app_config: dict[str, Any], suricata: Any) -
         bus.publish_queue.put(keep)
         bus.publish_queue.put(drop)
         wait_until(lambda: len(rules(app_config)) == 2, what="two rules")
+        # Suricata holds both (a reload between the two writes must not be taken for the last one).
+        wait_until(lambda: suricata.held() == 2, what="Suricata to load both rules")
         reloads = suricata.reload_count()
         bus.publish_queue.put(removal(drop))
         wait_until(lambda: len(rules(app_config)) == 1, what="the removal")
         assert keep.id in rules(app_config)[0].raw
-        wait_until(lambda: suricata.reload_count() == reloads + 1, what="the reload after the removal")
+        wait_until(lambda: suricata.held() == 1, what="the reload after the removal")
+        assert suricata.reload_count() == reloads + 1
+        assert suricata.rule_sids == {sid_of(rules(app_config)[0])}
 
 
 def test_alert_becomes_a_sighting_for_another_app(app_config: dict[str, Any], suricata: Any) -> None:

@@ -1,7 +1,7 @@
 """A real ``threatbus`` process with the Suricata app, found through its entry point.
 
 Suricata cannot be installed here: the process talks to the stand-in
-command socket of fake_suricata.py (Suricata's documented protocol) and
+command socket of threatbus_suricata.testing (Suricata's documented protocol) and
 follows an EVE file the test writes in Suricata's documented format.
 """
 

@@ -1,5 +1,5 @@
 """The command socket client against the stand-in Suricata (Suricata cannot be
-installed here; fake_suricata.py follows its documented protocol)."""
+installed here; threatbus_suricata.testing follows its documented protocol)."""
 
 from __future__ import annotations
 

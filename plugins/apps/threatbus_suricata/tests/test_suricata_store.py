@@ -8,6 +8,7 @@ import stat
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import orjson
 from suricataparser import parse_file
 
 from threatbus.data import Indicator
@@ -217,3 +218,15 @@ def test_unreadable_entries_are_skipped(tmp_path: Path) -> None:
     path.write_text(path.read_text() + '# threatbus-entry {not json\n# threatbus-entry {"id": 1}\n')
     again = store_at(tmp_path)
     assert len(again) == 1 and again.entry(good.id) is not None
+
+
+def test_an_indicator_sent_as_pretty_json_stays_one_entry_line(tmp_path: Path) -> None:
+    ind = indicator("evil.example.com", "domain-name:value")
+    pretty = Indicator(ind.payload, raw=orjson.dumps(ind.payload, option=orjson.OPT_INDENT_2))
+    store = DetectionStore(tmp_path / "threatbus.rules", Settings(mode="datasets"), 3_900_000_000, 3_999_999_999)
+    store.load()
+    store.apply(pretty)
+    store.write()
+    again = DetectionStore(tmp_path / "threatbus.rules", Settings(mode="datasets"), 3_900_000_000, 3_999_999_999)
+    assert again.load() == 1
+    assert again.entry(ind.id).payload == ind.payload  # type: ignore[union-attr]

@@ -17,6 +17,11 @@ from threatbus_suricata.settings import SuricataSettings
 from threatbus_suricata.store import DetectionStore
 from threatbus_suricata.suricata_socket import CommandFailed, SocketError, SuricataSocket
 
+# Flushing may take at most 1 / (1 + FLUSH_SPACING) of the detection worker's time.
+FLUSH_SPACING = 4
+# Seconds a due flush may wait while indicators keep arriving.
+BULK_HOLD = 60.0
+
 logger = logging.getLogger(__name__)
 
 
@@ -157,6 +162,13 @@ class DetectionWorker(StoppableWorker):
     The first change after a flush starts a timer of ``reload_interval``;
     everything that arrives meanwhile is flushed together: one file write,
     the dataset commands, and at most one rule reload.
+
+    A flush rewrites the files whole, so during a bulk load (a feed of a
+    million indicators, a snapshot) flushing every ``reload_interval`` would
+    cost time quadratic in the set: the timer is at least ``FLUSH_SPACING``
+    times the last flush's duration, and a due flush waits while the inbox
+    still holds indicators (up to ``BULK_HOLD`` seconds after the first
+    change), so a bulk load ends in one write and one reload.
     """
 
     def __init__(self, sync: DetectionSync, inbox: queue.Queue[Message]) -> None:
@@ -165,6 +177,8 @@ class DetectionWorker(StoppableWorker):
         self.inbox = inbox
         self.backoff = Backoff(initial=sync.reload_interval, maximum=max(60.0, sync.reload_interval))
         self.next_flush: float | None = time.monotonic()  # the state read from disk may need a write
+        self.first_change = time.monotonic()  # of the changes the next flush writes
+        self.last_flush_seconds = 0.0
 
     def run(self) -> None:
         while not self.stopping:
@@ -174,9 +188,14 @@ class DetectionWorker(StoppableWorker):
             try:
                 with contextlib.suppress(queue.Empty):
                     self.handle(self.inbox.get(timeout=timeout))
-                if self.next_flush is not None and time.monotonic() >= self.next_flush:
+                now = time.monotonic()
+                if self.next_flush is not None and now >= self.next_flush:
+                    if not self.inbox.empty() and now - self.first_change < max(BULK_HOLD, self.sync.reload_interval):
+                        continue  # a bulk load is arriving: apply it first, then write the files once
                     self.next_flush = None
-                    if not self.sync.flush():
+                    done = self.sync.flush()
+                    self.last_flush_seconds = time.monotonic() - now
+                    if not done:
                         self.next_flush = time.monotonic() + self.backoff.next_delay()
                     else:
                         self.backoff.reset()
@@ -190,4 +209,7 @@ class DetectionWorker(StoppableWorker):
 
     def handle(self, message: Message) -> None:
         if self.sync.apply(message) and self.next_flush is None:
-            self.next_flush = time.monotonic() + self.sync.reload_interval
+            self.first_change = time.monotonic()
+            self.next_flush = self.first_change + max(
+                self.sync.reload_interval, FLUSH_SPACING * self.last_flush_seconds
+            )

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 from threatbus.data import Indicator
-from threatbus.stix import point_indicator
+from threatbus.stix import dotted_ipv4, point_indicator
 
 # How an indicator is detected.
 RULE = "rule"  # one rule of its own (sid maps alerts back)
@@ -56,7 +56,7 @@ class Settings:
     domain_set: str = "threatbus-domain"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a million may be held
 class Detection:
     """How one indicator is detected.
 
@@ -90,7 +90,7 @@ class Detection:
             f"sid:{sid}",
             f"rev:{rev}",
         )
-        return f"{action} {self.header} (" + " ".join(f"{option};" for option in options) + ")"
+        return f"{action} {self.header} (" + "; ".join(options) + ";)"
 
 
 def stable_sid(indicator_id: str, low: int, high: int) -> int:
@@ -139,6 +139,10 @@ def given_rule_sid(rule: str) -> int:
 
 
 def _ip(object_type: str, value: str, settings: Settings) -> Detection:
+    if object_type == "ipv4-addr" and dotted_ipv4(value):  # the common case, without ipaddress (slow)
+        if settings.mode == "datasets":
+            return Detection(DATASET, value, set_name=settings.ip_set, set_type="ip", datavalue=value)
+        return Detection(RULE, value, what="IP", header=f"ip any any <> [{value}] any")
     try:
         network = ipaddress.ip_network(value, strict=False)
     except ValueError:

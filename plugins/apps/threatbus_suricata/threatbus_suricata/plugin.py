@@ -59,7 +59,9 @@ class SuricataApp:
         settings = SuricataSettings.from_config(config)
         rules_file = settings.rules_file
         self.unsubscribe = unsubscribe
-        self.store = DetectionStore(rules_file, settings.mapping, settings.sid_min, settings.sid_max)
+        self.store = DetectionStore(
+            rules_file, settings.mapping, settings.sid_min, settings.sid_max, settings.dataset_command_limit
+        )
         try:
             loaded = self.store.load()
         except OSError as err:

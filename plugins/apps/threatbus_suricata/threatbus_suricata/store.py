@@ -13,10 +13,13 @@ directory, fsync, then ``os.replace``.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import itertools
 import logging
 import os
 import tempfile
 import threading
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -55,17 +58,38 @@ class ForeignFile(Exception):
     """The rules file exists but is not the plugin's own."""
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
-    """One indicator and its detection."""
+    """One indicator and its detection.
+
+    A million of them may be held, so each keeps its indicator once: in
+    ``text``, the entry line of the rules file (``payload_json`` holds it only
+    until the entry is rendered). ``payload`` decodes it when needed
+    (alerts, snapshots).
+    """
 
     indicator_id: str
     modified: str
     detection: Detection
     sid: int | None = None
-    payload: dict[str, Any] | None = None
+    payload_json: str | None = None  # the indicator as JSON, until rendered into text
     text: str = field(default="", compare=False)  # its lines in the rules file, rendered once
     rev: int = 1  # the rule's rev: bumped when a new version replaces the detection under the same sid
+
+    @property
+    def payload(self) -> dict[str, Any] | None:
+        if self.payload_json is not None:
+            return orjson.loads(self.payload_json)
+        if self.text.startswith(ENTRY_PREFIX):
+            end = self.text.find("\n")
+            record = orjson.loads(self.text[len(ENTRY_PREFIX) : end if end >= 0 else None])
+            indicator = record.get("indicator") if isinstance(record, dict) else None
+            return indicator if isinstance(indicator, dict) else None
+        return None
+
+    def may_expire(self) -> bool:
+        """False when the indicator has no ``valid_until`` (told without decoding it)."""
+        return '"valid_until"' in (self.payload_json if self.payload_json is not None else self.text)
 
     def record(self) -> dict[str, Any]:
         detection = {}
@@ -78,7 +102,7 @@ class Entry:
             "modified": self.modified,
             "sid": self.sid,
             "detection": detection,
-            "indicator": self.payload,
+            "indicator": self.payload if self.payload_json is None else orjson.Fragment(self.payload_json),
         }
         if self.rev > 1:
             record["rev"] = self.rev
@@ -113,12 +137,15 @@ def _still_active(payload: dict[str, Any], now: datetime) -> bool:
         return True
 
 
-def write_atomically(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so readers see the old or the new file, never a mix."""
+def write_atomically(path: Path, text: str | Iterable[str]) -> None:
+    """Replace ``path`` with ``text`` (or its parts) so readers see the old or the new file, never a mix."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
+            if isinstance(text, str):
+                out.write(text)
+            else:  # a million entries: no copy of the whole file in memory
+                out.writelines(text)
             out.flush()
             os.fsync(out.fileno())
         os.chmod(tmp, 0o644)  # Suricata often runs as another user
@@ -136,7 +163,9 @@ class DetectionStore:
     worker looks up alerts, the snapshot hook reads payloads.
     """
 
-    def __init__(self, rules_file: Path, settings: Settings, sid_min: int, sid_max: int) -> None:
+    def __init__(
+        self, rules_file: Path, settings: Settings, sid_min: int, sid_max: int, dataset_command_limit: int = 1000
+    ) -> None:
         self.rules_file = rules_file
         self.base = str(rules_file.with_suffix("")) if rules_file.suffix else str(rules_file)
         self.directory = str(rules_file.parent)
@@ -150,6 +179,7 @@ class DetectionStore:
         self.by_value: dict[tuple[str, str], list[str]] = {}
         self._changes = Changes()
         self._dirty_lists: set[str] = set()  # dataset names and hash algorithms to rewrite
+        self.dataset_command_limit = dataset_command_limit
 
     # ---- applying indicators ------------------------------------------
 
@@ -170,6 +200,11 @@ class DetectionStore:
                 self._remove(old)
                 return "removed"
         detection = classify(indicator, self.settings)
+        # The JSON it came in (no second encoding) unless that spans lines (the entry is one line);
+        # a str: orjson's bytes keep a buffer of KiBs each.
+        raw = indicator.encode()
+        one_line = b"\n" not in raw and b"\r" not in raw
+        payload_json = raw.decode() if one_line else orjson.dumps(indicator.payload).decode()
         with self._lock:
             old = self.entries.get(indicator.id)
             if old is not None:
@@ -177,11 +212,11 @@ class DetectionStore:
                     return "stale"
                 if old.detection == detection:
                     if modified != old.modified or old.payload != indicator.payload:
-                        old.modified, old.payload = modified, indicator.payload
+                        old.modified, old.payload_json = modified, payload_json
                         self._render(old)
                         self._changes.write = True
                     return "unchanged"
-            entry = Entry(indicator.id, modified, detection, payload=indicator.payload)
+            entry = Entry(indicator.id, modified, detection, payload_json=payload_json)
             keep = old.sid if old is not None and old.detection.sid is None else None
             if keep is not None and old is not None:
                 entry.rev = old.rev + 1  # the same sid with another rule: Suricata sees a new revision
@@ -209,7 +244,7 @@ class DetectionStore:
         if len(holders) == 1:
             self._dirty_lists.add(detection.set_name)
             if detection.kind == DATASET:
-                self._changes.dataset_ops.append(("dataset-add", detection))
+                self._dataset_op("dataset-add", detection)
             else:  # hash lists are read by Suricata on a rule reload only
                 self._changes.reload = True
 
@@ -230,9 +265,19 @@ class DetectionStore:
             self.by_value.pop(key, None)
             self._dirty_lists.add(detection.set_name)
             if detection.kind == DATASET:
-                self._changes.dataset_ops.append(("dataset-remove", detection))
+                self._dataset_op("dataset-remove", detection)
             else:
                 self._changes.reload = True
+
+    def _dataset_op(self, command: str, detection: Detection) -> None:
+        changes = self._changes
+        if changes.reload:
+            return  # a reload makes Suricata read the dataset files: no command needed
+        changes.dataset_ops.append((command, detection))
+        if len(changes.dataset_ops) > self.dataset_command_limit:
+            # One reload is cheaper than thousands of commands (and a bulk load would queue millions).
+            changes.dataset_ops.clear()
+            changes.reload = True
 
     def _allocate_sid(self, entry: Entry, keep_sid: int | None) -> int:
         detection = entry.detection
@@ -265,6 +310,7 @@ class DetectionStore:
             assert entry.sid is not None
             line += entry.detection.render(entry.indicator_id, entry.sid, self.settings.action, entry.rev) + "\n"
         entry.text = line
+        entry.payload_json = None  # the text holds it now
 
     # ---- flushing -----------------------------------------------------
 
@@ -281,8 +327,12 @@ class DetectionStore:
             self._changes.reload |= changes.reload
             self._changes.dataset_ops[:0] = changes.dataset_ops
 
-    def render(self) -> tuple[str, dict[str, str]]:
-        """The rules file and the data files that changed, by path."""
+    def render(self) -> tuple[list[str], dict[str, list[str]]]:
+        """The parts of the rules file and of the data files that changed, by path.
+
+        Parts, not one string: the entries' texts are written as they are,
+        without a copy of the whole file (hundreds of MB for a million entries).
+        """
         with self._lock:
             counts = {a: 0 for a in STATIC_SID_OFFSETS}
             for set_name, _value in self.by_value:
@@ -303,8 +353,8 @@ class DetectionStore:
             for name, values in files.items():
                 path = hashlist_path(self.base, name) if name in ("md5", "sha1", "sha256") else None
                 path = path or dataset_path(self.directory, name)
-                paths[path] = "".join(v + "\n" for v in values)
-            return "".join(parts), paths
+                paths[path] = [v + "\n" for v in values]
+            return parts, paths
 
     def _fingerprint(self) -> str:
         """What decides the mapping; entries written under the same fingerprint are reused as they are."""
@@ -332,40 +382,58 @@ class DetectionStore:
         indicator maps differently under the current config (another mode,
         another sid range) are re-mapped, and the next flush rewrites them.
         """
+        # Read line by line, with a digest to compare it with what the state renders: a file of a
+        # million entries is hundreds of MB, and neither it nor its lines are held whole.
         try:
-            text = self.rules_file.read_text(encoding="utf-8")
+            source = open(self.rules_file, encoding="utf-8")
         except FileNotFoundError:
             logger.info("rules file %s does not exist yet; starting without detections", self.rules_file)
             self._changes.write = self._changes.reload = True
             return 0
-        if text.strip() and not text.startswith(HEADER.splitlines()[0]):
-            raise ForeignFile(
-                f"{self.rules_file} exists but was not written by Threat Bus; refusing to overwrite it "
-                "(configure another rules_file, or remove the file)"
-            )
+        digest = hashlib.sha256()
         loaded = 0
-        lines = text.splitlines()
-        # Written under the same config: the entries' mapping and lines can be reused unchanged.
-        same = SETTINGS_PREFIX + self._fingerprint() in lines[:5]
-        for number, line in enumerate(lines, 1):
-            if not line.startswith(ENTRY_PREFIX):
-                continue
-            try:
-                rule = lines[number] if number < len(lines) else ""
-                self._load_entry(orjson.loads(line[len(ENTRY_PREFIX) :]), line, rule, same)
-                loaded += 1
-            except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, DecodeError) as err:
-                logger.warning("%s:%d: skipping unreadable entry: %s", self.rules_file, number, err)
+        with source:
+            head = [source.readline() for _ in range(5)]
+            if not head[0].startswith(HEADER.splitlines()[0]) and ("".join(head) + source.read()).strip():
+                raise ForeignFile(
+                    f"{self.rules_file} exists but was not written by Threat Bus; refusing to overwrite it "
+                    "(configure another rules_file, or remove the file)"
+                )
+            # Written under the same config: the entries' mapping and lines can be reused unchanged.
+            same = SETTINGS_PREFIX + self._fingerprint() + "\n" in head
+            pending: tuple[int, str] | None = None  # an entry line, until the line after it is read
+            for number, raw in enumerate(itertools.chain(head, source), 1):
+                digest.update(raw.encode())
+                line = raw.rstrip("\n")
+                if pending is not None:
+                    loaded += self._load_line(*pending, line, same)
+                    pending = None
+                if line.startswith(ENTRY_PREFIX):
+                    pending = (number, line)
+            if pending is not None:
+                loaded += self._load_line(*pending, "", same)
         with self._lock:
             self._dirty_lists |= {name for (name, _v) in self.by_value}
             self._changes.dataset_ops.clear()  # Suricata loads the sets from their files
             rules, data_files = self.render()
             self._dirty_lists |= {name for (name, _v) in self.by_value}
-            if rules != text or not all(os.path.exists(path) for path in data_files):
+            rendered = hashlib.sha256()
+            for part in rules:
+                rendered.update(part.encode())
+            if rendered.digest() != digest.digest() or not all(os.path.exists(path) for path in data_files):
                 self._changes.write = self._changes.reload = True
             else:
                 self._changes = Changes()
         return loaded
+
+    def _load_line(self, number: int, line: str, next_line: str, same_settings: bool) -> int:
+        """Load the entry of ``line`` (``next_line`` may be its rule); 1 if loaded, 0 if skipped."""
+        try:
+            self._load_entry(orjson.loads(line[len(ENTRY_PREFIX) :]), line, next_line, same_settings)
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, DecodeError) as err:
+            logger.warning("%s:%d: skipping unreadable entry: %s", self.rules_file, number, err)
+            return 0
+        return 1
 
     def _load_entry(self, record: dict[str, Any], line: str, next_line: str, same_settings: bool) -> None:
         payload = record.get("indicator")
@@ -389,7 +457,7 @@ class DetectionStore:
             str(record["id"]),
             str(record["modified"]),
             detection,
-            payload=payload,
+            payload_json=None if payload is None or text else orjson.dumps(payload).decode(),
             text=text,
             rev=rev if isinstance(rev, int) and rev > 0 else 1,
         )
@@ -422,26 +490,32 @@ class DetectionStore:
                 if i in self.entries
             ]
 
-    def payloads(self, now: datetime | None = None) -> list[tuple[str, dict[str, Any]]]:
-        """(modified, indicator) of every held indicator active at ``now`` (not yet expired)."""
+    def payloads(self, now: datetime | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+        """(modified, indicator) of every held indicator active at ``now`` (not yet expired), decoded one at a time."""
         now = now or datetime.now(timezone.utc)
         with self._lock:
-            return [
-                (e.modified, e.payload)
-                for e in self.entries.values()
-                if e.payload is not None and _still_active(e.payload, now)
-            ]
+            held = list(self.entries.values())
+        for entry in held:
+            payload = entry.payload
+            if payload is not None and (not entry.may_expire() or _still_active(payload, now)):
+                yield entry.modified, payload
 
     def expiring(self) -> list[dict[str, Any]]:
         """The held indicators that have a ``valid_until`` (to schedule their expiry)."""
         with self._lock:
-            return [e.payload for e in self.entries.values() if e.payload is not None and "valid_until" in e.payload]
+            held = [e for e in self.entries.values() if e.may_expire()]
+        return [p for p in (e.payload for e in held) if p is not None and "valid_until" in p]
 
     def drop_expired(self, now: datetime | None = None) -> int:
         """Remove the detections whose ``valid_until`` passed (e.g. while the node was down)."""
         now = now or datetime.now(timezone.utc)
         with self._lock:
-            gone = [e for e in self.entries.values() if e.payload is not None and not _still_active(e.payload, now)]
+            gone = []
+            for entry in self.entries.values():
+                if entry.may_expire():
+                    payload = entry.payload
+                    if payload is not None and not _still_active(payload, now):
+                        gone.append(entry)
             for entry in gone:
                 self._remove(entry)
             return len(gone)

@@ -32,15 +32,22 @@ class ZeekIntel:
                 return self.items
             name = received.event.name
             args = [arg.to_py() for arg in received.event.args]
-            self.events.append((name, args))
-            key = (args[0], args[1])
-            if name.endswith("::add_intel"):
-                self.items.setdefault(key, set()).add(args[2])
-            elif name.endswith("::remove_intel"):
-                sources = self.items.get(key, set())
-                sources.discard(args[2])
-                if not sources:
-                    self.items.pop(key, None)
+            if name.endswith("::add_intels"):  # a batch: the records of the items, each as an add_intel
+                for record in args[0]:
+                    self._apply(name.removesuffix("s"), record)
+            else:
+                self._apply(name, args)
+
+    def _apply(self, name: str, args: list[Any]) -> None:
+        self.events.append((name, args))
+        key = (args[0], args[1])
+        if name.endswith("::add_intel"):
+            self.items.setdefault(key, set()).add(args[2])
+        elif name.endswith("::remove_intel"):
+            sources = self.items.get(key, set())
+            sources.discard(args[2])
+            if not sources:
+                self.items.pop(key, None)
 
     def holds(self, value: str, intel_type: str = "Intel::ADDR") -> bool:
         return (value, intel_type) in self.update()

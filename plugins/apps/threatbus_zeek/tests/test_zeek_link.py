@@ -1,6 +1,6 @@
 """The Zeek app on a running bus, against the stand-in for Zeek's WebSocket API.
 
-Zeek cannot be installed on our machines: ``ZeekStandIn`` (conftest.py)
+Zeek cannot be installed on our machines: ``ZeekStandIn`` (threatbus_zeek.testing)
 follows the documented JSON API v1 of Zeek's WebSocket API and checks what
 the plugin sends with zeek-client's implementation of Broker's data model.
 """
@@ -36,6 +36,18 @@ def intel_args(received):
     assert received.canonical, f"not Broker's canonical encoding: {received.raw}"
     assert received.event is not None, f"not a Zeek event: {received.raw}"
     return received.event.name, [arg.to_py() for arg in received.event.args]
+
+
+def intel_items(zeek, count):
+    """(event name, arguments) per intel item received, the records of add_intels batches unpacked."""
+    items = []
+    while len(items) < count:
+        name, args = intel_args(zeek.next_event())
+        if name.endswith("::add_intels"):
+            items.extend((name.replace("add_intels", "add_intel"), record) for record in args[0])
+        else:
+            items.append((name, args))
+    return items
 
 
 def match_event(zeek, indicator_id, value="6.6.6.6", intel_type="Intel::ADDR", context=None):
@@ -154,9 +166,35 @@ def test_queue_size_bounds_what_waits_for_zeek(zeek, zeek_config):
         assert bus.metrics.value(QUEUE_DEPTH, queue="zeek") == 2
         zeek.start()
         zeek.wait_for_client(timeout=15)
-        assert [intel_args(zeek.next_event())[1][2] for _ in range(2)] == [iocs[0].id, iocs[1].id]
+        assert [args[2] for _, args in intel_items(zeek, 2)] == [iocs[0].id, iocs[1].id]
         assert_nothing_more(zeek.received)
         assert bus.metrics.value(QUEUE_DEPTH, queue="zeek") == 0
+
+
+@pytest.mark.parametrize("batch_size", [500, 2, 1])
+def test_queued_additions_travel_in_batches_and_a_removal_keeps_its_place(zeek, zeek_config, batch_size):
+    zeek_config["apps"]["zeek"]["batch_size"] = batch_size
+    zeek.stop()  # everything waits in the queue: the app sends it in as few events as allowed
+    with running_bus(apps={"zeek": ZeekApp()}, plugin_config=zeek_config) as bus:
+        iocs = [indicator(f"10.0.1.{n}") for n in range(5)]
+        gone = indicator("10.0.1.1", id=iocs[1].id, modified="2099-01-01T00:00:00.000Z", x_threatbus_update="REMOVE")
+        later = indicator("10.0.1.9")
+        for message in [*iocs, gone, later]:
+            bus.publish_queue.put(message)
+        wait_until(lambda: bus.metrics.value(QUEUE_DEPTH, queue="zeek") == 7, what="the queue to fill")
+        zeek.start()
+        zeek.wait_for_client(timeout=15)
+        items = intel_items(zeek, 7)
+        assert [(name.split("::")[1], args[2]) for name, args in items] == [
+            *[("add_intel", ioc.id) for ioc in iocs],
+            ("remove_intel", iocs[1].id),
+            ("add_intel", later.id),
+        ]
+        wait_until(lambda: zeek.held() == 5, what="the stand-in to hold what was added and not removed")
+        assert ("10.0.1.1", "Intel::ADDR") not in zeek.intel
+        wait_until(lambda: bus.metrics.value(DELIVERED, plugin="zeek") == 7, what="7 indicators counted as sent")
+        # 500: the adds, the removal, the add; 2: three events of adds, ...; 1: one event per indicator.
+        assert zeek.received_count == {500: 3, 2: 5, 1: 7}[batch_size]
 
 
 class IntelSource:
@@ -296,6 +334,8 @@ def test_anonymous_tls_as_brokers_default(make_zeek):
         ({"module_namespace": "Threat Bus"}, "plugins.apps.zeek.module_namespace must be a Zeek module name"),
         ({"snapshot": -1}, "plugins.apps.zeek.snapshot must be a number of days"),
         ({"queue_size": -5}, "plugins.apps.zeek.queue_size must be a number of indicators"),
+        ({"batch_size": 0}, "plugins.apps.zeek.batch_size must be a number of intel items from 1 to 10000"),
+        ({"batch_size": 10_001}, "plugins.apps.zeek.batch_size must be a number of intel items"),
         ({"tls": {"enabled": "yes"}}, "plugins.apps.zeek.tls.enabled must be true or false"),
     ],
 )

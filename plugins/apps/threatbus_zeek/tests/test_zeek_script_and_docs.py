@@ -17,7 +17,7 @@ from zeekclient import brokertypes
 
 from threatbus.stix import new_indicator
 from threatbus_zeek import INTEL_TOPIC, MATCH_TOPIC, ZeekApp, script_path
-from threatbus_zeek.mapping import to_zeek_intel
+from threatbus_zeek.mapping import add_batch_event, to_zeek_intel
 
 PLUGIN_DIR = Path(__file__).resolve().parents[1]
 SCRIPT = script_path().read_text()
@@ -61,6 +61,29 @@ def test_add_and_remove_events_take_what_the_plugin_sends():
     removal = to_zeek_intel(new_indicator("[ipv4-addr:value = '6.6.6.6']", x_threatbus_update="REMOVE"))
     sent = brokertypes.ZeekEvent.from_broker(removal.event("ThreatBus"))
     assert [ZEEK_TO_BROKER[t] for t in declared_event("remove_intel")] == [type(a) for a in sent.args]
+
+
+def test_add_intels_takes_the_records_the_plugin_sends():
+    items = [to_zeek_intel(new_indicator(f"[ipv4-addr:value = '6.6.6.{i}']", name="x")) for i in range(3)]
+    sent = brokertypes.ZeekEvent.from_broker(add_batch_event(items, "ThreatBus"))
+    assert declared_event("add_intels") == ["vector of IntelItem"]
+    assert len(sent.args) == 1 and isinstance(sent.args[0], brokertypes.Vector)
+    # A record travels as the vector of its fields, in the order the script declares them.
+    fields = re.search(r"type IntelItem: record \{(.*?)\};", SCRIPT, re.S)
+    assert fields, "record IntelItem is not declared in threatbus.zeek"
+    types = [f.split(":", 1)[1].strip().rstrip(";") for f in fields[1].split(";") if f.strip()]
+    for record, item in zip(sent.args[0], items, strict=True):
+        assert [ZEEK_TO_BROKER[t] for t in types] == [type(v) for v in record]
+        assert [v.to_py() for v in record][:1] == [item.indicator]
+
+
+def test_script_parses_with_zeek_script():
+    """zeekscript's tree-sitter grammar of Zeek finds no syntax error (Zeek itself cannot run here)."""
+    command = Path(sys.executable).with_name("zeek-script")
+    assert command.exists(), "zeek-script missing: pip install -e 'plugins/apps/threatbus_zeek[test]'"
+    done = subprocess.run([str(command), "parse", str(script_path())], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "[error]" not in done.stdout
 
 
 def test_intel_match_sends_what_the_plugin_reads():

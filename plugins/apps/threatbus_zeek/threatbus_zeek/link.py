@@ -21,7 +21,7 @@ from threatbus.errors import DecodeError
 from threatbus.expiry import ExpirySchedule
 from threatbus.worker import Backoff, ReconnectingWorker
 from threatbus_zeek import broker
-from threatbus_zeek.mapping import InvalidMatch, Unsupported, ZeekIntel, sighting_from_match
+from threatbus_zeek.mapping import InvalidMatch, Unsupported, ZeekIntel, add_batch_event, sighting_from_match
 from threatbus_zeek.settings import ZeekSettings
 from threatbus_zeek.state import ZeekIntelState
 
@@ -98,8 +98,9 @@ class ZeekLink(ReconnectingWorker):
         self.subscribe = subscribe
         self.stats = stats
         self.ssl_context = settings.ssl_context()
-        # Encoded events not yet sent: a failed send is retried first after the next connect.
-        self._pending: collections.deque[str] = collections.deque()
+        # Encoded events not yet sent, with their number of intel items: a failed send is retried
+        # first after the next connect.
+        self._pending: collections.deque[tuple[str, int]] = collections.deque()
         self._established = False  # whether the last attempt got as far as the handshake
         self._problem: BaseException | None = None  # what ended the last attempt
         self.state = state or ZeekIntelState()
@@ -226,7 +227,7 @@ class ZeekLink(ReconnectingWorker):
         resent = [item for item in before if _key(item) in held]
         events = [*self._stale, *resent, *drained]
         self._stale = []
-        self._pending.extend(self._event(item) for item in events)
+        self._pending.extend(self._events(events))
         removed = sum(1 for item in events if item.remove)
         logger.info("reconciled Zeek: %d added, %d removed", len(events) - removed, removed)
 
@@ -234,20 +235,62 @@ class ZeekLink(ReconnectingWorker):
         while True:
             for _ in range(BATCH):
                 if not self._pending:
-                    try:
-                        message = self.intel_queue.get_nowait()
-                    except queue.Empty:
+                    items = self._take(self.settings.batch_size)
+                    if not items:
                         break
-                    self._pending.extend(self._event(item) for item in self._apply(message))
+                    self._pending.extend(self._events(items))
                     continue
-                await connection.send(self._pending[0])
+                event, count = self._pending[0]
+                await connection.send(event)
                 self._pending.popleft()
-                self.stats.sent += 1
+                self.stats.sent += count
             else:
-                await asyncio.sleep(0)  # a full batch went out: let the reader run, then go on
+                await asyncio.sleep(0)  # many went out: let the reader run, then go on
                 continue
             self._save()
             await asyncio.sleep(POLL)  # the queue is empty: look again soon
+
+    def _take(self, limit: int) -> list[ZeekIntel]:
+        """Items for up to about ``limit`` queued indicators (fewer when the queue runs empty)."""
+        items: list[ZeekIntel] = []
+        while len(items) < limit:
+            try:
+                message = self.intel_queue.get_nowait()
+            except queue.Empty:
+                break
+            items.extend(self._apply(message))
+        return items
+
+    def _events(self, items: list[ZeekIntel]) -> list[tuple[str, int]]:
+        """The encoded events for ``items`` in their order, with their number of items each.
+
+        Consecutive additions travel together in one ``add_intels`` event of
+        up to ``batch_size`` items (a bulk load, snapshot or reconciliation of
+        a million indicators is 2,000 events, not a million); a removal is
+        sent on its own, after the additions before it.
+        """
+        events: list[tuple[str, int]] = []
+        batch: list[ZeekIntel] = []
+        size = self.settings.batch_size
+
+        def flush() -> None:
+            if len(batch) == 1:
+                events.append((self._event(batch[0]), 1))
+            elif batch:
+                event = add_batch_event(batch, self.settings.module_namespace)
+                events.append((broker.encode(broker.data_message(INTEL_TOPIC, event)), len(batch)))
+            batch.clear()
+
+        for item in items:
+            if item.remove or size == 1:
+                flush()
+                events.append((self._event(item), 1))
+                continue
+            batch.append(item)
+            if len(batch) >= size:
+                flush()
+        flush()
+        return events
 
     def _apply(self, message: Message) -> list[ZeekIntel]:
         """The Zeek items to remove and add for ``message`` (``state.ZeekIntelState``)."""
@@ -268,14 +311,15 @@ class ZeekLink(ReconnectingWorker):
             return []
         if message.id in self.expiry:  # held since before a restart: a newer version moves its expiry
             self.expiry.observe(message, (self.intel_queue,))
-        for item in items:
-            logger.debug(
-                "%s Zeek intel %s %s (%s)",
-                "removing" if item.remove else "adding",
-                item.intel_type,
-                item.indicator,
-                item.source,
-            )
+        if logger.isEnabledFor(logging.DEBUG):  # a million per bulk load
+            for item in items:
+                logger.debug(
+                    "%s Zeek intel %s %s (%s)",
+                    "removing" if item.remove else "adding",
+                    item.intel_type,
+                    item.indicator,
+                    item.source,
+                )
         return items
 
     def _event(self, item: ZeekIntel) -> str:

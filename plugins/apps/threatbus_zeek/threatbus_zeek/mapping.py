@@ -20,7 +20,7 @@ from typing import Any
 
 from threatbus.data import Indicator, Sighting
 from threatbus.errors import DecodeError
-from threatbus.stix import new_sighting, point_indicator
+from threatbus.stix import dotted_ipv4, new_sighting, point_indicator
 from threatbus_zeek import broker
 
 SIGHTING_SOURCE = "Zeek"
@@ -78,7 +78,29 @@ class ZeekIntel:
         return broker.event(f"{namespace}::add_intel", [*common, broker.string(self.desc)])
 
 
+def add_batch_event(items: list[ZeekIntel], namespace: str) -> dict[str, Any]:
+    """One ``add_intels`` event inserting all of ``items`` (additions only).
+
+    Its argument is a vector of ``ThreatBus::IntelItem`` records; Broker
+    carries a record as the vector of its fields.
+    """
+    records = [
+        broker.vector(
+            [
+                broker.string(item.indicator),
+                broker.enum(item.enum_name),
+                broker.string(item.source),
+                broker.string(item.desc),
+            ]
+        )
+        for item in items
+    ]
+    return broker.event(f"{namespace}::add_intels", [broker.vector(records)])
+
+
 def _address(value: str, family: str) -> tuple[str, str]:
+    if family == "ipv4-addr" and dotted_ipv4(value):  # the common case, without ipaddress (slow)
+        return value, "ADDR"
     try:
         network = ipaddress.ip_network(value, strict=False)
     except ValueError:

@@ -19,6 +19,10 @@ PREFIX = f"plugins.apps.{PLUGIN}"
 # The cipher Broker selects for TLS without certificates.
 ANONYMOUS_CIPHERS = "AECDH-AES256-SHA"
 
+# Intel items per add_intels event, by default (config key batch_size).
+BATCH_SIZE = 500
+MAX_BATCH_SIZE = 10_000
+
 _NAMESPACE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(::[A-Za-z_][A-Za-z0-9_]*)*$")
 
 
@@ -46,6 +50,13 @@ def validators() -> list[Any]:
             expected="a number of days >= 0",
         ),
         count(f"{PREFIX}.queue_size", default=0, minimum=0, expected="a number of indicators >= 0 (0: unbounded)"),
+        option(
+            f"{PREFIX}.batch_size",
+            int,
+            default=BATCH_SIZE,
+            check=lambda size: 1 <= size <= MAX_BATCH_SIZE,
+            expected=f"a number of intel items from 1 to {MAX_BATCH_SIZE} (1: one add_intel event each)",
+        ),
         option(f"{PREFIX}.tls.enabled", bool, default=False),
         option(f"{PREFIX}.tls.ca_file", str, default=""),
         option(f"{PREFIX}.tls.cert_file", str, default=""),
@@ -71,6 +82,7 @@ class ZeekSettings:
     module_namespace: str
     snapshot_days: float
     queue_size: int
+    batch_size: int
     tls: bool
     ca_file: str
     cert_file: str
@@ -88,6 +100,7 @@ class ZeekSettings:
             module_namespace=config["module_namespace"],
             snapshot_days=config["snapshot"] or 0,
             queue_size=config["queue_size"] or 0,
+            batch_size=int(config["batch_size"]),
             tls=bool(tls["enabled"]),
             ca_file=tls["ca_file"] or "",
             cert_file=tls["cert_file"] or "",

@@ -11,11 +11,11 @@ from typing import Any
 
 import pika
 import pytest
+from testbus import running_bus
 
 from threatbus.bus import Bus
 from threatbus.data import SnapshotEnvelope, SnapshotType
 from threatbus.snapshots import SnapshotEnd
-from testbus import running_bus
 from threatbus.testing import Subscriber, free_port, get_within, indicator, sighting, wait_until
 from threatbus_rabbitmq import RabbitMQBackbone
 from threatbus_rabbitmq.intel_log import LogSettings

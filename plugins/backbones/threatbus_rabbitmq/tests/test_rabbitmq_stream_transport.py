@@ -8,9 +8,9 @@ from contextlib import contextmanager
 from typing import Any
 
 import pytest
+from testbus import running_bus
 
 from threatbus.bus import Bus
-from testbus import running_bus
 from threatbus.testing import Subscriber, collect, indicator, wait_until
 from threatbus_rabbitmq import RabbitMQBackbone
 

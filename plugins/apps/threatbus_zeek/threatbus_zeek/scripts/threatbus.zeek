@@ -1,7 +1,8 @@
 ##! Threat Bus bridge for Zeek's Intel framework, over Zeek's WebSocket API.
 ##!
 ##! Threat Bus (plugin ``threatbus-zeek``) connects as a WebSocket client and
-##! publishes ``ThreatBus::add_intel`` / ``ThreatBus::remove_intel`` events on
+##! publishes ``ThreatBus::add_intels`` (batches), ``ThreatBus::add_intel`` and
+##! ``ThreatBus::remove_intel`` events on
 ##! :zeek:see:`ThreatBus::intel_topic`; this script turns them into
 ##! :zeek:see:`Intel::insert` / :zeek:see:`Intel::remove` calls. Every
 ##! :zeek:see:`Intel::match` of an item that came from Threat Bus (its
@@ -58,6 +59,18 @@ export {
 	## indicator id, ``desc`` its name (may be empty).
 	global add_intel: event(indicator: string, indicator_type: Intel::Type, source: string,
 	                        desc: string) &is_used;
+
+	## One intel item of :zeek:see:`ThreatBus::add_intels`.
+	type IntelItem: record {
+		indicator: string;
+		indicator_type: Intel::Type;
+		source: string;
+		desc: string;
+	};
+
+	## Threat Bus -> Zeek: insert many intel items at once (Threat Bus
+	## sends additions in batches of up to ``batch_size``).
+	global add_intels: event(items: vector of IntelItem) &is_used;
 
 	## Threat Bus -> Zeek: remove the intel item that ``source`` added.
 	global remove_intel: event(indicator: string, indicator_type: Intel::Type, source: string) &is_used;
@@ -118,6 +131,20 @@ event ThreatBus::add_intel(indicator: string, indicator_type: Intel::Type, sourc
 		meta$desc = desc;
 
 	Intel::insert(Intel::Item($indicator=indicator, $indicator_type=indicator_type, $meta=meta));
+	}
+
+event ThreatBus::add_intels(items: vector of IntelItem)
+	{
+	for ( i in items )
+		{
+		local item = items[i];
+		local meta = Intel::MetaData($source=item$source);
+		if ( item$desc != "" )
+			meta$desc = item$desc;
+
+		Intel::insert(Intel::Item($indicator=item$indicator, $indicator_type=item$indicator_type,
+		                          $meta=meta));
+		}
 	}
 
 event ThreatBus::remove_intel(indicator: string, indicator_type: Intel::Type, source: string)

@@ -1,5 +1,8 @@
 """A stand-in for Suricata's unix command socket (Suricata cannot be installed here).
 
+Used by the plugin's tests and by the benchmark (``benchmark/bulk.py``),
+hence a module of the package rather than of the tests.
+
 It follows the protocol of Suricata's user guide ("Interacting via Unix
 Socket") and its unix-manager: the client's first message is
 ``{"version": "0.1" | "0.2"}``, answered with ``{"return": "OK"}``; with 0.2
@@ -13,7 +16,11 @@ answer "done") and ``dataset-add`` / ``dataset-remove`` with arguments
 ``NOK`` "Unknown command". Every command is recorded.
 
 A reload reads the rules file like Suricata would: datasets declared by
-``dataset:...,load <file>`` rules are (re)loaded from their files.
+``dataset:...,load <file>`` rules are (re)loaded from their files, hash
+lists named by ``filemd5:``/``filesha1:``/``filesha256:`` are read, and the
+sids of the loaded rules are kept. ``held()`` counts what the stand-in
+detects after its last reload and dataset commands: dataset entries, hash
+list entries and rules other than the dataset and hash list rules.
 """
 
 from __future__ import annotations
@@ -30,14 +37,27 @@ from typing import Any
 RELOADS = ("reload-rules", "ruleset-reload-rules", "ruleset-reload-nonblocking")
 DATASET_TYPES = ("string", "md5", "sha256", "ipv4", "ip")
 _DATASET_RULE = re.compile(r"dataset:isset,([A-Za-z0-9_-]+), type (\w+), load ([^;]+);")
+_HASHLIST_RULE = re.compile(r"file(md5|sha1|sha256):([^;]+);")
+_SID = re.compile(r"[(;\s]sid\s*:\s*(\d+)\s*;")
 
 
 class FakeSuricata(threading.Thread):
-    def __init__(self, path: str, rules_file: Path | None = None) -> None:
+    def __init__(
+        self, path: str, rules_file: Path | None = None, keep_commands: bool = True, background_reloads: bool = False
+    ) -> None:
         super().__init__(name="fake-suricata", daemon=True)
+        # True: ruleset-reload-nonblocking answers at once and reloads in a thread, as Suricata does
+        # (tests keep False: a reload is complete when its answer arrives).
+        self.background_reloads = background_reloads
+        self._reload_lock = threading.Lock()
+        self._reloaders: list[threading.Thread] = []
         self.path = path
         self.rules_file = rules_file
+        self.keep_commands = keep_commands  # False: count commands only (a million would fill the memory)
         self.commands: list[dict[str, Any]] = []
+        self.command_count = 0
+        self.rule_sids: set[int] = set()  # sids of the rules loaded, without dataset and hash list rules
+        self.hashlists: dict[str, set[str]] = {}  # algorithm -> hashes loaded
         self.handshakes: list[str] = []
         self.datasets: dict[str, tuple[str, set[str]]] = {}  # name -> (type, decoded values)
         self.reloads = 0
@@ -65,6 +85,15 @@ class FakeSuricata(threading.Thread):
     def dataset(self, name: str) -> set[str]:
         with self._lock:
             return set(self.datasets.get(name, ("", set()))[1])
+
+    def held(self) -> int:
+        """Detections in force: dataset entries, hash list entries and indicator rules."""
+        with self._lock:
+            return (
+                sum(len(values) for _type, values in self.datasets.values())
+                + sum(len(hashes) for hashes in self.hashlists.values())
+                + len(self.rule_sids)
+            )
 
     # ---- server ------------------------------------------------------
 
@@ -118,13 +147,20 @@ class FakeSuricata(threading.Thread):
         except ValueError:
             return {"return": "NOK", "message": "Invalid command"}
         with self._lock:
-            self.commands.append(request)
+            self.command_count += 1
+            if self.keep_commands:
+                self.commands.append(request)
         name = request.get("command")
         arguments = request.get("arguments") or {}
         if name in RELOADS:
             if self.refuse_reloads:
                 return {"return": "NOK", "message": "Reload already in progress"}
-            self._reload()
+            if self.background_reloads and name == "ruleset-reload-nonblocking":
+                reloader = threading.Thread(target=self._reload, args=(True,), name="fake-suricata-reload", daemon=True)
+                reloader.start()
+                self._reloaders.append(reloader)
+            else:
+                self._reload()
             return {"return": "OK", "message": "done"}
         if name in ("dataset-add", "dataset-remove"):
             return self._dataset(name, arguments)
@@ -151,24 +187,53 @@ class FakeSuricata(threading.Thread):
             found[1].discard(value)
             return {"return": "OK", "message": "data removed"}
 
-    def _reload(self) -> None:
+    def _reload(self, merge: bool = False) -> None:
+        with self._reload_lock:  # one reload at a time; lookups and commands go on meanwhile
+            self._read_rules(merge)
+
+    def _read_rules(self, merge: bool) -> None:
+        """Load the rules file; ``merge``: add the dataset files' entries to the sets instead of replacing
+        them (a background reload must not undo dataset-add commands answered while it ran)."""
         with self._lock:
             self.reloads += 1
-            if self.rules_file is None or not self.rules_file.exists():
-                return
-            for line in self.rules_file.read_text().splitlines():
-                if line.startswith("#"):
+        if self.rules_file is None or not self.rules_file.exists():
+            return
+        sids: set[int] = set()
+        hashlists: dict[str, set[str]] = {}
+        datasets: dict[str, tuple[str, set[str]]] = {}
+        with open(self.rules_file, encoding="utf-8") as rules:
+            for line in rules:
+                if line.startswith("#") or not line.strip():
                     continue
                 match = _DATASET_RULE.search(line)
                 if match:
                     set_name, set_type, load = match.groups()
                     values = {_decode(set_type, v) for v in Path(load.strip()).read_text().split()}
-                    self.datasets[set_name] = (set_type, values)
+                    datasets[set_name] = (set_type, values)
+                    continue
+                match = _HASHLIST_RULE.search(line)
+                if match:
+                    algorithm, load = match.groups()
+                    hashlists[algorithm] = set(Path(load.strip()).read_text().split())
+                    continue
+                found = _SID.search(line)
+                if found:
+                    sids.add(int(found.group(1)))
+        with self._lock:
+            for name, (set_type, values) in datasets.items():
+                old = self.datasets.get(name)
+                if merge and old is not None and old[0] == set_type:
+                    values |= old[1]
+                self.datasets[name] = (set_type, values)
+            self.rule_sids = sids
+            self.hashlists = hashlists
 
     def close(self) -> None:
         self._closing.set()
         self._server.close()
         self.join(2)
+        for reloader in self._reloaders:
+            reloader.join(30)
         for client in self._clients:
             client.join(2)
         if os.path.exists(self.path):
