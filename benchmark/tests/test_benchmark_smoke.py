@@ -215,7 +215,7 @@ def test_bulk_indicators_are_distinct_valid_and_mixed(tmp_path: Path) -> None:
 
 
 def test_quick_fanout_over_five_rabbitmq_nodes(tmp_path: Path) -> None:
-    from threatbus.testing import require_rabbitmq
+    from testbus import require_rabbitmq
 
     require_rabbitmq()
     code, result, output = run_quick(tmp_path, "--only", "fanout", "--fanout-backbones", "rabbitmq")
