@@ -92,7 +92,7 @@ class InMemoryBackbone(RoutedBackbone):
         logger.info(
             "in-memory backbone running on node '%s'%s",
             node.name,
-            f", intel log of {settings.max_age.days} day(s) in memory" if self.log else ", no intel log",
+            f", intel log of {settings.max_age.days} day(s) in memory" if self.log is not None else ", no intel log",
         )
 
     @threatbus.backbone
