@@ -15,8 +15,7 @@ import orjson
 import zmq
 
 from threatbus.data import Message, decode
-from threatbus_zmq.plugin import endpoint
-from threatbus_zmq.wire import STATUS_SUCCESS, outbound_frame, split_pub_frame, topic_for
+from threatbus_zmq.wire import STATUS_SUCCESS, endpoint, outbound_frame, split_pub_frame, topic_for
 
 
 class BusUnreachable(Exception):

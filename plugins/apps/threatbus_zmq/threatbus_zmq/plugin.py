@@ -9,7 +9,7 @@ from typing import Any
 import zmq
 
 import threatbus
-from threatbus.config import count, option, port, seconds
+from threatbus.app_plugin import AppPlugin, AppRuntime
 from threatbus.data import MAX_MESSAGE_BYTES, Message, SnapshotRequest
 from threatbus.errors import PluginError
 from threatbus.metrics import (
@@ -22,82 +22,43 @@ from threatbus.metrics import (
     SUBSCRIBERS,
     Metrics,
 )
-from threatbus.node import Node
 from threatbus.routing import Sink
-from threatbus.worker import stop_workers
 from threatbus_zmq.manage import ManageWorker
 from threatbus_zmq.pub import PublisherWorker
+from threatbus_zmq.settings import ENDPOINTS, NAME, PREFIX, ZmqSettings, validators
 from threatbus_zmq.sub import ReceiverWorker
 from threatbus_zmq.subscribers import Subscriptions
 
 logger = logging.getLogger(__name__)
 
-NAME = "zmq"
-PREFIX = f"plugins.apps.{NAME}"
-# Frames queued towards one app inside ZeroMQ before the bus buffers (and, when full, drops) for it.
-DEFAULT_SEND_HWM = 1000
 # Frames from apps queued inside ZeroMQ before the sending app's own socket holds them back.
 RECEIVE_HWM = 100_000
 
 
-def endpoint(host: str, port_number: int) -> str:
-    """A tcp endpoint; IPv6 addresses get brackets."""
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"tcp://{host}:{port_number}"
-
-
-class ZmqApp:
+class ZmqApp(AppPlugin):
     """Serves apps over ZeroMQ. All state of the plugin lives in this object."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.context: zmq.Context | None = None
         self.subscriptions: Subscriptions | None = None
         self.manage: ManageWorker | None = None
         self.publisher: PublisherWorker | None = None
         self.receiver: ReceiverWorker | None = None
-        self.endpoints: dict[str, str] = {}
 
-    @threatbus.app
-    def config_validators(self) -> list[Any]:
-        return [
-            option(f"{PREFIX}.host", str, default="127.0.0.1", check=bool, expected="a host name or IP address"),
-            port(f"{PREFIX}.manage", default=13370),
-            port(f"{PREFIX}.pub", default=13371),
-            port(f"{PREFIX}.sub", default=13372),
-            seconds(
-                f"{PREFIX}.heartbeat_timeout",
-                default=120,
-                exclusive=False,
-                expected="a number of seconds >= 0 (0 disables expiry)",
-            ),
-            count(f"{PREFIX}.buffer_size", default=10_000, expected="a positive number of messages"),
-            count(f"{PREFIX}.send_hwm", default=DEFAULT_SEND_HWM, expected="a positive number of frames"),
-            count(f"{PREFIX}.max_subscribers", default=1000, expected="a positive number"),
-        ]
+    def validators(self) -> list[Any]:
+        return validators()
 
-    @threatbus.app
-    def run(
-        self,
-        config: Any,
-        publish_queue: queue.SimpleQueue[Message],
-        subscribe: Any,
-        unsubscribe: Any,
-        node: Node,
-        metrics: Metrics,
-    ) -> None:
-        host = config["host"]
-        ports = {"manage": config["manage"], "pub": config["pub"], "sub": config["sub"]}
-        if len(set(ports.values())) != 3:
-            raise PluginError(f"{PREFIX}: manage, pub and sub need three different ports, got {ports}")
+    def start(self, runtime: AppRuntime) -> None:
+        settings = ZmqSettings.from_config(runtime.config)
         ready: queue.SimpleQueue = queue.SimpleQueue()
         self.subscriptions = Subscriptions(
-            subscribe,
-            unsubscribe,
+            runtime.subscribe,
+            runtime.unsubscribe,
             ready,
-            buffer_size=config["buffer_size"],
-            max_subscribers=config["max_subscribers"],
-            heartbeat_timeout=float(config["heartbeat_timeout"]),
+            buffer_size=settings.buffer_size,
+            max_subscribers=settings.max_subscribers,
+            heartbeat_timeout=settings.heartbeat_timeout,
         )
         self.context = zmq.Context()
         sockets = {
@@ -105,41 +66,36 @@ class ZmqApp:
             "pub": self.context.socket(zmq.XPUB),
             "sub": self.context.socket(zmq.SUB),
         }
+        # The workers own the sockets from here on: stop() releases them, even when a bind below fails.
+        self.manage = ManageWorker(sockets["manage"], self.subscriptions, settings.ports["pub"], settings.ports["sub"])
+        self.publisher = PublisherWorker(sockets["pub"], self.subscriptions, ready)
+        self.receiver = ReceiverWorker(sockets["sub"], runtime.publish_queue)
+        runtime.add_workers(self.publisher, self.receiver, self.manage)
         sockets["pub"].setsockopt(zmq.XPUB_NODROP, 1)
         sockets["pub"].setsockopt(zmq.XPUB_MANUAL, 1)
-        sockets["pub"].setsockopt(zmq.SNDHWM, config["send_hwm"])
+        sockets["pub"].setsockopt(zmq.SNDHWM, settings.send_hwm)
         sockets["sub"].setsockopt(zmq.RCVHWM, RECEIVE_HWM)
         # ZeroMQ disconnects a peer that sends more than this, before the bus allocates it.
         sockets["sub"].setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES + 1024)
         # Only a hard cap on memory: requests over manage.MAX_REQUEST_BYTES are received and answered with an error.
         sockets["manage"].setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)
         sockets["sub"].setsockopt(zmq.SUBSCRIBE, b"")  # everything: invalid input is logged, not ignored
-        try:
-            for name, sock in sockets.items():
-                sock.setsockopt(zmq.LINGER, 0)
-                if ":" in host:
-                    sock.setsockopt(zmq.IPV6, 1)
-                self.endpoints[name] = endpoint(host, ports[name])
-                sock.bind(self.endpoints[name])
-        except zmq.ZMQError as err:
-            for sock in sockets.values():
-                sock.close(linger=0)
-            self.context.term()
-            self.context = None
-            raise PluginError(f"{PREFIX}: cannot bind the {name} socket to {self.endpoints[name]}: {err}") from err
-
-        self.manage = ManageWorker(sockets["manage"], self.subscriptions, ports["pub"], ports["sub"])
-        self.publisher = PublisherWorker(sockets["pub"], self.subscriptions, ready)
-        self.receiver = ReceiverWorker(sockets["sub"], publish_queue)
-        self._register_metrics(metrics)
-        for worker in (self.publisher, self.receiver, self.manage):
-            worker.start()
+        for name in ENDPOINTS:
+            sock = sockets[name]
+            sock.setsockopt(zmq.LINGER, 0)
+            if settings.ipv6:
+                sock.setsockopt(zmq.IPV6, 1)
+            try:
+                sock.bind(settings.endpoint(name))
+            except zmq.ZMQError as err:
+                raise PluginError(
+                    f"{PREFIX}: cannot bind the {name} socket to {settings.endpoint(name)}: {err}"
+                ) from err
+        self._register_metrics(runtime.metrics)
         logger.info(
             "ZeroMQ app plugin on node '%s': manage %s, pub %s, sub %s",
-            node.name,
-            self.endpoints["manage"],
-            self.endpoints["pub"],
-            self.endpoints["sub"],
+            runtime.node.name,
+            *(settings.endpoint(name) for name in ENDPOINTS),
         )
 
     def _register_metrics(self, metrics: Metrics) -> None:
@@ -157,10 +113,7 @@ class ZmqApp:
         subs.filtered.register(metrics, plugin=NAME, rule="client")
         metrics.gauge(QUEUE_DEPTH, subs.buffered, queue="zmq-subscribers")
 
-    @threatbus.app
-    def stop(self) -> None:
-        workers = [w for w in (self.manage, self.receiver, self.publisher) if w is not None]
-        stuck = stop_workers(workers, timeout=5.0)
+    def release(self, stuck: list[str]) -> None:
         if self.subscriptions is not None:
             self.subscriptions.close_all()
         if self.context is not None:

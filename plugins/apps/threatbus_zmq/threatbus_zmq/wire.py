@@ -34,6 +34,13 @@ KINDS: dict[type[Message], str] = {
 }
 
 
+def endpoint(host: str, port: int) -> str:
+    """The tcp endpoint of ``host:port``; IPv6 addresses get brackets."""
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"tcp://{host}:{port}"
+
+
 def new_p2p_topic() -> str:
     """A subscriber's secret topic: 32 lowercase ASCII letters from ``secrets``."""
     return "".join(secrets.choice(_P2P_ALPHABET) for _ in range(P2P_TOPIC_LENGTH))
