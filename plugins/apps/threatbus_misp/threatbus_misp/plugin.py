@@ -22,6 +22,7 @@ from typing import Any
 import zmq
 
 import threatbus
+from threatbus.app_plugin import AppPlugin, AppRuntime
 from threatbus.data import (
     TOPIC_SIGHTING,
     Indicator,
@@ -34,10 +35,9 @@ from threatbus.data import (
 )
 from threatbus.lifecycle import parse_timestamp
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, DROPPED, Metrics
-from threatbus.node import Node
 from threatbus.ratelimit import RateLimitedLog
 from threatbus.stix import InvalidIntel, validate
-from threatbus.worker import POLL_INTERVAL, Backoff, StoppableWorker, stop_workers
+from threatbus.worker import POLL_INTERVAL, Backoff, StoppableWorker
 from threatbus_misp.api import TIMEOUT, MispApi, Refused, Unavailable
 from threatbus_misp.feed import FeedStatus, InvalidNotification, KafkaFeed, Notification, ZmqFeed, parse_notification
 from threatbus_misp.mapping import InvalidAttribute, MispAttribute, Unmappable, is_misp_indicator, to_indicator
@@ -267,10 +267,14 @@ class SnapshotWorker(StoppableWorker):
         )
 
 
-class MispApp:
+class MispApp(AppPlugin):
     """Threat Bus app plugin ``misp`` (see README.md)."""
 
+    # An API call in flight ends within its read timeout.
+    stop_timeout = sum(TIMEOUT) + 1
+
     def __init__(self, kafka_consumer_factory: Callable[[dict[str, Any]], Any] | None = None) -> None:
+        super().__init__()
         # Tests pass a stand-in for confluent_kafka.Consumer; None uses the real one.
         self.kafka_consumer_factory = kafka_consumer_factory
         self.settings = MispSettings()
@@ -279,66 +283,41 @@ class MispApp:
         self.publish_queue: Any = None
         self.sighting_inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.snapshots: SnapshotWorker | None = None
-        self.workers: list[StoppableWorker] = []
         self.context: zmq.Context | None = None
-        self._unsubscribe: Any = None
         self.reject_log = RateLimitedLog(logger)
         self.unmappable_log = RateLimitedLog(logger, level=logging.INFO)
 
     # ---- hooks --------------------------------------------------------
 
-    @threatbus.app
-    def config_validators(self) -> list[Any]:
+    def validators(self) -> list[Any]:
         return validators()
 
-    @threatbus.app
-    def run(
-        self,
-        config: Any,
-        publish_queue: Any,
-        subscribe: Any,
-        unsubscribe: Any,
-        node: Node,
-        metrics: Metrics,
-    ) -> None:
-        self.settings = settings = MispSettings.from_config(config)
-        self.publish_queue = publish_queue
-        self._register_metrics(metrics)
+    def start(self, runtime: AppRuntime) -> None:
+        self.settings = settings = MispSettings.from_config(runtime.config)
+        self.publish_queue = runtime.publish_queue
+        self._register_metrics(runtime.metrics)
         if settings.uses_kafka:
-            self.workers.append(KafkaFeed(settings, self.handle, self.feed_status, self.kafka_consumer_factory))
+            runtime.add_workers(KafkaFeed(settings, self.handle, self.feed_status, self.kafka_consumer_factory))
             feed = f"Kafka topics {', '.join(settings.kafka_topics)}"
         else:
             self.context = zmq.Context()
-            self.workers.append(ZmqFeed(settings, self.handle, self.feed_status, self.context))
+            runtime.add_workers(ZmqFeed(settings, self.handle, self.feed_status, self.context))
             feed = f"ZeroMQ {settings.zmq_endpoint}"
         if settings.has_api:
             self.snapshots = SnapshotWorker(self, MispApi(settings))
-            self.workers += [SightingWorker(self, MispApi(settings), self.sighting_inbox), self.snapshots]
-            subscribe(TOPIC_SIGHTING, self.sighting_inbox)
-            self._unsubscribe = unsubscribe
+            runtime.add_workers(SightingWorker(self, MispApi(settings), self.sighting_inbox), self.snapshots)
+            runtime.subscribe_until_stop(TOPIC_SIGHTING, self.sighting_inbox)
         else:
             logger.warning("no api.host and api.key: sightings are not reported to MISP, snapshots not answered")
-        for worker in self.workers:
-            worker.start()
         logger.info(
             "misp app running on node '%s': attributes from %s, API %s, %d filter entries",
-            node.name,
+            runtime.node.name,
             feed,
             settings.api_host or "off",
             len(settings.filters),
         )
 
-    @threatbus.app
-    def stop(self) -> None:
-        if self._unsubscribe is not None:
-            try:
-                self._unsubscribe(TOPIC_SIGHTING, self.sighting_inbox)
-            except Exception:
-                logger.exception("unsubscribing the misp app failed")
-            self._unsubscribe = None
-        # An API call in flight ends within its read timeout.
-        stop_workers(self.workers, timeout=sum(TIMEOUT) + 1)
-        self.workers = []
+    def release(self, stuck: list[str]) -> None:
         if self.context is not None:
             self.context.term()
             self.context = None

@@ -12,14 +12,13 @@ from datetime import datetime, timezone
 from typing import Any
 
 import threatbus
+from threatbus.app_plugin import AppPlugin, AppRuntime
 from threatbus.data import TOPIC_INDICATOR, Indicator, Message, SnapshotEnvelope, SnapshotRequest, SnapshotType
 from threatbus.errors import PluginError
 from threatbus.expiry import ExpiryWorker, hand_to
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, Metrics
-from threatbus.node import Node
 from threatbus.routing import Sink
 from threatbus.stix import timestamp
-from threatbus.worker import StoppableWorker, stop_workers
 from threatbus_suricata.alerts import Alerts, EveWorker
 from threatbus_suricata.detections import DetectionSync, DetectionWorker
 from threatbus_suricata.eve import LogFollower
@@ -30,35 +29,28 @@ from threatbus_suricata.suricata_socket import SuricataSocket
 logger = logging.getLogger(__name__)
 
 
-class SuricataApp:
+class SuricataApp(AppPlugin):
     """Connects Threat Bus to Suricata (see README.md)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.store: DetectionStore | None = None
         self.socket: SuricataSocket | None = None
         self.sync: DetectionSync | None = None
         self.alerts: Alerts | None = None
         self.inbox: queue.Queue[Message] = queue.Queue()
-        self.unsubscribe: Any = None
-        self.workers: list[StoppableWorker] = []
 
-    @threatbus.app
-    def config_validators(self) -> list[Any]:
+    @property
+    def stop_timeout(self) -> float:
+        # A worker may be inside a socket command: it ends within the socket's timeout.
+        return max(5.0, (self.socket.timeout if self.socket else 0) + 3)
+
+    def validators(self) -> list[Any]:
         return validators()
 
-    @threatbus.app
-    def run(
-        self,
-        config: Any,
-        publish_queue: queue.SimpleQueue[Message],
-        subscribe: Any,
-        unsubscribe: Any,
-        node: Node,
-        metrics: Metrics,
-    ) -> None:
-        settings = SuricataSettings.from_config(config)
+    def start(self, runtime: AppRuntime) -> None:
+        settings = SuricataSettings.from_config(runtime.config)
         rules_file = settings.rules_file
-        self.unsubscribe = unsubscribe
         self.store = DetectionStore(
             rules_file, settings.mapping, settings.sid_min, settings.sid_max, settings.dataset_command_limit
         )
@@ -70,12 +62,11 @@ class SuricataApp:
             raise PluginError(f"{PREFIX}.rules_file: {err}") from None
         self.socket = SuricataSocket(settings.socket, timeout=settings.socket_timeout)
         self.sync = DetectionSync(settings, self.store, self.socket, self.inbox)
-        self.alerts = Alerts(self.store, publish_queue)
-        self._register_metrics(metrics)
+        self.alerts = Alerts(self.store, runtime.publish_queue)
+        self._register_metrics(runtime.metrics)
         self.sync.expire_held()
 
-        self.workers.append(DetectionWorker(self.sync, self.inbox))
-        self.workers.append(ExpiryWorker(self.sync.expiry, hand_to))
+        runtime.add_workers(DetectionWorker(self.sync, self.inbox), ExpiryWorker(self.sync.expiry, hand_to))
         eve = settings.eve
         if eve:
             follower = LogFollower(eve, from_start=settings.eve_from_start)
@@ -83,13 +74,11 @@ class SuricataApp:
                 follower.begin()  # alerts written from now on are not missed
             except OSError as err:
                 raise PluginError(f"{PREFIX}: cannot read EVE log {eve}: {err}") from err
-            self.workers.append(EveWorker(self.alerts, follower))
-        for worker in self.workers:
-            worker.start()
-        subscribe(TOPIC_INDICATOR, self.inbox, settings.snapshot)
+            runtime.add_workers(EveWorker(self.alerts, follower))
+        runtime.subscribe_until_stop(TOPIC_INDICATOR, self.inbox, settings.snapshot)
         logger.info(
             "suricata app running on node '%s': %d detections from %s (mode %s), command socket %s, EVE %s",
-            node.name,
+            runtime.node.name,
             loaded,
             rules_file,
             settings.mapping.mode,
@@ -97,15 +86,7 @@ class SuricataApp:
             eve or "not followed",
         )
 
-    @threatbus.app
-    def stop(self) -> None:
-        if self.unsubscribe is not None:
-            try:
-                self.unsubscribe(TOPIC_INDICATOR, self.inbox)
-            except Exception:
-                logger.exception("unsubscribing the suricata app failed")
-        stop_workers(self.workers, timeout=max(5.0, (self.socket.timeout if self.socket else 0) + 3))
-        self.workers = []
+    def release(self, stuck: list[str]) -> None:
         if self.socket is not None:
             self.socket.close()
 

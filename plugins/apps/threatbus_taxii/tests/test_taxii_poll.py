@@ -31,6 +31,7 @@ from threatbus.config import section, validate
 from threatbus.data import Indicator, Message, Sighting
 from threatbus.errors import ConfigError, PluginError
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, Metrics
+from threatbus.node import Node
 from threatbus.testing import assert_nothing_more, collect, settings_from, wait_until
 from threatbus.worker import StoppableWorker
 
@@ -53,6 +54,7 @@ def polling(config: dict[str, Any]) -> Iterator[tuple[TaxiiApp, queue.SimpleQueu
         publish_queue=published,
         subscribe=lambda *args, **kwargs: [],
         unsubscribe=lambda *args: None,
+        node=Node.create("test-node"),
         metrics=metrics,
     )
     try:

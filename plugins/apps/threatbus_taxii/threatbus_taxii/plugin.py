@@ -8,15 +8,13 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import threatbus
+from threatbus.app_plugin import AppPlugin, AppRuntime
 from threatbus.data import TOPIC_INDICATOR, Message, SnapshotRequest
-from threatbus.errors import PluginError
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, QUEUE_DEPTH, Metrics
-from threatbus.worker import StoppableWorker, stop_workers
 from threatbus_taxii.intel import IntelFolder, ServedIntel
 from threatbus_taxii.poller import PollStats, TaxiiPoller
 from threatbus_taxii.positions import PositionStore
@@ -34,10 +32,11 @@ SERVE_REQUESTS = "threatbus_taxii_serve_requests"  # counter: TAXII requests ans
 SERVE_REFUSED = "threatbus_taxii_serve_refused"  # counter: TAXII requests refused for bad credentials
 
 
-class TaxiiApp:
+class TaxiiApp(AppPlugin):
     """Threat Bus app plugin ``taxii``."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.settings: TaxiiSettings | None = None
         self.stats = PollStats()
         self.intel = ServedIntel()
@@ -47,50 +46,30 @@ class TaxiiApp:
         self.server: TaxiiServer | None = None
         self.backend: IntelBackend | None = None
         self.gate: AuthGate | None = None
-        self._unsubscribe: Callable[..., None] | None = None
 
-    @property
-    def workers(self) -> list[StoppableWorker]:
-        return [w for w in (self.poller, self.server, self.folder) if w is not None]
-
-    @threatbus.app
-    def config_validators(self) -> list[Any]:
+    def validators(self) -> list[Any]:
         return validators()
 
-    @threatbus.app
-    def run(
-        self,
-        config: Any,
-        publish_queue: queue.SimpleQueue[Message],
-        subscribe: Callable[..., list[str]],
-        unsubscribe: Callable[..., None],
-        metrics: Metrics,
-    ) -> None:
-        settings = self.settings = TaxiiSettings.from_config(config)
+    def start(self, runtime: AppRuntime) -> None:
+        settings = self.settings = TaxiiSettings.from_config(runtime.config)
         if not settings.poll.enabled and not settings.serve.enabled:
             logger.warning("TAXII app configured with neither url (polling) nor serve.enabled: it does nothing")
-        try:
-            if settings.poll.enabled:
-                positions = PositionStore(settings.poll.state_dir)
-                positions.load()
-                self.poller = TaxiiPoller(settings.poll, positions, publish_queue, self.stats)
-            if settings.serve.enabled:
-                self.backend = IntelBackend(self.intel, settings.serve)
-                app, self.gate = create_app(self.backend, settings.serve)
-                tls = server_tls(settings.serve.cert_file, settings.serve.key_file)
-                self.server = TaxiiServer(app, settings.serve.host, settings.serve.port, tls)
-                self.folder = IntelFolder(self.intel_queue, self.intel)
-        except PluginError:
-            if self.server is not None:
-                self.server.close()
-            raise
-        self._register_metrics(metrics)
-        for worker in self.workers:
-            worker.start()
+        if settings.poll.enabled:
+            positions = PositionStore(settings.poll.state_dir)
+            positions.load()
+            self.poller = TaxiiPoller(settings.poll, positions, runtime.publish_queue, self.stats)
+            runtime.add_workers(self.poller)
+        if settings.serve.enabled:
+            self.backend = IntelBackend(self.intel, settings.serve)
+            app, self.gate = create_app(self.backend, settings.serve)
+            tls = server_tls(settings.serve.cert_file, settings.serve.key_file)
+            self.server = TaxiiServer(app, settings.serve.host, settings.serve.port, tls)
+            self.folder = IntelFolder(self.intel_queue, self.intel)
+            runtime.add_workers(self.server, self.folder)
+        self._register_metrics(runtime.metrics)
         if self.server is not None:
-            self._unsubscribe = unsubscribe
             snapshot = timedelta(days=settings.serve.snapshot_days)
-            subscribe(TOPIC_INDICATOR, self.intel_queue, snapshot=snapshot)
+            runtime.subscribe_until_stop(TOPIC_INDICATOR, self.intel_queue, snapshot=snapshot)
             logger.info(
                 "serving the bus's intel as TAXII 2.1 collection %s at %s%s/ (%s)",
                 settings.serve.collection_id,
@@ -116,13 +95,6 @@ class TaxiiApp:
             metrics.counter(SERVE_REQUESTS, "TAXII object requests served", lambda: backend.requests, plugin=PLUGIN)
             metrics.counter(SERVE_REFUSED, "TAXII requests with bad credentials", lambda: gate.refused, plugin=PLUGIN)
             metrics.gauge(QUEUE_DEPTH, self.intel_queue.qsize, queue=PLUGIN)
-
-    @threatbus.app
-    def stop(self) -> None:
-        if self._unsubscribe is not None:
-            self._unsubscribe(TOPIC_INDICATOR, self.intel_queue)
-            self._unsubscribe = None
-        stop_workers(self.workers)
 
     @threatbus.app
     def snapshot(self, snapshot_request: SnapshotRequest, result_queue: queue.SimpleQueue[Message]) -> None:

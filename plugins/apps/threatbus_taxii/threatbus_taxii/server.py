@@ -341,12 +341,11 @@ class TaxiiServer(StoppableWorker):
             while not self.stopping:
                 self.server.handle_request()
         finally:
-            self.server.server_close()
+            self.release()
 
-    def close(self) -> None:
-        """Release the socket of a server that was never started."""
-        if self.ident is None:
-            self.server.server_close()
+    def release(self) -> None:
+        """Close the listening socket (``stop_workers`` calls it for a server that never started)."""
+        self.server.server_close()
 
 
 def server_tls(cert_file: str, key_file: str) -> ssl.SSLContext | None:

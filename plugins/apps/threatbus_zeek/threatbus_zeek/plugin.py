@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import threatbus
+from threatbus.app_plugin import AppPlugin, AppRuntime
 from threatbus.data import TOPIC_INDICATOR, Indicator, Message, SnapshotRequest
 from threatbus.errors import PluginError
 from threatbus.expiry import ExpirySchedule, ExpiryWorker, hand_to
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, QUEUE_DEPTH, SUBSCRIBERS, Metrics
-from threatbus.worker import stop_workers
 from threatbus_zeek.link import INTEL_TOPIC, MATCH_TOPIC, ZeekLink, ZeekStats
 from threatbus_zeek.mapping import ZeekIntel
 from threatbus_zeek.settings import PLUGIN, PREFIX, ZeekSettings, validators
@@ -36,40 +35,31 @@ def script_path() -> Path:
     return Path(__file__).with_name("scripts") / "threatbus.zeek"
 
 
-class ZeekApp:
+class ZeekApp(AppPlugin):
     """Threat Bus app plugin ``zeek``: bridges the bus and Zeek's Intel framework."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.stats = ZeekStats()
         self.intel_queue: queue.Queue[Message] | None = None
         self.link: ZeekLink | None = None
         self.expiry_worker: ExpiryWorker | None = None
-        self._unsubscribe: Callable[..., None] | None = None
 
-    @threatbus.app
-    def config_validators(self) -> list[Any]:
+    def validators(self) -> list[Any]:
         return validators()
 
-    @threatbus.app
-    def run(
-        self,
-        config: Any,
-        publish_queue: queue.SimpleQueue[Message],
-        subscribe: Callable[..., list[str]],
-        unsubscribe: Callable[..., None],
-        metrics: Metrics,
-    ) -> None:
-        settings = ZeekSettings.from_config(config)
+    def start(self, runtime: AppRuntime) -> None:
+        settings = ZeekSettings.from_config(runtime.config)
         self.intel_queue = queue.Queue(maxsize=settings.queue_size)
-        self._register_metrics(metrics, self.intel_queue)
+        self._register_metrics(runtime.metrics, self.intel_queue)
         state, expiry, stale = self._restore(settings, self.intel_queue)
-        self.link = ZeekLink(settings, self.intel_queue, publish_queue, subscribe, self.stats, state, expiry, stale)
+        self.link = ZeekLink(
+            settings, self.intel_queue, runtime.publish_queue, runtime.subscribe, self.stats, state, expiry, stale
+        )
         self.expiry_worker = ExpiryWorker(expiry, hand_to)
+        runtime.add_workers(self.link, self.expiry_worker)
         # Subscribe before connecting: intel arriving while Zeek is away waits in the queue.
-        subscribe(TOPIC_INDICATOR, self.intel_queue)
-        self._unsubscribe = unsubscribe
-        self.link.start()
-        self.expiry_worker.start()
+        runtime.subscribe_until_stop(TOPIC_INDICATOR, self.intel_queue)
         logger.info("Zeek app started: connecting to %s, Zeek module %s", settings.uri, settings.module_namespace)
 
     @staticmethod
@@ -109,13 +99,6 @@ class ZeekApp:
         )
         metrics.counter(ZEEK_ERRORS, "Error messages Zeek sent back", lambda: stats.zeek_errors, plugin=PLUGIN)
         metrics.counter(CONNECTS, "Successful connections to Zeek", lambda: stats.connects, plugin=PLUGIN)
-
-    @threatbus.app
-    def stop(self) -> None:
-        stop_workers([w for w in (self.expiry_worker, self.link) if w is not None])
-        if self._unsubscribe is not None and self.intel_queue is not None:
-            self._unsubscribe(TOPIC_INDICATOR, self.intel_queue)
-            self._unsubscribe = None
 
     @threatbus.app
     def snapshot(self, snapshot_request: SnapshotRequest, result_queue: queue.SimpleQueue[Message]) -> None:
