@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from threatbus.testing import ThreatBusProcess, free_port, indicator, sighting
-from threatbus_zmq.cli import parse_input
+from threatbus_zmq.cli_publish import parse_input
 
 CLI = [sys.executable, "-m", "threatbus_zmq.cli"]
 
