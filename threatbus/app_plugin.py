@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -29,32 +30,24 @@ from threatbus.worker import StoppableWorker, stop_workers
 logger = logging.getLogger(__name__)
 
 
+@dataclass
 class AppRuntime:
     """One run of an app: what the bus gave its ``run`` hook, and what the app built from it.
 
-    The attributes are the ``run`` hook's parameters (``threatbus.appspecs.run``);
+    The first fields are the ``run`` hook's parameters (``threatbus.appspecs.run``);
     ``subscribe`` and ``unsubscribe`` are the bus's own, for apps that manage
     subscriptions themselves. ``subscribe_until_stop`` and ``add_workers``
     record what ``stop`` must undo.
     """
 
-    def __init__(
-        self,
-        config: Any,
-        publish_queue: queue.SimpleQueue[Message],
-        subscribe: SubscribeCallback,
-        unsubscribe: UnsubscribeCallback,
-        node: Node,
-        metrics: Metrics,
-    ) -> None:
-        self.config = config
-        self.publish_queue = publish_queue
-        self.subscribe = subscribe
-        self.unsubscribe = unsubscribe
-        self.node = node
-        self.metrics = metrics
-        self.workers: list[StoppableWorker] = []
-        self.subscriptions: list[tuple[str, Sink]] = []
+    config: Any
+    publish_queue: queue.SimpleQueue[Message]
+    subscribe: SubscribeCallback
+    unsubscribe: UnsubscribeCallback
+    node: Node
+    metrics: Metrics
+    workers: list[StoppableWorker] = field(default_factory=list)
+    subscriptions: list[tuple[str, Sink]] = field(default_factory=list)
 
     def subscribe_until_stop(self, topic: str, sink: Sink, snapshot: timedelta = timedelta(0)) -> list[str]:
         """``subscribe(topic, sink, snapshot)``, ended by ``stop``; returns the snapshot request ids."""
@@ -129,15 +122,7 @@ class AppPlugin:
         return self.validators()
 
     @threatbus.app
-    def run(
-        self,
-        config: Any,
-        publish_queue: queue.SimpleQueue[Message],
-        subscribe: SubscribeCallback,
-        unsubscribe: UnsubscribeCallback,
-        node: Node,
-        metrics: Metrics,
-    ) -> None:
+    def run(self, config, publish_queue, subscribe, unsubscribe, node, metrics) -> None:  # types: appspecs.run
         self.runtime = AppRuntime(config, publish_queue, subscribe, unsubscribe, node, metrics)
         self.start(self.runtime)
         self.runtime.start_workers()

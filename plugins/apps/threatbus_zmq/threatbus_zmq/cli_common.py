@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
+from typing import Any
 
 PROG = "threatbus-zmq"
 
@@ -28,7 +30,29 @@ def require_positive(value: float, option: str) -> float:
     return value
 
 
-def add_connection_options(parser: argparse.ArgumentParser) -> None:
+def add_command(
+    commands: Any,
+    name: str,
+    summary: str,
+    description: str,
+    options: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+) -> None:
+    """A subcommand of ``threatbus-zmq`` that talks to the bus.
+
+    ``summary`` is its line in the main help, ``description`` its own help;
+    ``options(parser)`` adds its options, the connection options follow;
+    ``main`` calls ``run(args)``.
+    """
+    parser = commands.add_parser(
+        name, help=summary, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    options(parser)
+    _add_connection_options(parser)
+    parser.set_defaults(run=run)
+
+
+def _add_connection_options(parser: argparse.ArgumentParser) -> None:
     """--host, --manage and --timeout: how a command reaches the bus."""
     group = parser.add_argument_group("bus connection")
     group.add_argument("--host", default="127.0.0.1", help="host of the Threat Bus node (default: %(default)s)")

@@ -14,7 +14,7 @@ import zmq
 from threatbus import stix
 from threatbus.data import Message, from_payload
 from threatbus.errors import DecodeError
-from threatbus_zmq.cli_common import EXIT_INVALID, EXIT_OK, UsageError, add_connection_options, notice
+from threatbus_zmq.cli_common import EXIT_INVALID, EXIT_OK, UsageError, add_command, notice
 from threatbus_zmq.client import BusUnreachable, ManageClient, Sender, is_success
 
 PROGRESS_THRESHOLD = 1000  # objects; fewer are sent without a progress bar
@@ -36,13 +36,13 @@ example:
 
 
 def add_parser(commands: Any) -> None:
-    """The ``publish`` subcommand and its options."""
-    publish = commands.add_parser(
-        "publish",
-        help="publish indicators and sightings from a file or stdin",
-        description=HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    """The ``publish`` subcommand."""
+    add_command(
+        commands, "publish", "publish indicators and sightings from a file or stdin", HELP, _options, publish_command
     )
+
+
+def _options(publish: argparse.ArgumentParser) -> None:
     publish.add_argument("source", nargs="?", default="-", metavar="FILE", help="input file, or - for stdin (default)")
     publish.add_argument(
         "--sub", type=int, metavar="PORT", help="send to this sub port directly instead of asking the manage port"
@@ -51,8 +51,6 @@ def add_parser(commands: Any) -> None:
     progress = publish.add_mutually_exclusive_group()
     progress.add_argument("--progress", dest="progress", action="store_true", default=None, help="always show progress")
     progress.add_argument("--no-progress", dest="progress", action="store_false", help="never show progress")
-    add_connection_options(publish)
-    publish.set_defaults(run=publish_command)
 
 
 @dataclass

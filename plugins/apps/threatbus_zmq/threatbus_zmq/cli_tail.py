@@ -15,7 +15,7 @@ import zmq
 
 from threatbus.data import Indicator, Message, Sighting, SnapshotRequest, decode
 from threatbus.errors import DecodeError
-from threatbus_zmq.cli_common import EXIT_OK, EXIT_USAGE, add_connection_options, notice, require_positive
+from threatbus_zmq.cli_common import EXIT_OK, EXIT_USAGE, add_command, notice, require_positive
 from threatbus_zmq.client import ManageClient, SubscriptionRefused, Tail
 from threatbus_zmq.wire import SNAPSHOT_END_KIND, split_pub_frame
 
@@ -36,13 +36,13 @@ example:
 
 
 def add_parser(commands: Any) -> None:
-    """The ``tail`` subcommand and its options."""
-    tail = commands.add_parser(
-        "tail",
-        help="print the intel the bus carries",
-        description=HELP,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+    """The ``tail`` subcommand."""
+    add_command(
+        commands, "tail", "print the intel the bus carries", HELP, _options, lambda args: tail_command(args, sys.stdout)
     )
+
+
+def _options(tail: argparse.ArgumentParser) -> None:
     tail.add_argument(
         "--topic",
         action="append",
@@ -61,8 +61,6 @@ def add_parser(commands: Any) -> None:
     tail.add_argument(
         "--heartbeat", type=float, default=5.0, metavar="SECONDS", help="heartbeat interval (default: %(default)s)"
     )
-    add_connection_options(tail)
-    tail.set_defaults(run=lambda args: tail_command(args, sys.stdout))
 
 
 def _json_object(text: str) -> dict[str, Any]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
@@ -194,6 +195,7 @@ class SubscriptionRefused(Exception):
     """The bus answered the subscribe request with an error; the reply is the argument."""
 
 
+@dataclass
 class Tail:
     """One subscription kept alive: heartbeats, a new subscription after a bus restart, the pub frames.
 
@@ -201,27 +203,16 @@ class Tail:
     bus unreachable, answering again, forgetting the subscription).
     """
 
-    def __init__(
-        self,
-        manage: ManageClient,
-        host: str,
-        topic: str | list[str],
-        snapshot: float,
-        heartbeat: float,
-        notice: Callable[[str], None],
-        context: Any = None,
-        filter: dict[str, Any] | None = None,
-    ) -> None:
-        self.manage = manage
-        self.filter = filter
-        self.host = host
-        self.topic = topic
-        self.snapshot = snapshot
-        self.heartbeat = heartbeat
-        self.notice = notice
-        self.context = context
-        self.receiver: Receiver | None = None
-        self.p2p = ""
+    manage: ManageClient
+    host: str
+    topic: str | list[str]
+    snapshot: float  # days; 0: none
+    heartbeat: float  # seconds between heartbeats
+    notice: Callable[[str], None]
+    context: Any = None
+    filter: dict[str, Any] | None = None
+    receiver: Receiver | None = field(default=None, init=False)
+    p2p: str = field(default="", init=False)  # the subscription's topic on the pub socket
 
     def open(self) -> Receiver:
         """Subscribe; raises ``SubscriptionRefused`` or ``BusUnreachable``."""

@@ -42,9 +42,6 @@ class ZmqApp(AppPlugin):
         super().__init__()
         self.context: zmq.Context | None = None
         self.subscriptions: Subscriptions | None = None
-        self.manage: ManageWorker | None = None
-        self.publisher: PublisherWorker | None = None
-        self.receiver: ReceiverWorker | None = None
 
     def validators(self) -> list[Any]:
         return validators()
@@ -67,10 +64,10 @@ class ZmqApp(AppPlugin):
             "sub": self.context.socket(zmq.SUB),
         }
         # The workers own the sockets from here on: stop() releases them, even when a bind below fails.
-        self.manage = ManageWorker(sockets["manage"], self.subscriptions, settings.ports["pub"], settings.ports["sub"])
-        self.publisher = PublisherWorker(sockets["pub"], self.subscriptions, ready)
-        self.receiver = ReceiverWorker(sockets["sub"], runtime.publish_queue)
-        runtime.add_workers(self.publisher, self.receiver, self.manage)
+        manage = ManageWorker(sockets["manage"], self.subscriptions, settings.ports["pub"], settings.ports["sub"])
+        publisher = PublisherWorker(sockets["pub"], self.subscriptions, ready)
+        receiver = ReceiverWorker(sockets["sub"], runtime.publish_queue)
+        runtime.add_workers(publisher, receiver, manage)
         sockets["pub"].setsockopt(zmq.XPUB_NODROP, 1)
         sockets["pub"].setsockopt(zmq.XPUB_MANUAL, 1)
         sockets["pub"].setsockopt(zmq.SNDHWM, settings.send_hwm)
@@ -91,16 +88,18 @@ class ZmqApp(AppPlugin):
                 raise PluginError(
                     f"{PREFIX}: cannot bind the {name} socket to {settings.endpoint(name)}: {err}"
                 ) from err
-        self._register_metrics(runtime.metrics)
+        self._register_metrics(runtime.metrics, manage, publisher, receiver)
         logger.info(
             "ZeroMQ app plugin on node '%s': manage %s, pub %s, sub %s",
             runtime.node.name,
             *(settings.endpoint(name) for name in ENDPOINTS),
         )
 
-    def _register_metrics(self, metrics: Metrics) -> None:
-        subs, receiver, manage, publisher = self.subscriptions, self.receiver, self.manage, self.publisher
-        assert subs is not None and receiver is not None and manage is not None and publisher is not None
+    def _register_metrics(
+        self, metrics: Metrics, manage: ManageWorker, publisher: PublisherWorker, receiver: ReceiverWorker
+    ) -> None:
+        subs = self.subscriptions
+        assert subs is not None
         metrics.counter(APP_RECEIVED, lambda: receiver.received, plugin=NAME)
         metrics.counter(APP_REJECTED, lambda: receiver.rejected, plugin=NAME, endpoint="sub")
         metrics.counter(APP_REJECTED, lambda: manage.rejected, plugin=NAME, endpoint="manage")
