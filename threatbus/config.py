@@ -22,6 +22,8 @@ DEFAULT_FILE_NAMES = ("config.yaml", "config.yml")
 YAML_SUFFIXES = (".yaml", ".yml")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 _UNSET = object()
+# Longer than any intel log keeps; bounds what a typo can ask for.
+MAX_SNAPSHOT_DAYS = 100_000
 
 _TYPE_WORDS: dict[Any, str] = {
     bool: "true or false",
@@ -123,6 +125,17 @@ def count(
     return option(name, int, default=default, check=_within(minimum, False, maximum), expected=wanted)
 
 
+def snapshot_days(name: str, *, default: Any = 0) -> Validator:
+    """How far back a snapshot asks for intel: days (int or float) from 0 (none) below 100 000."""
+    return option(
+        name,
+        (int, float),
+        default=default,
+        check=lambda days: 0 <= days < MAX_SNAPSHOT_DAYS,
+        expected="a number of days >= 0",
+    )
+
+
 def matching(name: str, pattern: re.Pattern[str], *, default: Any = _UNSET, expected: str) -> Validator:
     """A string that ``pattern`` matches (names of things in other tools: modules, sets, ...)."""
     return option(name, str, default=default, check=lambda value: bool(pattern.match(value)), expected=expected)
@@ -135,6 +148,11 @@ def _readable(path: Any) -> bool:
 def readable_file(name: str, *, default: Any = _UNSET, expected: str = "the path of a readable file") -> Validator:
     """The path of a file that exists and this process may read."""
     return option(name, str, default=default, check=_readable, expected=expected)
+
+
+def tls_files(section: str) -> list[Validator]:
+    """A TLS client's ``<section>.ca_file``, ``cert_file`` and ``key_file``: each a path, or '' for none."""
+    return [option(f"{section}.{key}", str, default="") for key in ("ca_file", "cert_file", "key_file")]
 
 
 def core_validators() -> list[Validator]:

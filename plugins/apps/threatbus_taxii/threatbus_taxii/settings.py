@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -9,13 +10,15 @@ from urllib.parse import urlparse
 
 from dynaconf import Validator
 
-from threatbus.config import option
+from threatbus.config import count, matching, option, snapshot_days, tls_files
 
 PLUGIN = "taxii"
 PREFIX = f"plugins.apps.{PLUGIN}"
 
 # Stable default id of the served collection, so TAXII clients keep their configuration across restarts.
 DEFAULT_COLLECTION_ID = "a36ff26e-bc3e-5ba4-9d73-ba8bc710e8fe"
+# A URL path segment of letters, digits and -_.~ (RFC 3986 unreserved; letters and digits of any script).
+_PATH_SEGMENT = re.compile(r"(?:[^\W_]|[-_.~])+\Z")
 
 
 def _is_http_url(value: str) -> bool:
@@ -67,18 +70,12 @@ def validators() -> list[Validator]:
         option(f"{PREFIX}.api_key", str, default=""),
         option(f"{PREFIX}.api_key_header", str, default="Authorization", check=bool, expected="an HTTP header name"),
         _excludes("api_key", "username"),
-        option(f"{PREFIX}.tls.ca_file", str, default=""),
-        option(f"{PREFIX}.tls.cert_file", str, default=""),
-        option(f"{PREFIX}.tls.key_file", str, default=""),
+        *tls_files(f"{PREFIX}.tls"),
         option(f"{PREFIX}.tls.verify", bool, default=True),
         option(f"{PREFIX}.poll_interval", (int, float), default=300, **positive),
         option(f"{PREFIX}.timeout", (int, float), default=10, **positive),
-        option(
-            f"{PREFIX}.page_size",
-            int,
-            default=500,
-            check=lambda n: 0 < n <= 100_000,
-            expected="a number of objects per request (1-100000)",
+        count(
+            f"{PREFIX}.page_size", default=500, maximum=100_000, expected="a number of objects per request (1-100000)"
         ),
         option(f"{PREFIX}.state_dir", str, default="taxii-state", check=bool, expected="a directory path"),
         # TAXII out: serving the bus's intel. Off by default.
@@ -91,14 +88,11 @@ def validators() -> list[Validator]:
             check=lambda p: 0 <= p < 65536,
             expected="a TCP port (1-65535) or 0 for any free port",
         ),
-        option(
-            f"{PREFIX}.serve.api_root", str, default="threatbus", check=_is_path_segment, expected="a URL path segment"
-        ),
-        option(
+        matching(f"{PREFIX}.serve.api_root", _PATH_SEGMENT, default="threatbus", expected="a URL path segment"),
+        matching(
             f"{PREFIX}.serve.collection_id",
-            str,
+            _PATH_SEGMENT,
             default=DEFAULT_COLLECTION_ID,
-            check=_is_path_segment,
             expected="a collection id (a UUID)",
         ),
         option(f"{PREFIX}.serve.title", str, default="Threat Bus intel"),
@@ -110,28 +104,14 @@ def validators() -> list[Validator]:
             check=lambda users: all(isinstance(u, str) and u and isinstance(p, str) and p for u, p in users.items()),
             expected="a mapping of user names to passwords",
         ),
-        option(
-            f"{PREFIX}.serve.max_page_size",
-            int,
-            default=1000,
-            check=lambda n: 0 < n <= 100_000,
-            expected="a number of objects (1-100000)",
+        count(
+            f"{PREFIX}.serve.max_page_size", default=1000, maximum=100_000, expected="a number of objects (1-100000)"
         ),
-        option(
-            f"{PREFIX}.serve.snapshot",
-            (int, float),
-            default=0,
-            check=lambda days: 0 <= days < 100_000,
-            expected="a number of days >= 0",
-        ),
+        snapshot_days(f"{PREFIX}.serve.snapshot"),
         option(f"{PREFIX}.serve.tls.cert_file", str, default=""),
         option(f"{PREFIX}.serve.tls.key_file", str, default=""),
         _both_or_neither("serve.tls.cert_file", "serve.tls.key_file"),
     ]
-
-
-def _is_path_segment(value: str) -> bool:
-    return bool(value) and all(c.isalnum() or c in "-_.~" for c in value)
 
 
 @dataclass(frozen=True)

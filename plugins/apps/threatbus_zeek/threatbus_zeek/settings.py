@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from threatbus.config import count, matching, option, port
+from threatbus.config import count, matching, option, port, snapshot_days, tls_files
 from threatbus.errors import PluginError
 from threatbus_zeek import broker
 
@@ -42,13 +42,7 @@ def validators() -> list[Any]:
             default="ThreatBus",
             expected="a Zeek module name such as ThreatBus",
         ),
-        option(
-            f"{PREFIX}.snapshot",
-            (int, float),
-            default=0,
-            check=lambda days: 0 <= days < 100_000,
-            expected="a number of days >= 0",
-        ),
+        snapshot_days(f"{PREFIX}.snapshot"),
         count(f"{PREFIX}.queue_size", default=0, minimum=0, expected="a number of indicators >= 0 (0: unbounded)"),
         option(
             f"{PREFIX}.batch_size",
@@ -58,9 +52,7 @@ def validators() -> list[Any]:
             expected=f"a number of intel items from 1 to {MAX_BATCH_SIZE} (1: one add_intel event each)",
         ),
         option(f"{PREFIX}.tls.enabled", bool, default=False),
-        option(f"{PREFIX}.tls.ca_file", str, default=""),
-        option(f"{PREFIX}.tls.cert_file", str, default=""),
-        option(f"{PREFIX}.tls.key_file", str, default=""),
+        *tls_files(f"{PREFIX}.tls"),
         option(f"{PREFIX}.tls.skip_verify", bool, default=False),
         option(f"{PREFIX}.tls.anonymous", bool, default=False),
         option(
