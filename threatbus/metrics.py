@@ -118,3 +118,21 @@ class Metrics(Collector):
     def render(self) -> bytes:
         """All metrics in the Prometheus text exposition format."""
         return generate_latest(self.registry)
+
+
+@dataclass
+class AppCounts:
+    """The counters every app keeps, under the shared names: plain integers its workers add to.
+
+    An app's own counters subclass it (fields with defaults follow these).
+    """
+
+    received: int = 0  # messages from the tool put on the bus (APP_RECEIVED)
+    rejected: int = 0  # input from the tool rejected as invalid (APP_REJECTED)
+    delivered: int = 0  # messages from the bus handed to the tool (DELIVERED)
+
+    def register(self, metrics: Metrics, plugin: str) -> None:
+        """Read-outs of the three, labelled ``plugin``."""
+        metrics.counter(APP_RECEIVED, lambda: self.received, plugin=plugin)
+        metrics.counter(APP_REJECTED, lambda: self.rejected, plugin=plugin)
+        metrics.counter(DELIVERED, lambda: self.delivered, plugin=plugin)

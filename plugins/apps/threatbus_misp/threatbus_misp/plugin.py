@@ -34,7 +34,7 @@ from threatbus.data import (
     describe,
 )
 from threatbus.lifecycle import parse_timestamp
-from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, DROPPED, Metrics
+from threatbus.metrics import DROPPED, AppCounts, Metrics
 from threatbus.ratelimit import RateLimitedLog
 from threatbus.stix import InvalidIntel, validate
 from threatbus.worker import POLL_INTERVAL, Backoff, StoppableWorker
@@ -60,14 +60,15 @@ SNAPSHOT_INDICATORS = "threatbus_misp_snapshot_indicators"  # counter: indicator
 
 
 @dataclass
-class Counters:
-    """Plain integers, read by the metrics read-outs."""
+class Counters(AppCounts):
+    """Plain integers, read by the metrics read-outs.
 
-    published: int = 0  # indicators and removals put on the bus
-    rejected: int = 0  # garbage on the feed, invalid attributes or intel
+    ``received``: indicators and removals put on the bus; ``rejected``: garbage
+    on the feed, invalid attributes or intel; ``delivered``: sightings MISP took.
+    """
+
     unmappable: int = 0
     ignored: int = 0
-    sightings_sent: int = 0
     sightings_refused: int = 0
     sightings_dropped: int = 0
     api_errors: int = 0
@@ -190,7 +191,7 @@ class SightingWorker(StoppableWorker):
                 logger.warning("%s; sighting dropped", err)
             else:
                 counters.api_reachable = True
-                counters.sightings_sent += 1
+                counters.delivered += 1
                 logger.debug("reported sighting of attribute %s (%s) to MISP", report.attribute_uuid, report.source)
             self.pending.popleft()
             self.backoff.reset()
@@ -363,7 +364,7 @@ class MispApp(AppPlugin):
         indicator = self.indicator(attribute, update, origin)
         if indicator is not None:
             self.publish_queue.put(indicator)
-            self.counters.published += 1
+            self.counters.received += 1
             logger.debug("%s %s from MISP attribute %s", update or "new", indicator.id, attribute.type)
 
     @staticmethod
@@ -394,9 +395,7 @@ class MispApp(AppPlugin):
 
     def _register_metrics(self, metrics: Metrics) -> None:
         c, feed = self.counters, self.feed_status
-        metrics.counter(APP_RECEIVED, lambda: c.published, plugin=NAME)
-        metrics.counter(APP_REJECTED, lambda: c.rejected, plugin=NAME)
-        metrics.counter(DELIVERED, lambda: c.sightings_sent, plugin=NAME)
+        c.register(metrics, plugin=NAME)
         metrics.counter(DROPPED, lambda: c.sightings_dropped, where="misp-sightings")
         link = "kafka" if self.settings.uses_kafka else "zmq"
         metrics.gauge(CONNECTED, "1 while MISP's feed or API answers", lambda: int(feed.connected), link=link)

@@ -19,6 +19,7 @@ from threatbus import stix
 from threatbus.data import TOPIC_INDICATOR, Indicator, Message, SnapshotEnvelope, describe
 from threatbus.errors import DecodeError
 from threatbus.expiry import ExpirySchedule
+from threatbus.metrics import AppCounts
 from threatbus.worker import Backoff, ReconnectingWorker
 from threatbus_zeek import broker
 from threatbus_zeek.mapping import InvalidMatch, Unsupported, ZeekIntel, add_batch_event, sighting_from_match
@@ -45,13 +46,13 @@ def _key(item: ZeekIntel) -> tuple[str, str, str]:
 
 
 @dataclass
-class ZeekStats:
-    """Plain counters, read by the metrics read-outs (written by the link worker only)."""
+class ZeekStats(AppCounts):
+    """Plain counters, read by the metrics read-outs (written by the link worker only).
 
-    sent: int = 0
+    ``delivered``: intel items sent to Zeek; ``received``: sightings of Zeek's matches.
+    """
+
     skipped: int = 0
-    received: int = 0
-    rejected: int = 0
     zeek_errors: int = 0
     connects: int = 0
     connected: bool = False
@@ -243,7 +244,7 @@ class ZeekLink(ReconnectingWorker):
                 event, count = self._pending[0]
                 await connection.send(event)
                 self._pending.popleft()
-                self.stats.sent += count
+                self.stats.delivered += count
             else:
                 await asyncio.sleep(0)  # many went out: let the reader run, then go on
                 continue

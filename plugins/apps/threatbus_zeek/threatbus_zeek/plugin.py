@@ -17,7 +17,7 @@ from threatbus.app_plugin import AppPlugin, AppRuntime
 from threatbus.data import TOPIC_INDICATOR, Indicator, Message, SnapshotRequest
 from threatbus.errors import PluginError
 from threatbus.expiry import ExpirySchedule, ExpiryWorker, hand_to
-from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, QUEUE_DEPTH, SUBSCRIBERS, Metrics
+from threatbus.metrics import QUEUE_DEPTH, SUBSCRIBERS, Metrics
 from threatbus_zeek.link import INTEL_TOPIC, MATCH_TOPIC, ZeekLink, ZeekStats
 from threatbus_zeek.mapping import ZeekIntel
 from threatbus_zeek.settings import PLUGIN, PREFIX, ZeekSettings, validators
@@ -89,9 +89,7 @@ class ZeekApp(AppPlugin):
 
     def _register_metrics(self, metrics: Metrics, intel_queue: queue.Queue[Message]) -> None:
         stats = self.stats
-        metrics.counter(APP_RECEIVED, lambda: stats.received, plugin=PLUGIN)
-        metrics.counter(APP_REJECTED, lambda: stats.rejected, plugin=PLUGIN)
-        metrics.counter(DELIVERED, lambda: stats.sent, plugin=PLUGIN)
+        stats.register(metrics, plugin=PLUGIN)
         metrics.gauge(SUBSCRIBERS, lambda: int(stats.connected), plugin=PLUGIN)
         metrics.gauge(QUEUE_DEPTH, intel_queue.qsize, queue=PLUGIN)
         metrics.counter(
