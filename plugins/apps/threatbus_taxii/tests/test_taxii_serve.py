@@ -27,6 +27,7 @@ from threatbus.config import section, validate
 from threatbus.data import Indicator, SnapshotEnvelope, SnapshotRequest, SnapshotType
 from threatbus.errors import PluginError
 from threatbus.metrics import FILTERED, Metrics
+from threatbus.node import Node
 from threatbus.stix import timestamp
 from threatbus.testing import collect, get_within, indicator, settings_from, unavailable, wait_until
 
@@ -277,6 +278,7 @@ def test_a_poller_reads_a_served_collection_over_tls_with_its_ca_file(tmp_path):
                 publish_queue=published,
                 subscribe=lambda *a, **k: [],
                 unsubscribe=lambda *a: None,
+                node=Node.create("reader"),
                 metrics=Metrics("reader"),
             )
             try:
