@@ -76,14 +76,16 @@ class Message:
         return f"{type(self).__name__}({self.payload!r})"
 
 
+def _required(key: str) -> Any:
+    """A read-only property for a key of the payload that ``from_payload`` checked is there."""
+    return property(lambda message: message.payload[key], doc=f"The payload's {key!r}.")
+
+
 class StixObject(Message):
     """A STIX 2.1 object carried by the bus."""
 
     __slots__ = ()
-
-    @property
-    def id(self) -> str:
-        return self.payload["id"]
+    id: str = _required("id")
 
     @property
     def modified(self) -> str | None:
@@ -101,13 +103,8 @@ class Indicator(StixObject):
     type_name = "indicator"
     topic = TOPIC_INDICATOR
 
-    @property
-    def pattern(self) -> str:
-        return self.payload["pattern"]
-
-    @property
-    def pattern_type(self) -> str:
-        return self.payload["pattern_type"]
+    pattern: str = _required("pattern")
+    pattern_type: str = _required("pattern_type")
 
     @property
     def is_removal(self) -> bool:
@@ -122,9 +119,7 @@ class Sighting(StixObject):
     type_name = "sighting"
     topic = TOPIC_SIGHTING
 
-    @property
-    def sighting_of_ref(self) -> str:
-        return self.payload["sighting_of_ref"]
+    sighting_of_ref: str = _required("sighting_of_ref")
 
     @property
     def indicator(self) -> Indicator | None:
@@ -133,7 +128,18 @@ class Sighting(StixObject):
         return Indicator(embedded) if isinstance(embedded, dict) else None
 
 
-class SnapshotRequest(Message):
+class _SnapshotMessage(Message):
+    """What requests and their answers share: the snapshot's type and id."""
+
+    __slots__ = ()
+    snapshot_id: str = _required("snapshot_id")
+
+    @property
+    def snapshot_type(self) -> SnapshotType:
+        return SnapshotType(self.payload["snapshot_type"])
+
+
+class SnapshotRequest(_SnapshotMessage):
     """Asks every app for the intel of the last ``snapshot`` period."""
 
     __slots__ = ()
@@ -154,14 +160,6 @@ class SnapshotRequest(Message):
         )
 
     @property
-    def snapshot_type(self) -> SnapshotType:
-        return SnapshotType(self.payload["snapshot_type"])
-
-    @property
-    def snapshot_id(self) -> str:
-        return self.payload["snapshot_id"]
-
-    @property
     def snapshot(self) -> timedelta:
         return timedelta(seconds=self.payload["snapshot"])
 
@@ -170,7 +168,7 @@ class SnapshotRequest(Message):
         return (self.type_name, self.snapshot_id, str(self.payload["snapshot_type"]))
 
 
-class SnapshotEnvelope(Message):
+class SnapshotEnvelope(_SnapshotMessage):
     """One answer to a snapshot request; routed only to the requester."""
 
     __slots__ = ("_stix",)  # the wrapped object, when made by ``wrap``: its encoding is reused
@@ -189,14 +187,6 @@ class SnapshotEnvelope(Message):
         )
         envelope._stix = stix
         return envelope
-
-    @property
-    def snapshot_type(self) -> SnapshotType:
-        return SnapshotType(self.payload["snapshot_type"])
-
-    @property
-    def snapshot_id(self) -> str:
-        return self.payload["snapshot_id"]
 
     @property
     def stix(self) -> StixObject:
@@ -298,11 +288,18 @@ def decode(raw: bytes | bytearray | memoryview | str) -> Message:
         raw = bytes(raw)
     if len(raw) > MAX_MESSAGE_BYTES:
         raise DecodeError(f"message of {len(raw)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+    return from_payload(json_object(raw), raw)
+
+
+def json_object(raw: bytes | str) -> dict[str, Any]:
+    """Parse JSON text that must be an object (messages, and the JSON other tools send). Raises ``DecodeError``."""
     try:
-        payload = orjson.loads(raw)
+        value = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
         raise DecodeError(f"not valid JSON: {err}") from None
-    return from_payload(payload, raw)
+    if not isinstance(value, dict):
+        raise DecodeError(f"expected a JSON object, got {type(value).__name__}")
+    return value
 
 
 def encode(message: Message) -> bytes:

@@ -114,7 +114,7 @@ def test_indicator_carries_id_times_marking_and_source():
 @pytest.mark.parametrize(
     ("body", "problem"),
     [
-        (b"{nope", "not JSON"),
+        (b"{nope", "not valid JSON"),
         (b"[1]", "expected a JSON object"),
         (b'{"Attribute": {}}', "no 'action'"),
         (b'{"action": "add"}', "'Attribute' must be a JSON object"),

@@ -15,10 +15,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import orjson
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
+from threatbus.data import json_object
+from threatbus.errors import DecodeError
 from threatbus.ratelimit import RateLimitedLog
 from threatbus.worker import POLL_INTERVAL, Backoff, StoppableWorker
 from threatbus_misp.mapping import InvalidAttribute, MispAttribute
@@ -56,11 +57,9 @@ def parse_notification(body: bytes) -> Notification | None:
     Raises ``InvalidNotification`` for anything that is not one.
     """
     try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError as err:
-        raise InvalidNotification(f"not JSON: {err}") from None
-    if not isinstance(payload, dict):
-        raise InvalidNotification(f"expected a JSON object, got {type(payload).__name__}")
+        payload = json_object(body)
+    except DecodeError as err:
+        raise InvalidNotification(str(err)) from None
     action = payload.get("action")
     if not isinstance(action, str):
         raise InvalidNotification("no 'action'")

@@ -15,6 +15,9 @@ from typing import Any
 
 import orjson
 
+from threatbus.data import describe, json_object
+from threatbus.errors import DecodeError
+
 logger = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = "0.2"
@@ -109,12 +112,9 @@ class SuricataSocket:
                 raise SocketError(f"reply from {self.path} exceeds {MAX_REPLY_BYTES} bytes")
         line, _, self._buffer = self._buffer.partition(b"\n")
         try:
-            reply = orjson.loads(line)
-        except orjson.JSONDecodeError as err:
-            raise SocketError(f"unreadable reply from {self.path}: {err}") from None
-        if not isinstance(reply, dict):
-            raise SocketError(f"unexpected reply from {self.path}: {line[:200]!r}")
-        return reply
+            return json_object(line)
+        except DecodeError as err:
+            raise SocketError(f"unreadable reply from {self.path}: {err}: {describe(line, 200)}") from None
 
     def close(self) -> None:
         if self._sock is not None:
