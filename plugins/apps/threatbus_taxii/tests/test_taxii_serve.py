@@ -80,6 +80,10 @@ def test_indicators_on_the_bus_are_served_and_removals_disappear():
         bus.publish_queue.put(indicator("9.9.9.9"))  # a marker: delivered after the stale version
         wait_until(lambda: len(served_ids(root)) == 2)
         assert collection(root).get_object(third.id)["objects"][0]["confidence"] == 90
+        # The versions endpoint lists the served version; an object no longer served is not found.
+        objects = f"{root}collections/{DEFAULT_COLLECTION_ID}/objects/"
+        assert _get(f"{objects}{third.id}/versions/").json()["versions"] == [newer.payload["modified"]]
+        assert _get(f"{objects}{first.id}/versions/").status_code == 404
 
 
 def test_expired_indicators_are_not_served():

@@ -19,6 +19,7 @@ import socket
 import ssl
 from collections.abc import Callable, Iterable
 from datetime import datetime
+from functools import partialmethod
 from typing import Any
 
 import medallion
@@ -117,8 +118,9 @@ class IntelBackend(Backend):
         ]
         return _envelope("objects", entries, more, page), headers
 
-    def get_object(
+    def _object(
         self,
+        versions_only: bool,
         api_root: str,
         collection_id: str,
         object_id: str,
@@ -126,24 +128,22 @@ class IntelBackend(Backend):
         allowed_filters: Iterable[str],
         limit: int,
     ) -> tuple[dict[str, Any], dict[str, str]]:
+        """The served versions of one object, 404 when there are none.
+
+        ``get_object`` (the versions after the filters, as objects) and
+        ``get_object_versions`` (the version of each; filters do not apply).
+        """
+        if versions_only:
+            filter_args, allowed_filters = {}, ()
         page, more, headers = self._page({**filter_args, "match[id]": object_id}, ("id", *allowed_filters), limit)
         if not page:
             raise ProcessingError(f"Object '{object_id}' not found", 404)
+        if versions_only:
+            return {"more": False, "versions": [_version(item.payload) for item in page]}, headers
         return _envelope("objects", [item.payload for item in page], more, page), headers
 
-    def get_object_versions(
-        self,
-        api_root: str,
-        collection_id: str,
-        object_id: str,
-        filter_args: dict[str, str],
-        allowed_filters: Iterable[str],
-        limit: int,
-    ) -> tuple[dict[str, Any], dict[str, str]]:
-        page, _, headers = self._page({"match[id]": object_id}, ("id",), limit)
-        if not page:
-            raise ProcessingError(f"Object '{object_id}' not found", 404)
-        return {"more": False, "versions": [_version(item.payload) for item in page]}, headers
+    get_object = partialmethod(_object, False)
+    get_object_versions = partialmethod(_object, True)
 
     def add_objects(self, *args: Any, **kwargs: Any) -> None:
         raise ProcessingError("This collection is read-only", 403)
