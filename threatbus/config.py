@@ -150,6 +150,27 @@ def readable_file(name: str, *, default: Any = _UNSET, expected: str = "the path
     return option(name, str, default=default, check=_readable, expected=expected)
 
 
+def in_writable_dir(path: Any) -> bool:
+    """True when ``path`` names a file this process may create or replace: its directory exists and is writable."""
+    parent = os.path.dirname(os.path.abspath(path))
+    return bool(path) and os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)
+
+
+def writable_file(
+    name: str,
+    *,
+    default: Any = _UNSET,
+    expected: str = "a file path in an existing directory Threat Bus may write to",
+) -> Validator:
+    """The path of a file this process creates or replaces (state, rules)."""
+    return option(name, str, default=default, check=in_writable_dir, expected=expected)
+
+
+def empty_or(name: str, check: Callable[[str], bool], *, default: str = "", expected: str) -> Validator:
+    """A string that is '' (the feature it configures is off) or passes ``check``."""
+    return option(name, str, default=default, check=lambda value: value == "" or check(value), expected=expected)
+
+
 def tls_files(section: str) -> list[Validator]:
     """A TLS client's ``<section>.ca_file``, ``cert_file`` and ``key_file``: each a path, or '' for none."""
     return [option(f"{section}.{key}", str, default="") for key in ("ca_file", "cert_file", "key_file")]

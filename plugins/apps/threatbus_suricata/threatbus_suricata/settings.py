@@ -9,7 +9,7 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from threatbus.config import choice, count, matching, option, seconds
+from threatbus.config import choice, count, empty_or, matching, option, seconds, writable_file
 from threatbus.errors import PluginError
 from threatbus_suricata.mapping import ACTIONS, MODES, RESERVED_SIDS, Settings
 
@@ -27,11 +27,6 @@ SOCKET = "/var/run/suricata/suricata-command.socket"
 EVE = "/var/log/suricata/eve.json"
 
 
-def _writable_dir(path: Any) -> bool:
-    parent = os.path.dirname(os.path.abspath(path))
-    return bool(path) and os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)
-
-
 def _existing_dir(path: Any) -> bool:
     return bool(path) and os.path.isdir(os.path.dirname(os.path.abspath(path)))
 
@@ -39,13 +34,7 @@ def _existing_dir(path: Any) -> bool:
 def validators() -> list[Any]:
     """Every key of ``plugins.apps.suricata`` with its default; see README.md."""
     return [
-        option(
-            f"{PREFIX}.rules_file",
-            str,
-            default=RULES_FILE,
-            check=_writable_dir,
-            expected="a file path in an existing directory Threat Bus may write to",
-        ),
+        writable_file(f"{PREFIX}.rules_file", default=RULES_FILE),
         option(
             f"{PREFIX}.socket",
             str,
@@ -53,11 +42,10 @@ def validators() -> list[Any]:
             check=lambda p: bool(p) and len(os.fsencode(p)) <= MAX_SOCKET_PATH,
             expected=f"the path of Suricata's unix command socket (at most {MAX_SOCKET_PATH} bytes)",
         ),
-        option(
+        empty_or(
             f"{PREFIX}.eve",
-            str,
+            _existing_dir,
             default=EVE,
-            check=lambda p: p == "" or _existing_dir(p),
             expected="the path of Suricata's eve.json in an existing directory, or '' to ignore alerts",
         ),
         option(f"{PREFIX}.eve_from_start", bool, default=False),

@@ -10,7 +10,7 @@ from urllib.parse import urlparse
 
 from dynaconf import Validator
 
-from threatbus.config import count, matching, option, snapshot_days, tls_files
+from threatbus.config import count, empty_or, matching, option, snapshot_days, tls_files
 
 PLUGIN = "taxii"
 PREFIX = f"plugins.apps.{PLUGIN}"
@@ -49,12 +49,8 @@ def validators() -> list[Validator]:
     positive = {"check": lambda seconds: seconds > 0, "expected": "a number of seconds > 0"}
     return [
         # TAXII in: polling. Off while url is empty.
-        option(
-            f"{PREFIX}.url",
-            str,
-            default="",
-            check=lambda url: url == "" or _is_http_url(url),
-            expected="an http(s) URL of a TAXII 2.1 API root or discovery endpoint",
+        empty_or(
+            f"{PREFIX}.url", _is_http_url, expected="an http(s) URL of a TAXII 2.1 API root or discovery endpoint"
         ),
         option(
             f"{PREFIX}.collections",

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import re
 import ssl
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from threatbus.config import count, matching, option, port, snapshot_days, tls_files
+from threatbus.config import count, empty_or, in_writable_dir, matching, option, port, snapshot_days, tls_files
 from threatbus.errors import PluginError
 from threatbus_zeek import broker
 
@@ -24,11 +23,6 @@ BATCH_SIZE = 500
 MAX_BATCH_SIZE = 10_000
 
 _NAMESPACE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(::[A-Za-z_][A-Za-z0-9_]*)*$")
-
-
-def _writable_dir(path: str) -> bool:
-    parent = os.path.dirname(os.path.abspath(path))
-    return os.path.isdir(parent) and os.access(parent, os.W_OK | os.X_OK)
 
 
 def validators() -> list[Any]:
@@ -55,11 +49,9 @@ def validators() -> list[Any]:
         *tls_files(f"{PREFIX}.tls"),
         option(f"{PREFIX}.tls.skip_verify", bool, default=False),
         option(f"{PREFIX}.tls.anonymous", bool, default=False),
-        option(
+        empty_or(
             f"{PREFIX}.state_file",
-            str,
-            default="",
-            check=lambda path: path == "" or _writable_dir(path),
+            in_writable_dir,
             expected="'' (keep the state in memory) or a file path in an existing, writable directory",
         ),
     ]
