@@ -32,6 +32,7 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -261,43 +262,54 @@ class BulkRun:
 
     def suricata(self, mode: str) -> dict[str, Any]:
         name = f"suricata_{mode}"
-        directory = self.workdir / name
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = self._directory(name)
         socket_path = str(self.socket_dir / f"{mode}.socket")
         rules_file = directory / "threatbus.rules"
         standin = Child(f"suricata-standin-{mode}", standins.suricata, socket_path, str(rules_file))
-        node = None
-        try:
-            standin.expect("ready", 30)
-            apps = {"suricata": {"mode": mode, "rules_file": str(rules_file), "socket": socket_path, "eve": ""}}
-            ports = (free_port(), free_port(), free_port())
-            node = ThreatBusProcess(_node_config(ports, apps, name), directory, name=name)
-            node.start(timeout=60)
-            figures, details = self._publish_and_wait(name, node, standin, ports[2])
-            details["rules_file_mib"] = round(rules_file.stat().st_size / 2**20, 1) if rules_file.exists() else None
-            self.details[name] = details
-            return figures
-        finally:
-            if node is not None:
-                self._stop(name, node, standin)
-            else:
-                standin.stop()
+        apps = {"suricata": {"mode": mode, "rules_file": str(rules_file), "socket": socket_path, "eve": ""}}
+
+        def rules_file_size() -> dict[str, Any]:
+            return {"rules_file_mib": round(rules_file.stat().st_size / 2**20, 1) if rules_file.exists() else None}
+
+        return self._publish_through(name, directory, standin, apps, more_details=rules_file_size)
 
     def zeek(self) -> dict[str, Any]:
         name = "zeek"
-        directory = self.workdir / name
-        directory.mkdir(parents=True, exist_ok=True)
         port = free_port()
         standin = Child("zeek-standin", standins.zeek, port)
+        apps = {"zeek": {"host": "127.0.0.1", "port": port}}
+        return self._publish_through(name, self._directory(name), standin, apps, connected_line="connected to Zeek")
+
+    def _directory(self, name: str) -> Path:
+        directory = self.workdir / name
+        directory.mkdir(parents=True, exist_ok=True)
+        return directory
+
+    def _publish_through(
+        self,
+        name: str,
+        directory: Path,
+        standin: Child,
+        apps: dict[str, Any],
+        connected_line: str | None = None,
+        more_details: Callable[[], dict[str, Any]] | None = None,
+    ) -> dict[str, Any]:
+        """A node running ``apps`` beside ``standin``: publish the set, wait until the stand-in holds it.
+
+        ``connected_line``: the node's log line to wait for before publishing;
+        ``more_details`` adds to the run's details before the node stops.
+        """
         node = None
         try:
             standin.expect("ready", 30)
             ports = (free_port(), free_port(), free_port())
-            apps = {"zeek": {"host": "127.0.0.1", "port": port}}
             node = ThreatBusProcess(_node_config(ports, apps, name), directory, name=name)
             node.start(timeout=60)
-            node.wait_for_log("connected to Zeek", timeout=60)
+            if connected_line is not None:
+                node.wait_for_log(connected_line, timeout=60)
             figures, details = self._publish_and_wait(name, node, standin, ports[2])
+            if more_details is not None:
+                details.update(more_details())
             self.details[name] = details
             return figures
         finally:
@@ -309,8 +321,7 @@ class BulkRun:
     def snapshot(self) -> dict[str, Any]:
         """A new node whose suricata app holds the set; a Zeek that connects afterwards gets all of it."""
         name = "snapshot"
-        directory = self.workdir / name
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = self._directory(name)
         source = self.workdir / "suricata_datasets"
         for path in source.glob("threatbus*"):
             shutil.copy(path, directory / path.name)

@@ -176,18 +176,24 @@ def meta(args: argparse.Namespace, profile: Profile) -> dict[str, Any]:
     }
 
 
+def _target(name: str, op: str, target: float, measured: float | None, **figures: Any) -> dict[str, Any]:
+    """One row of ``targets``: ``measured`` against ``op`` (">=" or "<") ``target``, with more ``figures``."""
+    met = None if measured is None else (measured >= target if op == ">=" else measured < target)
+    return {"name": name, "target": f"{op} {target}", "measured": measured, **figures, "met": met}
+
+
 def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets against the figures of this run."""
     rows: list[dict[str, Any]] = []
     inmem = scenarios.get("inmem", {}).get("saturation", {}).get("msgs_per_s")
     rows.append(
-        {
-            "name": "inmem, one node: msgs/s at saturation",
-            "target": f">= {TARGET_INMEM_MSGS_PER_S}",
-            "measured": inmem,
-            "ratio_to_target": ratio(inmem, TARGET_INMEM_MSGS_PER_S),
-            "met": None if inmem is None else inmem >= TARGET_INMEM_MSGS_PER_S,
-        }
+        _target(
+            "inmem, one node: msgs/s at saturation",
+            ">=",
+            TARGET_INMEM_MSGS_PER_S,
+            inmem,
+            ratio_to_target=ratio(inmem, TARGET_INMEM_MSGS_PER_S),
+        )
     )
     bus = scenarios.get("rabbitmq", {}).get("saturation", {}).get("msgs_per_s")
     ceiling = scenarios.get("ceiling", {})
@@ -195,18 +201,17 @@ def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
     runs = [r for r in runs if r]
     matched = round(sum(runs) / len(runs), 1) if runs else None
     unconfirmed = ceiling.get("no_confirms", {}).get("saturation", {}).get("msgs_per_s")
-    bus_ratio = ratio(bus, matched)
     rows.append(
-        {
-            "name": "rabbitmq, two nodes: msgs/s over raw pika ceiling (same settings)",
-            "target": f">= {TARGET_CEILING_RATIO}",
-            "measured": bus_ratio,
-            "bus_msgs_per_s": bus,
-            "ceiling_msgs_per_s": matched,
-            "ceiling_runs_msgs_per_s": runs,
-            "ratio_to_no_confirms_ceiling": ratio(bus, unconfirmed),
-            "met": None if bus_ratio is None else bus_ratio >= TARGET_CEILING_RATIO,
-        }
+        _target(
+            "rabbitmq, two nodes: msgs/s over raw pika ceiling (same settings)",
+            ">=",
+            TARGET_CEILING_RATIO,
+            ratio(bus, matched),
+            bus_msgs_per_s=bus,
+            ceiling_msgs_per_s=matched,
+            ceiling_runs_msgs_per_s=runs,
+            ratio_to_no_confirms_ceiling=ratio(bus, unconfirmed),
+        )
     )
     p99 = next(
         (
@@ -217,49 +222,48 @@ def targets(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
         None,
     )
     rows.append(
-        {
-            "name": f"rabbitmq, two nodes: p99 latency app to app at {TARGET_P99_RATE} msg/s (ms)",
-            "target": f"< {TARGET_P99_MS}",
-            "measured": p99,
-            "ratio_to_target": ratio(p99, TARGET_P99_MS),
-            "met": None if p99 is None else p99 < TARGET_P99_MS,
-        }
+        _target(
+            f"rabbitmq, two nodes: p99 latency app to app at {TARGET_P99_RATE} msg/s (ms)",
+            "<",
+            TARGET_P99_MS,
+            p99,
+            ratio_to_target=ratio(p99, TARGET_P99_MS),
+        )
     )
     typical = scenarios.get("policy", {})
     filter_us = typical.get("filters", {}).get(typical.get("typical"), {}).get("us_per_evaluation_median")
     rows.append(
-        {
-            "name": "policy filter: µs per evaluation (typical filter, mixed intel)",
-            "target": f"< {TARGET_FILTER_US}",
-            "measured": filter_us,
-            "ratio_to_target": ratio(filter_us, TARGET_FILTER_US),
-            "met": None if filter_us is None else filter_us < TARGET_FILTER_US,
-        }
+        _target(
+            "policy filter: µs per evaluation (typical filter, mixed intel)",
+            "<",
+            TARGET_FILTER_US,
+            filter_us,
+            ratio_to_target=ratio(filter_us, TARGET_FILTER_US),
+        )
     )
     stream_bus = scenarios.get("rabbitmq_stream", {}).get("saturation", {}).get("msgs_per_s")
-    stream_ratio = ratio(stream_bus, inmem)
     rows.append(
-        {
-            "name": "rabbitmq, two nodes, transport stream: msgs/s over the inmem node's (same run)",
-            "target": f">= {TARGET_STREAM_OVER_INMEM}",
-            "measured": stream_ratio,
-            "bus_msgs_per_s": stream_bus,
-            "inmem_msgs_per_s": inmem,
-            "met": None if stream_ratio is None else stream_ratio >= TARGET_STREAM_OVER_INMEM,
-        }
+        _target(
+            "rabbitmq, two nodes, transport stream: msgs/s over the inmem node's (same run)",
+            ">=",
+            TARGET_STREAM_OVER_INMEM,
+            ratio(stream_bus, inmem),
+            bus_msgs_per_s=stream_bus,
+            inmem_msgs_per_s=inmem,
+        )
     )
     streams = scenarios.get("streams", {}).get("snapshot", {})
     for backbone in ("inmem", "rabbitmq"):
         replay = streams.get(backbone, {}).get("indicators_per_s")
         rows.append(
-            {
-                "name": f"{backbone}: snapshot of {streams.get('count')} indicators replayed to a new subscriber "
+            _target(
+                f"{backbone}: snapshot of {streams.get('count')} indicators replayed to a new subscriber "
                 "(indicators/s)",
-                "target": f">= {TARGET_SNAPSHOT_PER_S}",
-                "measured": replay,
-                "ratio_to_target": ratio(replay, TARGET_SNAPSHOT_PER_S),
-                "met": None if replay is None else replay >= TARGET_SNAPSHOT_PER_S,
-            }
+                ">=",
+                TARGET_SNAPSHOT_PER_S,
+                replay,
+                ratio_to_target=ratio(replay, TARGET_SNAPSHOT_PER_S),
+            )
         )
     return rows
 
@@ -515,6 +519,14 @@ class Runner:
                 logger.warning("could not delete RabbitMQ objects: %s", ", ".join(failed))
 
 
+def _fanout_figures(row: dict[str, Any]) -> str:
+    sat, lat = row["saturation"], row["latency"]
+    return (
+        f"{sat['msgs_per_s']} msg/s = {sat['deliveries_per_s']} deliveries/s, lost {sat['lost']}; "
+        f"at {lat['offered_rate']}/s p99 {lat['p99_ms']} ms"
+    )
+
+
 def summary(result: dict[str, Any]) -> str:
     lines = [f"Threat Bus benchmark ({result['meta']['mode']}), {result['meta']['started']}"]
     scenarios = result["scenarios"]
@@ -551,18 +563,10 @@ def summary(result: dict[str, Any]) -> str:
             )
     for backbone, rows in scenarios.get("fanout", {}).items():
         for row in rows:
-            sat, lat = row["saturation"], row["latency"]
-            lines.append(
-                f"  fanout {backbone:<8} {row['subscribers']:>3} subs: {sat['msgs_per_s']} msg/s = {sat['deliveries_per_s']} "
-                f"deliveries/s, lost {sat['lost']}; at {lat['offered_rate']}/s p99 {lat['p99_ms']} ms"
-            )
+            lines.append(f"  fanout {backbone:<8} {row['subscribers']:>3} subs: {_fanout_figures(row)}")
     nodes = scenarios.get("fanout_nodes")
     if nodes:
-        sat, lat = nodes["saturation"], nodes["latency"]
-        lines.append(
-            f"  fanout {nodes['nodes']} rabbitmq nodes, an app on each: {sat['msgs_per_s']} msg/s = "
-            f"{sat['deliveries_per_s']} deliveries/s, lost {sat['lost']}; at {lat['offered_rate']}/s p99 {lat['p99_ms']} ms"
-        )
+        lines.append(f"  fanout {nodes['nodes']} rabbitmq nodes, an app on each: {_fanout_figures(nodes)}")
     for name, data in scenarios.get("policy", {}).get("filters", {}).items():
         lines.append(
             f"  policy  {name:<17} {data['us_per_evaluation_median']} µs CPU per evaluation "

@@ -474,15 +474,21 @@ def fanout_scenario(label: str, nodes: list[BusNode], profile: Profile) -> list[
         bench = ZmqBench(
             nodes[0], nodes[-1], subscriptions, processes=1 if subscriptions == 1 else 2, watch=watched(nodes)
         )
-        try:
-            bench.warmup(timeout=60)
-            saturation = bench.run(profile.fanout_count, None, profile.window)
-            latency = bench.run(int(profile.fanout_rate * profile.fanout_seconds), profile.fanout_rate, profile.window)
-        finally:
-            bench.close()
+        saturation, latency = _fanout_runs(bench, profile)
         rows.append({"subscribers": subscriptions, "saturation": saturation, "latency": latency})
         logger.info("%s fan-out %d: %s msg/s", label, subscriptions, saturation["msgs_per_s"])
     return rows
+
+
+def _fanout_runs(bench: ZmqBench, profile: Profile) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Saturation (as fast as it goes) and latency (at ``fanout_rate``) of a fan-out; closes ``bench``."""
+    try:
+        bench.warmup(timeout=60)
+        saturation = bench.run(profile.fanout_count, None, profile.window)
+        latency = bench.run(int(profile.fanout_rate * profile.fanout_seconds), profile.fanout_rate, profile.window)
+    finally:
+        bench.close()
+    return saturation, latency
 
 
 def nodes_fanout_scenario(nodes: list[BusNode], profile: Profile) -> dict[str, Any]:
@@ -492,11 +498,6 @@ def nodes_fanout_scenario(nodes: list[BusNode], profile: Profile) -> dict[str, A
     latency show what a backbone of ``len(nodes)`` nodes costs.
     """
     bench = ZmqBench(nodes[0], nodes[-1], len(nodes), processes=len(nodes), watch=watched(nodes), receive_nodes=nodes)
-    try:
-        bench.warmup(timeout=60)
-        saturation = bench.run(profile.fanout_count, None, profile.window)
-        latency = bench.run(int(profile.fanout_rate * profile.fanout_seconds), profile.fanout_rate, profile.window)
-    finally:
-        bench.close()
+    saturation, latency = _fanout_runs(bench, profile)
     logger.info("fan-out over %d nodes: %s msg/s", len(nodes), saturation["msgs_per_s"])
     return {"nodes": len(nodes), "subscribers": len(nodes), "saturation": saturation, "latency": latency}

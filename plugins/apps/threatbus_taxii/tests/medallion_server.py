@@ -19,7 +19,7 @@ from typing import Any
 import requests
 from taxii2client.v21 import Collection
 
-from threatbus.stix import timestamp
+from threatbus.stix import new_indicator, timestamp
 from threatbus.testing import free_port, terminate, wait_until
 
 API_ROOT = "api1"
@@ -31,19 +31,9 @@ MEDIA_TYPE_STIX = "application/stix+json;version=2.1"
 
 
 def stix_indicator(value: str, **properties: Any) -> dict[str, Any]:
-    now = timestamp()
-    indicator = {
-        "type": "indicator",
-        "spec_version": "2.1",
-        "id": f"indicator--{uuid.uuid4()}",
-        "created": now,
-        "modified": now,
-        "pattern": f"[ipv4-addr:value = '{value}']",
-        "pattern_type": "stix",
-        "valid_from": now,
-    }
-    indicator.update(properties)
-    return indicator
+    """A fresh indicator of an IPv4 address, as a TAXII server holds it (plain JSON)."""
+    pattern = properties.pop("pattern", f"[ipv4-addr:value = '{value}']")
+    return new_indicator(pattern, **properties).payload
 
 
 def stix_object(kind: str, **properties: Any) -> dict[str, Any]:
