@@ -21,7 +21,7 @@ from zmq.utils.monitor import recv_monitor_message
 from threatbus.data import json_object
 from threatbus.errors import DecodeError
 from threatbus.ratelimit import RateLimitedLog
-from threatbus.worker import POLL_INTERVAL, Backoff, StoppableWorker
+from threatbus.worker import POLL_INTERVAL, Backoff, ReconnectingWorker, StoppableWorker
 from threatbus_misp.mapping import InvalidAttribute, MispAttribute
 from threatbus_misp.settings import DEFAULT_ZMQ_TOPIC, MispSettings
 
@@ -153,13 +153,13 @@ class ZmqFeed(StoppableWorker):
             self.handle(f"ZeroMQ topic {topic.decode('utf-8', 'replace')[:60]}", body)
 
 
-class KafkaFeed(StoppableWorker):
+class KafkaFeed(ReconnectingWorker):
     """Consumes MISP's notifications from Kafka topics (``threatbus-misp[kafka]``).
 
     librdkafka reconnects to the brokers by itself; a consumer that cannot be
-    created (bad ``kafka.config``, say) is retried with backoff. ``connected``
-    is cleared when librdkafka reports all brokers down and set again by the
-    next message.
+    created (bad ``kafka.config``, say) or that fails is made again after a
+    backoff. ``connected`` is cleared when librdkafka reports all brokers down
+    and set again by the next message.
     """
 
     def __init__(
@@ -169,12 +169,11 @@ class KafkaFeed(StoppableWorker):
         status: FeedStatus,
         consumer_factory: Callable[[dict[str, Any]], Any] | None = None,
     ) -> None:
-        super().__init__(name="misp-kafka-feed")
+        super().__init__("misp-kafka-feed", Backoff(initial=1.0, maximum=60.0))
         self.settings = settings
         self.handle = handle
         self.status = status
         self.consumer_factory = consumer_factory
-        self.backoff = Backoff(initial=1.0, maximum=60.0)
         self.error_log = RateLimitedLog(logger)
 
     def _consumer(self) -> Any:
@@ -196,44 +195,40 @@ class KafkaFeed(StoppableWorker):
         else:
             logger.debug("Kafka: %s", error.str())
 
-    def run(self) -> None:
-        # poll_interval is the poll timeout, as in the original; capped so a stop is seen within a second.
-        timeout = min(self.settings.kafka_poll_interval, 1.0)
-        while not self.stopping:
-            consumer = None
-            try:
-                consumer = self._consumer()
-                consumer.subscribe(list(self.settings.kafka_topics))
-            except Exception as err:
-                if consumer is not None:
-                    consumer.close()
-                self.status.errors += 1
-                delay = self.backoff.next_delay()
-                logger.error("cannot consume MISP's Kafka topics: %s; retrying in %.1fs", err, delay)
-                self.wait(delay)
-                continue
+    def connect_and_serve(self) -> None:
+        consumer = self._consumer()
+        try:
+            consumer.subscribe(list(self.settings.kafka_topics))
             self.status.connected = True
             self.status.connects += 1
             self.backoff.reset()
             logger.info("consuming MISP's Kafka topics %s", ", ".join(self.settings.kafka_topics))
+            self._consume(consumer)
+        finally:
+            self.status.connected = False
             try:
-                while not self.stopping:
-                    message = consumer.poll(timeout)
-                    if message is None:
-                        continue
-                    if message.error():
-                        self.status.errors += 1
-                        logger.warning("Kafka reported an error: %s", message.error())
-                        continue
-                    self.status.connected = True
-                    self.handle(f"Kafka topic {message.topic()}", message.value() or b"")
+                consumer.close()
             except Exception:
+                logger.debug("closing the Kafka consumer failed", exc_info=True)
+
+    def _consume(self, consumer: Any) -> None:
+        # poll_interval is the poll timeout, as in the original; capped so a stop is seen within a second.
+        timeout = min(self.settings.kafka_poll_interval, 1.0)
+        while not self.stopping:
+            message = consumer.poll(timeout)
+            if message is None:
+                continue
+            if message.error():
                 self.status.errors += 1
-                logger.exception("MISP's Kafka feed failed; reconnecting")
-                self.wait(self.backoff.next_delay())
-            finally:
-                self.status.connected = False
-                try:
-                    consumer.close()
-                except Exception:
-                    logger.debug("closing the Kafka consumer failed", exc_info=True)
+                logger.warning("Kafka reported an error: %s", message.error())
+                continue
+            self.status.connected = True
+            self.handle(f"Kafka topic {message.topic()}", message.value() or b"")
+
+    def connection_failed(self, err: Exception) -> None:
+        self.status.errors += 1
+        logger.error("cannot consume MISP's Kafka topics: %s", err)
+        logger.debug("the Kafka feed's error", exc_info=err)
+
+    def reconnecting(self, delay: float) -> None:
+        logger.info("consuming MISP's Kafka topics again in %.1fs", delay)
