@@ -8,6 +8,7 @@ import zmq
 
 from threatbus.testing import indicator, wait_until
 from threatbus_zmq.pub import BATCH, PublisherWorker
+from threatbus_zmq.settings import ZmqSettings
 from threatbus_zmq.subscribers import Subscription, Subscriptions
 from threatbus_zmq.wire import new_p2p_topic
 
@@ -32,7 +33,8 @@ class FakeSocket:
 
 
 def subscriptions(ready: queue.SimpleQueue) -> Subscriptions:
-    return Subscriptions(lambda *a, **k: [], lambda *a: None, ready, 100, 10, 0)
+    limits = ZmqSettings("127.0.0.1", {}, heartbeat_timeout=0, buffer_size=100, send_hwm=1000, max_subscribers=10)
+    return Subscriptions(lambda *a, **k: [], lambda *a: None, ready, limits)
 
 
 def connected(ready: queue.SimpleQueue, bound: int = 100) -> Subscription:

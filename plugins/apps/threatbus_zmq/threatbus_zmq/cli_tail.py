@@ -13,7 +13,7 @@ from typing import Any, TextIO
 import orjson
 import zmq
 
-from threatbus.data import Indicator, Message, Sighting, SnapshotRequest, decode, json_object
+from threatbus.data import Indicator, Message, Sighting, SnapshotRequest, decode
 from threatbus.errors import DecodeError
 from threatbus_zmq.cli_common import EXIT_OK, EXIT_USAGE, add_command, notice, require_positive
 from threatbus_zmq.client import ManageClient, SubscriptionRefused, Tail
@@ -65,9 +65,12 @@ def _options(tail: argparse.ArgumentParser) -> None:
 
 def _json_object(text: str) -> dict[str, Any]:
     try:
-        return json_object(text)
-    except DecodeError as err:
-        raise argparse.ArgumentTypeError(str(err)) from None
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return value
 
 
 def describe_message(kind: str, message: Message) -> str:

@@ -15,6 +15,7 @@ from threatbus.data import describe
 from threatbus.policy import Filter, FilterError
 from threatbus.ratelimit import RateLimitedLog
 from threatbus.worker import StoppableWorker
+from threatbus_zmq.settings import ZmqSettings
 from threatbus_zmq.subscribers import SubscriptionError, Subscriptions
 from threatbus_zmq.wire import STATUS_ERROR, STATUS_SUCCESS, STATUS_UNKNOWN, is_p2p_topic
 
@@ -71,12 +72,11 @@ def parse_snapshot(value: Any) -> timedelta:
 class ManageWorker(StoppableWorker):
     """Owns the REP socket: every request gets exactly one JSON reply."""
 
-    def __init__(self, socket: zmq.Socket, subscriptions: Subscriptions, pub_port: int, sub_port: int) -> None:
+    def __init__(self, socket: zmq.Socket, subscriptions: Subscriptions, settings: ZmqSettings) -> None:
         super().__init__(name="zmq-manage")
         self.socket = socket
         self.subscriptions = subscriptions
-        self.pub_port = pub_port
-        self.sub_port = sub_port
+        self.ports = settings.ports  # the pub and sub ports are announced to every subscriber
         self.rejected = 0
         self.oversized = 0  # requests over MAX_REQUEST_BYTES, answered with an error
         self._log_rejected = RateLimitedLog(logger)
@@ -160,7 +160,12 @@ class ManageWorker(StoppableWorker):
         except SubscriptionError as err:
             logger.warning("refused subscription to %s: %s", ", ".join(topics), err)
             return {"status": STATUS_ERROR, "reason": str(err)}
-        return {"status": STATUS_SUCCESS, "topic": sub.p2p_topic, "pub_port": self.pub_port, "sub_port": self.sub_port}
+        return {
+            "status": STATUS_SUCCESS,
+            "topic": sub.p2p_topic,
+            "pub_port": self.ports["pub"],
+            "sub_port": self.ports["sub"],
+        }
 
     def _unsubscribe(self, request: dict[str, Any]) -> dict[str, Any]:
         topic = request.get("topic")

@@ -49,14 +49,7 @@ class ZmqApp(AppPlugin):
     def start(self, runtime: AppRuntime) -> None:
         settings = ZmqSettings.from_config(runtime.config)
         ready: queue.SimpleQueue = queue.SimpleQueue()
-        self.subscriptions = Subscriptions(
-            runtime.subscribe,
-            runtime.unsubscribe,
-            ready,
-            buffer_size=settings.buffer_size,
-            max_subscribers=settings.max_subscribers,
-            heartbeat_timeout=settings.heartbeat_timeout,
-        )
+        self.subscriptions = Subscriptions(runtime.subscribe, runtime.unsubscribe, ready, settings)
         self.context = zmq.Context()
         sockets = {
             "manage": self.context.socket(zmq.REP),
@@ -64,7 +57,7 @@ class ZmqApp(AppPlugin):
             "sub": self.context.socket(zmq.SUB),
         }
         # The workers own the sockets from here on: stop() releases them, even when a bind below fails.
-        manage = ManageWorker(sockets["manage"], self.subscriptions, settings.ports["pub"], settings.ports["sub"])
+        manage = ManageWorker(sockets["manage"], self.subscriptions, settings)
         publisher = PublisherWorker(sockets["pub"], self.subscriptions, ready)
         receiver = ReceiverWorker(sockets["sub"], runtime.publish_queue)
         runtime.add_workers(publisher, receiver, manage)

@@ -24,6 +24,7 @@ import orjson
 from threatbus.data import TOPIC_SNAPSHOT_ENVELOPE, Message, SnapshotEnvelope, SnapshotRequest
 from threatbus.policy import Filter, FilterStats
 from threatbus.snapshots import SnapshotEnd
+from threatbus_zmq.settings import ZmqSettings
 from threatbus_zmq.wire import KINDS, SNAPSHOT_END_KIND, new_p2p_topic
 
 logger = logging.getLogger(__name__)
@@ -159,16 +160,15 @@ class Subscriptions:
         subscribe: Callable[..., list[str]],
         unsubscribe: Callable[[str, Any], None],
         ready: queue.SimpleQueue,
-        buffer_size: int,
-        max_subscribers: int,
-        heartbeat_timeout: float,
+        settings: ZmqSettings,
     ) -> None:
         self._subscribe = subscribe
         self._unsubscribe = unsubscribe
         self._ready = ready
-        self.buffer_size = buffer_size
-        self.max_subscribers = max_subscribers
-        self.heartbeat_timeout = heartbeat_timeout
+        # Per subscriber: the buffer, and the seconds without a heartbeat that end it; and how many may subscribe.
+        self.buffer_size = settings.buffer_size
+        self.heartbeat_timeout = settings.heartbeat_timeout
+        self.max_subscribers = settings.max_subscribers
         self._lock = threading.Lock()
         self._by_topic: dict[str, Subscription] = {}
         self._serials = itertools.count(1)
