@@ -82,6 +82,21 @@ def sighting(of: Indicator | None = None, source: str = "test", **kwargs: Any) -
     return new_sighting(of.id, source=source, indicator=of, **kwargs)
 
 
+def assert_live_sighting(message: Message, indicator_id: str, source: str, value: str) -> dict[str, Any]:
+    """``message`` is a sighting of ``indicator_id`` as a sensor app reports a live match; returns its payload.
+
+    The properties every sensor sets (INTEL.md): the sighted indicator, the
+    sensor, the match type, and the value that matched.
+    """
+    assert isinstance(message, Sighting), f"expected a sighting, got {message!r}"
+    payload = message.payload
+    assert payload["sighting_of_ref"] == indicator_id
+    assert payload["x_threatbus_source"] == source
+    assert payload["x_threatbus_match_type"] == "LIVE"
+    assert payload["x_threatbus_indicator_value"] == value
+    return payload
+
+
 def settings_from(data: Mapping[str, Any]) -> Dynaconf:
     """Dynaconf settings from a dict, as if read from a config file."""
     settings = Dynaconf(environments=False, load_dotenv=False, envvar_prefix="THREATBUS_TEST_UNUSED")

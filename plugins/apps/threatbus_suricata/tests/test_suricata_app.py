@@ -20,11 +20,11 @@ import pytest
 from suricataparser import parse_file
 from testbus import running_bus
 
-from threatbus.data import Sighting, SnapshotEnvelope
+from threatbus.data import SnapshotEnvelope
 from threatbus.errors import ConfigError, PluginError
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED
 from threatbus.stix import new_indicator
-from threatbus.testing import Subscriber, assert_nothing_more, get_within, indicator, wait_until
+from threatbus.testing import Subscriber, assert_live_sighting, assert_nothing_more, get_within, indicator, wait_until
 from threatbus_suricata import SuricataApp
 from threatbus_suricata.detections import DetectionWorker
 
@@ -122,13 +122,7 @@ def test_alert_becomes_a_sighting_for_another_app(app_config: dict[str, Any], su
         (rule,) = rules(app_config)
         eve_alert(app_config, 2_000_001)  # someone else's rule: no sighting
         eve_alert(app_config, sid_of(rule))
-        sighting = get_within(other_app.queue)
-        assert isinstance(sighting, Sighting)
-        payload = sighting.payload
-        assert payload["sighting_of_ref"] == ind.id
-        assert payload["x_threatbus_source"] == "Suricata"
-        assert payload["x_threatbus_match_type"] == "LIVE"
-        assert payload["x_threatbus_indicator_value"] == "6.6.6.6"
+        payload = assert_live_sighting(get_within(other_app.queue), ind.id, "Suricata", "6.6.6.6")
         assert payload["x_threatbus_indicator"] == ind.payload
         assert payload["last_seen"] == "2026-11-24T20:00:01.000Z"
         context = payload["x_threatbus_sighting_context"]

@@ -19,8 +19,8 @@ from typing import Any
 import requests
 from taxii2client.v21 import Collection
 
-from threatbus.stix import new_indicator, timestamp
-from threatbus.testing import free_port, terminate, wait_until
+from threatbus.stix import timestamp
+from threatbus.testing import free_port, indicator, terminate, wait_until
 
 API_ROOT = "api1"
 USER, PASSWORD = "feeder", "s3cret-feed"
@@ -32,8 +32,7 @@ MEDIA_TYPE_STIX = "application/stix+json;version=2.1"
 
 def stix_indicator(value: str, **properties: Any) -> dict[str, Any]:
     """A fresh indicator of an IPv4 address, as a TAXII server holds it (plain JSON)."""
-    pattern = properties.pop("pattern", f"[ipv4-addr:value = '{value}']")
-    return new_indicator(pattern, **properties).payload
+    return indicator(value, **properties).payload
 
 
 def stix_object(kind: str, **properties: Any) -> dict[str, Any]:

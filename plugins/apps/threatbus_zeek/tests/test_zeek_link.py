@@ -18,10 +18,10 @@ from testbus import running_bus
 from zeekclient import brokertypes
 
 import threatbus
-from threatbus.data import Indicator, Sighting, SnapshotEnvelope, SnapshotRequest, SnapshotType
+from threatbus.data import Indicator, SnapshotEnvelope, SnapshotRequest, SnapshotType
 from threatbus.errors import ConfigError, PluginError
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, DROPPED, QUEUE_DEPTH, SUBSCRIBERS
-from threatbus.testing import Subscriber, assert_nothing_more, get_within, indicator, wait_until
+from threatbus.testing import Subscriber, assert_live_sighting, assert_nothing_more, get_within, indicator, wait_until
 from threatbus_zeek import INTEL_TOPIC, MATCH_TOPIC, ZeekApp
 from threatbus_zeek.plugin import CONNECTS, SKIPPED, ZEEK_ERRORS
 
@@ -234,13 +234,7 @@ def test_intel_match_reaches_other_apps_as_sighting(zeek, zeek_config):
         ioc = indicator("6.6.6.6")
         assert match_event(zeek, ioc.id) == 1
 
-        sighting = get_within(other_app.queue)
-        assert isinstance(sighting, Sighting)
-        payload = sighting.payload
-        assert payload["sighting_of_ref"] == ioc.id
-        assert payload["x_threatbus_source"] == "Zeek"
-        assert payload["x_threatbus_match_type"] == "LIVE"
-        assert payload["x_threatbus_indicator_value"] == "6.6.6.6"
+        payload = assert_live_sighting(get_within(other_app.queue), ioc.id, "Zeek", "6.6.6.6")
         assert payload["last_seen"] == "2025-11-24T16:00:00.250Z"
         assert payload["x_threatbus_sighting_context"] == {
             "indicator_type": "ADDR",

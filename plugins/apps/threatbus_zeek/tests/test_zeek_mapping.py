@@ -9,6 +9,7 @@ from zeekclient import brokertypes
 
 from threatbus import stix
 from threatbus.stix import new_indicator
+from threatbus.testing import assert_live_sighting
 from threatbus_zeek import broker
 from threatbus_zeek.mapping import InvalidMatch, Unsupported, sighting_from_match, to_zeek_intel, zeek_url
 
@@ -133,11 +134,7 @@ def test_intel_match_becomes_a_sighting():
         _match(seen.timestamp(), INDICATOR_ID, "6.6.6.6", broker.EnumValue("Intel::ADDR"), context)
     )
     stix.validate(sighting)
-    payload = sighting.payload
-    assert payload["sighting_of_ref"] == INDICATOR_ID
-    assert payload["x_threatbus_source"] == "Zeek"
-    assert payload["x_threatbus_match_type"] == "LIVE"
-    assert payload["x_threatbus_indicator_value"] == "6.6.6.6"
+    payload = assert_live_sighting(sighting, INDICATOR_ID, "Zeek", "6.6.6.6")
     assert payload["last_seen"] == "2026-11-24T12:00:01.500Z"
     assert payload["x_threatbus_sighting_context"] == {
         "indicator_type": "ADDR",
