@@ -351,25 +351,16 @@ def site_node(site_user, tmp_path, port):
 def test_the_guides_permissions_let_a_node_run_and_nothing_more(site_user, tmp_path):
     port = free_port()
     node = site_node(site_user, tmp_path, port)
-    credentials = pika.PlainCredentials(site_user["user"], site_user["password"])
-    parameters = pika.ConnectionParameters(
-        RABBITMQ_HOST, RABBITMQ_PORT, virtual_host=site_user["vhost"], credentials=credentials
-    )
+    parameters = site_parameters(site_user)
     try:
         # declared, bound and consuming (health needs both connections up)
         wait_until(lambda: cluster.health(port)[0], 20, what="the node to connect with the site user")
         # the user may publish intel to the exchange the backbone publishes to; the node consumes it
-        connection = pika.BlockingConnection(parameters)
-        channel = connection.channel()
-        channel.confirm_delivery()
-        channel.basic_publish("threatbus.durable", "", indicator("10.8.0.1").encode())
-        connection.close()
+        publish_as(parameters, indicator("10.8.0.1").encode()).close()
         wait_until(lambda: consumed(port) == 1, 10, what="the node to consume the message")
         # poison goes to the node's own dead-letter queue, which the user may read
-        connection = pika.BlockingConnection(parameters)
+        connection = publish_as(parameters, b"not json")
         channel = connection.channel()
-        channel.confirm_delivery()
-        channel.basic_publish("threatbus.durable", "", b"not json")
         wait_until(
             lambda: channel.queue_declare(f"threatbus.{site_user['suffix']}.dlq", passive=True).method.message_count,
             10,
@@ -396,24 +387,33 @@ def test_the_guides_permissions_let_a_node_run_and_nothing_more(site_user, tmp_p
 def test_a_user_with_the_permissions_of_earlier_releases_still_runs_the_node(site_user, tmp_path):
     port = free_port()
     node = site_node(site_user, tmp_path, port)
-    credentials = pika.PlainCredentials(site_user["user"], site_user["password"])
-    parameters = pika.ConnectionParameters(
-        RABBITMQ_HOST, RABBITMQ_PORT, virtual_host=site_user["vhost"], credentials=credentials
-    )
     try:
         wait_until(lambda: cluster.health(port)[0], 20, what="the node to connect without the DLQ permissions")
-        connection = pika.BlockingConnection(parameters)
-        channel = connection.channel()
-        channel.confirm_delivery()
-        for body in (b"not json", indicator("10.8.0.2").encode()):
-            channel.basic_publish("threatbus.durable", "", body)
-        connection.close()
+        publish_as(site_parameters(site_user), b"not json", indicator("10.8.0.2").encode()).close()
         wait_until(lambda: consumed(port) == 2, 10, what="the node to consume both")
         assert cluster.health(port)[0]
         refused = [line for line in node.log().splitlines() if "dead-letter queue" in line and "refused" in line]
         assert len(refused) == 1 and "ACCESS_REFUSED" in refused[0], node.log()
     finally:
         assert node.stop() == 0
+
+
+def site_parameters(site_user):
+    """How the site user of the deployment guide connects to RabbitMQ."""
+    credentials = pika.PlainCredentials(site_user["user"], site_user["password"])
+    return pika.ConnectionParameters(
+        RABBITMQ_HOST, RABBITMQ_PORT, virtual_host=site_user["vhost"], credentials=credentials
+    )
+
+
+def publish_as(parameters, *bodies):
+    """Publish ``bodies`` to the backbone's exchange with confirms; returns the open connection."""
+    connection = pika.BlockingConnection(parameters)
+    channel = connection.channel()
+    channel.confirm_delivery()
+    for body in bodies:
+        channel.basic_publish("threatbus.durable", "", body)
+    return connection
 
 
 def consumed(port):

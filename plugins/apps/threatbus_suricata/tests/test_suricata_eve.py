@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from threatbus.testing import indicator
@@ -40,6 +42,18 @@ def append(path: Path, text: str) -> None:
         out.write(text)
 
 
+@contextmanager
+def following(tmp_path: Path, from_start: bool = False) -> Iterator[tuple[Path, LogFollower]]:
+    """An empty eve.json and a follower of it (closed afterwards)."""
+    eve = tmp_path / "eve.json"
+    eve.touch()
+    follower = LogFollower(str(eve), from_start=from_start)
+    try:
+        yield eve, follower
+    finally:
+        follower.close()
+
+
 def test_follows_appended_lines_from_the_end(tmp_path: Path) -> None:
     eve = tmp_path / "eve.json"
     eve.write_text('{"old": 1}\n')
@@ -54,34 +68,28 @@ def test_follows_appended_lines_from_the_end(tmp_path: Path) -> None:
 
 
 def test_survives_rotation_by_rename(tmp_path: Path) -> None:
-    eve = tmp_path / "eve.json"
-    eve.touch()
-    follower = LogFollower(str(eve))
-    follower.poll()
-    append(eve, '{"n": 1}\n')
-    os.rename(eve, tmp_path / "eve.json.1")
-    append(tmp_path / "eve.json.1", '{"n": 2}\n')  # written before Suricata reopened its log
-    assert follower.poll() == [b'{"n": 1}', b'{"n": 2}']
-    assert follower.poll() == []  # the new file does not exist yet
-    append(eve, '{"n": 3}\n')
-    assert follower.poll() == [b'{"n": 3}']
-    assert follower.rotations == 1
-    follower.close()
+    with following(tmp_path) as (eve, follower):
+        follower.poll()
+        append(eve, '{"n": 1}\n')
+        os.rename(eve, tmp_path / "eve.json.1")
+        append(tmp_path / "eve.json.1", '{"n": 2}\n')  # written before Suricata reopened its log
+        assert follower.poll() == [b'{"n": 1}', b'{"n": 2}']
+        assert follower.poll() == []  # the new file does not exist yet
+        append(eve, '{"n": 3}\n')
+        assert follower.poll() == [b'{"n": 3}']
+        assert follower.rotations == 1
 
 
 def test_survives_truncation(tmp_path: Path) -> None:
-    eve = tmp_path / "eve.json"
-    eve.touch()
-    follower = LogFollower(str(eve))
-    follower.poll()
-    append(eve, '{"n": 1}\n{"n": 2}\n')
-    assert len(follower.poll()) == 2
-    eve.write_text("")  # copytruncate
-    assert follower.poll() == []
-    append(eve, '{"n": 3}\n')
-    assert follower.poll() == [b'{"n": 3}']
-    assert follower.truncations == 1
-    follower.close()
+    with following(tmp_path) as (eve, follower):
+        follower.poll()
+        append(eve, '{"n": 1}\n{"n": 2}\n')
+        assert len(follower.poll()) == 2
+        eve.write_text("")  # copytruncate
+        assert follower.poll() == []
+        append(eve, '{"n": 3}\n')
+        assert follower.poll() == [b'{"n": 3}']
+        assert follower.truncations == 1
 
 
 def test_waits_for_a_missing_file_and_reads_it_from_the_start(tmp_path: Path) -> None:
@@ -95,24 +103,18 @@ def test_waits_for_a_missing_file_and_reads_it_from_the_start(tmp_path: Path) ->
 
 
 def test_reopening_the_same_file_replays_nothing(tmp_path: Path) -> None:
-    eve = tmp_path / "eve.json"
-    eve.touch()
-    follower = LogFollower(str(eve), from_start=True)
-    append(eve, '{"n": 1}\n')
-    assert follower.poll() == [b'{"n": 1}']
-    follower.close()  # as after a read error
-    append(eve, '{"n": 2}\n')
-    assert follower.poll() == [b'{"n": 2}']
-    follower.close()
+    with following(tmp_path, from_start=True) as (eve, follower):
+        append(eve, '{"n": 1}\n')
+        assert follower.poll() == [b'{"n": 1}']
+        follower.close()  # as after a read error
+        append(eve, '{"n": 2}\n')
+        assert follower.poll() == [b'{"n": 2}']
 
 
 def test_bad_and_blank_lines_are_passed_on_or_skipped(tmp_path: Path) -> None:
-    eve = tmp_path / "eve.json"
-    eve.touch()
-    follower = LogFollower(str(eve), from_start=True)
-    append(eve, "\n  \nnot json\n")
-    assert follower.poll() == [b"not json"]  # the plugin counts and logs it
-    follower.close()
+    with following(tmp_path, from_start=True) as (eve, follower):
+        append(eve, "\n  \nnot json\n")
+        assert follower.poll() == [b"not json"]  # the plugin counts and logs it
 
 
 def test_alerts_map_to_indicators_by_sid_metadata_and_dataset_values(tmp_path: Path) -> None:
