@@ -20,19 +20,16 @@ def configure(settings: Any, node_name: str) -> None:
         root.removeHandler(handler)
     # Node names may contain '%', which logging would read as a placeholder.
     formatter = logging.Formatter(FORMAT.format(node=node_name.replace("%", "%%")))
+    wanted = [
+        (logging.StreamHandler(sys.stderr), settings.console_verbosity) if settings.console else None,
+        (logging.FileHandler(settings.filename), settings.file_verbosity) if settings.file else None,
+    ]
     levels = []
-    if settings.console:
-        console = logging.StreamHandler(sys.stderr)
-        console.setLevel(settings.console_verbosity)
-        console.setFormatter(formatter)
-        root.addHandler(console)
-        levels.append(logging.getLevelName(settings.console_verbosity))
-    if settings.file:
-        file_handler = logging.FileHandler(settings.filename)
-        file_handler.setLevel(settings.file_verbosity)
-        file_handler.setFormatter(formatter)
-        root.addHandler(file_handler)
-        levels.append(logging.getLevelName(settings.file_verbosity))
+    for handler, verbosity in filter(None, wanted):
+        handler.setLevel(verbosity)
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
+        levels.append(logging.getLevelName(verbosity))
     root.setLevel(min(levels) if levels else logging.CRITICAL)
     quiet_libraries(root.level)
 
