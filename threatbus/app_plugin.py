@@ -51,9 +51,9 @@ class AppRuntime:
 
     def subscribe_until_stop(self, topic: str, sink: Sink, snapshot: timedelta = timedelta(0)) -> list[str]:
         """``subscribe(topic, sink, snapshot)``, ended by ``stop``; returns the snapshot request ids."""
-        ids = self.subscribe(topic, sink, snapshot)
+        # Recorded first: a subscribe that fails half way (its snapshot request, say) is undone too.
         self.subscriptions.append((topic, sink))
-        return ids
+        return self.subscribe(topic, sink, snapshot)
 
     def add_workers(self, *workers: StoppableWorker) -> None:
         """Workers to start after ``start`` (in this order) and to stop with the app.
