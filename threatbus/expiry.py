@@ -34,6 +34,7 @@ from threatbus.ratelimit import RateLimitedLog
 from threatbus.worker import POLL_INTERVAL, StoppableWorker
 
 if TYPE_CHECKING:
+    from threatbus.delivery import Receipt
     from threatbus.routing import Sink
 
 logger = logging.getLogger(__name__)
@@ -99,11 +100,15 @@ class ExpirySchedule:
     # ---- feeding (routing threads) -----------------------------------------
 
     def route(
-        self, hand: Callable[[Message, tuple[Sink, ...]], int], message: Indicator, sinks: tuple[Sink, ...]
+        self,
+        hand: Callable[[Message, tuple[Sink, ...], Receipt | None], int],
+        message: Indicator,
+        sinks: tuple[Sink, ...],
+        receipt: Receipt | None = None,
     ) -> int:
-        """``hand(message, sinks)`` and take the indicator into the schedule, as one step."""
+        """``hand(message, sinks, receipt)`` and take the indicator into the schedule, as one step."""
         with self.lock:
-            handed = hand(message, sinks)
+            handed = hand(message, sinks, receipt)
             self._observe(message, sinks)
         return handed
 

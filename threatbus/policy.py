@@ -49,6 +49,7 @@ from threatbus.errors import ConfigError
 from threatbus.metrics import FILTERED, Metrics
 
 if TYPE_CHECKING:
+    from threatbus.delivery import Receipt
     from threatbus.routing import Sink
 
 # The TLP order for filtering (INTEL.md): CLEAR = WHITE < GREEN < AMBER < AMBER+STRICT < RED.
@@ -424,6 +425,25 @@ class FilteredSink:
             self.sink.put_nowait(item)  # queue.Full goes to the router, which counts the drop
         else:
             self.stats.held(reason)
+
+    def put_tracked(self, item: Any, receipt: Receipt) -> None:
+        """Take the receipt along when the queue tracks deliveries (``threatbus.delivery``); else done on hand-over."""
+        reason = self.filter.check(item)
+        if reason is not None:
+            self.stats.held(reason)
+            receipt.done()
+            return
+        track = getattr(self.sink, "put_tracked", None)
+        if track is not None:
+            track(item, receipt)
+        else:
+            self.sink.put_nowait(item)
+            receipt.done()
+
+    def release(self, receipt: Receipt | None = None) -> int:
+        """The queue's ``release`` (``threatbus.delivery.DeliveryQueue``), where it has one."""
+        release = getattr(self.sink, "release", None)
+        return release(receipt) if release is not None else 0
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         """A blocking put where the queue has one (the log's snapshot answer waits for room)."""

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import threatbus
 from threatbus.data import TOPICS, Indicator, Message
+from threatbus.delivery import Receipt
 from threatbus.lifecycle import as_removal
 from threatbus.metrics import Metrics
 from threatbus.policy import Filter, FilterStats
@@ -97,27 +98,46 @@ class TopicRouter:
         with self._lock:
             return sum(len(subscribers) for subscribers in self._subscriptions.values())
 
-    def route(self, message: Message) -> int:
-        """Hand ``message`` to every subscriber of its topic; returns how many got it."""
+    def route(self, message: Message, receipt: Receipt | None = None) -> int:
+        """Hand ``message`` to every subscriber of its topic; returns how many got it.
+
+        With ``receipt``, sinks that track deliveries (``put_tracked``, see
+        ``threatbus.delivery``) take it along and each calls ``receipt.done()``
+        once its app is done with the message.
+        """
         targets = self._targets.get(message.topic, ())
         if type(message) is Indicator:
             if message.payload.get("revoked") is True:
                 # Apps written for the original drop an indicator on REMOVE only.
                 message = Indicator(as_removal(message.payload))
             if self.expiry is not None:
-                return self.expiry.route(self._hand, message, targets)
-        return self._hand(message, targets)
+                return self.expiry.route(self._hand, message, targets, receipt)
+        return self._hand(message, targets, receipt)
 
     def deliver_to(self, message: Message, sinks: tuple[Sink, ...]) -> int:
         """Hand ``message`` to those of ``sinks`` still subscribed to its topic (removals at expiry)."""
         current = self._targets.get(message.topic, ())
         return self._hand(message, tuple(sink for sink in sinks if sink in current))
 
-    def _hand(self, message: Message, targets: tuple[Sink, ...]) -> int:
+    def _hand(self, message: Message, targets: tuple[Sink, ...], receipt: Receipt | None = None) -> int:
         handed = full = 0
-        for sink in targets:
+        tracking = None
+        if receipt is not None:
+            tracking = [getattr(sink, "put_tracked", None) for sink in targets]
+            expected = len(tracking) - tracking.count(None)
+            if expected:
+                receipt.expect(expected)  # all before the first hand-over: an app may be done before the next gets it
+        for index, sink in enumerate(targets):
             try:
-                sink.put_nowait(message)
+                track = tracking[index] if tracking is not None else None
+                if track is None:
+                    sink.put_nowait(message)
+                else:
+                    try:
+                        track(message, receipt)
+                    except BaseException:
+                        receipt.done()  # type: ignore[union-attr]  # not taken: the sink will not call done
+                        raise
                 handed += 1
             except queue.Full:
                 full += 1

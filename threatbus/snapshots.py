@@ -146,7 +146,7 @@ class SnapshotRouter(StoppableWorker):
         body = envelope.stix
         if self.expiry is not None and isinstance(body, Indicator):
             # Handed over and scheduled in one step: the requester also gets the removal at valid_until.
-            self.expiry.route(lambda _body, _sinks: self._put(requester, envelope), body, (requester,))
+            self.expiry.route(lambda _body, _sinks, _receipt: self._put(requester, envelope), body, (requester,))
         else:
             self._put(requester, envelope)
 

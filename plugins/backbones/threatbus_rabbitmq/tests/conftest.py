@@ -251,6 +251,7 @@ class NodeProcess(ThreatBusProcess):
         backbone: dict[str, Any],
         extra_env: dict[str, str] | None = None,
         snapshot_days: float = 0,
+        knows_delivered: bool = True,
     ):
         self.name = name
         self.inbox = Path(workdir) / f"{name}.inbox.jsonl"
@@ -267,6 +268,7 @@ class NodeProcess(ThreatBusProcess):
                 "outbox": str(self.outbox),
                 "subscribe_when": str(self.subscribe_trigger),
                 "snapshot_days": snapshot_days,
+                "knows_delivered": knows_delivered,
             },
         }
         super().__init__(config, workdir, name=name, extra_env=extra_env)
@@ -329,13 +331,20 @@ class NodeProcess(ThreatBusProcess):
 
 @pytest.fixture
 def spawn_node(tmp_path: Path) -> Iterator[Callable[..., NodeProcess]]:
-    """``spawn_node(name, backbone_section, extra_env=None, snapshot_days=0)``: a node process (not started)."""
+    """``spawn_node(name, backbone_section, extra_env=None, snapshot_days=0, knows_delivered=True)``: a node process.
+
+    Not started. ``knows_delivered=False``: its app cannot tell which messages in doubt it already delivered.
+    """
     made: list[NodeProcess] = []
 
     def spawn(
-        name: str, backbone: dict[str, Any], extra_env: dict[str, str] | None = None, snapshot_days: float = 0
+        name: str,
+        backbone: dict[str, Any],
+        extra_env: dict[str, str] | None = None,
+        snapshot_days: float = 0,
+        knows_delivered: bool = True,
     ) -> NodeProcess:
-        node = NodeProcess(tmp_path, name, backbone, extra_env, snapshot_days)
+        node = NodeProcess(tmp_path, name, backbone, extra_env, snapshot_days, knows_delivered)
         made.append(node)
         return node
 

@@ -4,7 +4,11 @@ Usage: ``python rabbitmq_node.py CONFIG``. The config is a normal Threat Bus
 config (backbone from its entry point) with an extra top-level section
 ``testapp: {inbox: PATH, outbox: PATH}``: the app publishes every JSON line
 appended to ``inbox`` (validated like a real app does) and appends every
-message it receives for ``stix2`` to ``outbox``, one JSON line each. With
+message it receives for ``stix2`` to ``outbox``, one JSON line each,
+acknowledging them (``DeliveryQueue.task_done``) right after the write. Like
+an app that can look into what it delivered, it tells the backbone which of
+the messages in doubt after a crash are in ``outbox`` already (each logged);
+with ``knows_delivered: false`` it is an app that cannot tell. With
 ``subscribe_when: PATH`` it subscribes only once that file exists (an app that
 reconnects to a restarted node a while after it started). With
 ``snapshot_days: N`` it subscribes with a snapshot of N days and asks for the
@@ -29,6 +33,7 @@ from threatbus import cli, config, plugins
 from threatbus import logging as threatbus_logging
 from threatbus.bus import Bus
 from threatbus.data import Message, decode
+from threatbus.delivery import DeliveryQueue
 from threatbus.errors import DecodeError
 from threatbus.snapshots import SnapshotEnd
 from threatbus.stix import validate
@@ -64,7 +69,7 @@ class _InboxReader(StoppableWorker):
 
 
 class _OutboxWriter(StoppableWorker):
-    def __init__(self, path: Path, source: queue.Queue[Message]) -> None:
+    def __init__(self, path: Path, source: DeliveryQueue) -> None:
         super().__init__(name="testapp-outbox")
         self.path = path
         self.source = source
@@ -80,6 +85,18 @@ class _OutboxWriter(StoppableWorker):
                     except queue.Empty:
                         break
                 outbox.write(b"".join(_line(m) + b"\n" for m in batch))
+                # Sent on: the backbone keeps their keys now (a kill after the write and before this repeats them).
+                self.source.task_done(len(batch))
+
+
+def _written(outbox: Path) -> set[tuple[str, ...]]:
+    keys = set()
+    for line in outbox.read_bytes().splitlines() if outbox.exists() else ():
+        try:
+            keys.add(decode(line).dedup_key)
+        except DecodeError:
+            continue  # a snapshot end marker
+    return keys
 
 
 def _line(item: Message | SnapshotEnd) -> bytes:
@@ -103,13 +120,27 @@ class _LateSubscriber(StoppableWorker):
 
 
 class FileApp:
-    def __init__(self, inbox: str, outbox: str, subscribe_when: str | None = None, snapshot_days: float = 0) -> None:
+    def __init__(
+        self,
+        inbox: str,
+        outbox: str,
+        subscribe_when: str | None = None,
+        snapshot_days: float = 0,
+        knows_delivered: bool = True,
+    ) -> None:
         self.snapshot = timedelta(days=snapshot_days)
         self.inbox = Path(inbox)
         self.outbox = Path(outbox)
         self.subscribe_when = Path(subscribe_when) if subscribe_when else None
-        self.received: queue.Queue[Message] = queue.Queue()
+        self.written = _written(self.outbox)  # before this start: what messages in doubt are checked against
+        self.received = DeliveryQueue(already_delivered=self._already_delivered if knows_delivered else None)
         self.workers: list[StoppableWorker] = []
+
+    def _already_delivered(self, message: Message) -> bool:
+        if message.dedup_key not in self.written:
+            return False
+        logger.info("testapp: in doubt and already in the outbox: %s", getattr(message, "id", message))
+        return True
 
     @threatbus.app
     def config_validators(self) -> list[Any]:
@@ -148,6 +179,7 @@ def main(path: str) -> int:
         settings.testapp.outbox,
         settings.testapp.get("subscribe_when"),
         float(settings.testapp.get("snapshot_days") or 0),
+        bool(settings.testapp.get("knows_delivered", True)),
     )
     bus = Bus(settings, apps={"testapp": app}, backbones=loaded["backbones"], node=node)
     bus.configure()

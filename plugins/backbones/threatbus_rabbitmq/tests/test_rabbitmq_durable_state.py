@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import queue
 import struct
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +14,10 @@ import pytest
 
 from threatbus import cli
 from threatbus import config as core_config
+from threatbus.delivery import DeliveryQueue
 from threatbus.errors import ConfigError, PluginError
 from threatbus.node import Node
+from threatbus.routing import TopicRouter
 from threatbus.testing import indicator, settings_from
 from threatbus_rabbitmq.dedup import Deduplicator, PersistentDeduplicator, digest, open_dedup
 from threatbus_rabbitmq.handover import Handover
@@ -109,7 +113,8 @@ def test_the_dedup_window_survives_a_reopen_without_close(tmp_path):
     window = PersistentDeduplicator(100, tmp_path / "dedup.ring")
     digests = [window.check(k) for k in keys]
     assert all(digests) and window.check(keys[0]) == 0
-    window.record(digests[:6])  # the apps took the first six
+    for value in digests[:6]:  # the apps are done with the first six
+        window.record(value)
     again = PersistentDeduplicator(100, tmp_path / "dedup.ring")
     assert [again.check(k) == 0 for k in keys] == [True] * 6 + [False] * 4
 
@@ -118,10 +123,34 @@ def test_the_dedup_window_keeps_its_newest_keys_when_it_shrinks_or_wraps(tmp_pat
     path = tmp_path / "dedup.ring"
     window = PersistentDeduplicator(5, path)
     keys = [("k", str(i)) for i in range(8)]  # wraps the ring of 5
-    window.record([window.check(k) for k in keys])
+    for k in keys:
+        window.record(window.check(k))
     smaller = PersistentDeduplicator(3, path)
     assert [smaller.seen(k) for k in keys[-3:]] == [True] * 3
     assert not smaller.seen(keys[0])
+
+
+def test_what_was_handed_and_never_reported_done_is_in_doubt_after_a_reopen(tmp_path):
+    path = tmp_path / "dedup.ring"
+    window = PersistentDeduplicator(100, path)
+    done, doubtful, both = digest(("a",)), digest(("b",)), digest(("c",))
+    window.record(done, window.handed(done))
+    window.handed(doubtful)  # the node dies before the app says it is done
+    window.handed(both)
+    window.record(both, window.handed(both))  # delivered again after an earlier crash, then done
+    again = PersistentDeduplicator(100, path)  # no close: as after SIGKILL
+    assert again.doubtful == 1
+    assert not again.admit(done) and not again.admit(both)
+    assert again.admit(doubtful) and again.in_doubt(doubtful) and not again.in_doubt(doubtful)
+    assert not again.in_doubt(done)
+
+
+def test_a_window_file_of_the_previous_format_loads_as_done_keys(tmp_path):
+    path = tmp_path / "dedup.ring"
+    full = int.from_bytes(hashlib.blake2b(b"a", digest_size=8).digest(), "little")  # digests used all 64 bits
+    path.write_bytes(struct.pack("<8sQQ", b"TBDEDUP1", 2, 1) + struct.pack("<2Q", full, 0))
+    window = PersistentDeduplicator(10, path)
+    assert window.doubtful == 0 and window.seen(("a",))
 
 
 @pytest.mark.parametrize("garbage", [b"", b"x" * 10, os.urandom(200), struct.pack("<8sQQ", b"TBDEDUP1", 10**9, 0)])
@@ -143,40 +172,106 @@ def test_digests_are_stable_across_processes_and_never_zero():
 # ---- handover -----------------------------------------------------------
 
 
-def test_handover_releases_tags_only_once_the_apps_took_their_messages():
-    app_a, app_b = queue.Queue(), queue.Queue()
-    handover = Handover()
-    for tag in (1, 2, 3):
-        app_a.put(tag)
-        app_b.put(tag)
-        handover.routed(tag, 100 + tag, (app_a, app_b))
-    handover.routed(4, 0, ())  # a duplicate: nothing handed
-    assert handover.taken() == (0, [])
+class Recorder(Deduplicator):
+    """A window in memory that notes what it is told: ``recorded`` (done) in order, and by which thread."""
+
+    def __init__(self) -> None:
+        super().__init__(100)
+        self.recorded: list[int] = []
+        self.threads: list[str] = []
+
+    def record(self, value: int, slot: int = -1) -> None:
+        self.recorded.append(value)
+        self.threads.append(threading.current_thread().name)
+
+
+def route_all(router, handover, tags):
+    """Route one indicator per tag the way the consumer does; returns the messages."""
+    messages = []
+    for tag in tags:
+        message = indicator(f"10.77.0.{tag}")
+        delivery = handover.begin(digest(message.dedup_key), router.subscribers(message.topic))
+        router.route(message, delivery)
+        handover.routed(tag, delivery)
+        messages.append(message)
+    return messages
+
+
+def test_handover_settles_tags_once_the_apps_took_them_from_plain_queues():
+    router, window = TopicRouter(), Recorder()
+    app_a, app_b = queue.Queue(), queue.SimpleQueue()
+    router.subscribe("stix2", app_a)
+    router.subscribe("stix2", app_b)
+    handover = Handover(window)
+    messages = route_all(router, handover, (1, 2, 3))
+    handover.skip(4)  # rejected, or held back by the import filter: nothing to wait for
+    assert handover.settle() is None and window.recorded == []
     app_a.get()
     app_a.get()
     app_b.get()
-    assert handover.taken() == (1, [101])  # 2 is still in app_b's queue
+    assert handover.settle() == 1  # 2 is still in app_b's queue
+    assert window.recorded == [digest(messages[0].dedup_key)]
     app_b.get()
     app_a.get()
     app_b.get()
-    assert handover.taken() == (4, [102, 103])
+    assert handover.settle() == 4
+    assert window.recorded == [digest(m.dedup_key) for m in messages]
     assert len(handover) == 0
 
 
-def test_a_stuck_app_stops_holding_acks_back_after_a_while(caplog):
-    stuck = queue.Queue()
-    handover = Handover(slow_after=0.0)
-    stuck.put("m")
-    handover.routed(1, 7, (stuck,))
-    assert handover.taken() == (1, [7])
-    assert "took nothing from its queue" in caplog.text
+def test_a_delivery_queue_settles_its_message_in_the_apps_thread_when_the_app_acknowledges():
+    router, window = TopicRouter(), Recorder()
+    app = DeliveryQueue()
+    router.subscribe("stix2", app)
+    handover = Handover(window)
+    (message,) = route_all(router, handover, (1,))
+    assert app.get_nowait() == message
+    assert handover.settle() is None and window.recorded == []  # taken is not enough: sent on is
+
+    worker = threading.Thread(target=app.task_done, name="the-app")
+    worker.start()
+    worker.join()
+    assert window.recorded == [digest(message.dedup_key)] and window.threads == ["the-app"]
+    assert handover.settle() == 1
 
 
-def test_handover_clear_returns_what_was_handed_to_apps():
-    handover = Handover()
-    handover.routed(1, 5, (queue.Queue(),))
-    handover.routed(2, 6, ())
-    assert handover.clear() == [5] and len(handover) == 0
+def test_a_repeat_is_settled_only_once_the_message_it_repeats_is(tmp_path):
+    # After a reconnect the broker delivers again what was not acked, while the first copy may still wait.
+    router, window = TopicRouter(), Recorder()
+    app = DeliveryQueue()
+    router.subscribe("stix2", app)
+    handover = Handover(window)
+    (message,) = route_all(router, handover, (1,))
+    handover.clear()  # the channel is gone with tag 1
+    handover.repeat(1, digest(message.dedup_key))  # the new channel's tag 1: the same message
+    assert handover.settle() is None
+    app.get_nowait()
+    app.task_done()
+    assert window.recorded == [digest(message.dedup_key)]
+    assert handover.settle() == 1
+    handover.repeat(2, digest(message.dedup_key))  # once more, long after: nothing to wait for
+    assert handover.settle() == 2
+
+
+@pytest.mark.parametrize("make_queue", [queue.Queue, DeliveryQueue])
+def test_a_stuck_app_stops_holding_acks_back_after_a_while_until_it_caught_up(caplog, make_queue):
+    router, window = TopicRouter(), Recorder()
+    stuck = make_queue()
+    router.subscribe("stix2", stuck)
+    handover = Handover(window, slow_after=0.0)
+    route_all(router, handover, (1, 2))
+    assert handover.settle() == 2
+    assert len(window.recorded) == 2 and "(2 waiting)" in caplog.text
+    route_all(router, handover, (3,))
+    assert handover.settle() == 3 and len(window.recorded) == 3  # not waited for while it is behind
+    for _ in range(3):
+        stuck.get_nowait()
+    if isinstance(stuck, DeliveryQueue):
+        stuck.task_done(3)
+    handover.settle()
+    handover.slow_after = 60.0
+    route_all(router, handover, (4,))
+    assert handover.settle() is None  # caught up: waited for again
 
 
 # ---- state directory ----------------------------------------------------

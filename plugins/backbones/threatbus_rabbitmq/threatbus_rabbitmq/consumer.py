@@ -4,7 +4,8 @@ The consumer owns its pika connection in its own thread. For every delivery
 it decodes the body (structure only, ``threatbus.data.decode``), drops it if
 an identical message was seen recently (at-least-once delivery repeats
 messages after reconnects), routes it with the ``TopicRouter`` (never blocks)
-and only then acknowledges it. Acks are batched (``multiple=True``). Messages
+and acknowledges it once the apps are done with it (``handover``). Acks are
+batched (``multiple=True``). Messages
 that did not come from one of our nodes (``deadletter.from_our_node``) are
 first validated like intel entering the bus (``threatbus.stix.validate``).
 Poison, invalid intel and what no local app could take are logged, counted
@@ -41,12 +42,12 @@ from threatbus_rabbitmq.settings import BrokerSettings
 
 logger = logging.getLogger(__name__)
 
-# While messages wait in the apps' queues, how often the consumer looks whether they were taken (then writes
-# their keys; the shorter, the fewer a kill in between repeats) and acks what was taken.
+# While messages wait for the apps, how often the consumer looks whether they are done (and, for apps whose plain
+# queues it looks into, writes their keys: the shorter, the fewer a kill in between repeats) and acks them.
 RELEASE_INTERVAL = 0.001
-# Acks of taken messages wait at most this long to be batched with later ones.
+# Acks of settled messages wait at most this long to be batched with later ones.
 ACK_DELAY = 0.01
-# On a busy queue the consumer looks at what was taken at every this many deliveries too.
+# On a busy queue the consumer looks at what was settled at every this many deliveries too.
 RELEASE_EVERY = 16
 # Poison messages: at most this many log lines per window, then a summary.
 _POISON_LOG_BURST = 20
@@ -79,7 +80,7 @@ class Consumer(AmqpWorker):
         self._current: tuple[bytes, BasicProperties, str] | None = None  # the delivery being routed
         router.on_drop = self._on_undelivered
         self.dedup = dedup if dedup is not None else Deduplicator(settings.dedup_window)
-        self.handover = Handover()
+        self.handover = Handover(self.dedup)
         self.consumed = 0
         self.rejected = 0
         self.duplicates = 0
@@ -92,7 +93,7 @@ class Consumer(AmqpWorker):
         self._consumer_tag: str | None = None
         self._ack_batch = max(1, settings.prefetch // 4)
         self._ack_timer: Any = None
-        self._ackable = 0  # the highest delivery tag the apps took (all below it too)
+        self._ackable = 0  # the highest delivery tag the apps are done with (all below it too)
         self._acked = 0
         self._ack_due = 0.0  # monotonic: when what was taken must be acked at the latest
         self._poison_window_start = 0.0
@@ -274,43 +275,45 @@ class Consumer(AmqpWorker):
                 # Not from one of our nodes (an original node, another producer): check it like an app's intel.
                 self.foreign += 1
                 validate(message)
-            digest = self.dedup.check(message.dedup_key)
-            if not digest and is_replay(properties):
-                digest = dedup_digest(message.dedup_key)  # a replay is an operator's explicit "send it again"
+            digest = dedup_digest(message.dedup_key)
+            # A replay is an operator's explicit "send it again".
+            fresh = self.dedup.admit(digest) or is_replay(properties)
         except Exception as err:  # DecodeError, InvalidIntel, or anything else odd input may provoke
             self.rejected += 1
             self._log_poison(err, body, method)
             reason = INVALID_STIX if isinstance(err, InvalidIntel) else INVALID_MESSAGE
             self._dead_letter(channel, method, body, properties, reason, str(err))
             return
-        queues: tuple[Any, ...] = ()
-        if not digest:
+        tag = method.delivery_tag
+        if not fresh:
             self.duplicates += 1
+            self.handover.repeat(tag, digest)
         elif (
             self.importing is not None
             and properties.app_id != self.settings.queue_name  # our own messages passed the export filter
             and not self.importing(message)
         ):
-            pass  # held back by the import filter, counted there
+            self.handover.skip(tag)  # held back by the import filter, counted there
         else:
+            # Acked (and its key kept on disk) once the apps are done with it: see handover.
             queues = self.router.subscribers(message.topic)
+            delivery = self.handover.begin(digest, queues, self.dedup.in_doubt(digest))
             self._current = (body, properties, method.exchange)
             try:
-                self.router.route(message)
+                self.router.route(message, delivery)
             except Exception:
                 # A broken subscriber must not stop the consumer nor block the queue.
                 logger.exception("consumer: delivering %s to local subscribers failed", message.type_name)
             finally:
                 self._current = None
-        # Acked (and its key kept on disk) once the apps took it from their queues: see handover.
-        self.handover.routed(method.delivery_tag, digest, queues)
+                self.handover.routed(tag, delivery)
         self._ack()
 
     def _dead_letter(
         self, channel: Channel, method: Basic.Deliver, body: bytes, properties: BasicProperties, reason: str, why: str
     ) -> None:
         if self.dead_letters is not None and self.dead_letters.send(body, properties, method.exchange, reason, why):
-            self.handover.routed(method.delivery_tag, 0, ())  # acked in order, like a message no app wanted
+            self.handover.skip(method.delivery_tag)  # acked in order, like a message no app wanted
             self._ack()
         else:  # no dead-letter queue (off, or refused by the broker): as before, the broker drops it
             self._flush_acks()
@@ -325,23 +328,21 @@ class Consumer(AmqpWorker):
 
     def _ack(self) -> None:
         if len(self.handover) >= RELEASE_EVERY:
-            self._release_taken()
+            self._release_settled()
         if self._ack_timer is None:
             self._ack_timer = self.call_later(RELEASE_INTERVAL, self._on_ack_timer)
 
     def _on_ack_timer(self) -> None:
         self._ack_timer = None
-        self._release_taken(ack_now=time.monotonic() >= self._ack_due)
+        self._release_settled(ack_now=time.monotonic() >= self._ack_due)
         waiting = len(self.handover) or self._ackable > self._acked
         if waiting and self._channel is not None and self._channel.is_open:
             self._ack_timer = self.call_later(RELEASE_INTERVAL, self._on_ack_timer)
 
-    def _release_taken(self, ack_now: bool = False) -> None:
-        """Write the keys of what the apps took to the dedup window, then ack it (batched unless ``ack_now``)."""
-        tag, digests = self.handover.taken()
-        if digests:
-            self.dedup.record(digests)
-        if tag:
+    def _release_settled(self, ack_now: bool = False) -> None:
+        """Ack what the apps are done with (batched unless ``ack_now``); their keys are on disk by then."""
+        tag = self.handover.settle()
+        if tag is not None:
             if self._ackable == self._acked:
                 self._ack_due = time.monotonic() + ACK_DELAY
             self._ackable = tag
@@ -351,11 +352,11 @@ class Consumer(AmqpWorker):
             self._acked = self._ackable
 
     def _flush_acks(self) -> None:
-        """Ack what the apps took so far, after writing its dedup keys."""
+        """Ack what the apps are done with so far."""
         if self._ack_timer is not None:
             self.remove_timeout(self._ack_timer)
             self._ack_timer = None
-        self._release_taken(ack_now=True)
+        self._release_settled(ack_now=True)
 
     def _log_poison(self, err: Exception, body: bytes, method: Basic.Deliver) -> None:
         now = time.monotonic()
@@ -381,15 +382,10 @@ class Consumer(AmqpWorker):
     # ---- lifecycle -----------------------------------------------------
 
     def on_lost(self) -> None:
-        # Delivery tags belong to the channel: unacked messages come again and the dedup window catches them.
-        # What the apps took is delivered: its keys go to disk. What they did not take yet: when running they
-        # will, so it counts as delivered too; when stopping, the apps are gone and it must come again.
-        _tag, digests = self.handover.taken()
-        self.dedup.record(digests)
-        waiting = self.handover.clear()
+        # Delivery tags belong to the channel: unacked messages come again. Those the apps are done with were
+        # keyed and are dropped; a repeat of one still waiting in an app's queue is acked once that one is done.
+        self.handover.clear()
         self._ackable = self._acked = 0
-        if not self.stopping:
-            self.dedup.record(waiting)
         self._consumer_tag = None
         self._end_hold()
         if self._ack_timer is not None:

@@ -1,99 +1,196 @@
-"""Which messages the local apps have taken from their subscriber queues, so they can be acked.
+"""Which messages the local apps are done with, so they can be acked (stream transport: their offset stored).
 
-The consumer acks a message (and writes its dedup key to disk) only once every
-app it was routed to has taken it from its queue. Acked earlier, a message
-still waiting in an app's in-memory queue is lost when the node is killed;
-written to the dedup window earlier, it would be dropped as a duplicate
-when the broker delivers it again after the restart.
+A message is acked, and its dedup key written to disk as done, only once
+every app it was routed to is done with it. Acked earlier, a message still
+waiting in an app's in-memory queue is lost when the node is killed; keyed
+before the app sent it on, it is dropped as a repeat when the broker delivers
+it again after the restart. Before routing, its key is written as handed: a
+kill between an app sending it on and saying so leaves it in doubt (see
+``dedup``).
 
-No app has to cooperate: for a queue we handed ``c`` messages so far, the one
-handed as number ``n`` is taken once ``c - n >= queue.qsize()`` (everything
-put after it is at most what is still in the queue). Other producers on the
-same queue only make this later, never earlier. A queue whose app takes
-nothing for ``SLOW_AFTER`` seconds stops holding acks back (a stuck app must
-not stall the node) until it is seen empty again.
+How an app's queue tells, from exact to not at all:
+
+- ``threatbus.delivery.DeliveryQueue`` (also behind an app's policy filter):
+  the app acknowledges each message (``task_done``) right after sending it
+  on, and the key is written in that call, in the app's thread.
+- any other queue with ``qsize`` (``queue.Queue``, ``SimpleQueue``): no app
+  has to cooperate. For a queue handed ``c`` messages so far, the one handed
+  as number ``n`` is taken once ``c - n >= queue.qsize()`` (everything put
+  after it is at most what is still in the queue; other producers on the same
+  queue only make this later, never earlier). ``settle`` looks, and writes
+  the keys, in the consuming thread (every millisecond while messages wait).
+- any other sink: done when handed the message.
+
+A message that waited ``SLOW_AFTER`` seconds stops holding acks back (a stuck
+app must not stall the node): the queue holding it is not waited for until
+its app caught up (logged).
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Iterable
 from typing import Any
+
+from threatbus.delivery import Receipt
+from threatbus_rabbitmq.dedup import Deduplicator
 
 logger = logging.getLogger(__name__)
 
 SLOW_AFTER = 1.0
 
 
-class Handover:
-    """Delivery tags in routing order, each with the queue positions its message was handed to."""
+class Delivery(Receipt):
+    """One routed message: written to the dedup window as done once its apps are done with it."""
 
-    def __init__(self, slow_after: float = SLOW_AFTER) -> None:
+    __slots__ = ("digest", "handover", "queues", "routed_at", "slot")
+
+    def __init__(self, handover: Handover, digest: int, queues: tuple[Any, ...], in_doubt: bool) -> None:
+        super().__init__(in_doubt)
+        self.handover = handover
+        self.digest = digest
+        self.queues = queues
+        self.routed_at = time.monotonic()
+        self.slot = -1  # where the dedup window noted it as handed
+
+    def on_done(self) -> None:
+        self.handover._delivered(self)
+
+
+class _Probe:
+    """A plain queue we look into: how many messages we handed it, and which of them may still wait there."""
+
+    __slots__ = ("handed", "marks", "queue", "slow")
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+        self.handed = 0
+        self.marks: deque[tuple[int, Delivery]] = deque()
+        self.slow = False  # not waited for until seen empty
+
+
+class Handover:
+    """Positions (delivery tags, stream offsets) in routing order, each settled once its apps are done.
+
+    The consuming thread calls ``begin``/``routed`` (or ``skip``, ``repeat``)
+    for every message in order and ``settle`` now and then; a message is
+    recorded in ``dedup`` as done in whichever thread finishes it last,
+    usually an app's.
+    """
+
+    def __init__(self, dedup: Deduplicator, slow_after: float = SLOW_AFTER) -> None:
+        self.dedup = dedup
         self.slow_after = slow_after
-        self._handed: dict[int, int] = {}  # id(queue) -> messages handed to it
-        self._queues: dict[int, Any] = {}
-        self._slow: set[int] = set()  # id(queue): not holding acks back until it is seen empty
-        # (delivery tag, dedup digest or 0, ((id(queue), number), ...), monotonic time routed)
-        self._pending: deque[tuple[int, int, tuple[tuple[int, int], ...], float]] = deque()
+        self._lock = threading.Lock()
+        self._open: dict[int, Delivery] = {}  # digest -> its delivery while not done: a repeat waits for it
+        self._pending: deque[tuple[int, Delivery | None]] = deque()  # None: nothing to wait for
+        self._probes: dict[int, _Probe] = {}  # id(queue) -> probe
 
     def __len__(self) -> int:
         return len(self._pending)
 
-    def routed(self, tag: int, digest: int, queues: Iterable[Any]) -> None:
-        """The message of ``tag`` was handed to ``queues`` (none: a duplicate, or no subscriber)."""
-        marks = []
-        handed = self._handed
+    # ---- the consuming thread ------------------------------------------
+
+    def begin(self, digest: int, queues: tuple[Any, ...], in_doubt: bool = False) -> Delivery:
+        """A receipt for the message of ``digest`` about to be routed to ``queues``: pass it to the router.
+
+        ``in_doubt``: handed to the apps before the node's restart and never reported done.
+        """
+        delivery = Delivery(self, digest, queues, in_doubt)
         for q in queues:
-            if not hasattr(q, "qsize"):
-                continue  # a sink we cannot look into: it takes at once, as far as we can tell
-            key = id(q)
-            number = handed.get(key, 0) + 1
-            handed[key] = number
-            self._queues[key] = q
-            marks.append((key, number))
-        self._pending.append((tag, digest, tuple(marks), time.monotonic()))
+            if hasattr(q, "put_tracked") or not hasattr(q, "qsize"):
+                continue  # it reports on the receipt itself, or it is done on hand-over
+            probe = self._probes.get(id(q))
+            if probe is None:
+                probe = self._probes[id(q)] = _Probe(q)
+            probe.handed += 1  # looked at in this thread only, after routing
+            if not probe.slow:
+                delivery.expect()
+                probe.marks.append((probe.handed, delivery))
+        if digest:
+            delivery.slot = self.dedup.handed(digest)
+            with self._lock:
+                self._open[digest] = delivery
+        return delivery
 
-    def taken(self) -> tuple[int, list[int]]:
-        """Pop the leading messages every app has taken: (last such delivery tag or 0, their digests)."""
+    def routed(self, position: int, delivery: Delivery) -> None:
+        """Routing ``delivery``'s message (at ``position``) ended: wait for its apps from now on."""
+        self._pending.append((position, delivery))
+        delivery.finish()  # no app to wait for: delivered now
+
+    def skip(self, position: int) -> None:
+        """Nothing at ``position`` reaches an app (rejected, held back, no digest): settled as it comes."""
+        self._pending.append((position, None))
+
+    def repeat(self, position: int, digest: int) -> None:
+        """A repeat of a recent message: settled once that one is (after a reconnect it may still wait in a queue)."""
+        with self._lock:
+            delivery = self._open.get(digest)
+        self._pending.append((position, delivery if delivery is not None and not delivery.settled else None))
+
+    def settle(self) -> int | None:
+        """Pop the leading positions whose apps are done; the last one popped, or None."""
+        self._probe()
         pending = self._pending
-        last = 0
-        digests: list[int] = []
-        now = time.monotonic()
-        sizes: dict[int, int] = {}
+        last = None
+        now = 0.0
         while pending:
-            tag, digest, marks, routed_at = pending[0]
-            for key, number in marks:
-                if key in self._slow:
-                    continue
-                size = sizes.get(key)
-                if size is None:
-                    size = sizes[key] = self._queues[key].qsize()
-                if self._handed[key] - number < size:
-                    if now - routed_at < self.slow_after:
-                        return last, digests
-                    self._slow.add(key)
-                    logger.warning(
-                        "consumer: an app took nothing from its queue for %.0fs (%d waiting): "
-                        "acking its messages without waiting for it (they are lost if the node dies now)",
-                        self.slow_after,
-                        size,
-                    )
+            position, delivery = pending[0]
+            if delivery is not None and not delivery.settled:
+                now = now or time.monotonic()
+                if now - delivery.routed_at < self.slow_after:
+                    break
+                self._stop_waiting(delivery)
             pending.popleft()
-            last = tag
-            if digest:
-                digests.append(digest)
-        self._recover_slow(sizes)
-        return last, digests
+            last = position
+        return last
 
-    def _recover_slow(self, sizes: dict[int, int]) -> None:
-        for key in list(self._slow):
-            if (sizes.get(key) if key in sizes else self._queues[key].qsize()) == 0:
-                self._slow.discard(key)
-
-    def clear(self) -> list[int]:
-        """The channel is gone (its tags with it): forget the tags; return the digests of routed messages."""
-        digests = [digest for _tag, digest, marks, _t in self._pending if digest and marks]
+    def clear(self) -> None:
+        """The positions are gone (a closed channel's tags): forget them; their messages still settle."""
         self._pending.clear()
-        return digests
+
+    # ---- internals -----------------------------------------------------
+
+    def _probe(self) -> None:
+        for key, probe in list(self._probes.items()):
+            size = probe.queue.qsize()
+            marks = probe.marks
+            while marks and probe.handed - marks[0][0] >= size:
+                marks.popleft()[1].done()
+            if probe.slow and size == 0:
+                probe.slow = False
+                logger.info("handover: an app emptied its queue again: waiting for it again")
+            if not marks and not probe.slow:
+                del self._probes[key]  # numbering starts afresh: it only makes what counts as taken later
+
+    def _stop_waiting(self, delivery: Delivery) -> None:
+        """``delivery`` waited too long: stop waiting for the queues that hold it."""
+        for q in delivery.queues:
+            release = getattr(q, "release", None)
+            released = release(delivery) if release is not None else 0
+            probe = self._probes.get(id(q))
+            if probe is not None and any(d is delivery for _n, d in probe.marks):
+                probe.slow = True
+                released = len(probe.marks)
+                while probe.marks:
+                    probe.marks.popleft()[1].done()
+            if released:
+                logger.warning(
+                    "handover: an app has not finished a message for %.0fs (%d waiting): acking its messages "
+                    "without waiting for it until it caught up (they are lost if the node dies now)",
+                    self.slow_after,
+                    released,
+                )
+        if not delivery.settled:
+            logger.warning("handover: a subscriber never reported a message done: not waiting for it")
+
+    def _delivered(self, delivery: Delivery) -> None:
+        # Any thread, usually the app's that just sent the message on: the key goes to disk first.
+        digest = delivery.digest
+        if digest:
+            self.dedup.record(digest, delivery.slot)
+            with self._lock:
+                if self._open.get(digest) is delivery:
+                    del self._open[digest]

@@ -10,7 +10,9 @@ binding to the exchange still brings what they publish to stream nodes.
 
 rstream is asyncio: one loop runs in the ``rabbitmq-stream`` thread. The
 bus's ``inq`` is drained there (polled, so no thread hop per message);
-deliveries go to the ``TopicRouter``, which never blocks.
+deliveries go to the ``TopicRouter``, which never blocks. The offset stored
+is that of the last message the apps are done with (``handover``), so what
+still waited in an app's queue when the node died is read again.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from threatbus.routing import TopicRouter
 from threatbus.worker import Backoff, StoppableWorker
 from threatbus_rabbitmq.consumer import INTEL_TOPICS
 from threatbus_rabbitmq.dedup import Deduplicator
+from threatbus_rabbitmq.dedup import digest as dedup_digest
+from threatbus_rabbitmq.handover import Handover
 from threatbus_rabbitmq.intel_log import LogKeeper, LogSettings, amqp_body
 from threatbus_rabbitmq.settings import PREFIX, BrokerSettings
 
@@ -88,6 +92,8 @@ class StreamTransport(StoppableWorker):
         self.resent = 0
         self.connected = False
         self.offset: int | None = None  # the last offset routed
+        self.handover = Handover(self.dedup)
+        self._done: int | None = None  # the last offset the apps are done with (all before it too)
         self._stored: int | None = None
         self._unconfirmed: dict[int, Message] = {}
         self._early: set[int] = set()
@@ -240,6 +246,7 @@ class StreamTransport(StoppableWorker):
                 await self._send(producer, amqp, batch)
             elif batch:
                 backlog = batch + backlog  # wait for confirms first
+            self._settle()
             now = time.monotonic()
             if now >= next_store:
                 await self._store(consumer)
@@ -300,28 +307,41 @@ class StreamTransport(StoppableWorker):
         if self._stored is None and self.offset is None and context.timestamp < self._started_ms:
             return  # a new node's first chunk: before its time
         self.consumed += 1
-        self.offset = context.offset
+        offset = self.offset = context.offset
+        handover = self.handover
         try:
             message = decode(amqp_body(raw))
             key: Hashable = message.dedup_key
         except (ValueError, IndexError) as err:
             self.rejected += 1
-            logger.warning("stream transport: skipped an invalid entry at offset %d: %s", context.offset, err)
+            logger.warning("stream transport: skipped an invalid entry at offset %d: %s", offset, err)
+            handover.skip(offset)
             return
-        digest = self.dedup.check(key)
-        if not digest:
+        digest = dedup_digest(key)
+        if not self.dedup.admit(digest):
             self.duplicates += 1
+            handover.repeat(offset, digest)
             return
         if self.importing is not None and hash(key) not in self._own_keys and not self.importing(message):
+            handover.skip(offset)
             return
+        # Its key is remembered (on disk with state: disk) once the apps are done with it: see handover.
+        delivery = handover.begin(digest, self.router.subscribers(message.topic), self.dedup.in_doubt(digest))
         try:
-            self.router.route(message)
+            self.router.route(message, delivery)
         except Exception:
             logger.exception("stream transport: delivering %s to local subscribers failed", message.type_name)
-        self.dedup.record([digest])  # handed over: remembered (on disk with state: disk) across a crash
+        finally:
+            handover.routed(offset, delivery)
+
+    def _settle(self) -> None:
+        done = self.handover.settle()
+        if done is not None:
+            self._done = done
 
     async def _store(self, consumer: Any) -> None:
-        offset = self.offset
+        self._settle()
+        offset = self._done
         if offset is None or offset == self._stored:
             return
         try:

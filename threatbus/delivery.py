@@ -1,0 +1,221 @@
+"""Apps telling the backbone when they are done with a message: receipts and the queue that carries them.
+
+A backbone that must not lose nor repeat messages across a crash (it acks a
+broker, keeps dedup keys on disk) needs to know when an app has acted on a
+message: acked earlier, a message still waiting in the app's queue is lost
+when the node dies; keyed earlier, it is dropped as a repeat after the
+restart; keyed later, it comes twice.
+
+The backbone hands the router a ``Receipt`` with the message. A sink that
+has ``put_tracked(item, receipt)`` (``DeliveryQueue``, the policy filter's
+wrapper around one) takes the receipt along; the router counts it
+(``expect``) and the sink calls ``receipt.done()`` once its app is done with
+the item. The last ``done`` runs ``on_done``, in that thread: for an app that
+acknowledges with ``DeliveryQueue.task_done`` right after sending an item on,
+in the app's own thread, a few microseconds after the send. Sinks without
+``put_tracked`` are done when handed the message, as far as receipts go.
+
+Between an app sending a message on and its ``task_done`` the node may die;
+the message then comes again after the restart, marked ``in_doubt``. Only the
+app can tell whether it got out: a ``DeliveryQueue`` given
+``already_delivered`` asks it and skips what it already has.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+
+class Receipt:
+    """One message on its way to the apps; ``on_done`` runs once every tracking sink that took it is done.
+
+    Whoever hands the message on counts the sinks first (``expect``), all of
+    them before handing it to any (an app may finish before the next sink got
+    it). Nothing expected after routing: the backbone calls ``finish``.
+    """
+
+    __slots__ = ("_left", "_lock", "expected", "in_doubt", "settled")
+
+    def __init__(self, in_doubt: bool = False) -> None:
+        self._left = 0
+        self._lock = threading.Lock()
+        self.expected = False  # some sink was to call done
+        self.settled = False  # set after on_done returned
+        # Handed to the apps before the node died and never reported done: an app may already have it.
+        self.in_doubt = in_doubt
+
+    def expect(self, count: int = 1) -> None:
+        """``count`` more sinks take the message and will call ``done``."""
+        with self._lock:
+            self._left += count
+            self.expected = True
+
+    def done(self) -> None:
+        """One sink is done (or did not take the message after all); the last one runs ``on_done``."""
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self.on_done()
+            self.settled = True
+
+    def finish(self) -> None:
+        """Routing ended: if no sink was expected, the message is done now (else the last ``done`` says so)."""
+        if not self.expected:
+            self.on_done()
+            self.settled = True
+
+    def on_done(self) -> None:
+        """Runs once, in the thread of the last ``done``: subclasses record the delivery here."""
+
+
+class DeliveryQueue:
+    """A subscriber queue whose app acknowledges each message once it acted on it.
+
+    Use it like ``queue.Queue``: ``get`` an item, send it to the tool, then
+    ``task_done()`` (``task_done(n)`` for a batch of ``n``). The backbone then
+    learns in that very call that the message was delivered, so a node killed
+    a moment later neither loses it nor delivers it again after its restart.
+    ``task_done`` acknowledges the oldest items taken and not yet
+    acknowledged: one worker per queue, or workers that acknowledge in the
+    order they took. Every item taken must be acknowledged, the ones the app
+    skips too.
+
+    ``already_delivered(item) -> bool``, if given, is asked about messages in
+    doubt after a crash (``Receipt.in_doubt``: the node died between handing
+    them over and the app's ``task_done``); those it already delivered are
+    acknowledged and skipped by ``get``. It runs under the queue's lock: keep
+    it to a lookup.
+
+    An app that stops acknowledging must not stall the node: the backbone
+    calls ``release`` when a message waited too long; the queue then gives up
+    the receipts it holds and stops tracking (items are done when handed
+    over) until the app caught up: queue empty, everything acknowledged.
+    ``maxsize`` bounds it like ``queue.Queue`` (``put_nowait`` raises
+    ``queue.Full``; the router counts and drops).
+    """
+
+    def __init__(self, maxsize: int = 0, already_delivered: Callable[[Any], bool] | None = None) -> None:
+        self.maxsize = maxsize
+        self.already_delivered = already_delivered
+        self._items: deque[tuple[Any, Receipt | None]] = deque()
+        self._taken: deque[Receipt | None] = deque()  # taken and not yet acknowledged, in the order taken
+        self._untracked_taken = 0  # taken while released (acknowledged before those of _taken)
+        self._released = False
+        self._mutex = threading.Lock()
+        self._not_empty = threading.Condition(self._mutex)
+        self._not_full = threading.Condition(self._mutex)
+
+    # ---- the backbone's side -------------------------------------------
+
+    def put_tracked(self, item: Any, receipt: Receipt) -> None:
+        """Queue ``item``; ``receipt.done()`` follows once the app acknowledged it. Raises ``queue.Full``."""
+        with self._mutex:
+            if self.maxsize > 0 and len(self._items) >= self.maxsize:
+                raise queue.Full
+            released = self._released
+            self._items.append((item, None if released else receipt))
+            self._not_empty.notify()
+        if released:
+            receipt.done()
+
+    def put_nowait(self, item: Any) -> None:
+        self.put(item, block=False)
+
+    def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
+        """Queue ``item`` without a receipt (waits for room when bounded, like ``queue.Queue.put``)."""
+        with self._not_full:
+            if (
+                self.maxsize > 0
+                and len(self._items) >= self.maxsize
+                and (not block or not self._not_full.wait_for(lambda: len(self._items) < self.maxsize, timeout))
+            ):
+                raise queue.Full
+            self._items.append((item, None))
+            self._not_empty.notify()
+
+    def release(self, receipt: Receipt | None = None) -> int:
+        """Stop holding the backbone back (if this queue holds ``receipt``, or always without one).
+
+        Done with every receipt held, untracked until the app caught up;
+        returns how many receipts were given up.
+        """
+        with self._mutex:
+            held = [r for _item, r in self._items if r is not None] + [r for r in self._taken if r is not None]
+            if not held or (receipt is not None and not any(r is receipt for r in held)):
+                return 0
+            self._items = deque((item, None) for item, _r in self._items)
+            self._untracked_taken += len(self._taken)
+            self._taken.clear()
+            self._released = True
+        for r in held:
+            r.done()
+        return len(held)
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    # ---- the app's side ------------------------------------------------
+
+    def get(self, block: bool = True, timeout: float | None = None) -> Any:
+        with self._not_empty:
+            while True:
+                if not self._items and (not block or not self._not_empty.wait_for(lambda: self._items, timeout)):
+                    raise queue.Empty
+                item, receipt = self._items.popleft()
+                self._not_full.notify()
+                if (
+                    receipt is not None
+                    and receipt.in_doubt
+                    and self.already_delivered is not None
+                    and self.already_delivered(item)
+                ):
+                    receipt.done()  # the app has it from before the crash
+                    continue
+                if self._released:
+                    self._untracked_taken += 1
+                else:
+                    self._taken.append(receipt)
+                return item
+
+    def get_nowait(self) -> Any:
+        return self.get(block=False)
+
+    def task_done(self, count: int = 1) -> None:
+        """The app is done with the ``count`` oldest items it took and did not acknowledge yet."""
+        done: list[Receipt] = []
+        caught_up = False
+        with self._mutex:
+            for _ in range(count):
+                if self._untracked_taken:
+                    self._untracked_taken -= 1
+                elif self._taken:
+                    receipt = self._taken.popleft()
+                    if receipt is not None:
+                        done.append(receipt)
+                else:
+                    raise ValueError("task_done() called more often than items were taken")
+            if self._released and not self._items and not self._untracked_taken and not self._taken:
+                self._released = False
+                caught_up = True
+        for receipt in done:
+            receipt.done()
+        if caught_up:
+            logger.info("subscriber queue: its app caught up; the backbone waits for its acknowledgements again")
+
+    def qsize(self) -> int:
+        return len(self._items)
+
+    def empty(self) -> bool:
+        return not self._items
+
+    def full(self) -> bool:
+        return 0 < self.maxsize <= len(self._items)
