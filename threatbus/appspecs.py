@@ -72,7 +72,11 @@ def run(
         The queue is any object with ``put_nowait`` (``routing.Sink``); the
         backbone never blocks on it: a bounded ``queue.Queue``
         loses (and counts) what does not fit; an unbounded
-        ``queue.SimpleQueue`` is the fastest hand-over. With a policy filter
+        ``queue.SimpleQueue`` is the fastest hand-over; a
+        ``threatbus.delivery.DeliveryQueue`` whose ``task_done()`` the app
+        calls right after sending each item on lets the backbone ack a
+        broker exactly then (nothing lost, nothing twice when the node is
+        killed). With a policy filter
         configured for the app (``plugins.apps.<name>.filter``) only what
         passes it reaches ``queue``, snapshot answers included.
     :param unsubscribe: ``unsubscribe(topic, queue)`` ends a subscription.

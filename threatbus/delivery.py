@@ -43,9 +43,9 @@ class Receipt:
 
     __slots__ = ("_left", "_lock", "expected", "in_doubt", "settled")
 
-    def __init__(self, in_doubt: bool = False) -> None:
+    def __init__(self, in_doubt: bool = False, lock: threading.Lock | None = None) -> None:
         self._left = 0
-        self._lock = threading.Lock()
+        self._lock = lock or threading.Lock()  # a backbone may share one between its receipts (never nested)
         self.expected = False  # some sink was to call done
         self.settled = False  # set after on_done returned
         # Handed to the apps before the node died and never reported done: an app may already have it.

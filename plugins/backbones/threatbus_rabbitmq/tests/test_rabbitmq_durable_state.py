@@ -192,7 +192,7 @@ def route_all(router, handover, tags):
         message = indicator(f"10.77.0.{tag}")
         delivery = handover.begin(digest(message.dedup_key), router.subscribers(message.topic))
         router.route(message, delivery)
-        handover.routed(tag, delivery)
+        handover.routed(tag, delivery, digest(message.dedup_key))
         messages.append(message)
     return messages
 

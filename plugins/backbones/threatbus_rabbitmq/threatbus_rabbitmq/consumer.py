@@ -306,7 +306,7 @@ class Consumer(AmqpWorker):
                 logger.exception("consumer: delivering %s to local subscribers failed", message.type_name)
             finally:
                 self._current = None
-                self.handover.routed(tag, delivery)
+                self.handover.routed(tag, delivery, digest)
         self._ack()
 
     def _dead_letter(

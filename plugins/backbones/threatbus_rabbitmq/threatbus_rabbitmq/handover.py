@@ -48,7 +48,7 @@ class Delivery(Receipt):
     __slots__ = ("digest", "handover", "queues", "routed_at", "slot")
 
     def __init__(self, handover: Handover, digest: int, queues: tuple[Any, ...], in_doubt: bool) -> None:
-        super().__init__(in_doubt)
+        super().__init__(in_doubt, handover._lock)
         self.handover = handover
         self.digest = digest
         self.queues = queues
@@ -87,21 +87,25 @@ class Handover:
         self._open: dict[int, Delivery] = {}  # digest -> its delivery while not done: a repeat waits for it
         self._pending: deque[tuple[int, Delivery | None]] = deque()  # None: nothing to wait for
         self._probes: dict[int, _Probe] = {}  # id(queue) -> probe
+        # id(router's subscriber tuple) -> (that tuple, whether one tracks deliveries, the plain queues in it)
+        self._kinds: dict[int, tuple[tuple[Any, ...], bool, tuple[Any, ...]]] = {}
 
     def __len__(self) -> int:
         return len(self._pending)
 
     # ---- the consuming thread ------------------------------------------
 
-    def begin(self, digest: int, queues: tuple[Any, ...], in_doubt: bool = False) -> Delivery:
+    def begin(self, digest: int, queues: tuple[Any, ...], in_doubt: bool = False) -> Delivery | None:
         """A receipt for the message of ``digest`` about to be routed to ``queues``: pass it to the router.
 
+        None when no queue there reports back or is looked into: the message is done once routed.
         ``in_doubt``: handed to the apps before the node's restart and never reported done.
         """
+        tracking, plain = self._kinds_of(queues)
+        if not tracking and not plain:
+            return None
         delivery = Delivery(self, digest, queues, in_doubt)
-        for q in queues:
-            if hasattr(q, "put_tracked") or not hasattr(q, "qsize"):
-                continue  # it reports on the receipt itself, or it is done on hand-over
+        for q in plain:
             probe = self._probes.get(id(q))
             if probe is None:
                 probe = self._probes[id(q)] = _Probe(q)
@@ -110,15 +114,31 @@ class Handover:
                 delivery.expect()
                 probe.marks.append((probe.handed, delivery))
         if digest:
-            delivery.slot = self.dedup.handed(digest)
+            if tracking:  # an app that says when it sent a message on may be asked about it after a crash
+                delivery.slot = self.dedup.handed(digest)
             with self._lock:
                 self._open[digest] = delivery
         return delivery
 
-    def routed(self, position: int, delivery: Delivery) -> None:
-        """Routing ``delivery``'s message (at ``position``) ended: wait for its apps from now on."""
+    def routed(self, position: int, delivery: Delivery | None, digest: int) -> None:
+        """Routing the message of ``digest`` (at ``position``, receipt ``delivery``) ended: wait for its apps."""
         self._pending.append((position, delivery))
-        delivery.finish()  # no app to wait for: delivered now
+        if delivery is None:
+            if digest:
+                self.dedup.record(digest)  # handed over, and that is all we learn
+        else:
+            delivery.finish()  # no app to wait for after all: delivered now
+
+    def _kinds_of(self, queues: tuple[Any, ...]) -> tuple[bool, tuple[Any, ...]]:
+        # The router's subscriber tuples change only on (un)subscribe: looked at once per tuple.
+        kinds = self._kinds.get(id(queues))
+        if kinds is None or kinds[0] is not queues:
+            if len(self._kinds) > 64:
+                self._kinds.clear()
+            tracking = any(hasattr(q, "put_tracked") for q in queues)
+            plain = tuple(q for q in queues if not hasattr(q, "put_tracked") and hasattr(q, "qsize"))
+            kinds = self._kinds[id(queues)] = (queues, tracking, plain)
+        return kinds[1], kinds[2]
 
     def skip(self, position: int) -> None:
         """Nothing at ``position`` reaches an app (rejected, held back, no digest): settled as it comes."""

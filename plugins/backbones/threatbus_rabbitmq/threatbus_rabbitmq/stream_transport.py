@@ -332,7 +332,7 @@ class StreamTransport(StoppableWorker):
         except Exception:
             logger.exception("stream transport: delivering %s to local subscribers failed", message.type_name)
         finally:
-            handover.routed(offset, delivery)
+            handover.routed(offset, delivery, digest)
 
     def _settle(self) -> None:
         done = self.handover.settle()
