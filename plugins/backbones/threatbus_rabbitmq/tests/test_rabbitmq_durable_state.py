@@ -219,6 +219,25 @@ def test_handover_settles_tags_once_the_apps_took_them_from_plain_queues():
     assert len(handover) == 0
 
 
+class Socketlike:
+    """A subscriber that neither reports back nor has a size (as the ZeroMQ app's): done once handed a message."""
+
+    def __init__(self) -> None:
+        self.items: list[Any] = []
+
+    def put_nowait(self, item: Any) -> None:
+        self.items.append(item)
+
+
+def test_a_message_for_subscribers_that_cannot_report_is_done_once_routed():
+    router, window, sink = TopicRouter(), Recorder(), Socketlike()
+    router.subscribe("stix2", sink)
+    handover = Handover(window)
+    (message,) = route_all(router, handover, (1,))
+    assert sink.items == [message]
+    assert window.recorded == [digest(message.dedup_key)] and handover.settle() == 1
+
+
 def test_a_delivery_queue_settles_its_message_in_the_apps_thread_when_the_app_acknowledges():
     router, window = TopicRouter(), Recorder()
     app = DeliveryQueue()
