@@ -43,11 +43,16 @@ def option(
     required: bool = False,
     check: Callable[[Any], bool] | None = None,
     expected: str | None = None,
+    when: Validator | None = None,
 ) -> Validator:
     """A dynaconf ``Validator`` for one key, with an error message a user can act on.
 
     ``kind`` is the accepted type (``bool`` values are never accepted as
-    numbers); ``check`` an extra condition, described by ``expected``.
+    numbers); ``check`` an extra condition, described by ``expected``. The
+    ``default`` is the key's only one: it fills in a missing key and a null
+    one (``key: ~``), so a plugin builds its settings from the validated
+    section without fallbacks. ``when`` (e.g. ``given(section)``) limits the
+    validator, and its default, to configs it holds for.
     """
     kinds = kind if isinstance(kind, tuple) else (kind,)
     wanted = expected or " or ".join(_TYPE_WORDS.get(k, k.__name__) for k in kinds)
@@ -64,6 +69,9 @@ def option(
     kwargs: dict[str, Any] = {}
     if default is not _UNSET:
         kwargs["default"] = default
+        kwargs["apply_default_on_none"] = True
+    if when is not None:
+        kwargs["when"] = when
     return Validator(
         name,
         must_exist=True if required else None,
@@ -76,9 +84,21 @@ def option(
     )
 
 
-def port(name: str, default: Any = _UNSET, required: bool = False) -> Validator:
+def given(section: str) -> Validator:
+    """For ``option(..., when=given(section))``: keys of a section that may be left out, such as one of two
+    alternative feeds; their defaults apply only when the section is there, so they never make it appear."""
+    return Validator(section, must_exist=True, condition=lambda value: isinstance(value, dict))
+
+
+def port(name: str, default: Any = _UNSET, required: bool = False, when: Validator | None = None) -> Validator:
     return option(
-        name, int, default=default, required=required, check=lambda p: 0 < p < 65536, expected="a TCP port (1-65535)"
+        name,
+        int,
+        default=default,
+        required=required,
+        check=lambda p: 0 < p < 65536,
+        expected="a TCP port (1-65535)",
+        when=when,
     )
 
 
@@ -172,8 +192,10 @@ def empty_or(name: str, check: Callable[[str], bool], *, default: str = "", expe
 
 
 def tls_files(section: str) -> list[Validator]:
-    """A TLS client's ``<section>.ca_file``, ``cert_file`` and ``key_file``: each a path, or '' for none."""
-    return [option(f"{section}.{key}", str, default="") for key in ("ca_file", "cert_file", "key_file")]
+    """The ``<section>`` of a TLS client (all defaults when left out or null) with its ``ca_file``,
+    ``cert_file`` and ``key_file``: each a path, or '' for none. List it before the section's other keys."""
+    files = [option(f"{section}.{key}", str, default="") for key in ("ca_file", "cert_file", "key_file")]
+    return [option(section, dict, default={}), *files]
 
 
 def core_validators() -> list[Validator]:

@@ -14,10 +14,11 @@ from threatbus_misp.mapping import (
     to_indicator,
 )
 from threatbus_misp.plugin import MispApp, sighting_report
-from threatbus_misp.settings import FilterEntry, MispSettings
+from threatbus_misp.settings import FilterEntry, MispSettings, validators
 
+from threatbus.config import validate as validate_config
 from threatbus.stix import new_sighting, point_indicator, validate
-from threatbus.testing import indicator
+from threatbus.testing import indicator, settings_from
 
 UUID = "5b3c7a6e-2f1d-4c8e-9a0b-1c2d3e4f5a6b"
 MD5 = "d41d8cd98f00b204e9800998ecf8427e"
@@ -161,19 +162,25 @@ def test_what_a_notification_means(action, to_ids, deleted, update):
     assert MispApp.update_of(note) == update
 
 
+def settings_of(**section):
+    """MispSettings as the plugin builds them: from its validated section (a ZeroMQ feed plus ``section``)."""
+    config = settings_from({"plugins": {"apps": {"misp": {"zmq": {"host": "127.0.0.1", "port": 50000}, **section}}}})
+    validate_config(config, validators())
+    return MispSettings.from_config(config.get("plugins.apps.misp"))
+
+
 def test_filter_entries_and_or():
-    settings = MispSettings(
-        filters=(
-            FilterEntry.from_config({"orgs": ["CIRCL", 7], "types": ["ip-dst", "domain"]}),
-            FilterEntry.from_config({"tags": ["tlp:red"]}),
-        )
+    settings = settings_of(filter=[{"orgs": ["CIRCL", 7], "types": ["ip-dst", "domain"]}, {"tags": ["tlp:red"]}])
+    assert settings.filters == (
+        FilterEntry(orgs=frozenset({"CIRCL", "7"}), types=frozenset({"ip-dst", "domain"})),
+        FilterEntry(tags=frozenset({"tlp:red"})),
     )
     assert settings.passes(["7"], "domain", [])
     assert settings.passes(["CIRCL"], "ip-dst", ["other"])
     assert not settings.passes(["CIRCL"], "url", [])
     assert settings.passes(["Other"], "url", ["tlp:red"])
     assert not settings.passes(["Other"], "domain", ["tlp:green"])
-    assert MispSettings().passes([], "anything", [])
+    assert settings_of().passes([], "anything", [])
 
 
 def test_sighting_report_takes_uuid_source_and_time():

@@ -278,7 +278,7 @@ class MispApp(AppPlugin):
         super().__init__()
         # Tests pass a stand-in for confluent_kafka.Consumer; None uses the real one.
         self.kafka_consumer_factory = kafka_consumer_factory
-        self.settings = MispSettings()
+        self.settings: MispSettings  # built from the validated section in start
         self.counters = Counters()
         self.feed_status = FeedStatus()
         self.publish_queue: Any = None

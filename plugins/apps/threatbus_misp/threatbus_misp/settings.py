@@ -12,17 +12,16 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from dynaconf import Validator
 
-from threatbus.config import option, port
+from threatbus.config import given, option, port
 
 NAME = "misp"
 PREFIX = f"plugins.apps.{NAME}"
 FILTER_KEYS = ("orgs", "types", "tags")
-DEFAULT_POLL_INTERVAL = 1.0
 DEFAULT_ZMQ_TOPIC = "misp_json_attribute"
 
 
@@ -77,6 +76,13 @@ def _filter_valid(entries: Any) -> bool:
 
 
 def validators() -> list[Validator]:
+    """Every key of ``plugins.apps.misp`` (sections before their keys); see README.md.
+
+    ``api`` may be left out (no sightings, no snapshots), and so may the feed
+    not used: the keys of ``zmq`` and ``kafka`` take their defaults only when
+    that section is there, so a default never makes the other feed appear.
+    """
+    zmq, kafka = f"{PREFIX}.zmq", f"{PREFIX}.kafka"
     return [
         _section_rule(_one_feed, f"{PREFIX} needs exactly one of zmq (MISP's ZeroMQ feed) or kafka, not both"),
         _section_rule(_zmq_complete, f"{PREFIX}.zmq needs host and port (MISP's ZeroMQ publisher)"),
@@ -85,32 +91,44 @@ def validators() -> list[Validator]:
             _kafka_installed,
             f"{PREFIX}.kafka is configured but no Kafka client is installed: pip install 'threatbus-misp[kafka]'",
         ),
-        option(f"{PREFIX}.api", dict),
+        option(f"{PREFIX}.api", dict, default={}),
         option(
             f"{PREFIX}.api.host",
             str,
+            default=None,
             check=lambda url: url.startswith(("http://", "https://")),
             expected="the URL of MISP, starting with http:// or https://",
         ),
-        option(f"{PREFIX}.api.ssl", bool),
-        option(f"{PREFIX}.api.key", str, check=bool, expected="a MISP API key"),
-        option(f"{PREFIX}.zmq", dict),
-        option(f"{PREFIX}.zmq.host", str, check=bool, expected="the host name or address of MISP's ZeroMQ publisher"),
-        port(f"{PREFIX}.zmq.port"),
-        option(f"{PREFIX}.kafka", dict),
+        option(f"{PREFIX}.api.ssl", bool, default=True),
+        option(f"{PREFIX}.api.key", str, default=None, check=bool, expected="a MISP API key"),
+        option(zmq, dict),
         option(
-            f"{PREFIX}.kafka.topics",
+            f"{zmq}.host",
+            str,
+            default=None,
+            when=given(zmq),
+            check=bool,
+            expected="the host name or address of MISP's ZeroMQ publisher",
+        ),
+        port(f"{zmq}.port", default=None, when=given(zmq)),
+        option(kafka, dict),
+        option(
+            f"{kafka}.topics",
             list,
+            default=None,
+            when=given(kafka),
             check=lambda topics: bool(topics) and all(isinstance(t, str) and t for t in topics),
             expected="a non-empty list of topic names",
         ),
         option(
-            f"{PREFIX}.kafka.poll_interval",
+            f"{kafka}.poll_interval",
             (int, float),
+            default=1.0,
+            when=given(kafka),
             check=lambda seconds: 0 < seconds <= 60,
             expected="a number of seconds between 0 and 60",
         ),
-        option(f"{PREFIX}.kafka.config", dict),
+        option(f"{kafka}.config", dict, default={}, when=given(kafka)),
         option(
             f"{PREFIX}.filter",
             (list, dict),
@@ -118,6 +136,12 @@ def validators() -> list[Validator]:
             expected="a list of entries with lists 'orgs', 'types' and/or 'tags' (or a mapping: a policy filter)",
         ),
     ]
+
+
+def _feed(config: Any, name: str) -> Any:
+    """The section of feed ``name`` (``zmq`` or ``kafka``), or None when the other one is configured."""
+    section = config.get(name)
+    return section if isinstance(section, Mapping) else None
 
 
 def _misp_filter(value: Any) -> list[Any]:
@@ -152,33 +176,35 @@ class FilterEntry:
 
 @dataclass(frozen=True)
 class MispSettings:
-    api_host: str | None = None
-    api_ssl: bool = True
-    api_key: str | None = None
-    zmq_host: str | None = None
-    zmq_port: int | None = None
-    kafka_topics: tuple[str, ...] = ()
-    kafka_poll_interval: float = DEFAULT_POLL_INTERVAL
-    kafka_config: Mapping[str, Any] = field(default_factory=dict)
-    filters: tuple[FilterEntry, ...] = ()
+    """The plugin's settings, built from its validated section (the defaults are in ``validators``).
+
+    The keys of the feed not configured are None (zmq) or empty (kafka).
+    """
+
+    api_host: str | None
+    api_ssl: bool
+    api_key: str | None
+    zmq_host: str | None
+    zmq_port: int | None
+    kafka_topics: tuple[str, ...]
+    kafka_poll_interval: float | None
+    kafka_config: Mapping[str, Any]
+    filters: tuple[FilterEntry, ...]
 
     @classmethod
     def from_config(cls, config: Any) -> MispSettings:
-        config = config or {}
-        api = config.get("api") or {}
-        zmq = config.get("zmq") or {}
-        kafka = config.get("kafka") or {}
-        ssl = api.get("ssl")
-        poll = kafka.get("poll_interval")
+        api = config["api"]
+        zmq = _feed(config, "zmq")
+        kafka = _feed(config, "kafka")
         return cls(
-            api_host=api.get("host") or None,
-            api_ssl=True if ssl is None else bool(ssl),
-            api_key=api.get("key") or None,
-            zmq_host=zmq.get("host"),
-            zmq_port=zmq.get("port"),
-            kafka_topics=tuple(kafka.get("topics") or ()),
-            kafka_poll_interval=DEFAULT_POLL_INTERVAL if poll is None else float(poll),
-            kafka_config=dict(kafka.get("config") or {}),
+            api_host=api["host"],
+            api_ssl=bool(api["ssl"]),
+            api_key=api["key"],
+            zmq_host=zmq["host"] if zmq else None,
+            zmq_port=zmq["port"] if zmq else None,
+            kafka_topics=tuple(kafka["topics"]) if kafka else (),
+            kafka_poll_interval=float(kafka["poll_interval"]) if kafka else None,
+            kafka_config=dict(kafka["config"]) if kafka else {},
             filters=tuple(FilterEntry.from_config(entry) for entry in _misp_filter(config.get("filter"))),
         )
 

@@ -58,6 +58,7 @@ def validators() -> list[Any]:
             expected=f"a sid between 1 and {MAX_SID - RESERVED_SIDS}",
         ),
         count(f"{PREFIX}.sid_max", default=3_999_999_999, maximum=MAX_SID, expected=f"a sid between 1 and {MAX_SID}"),
+        option(f"{PREFIX}.datasets", dict, default={}),
         matching(f"{PREFIX}.datasets.ip", _SET_NAME, default="threatbus-ip", expected=SET_NAME_EXPECTED),
         matching(f"{PREFIX}.datasets.domain", _SET_NAME, default="threatbus-domain", expected=SET_NAME_EXPECTED),
         seconds(
@@ -101,7 +102,7 @@ class SuricataSettings:
             rules_file=Path(config["rules_file"]).absolute(),
             socket=str(config["socket"]),
             socket_timeout=float(config["socket_timeout"]),
-            eve=config.get("eve") or "",
+            eve=config["eve"],
             eve_from_start=bool(config["eve_from_start"]),
             mapping=Settings(
                 mode=config["mode"], action=config["action"], ip_set=datasets["ip"], domain_set=datasets["domain"]

@@ -1,16 +1,16 @@
-"""The plugin's config section ``plugins.apps.taxii``: validators and the settings built from it."""
+"""The plugin's config section ``plugins.apps.taxii``: validators with the defaults, and the frozen settings built from them."""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from dynaconf import Validator
 
-from threatbus.config import count, empty_or, matching, option, snapshot_days, tls_files
+from threatbus.config import count, empty_or, matching, option, seconds, snapshot_days, tls_files
 
 PLUGIN = "taxii"
 PREFIX = f"plugins.apps.{PLUGIN}"
@@ -46,7 +46,7 @@ def _excludes(first: str, second: str) -> Validator:
 
 
 def validators() -> list[Validator]:
-    positive = {"check": lambda seconds: seconds > 0, "expected": "a number of seconds > 0"}
+    """Every key of ``plugins.apps.taxii`` with its default (sections before their keys); see README.md."""
     return [
         # TAXII in: polling. Off while url is empty.
         empty_or(
@@ -68,13 +68,14 @@ def validators() -> list[Validator]:
         _excludes("api_key", "username"),
         *tls_files(f"{PREFIX}.tls"),
         option(f"{PREFIX}.tls.verify", bool, default=True),
-        option(f"{PREFIX}.poll_interval", (int, float), default=300, **positive),
-        option(f"{PREFIX}.timeout", (int, float), default=10, **positive),
+        seconds(f"{PREFIX}.poll_interval", default=300, expected="a number of seconds > 0"),
+        seconds(f"{PREFIX}.timeout", default=10, expected="a number of seconds > 0"),
         count(
             f"{PREFIX}.page_size", default=500, maximum=100_000, expected="a number of objects per request (1-100000)"
         ),
         option(f"{PREFIX}.state_dir", str, default="taxii-state", check=bool, expected="a directory path"),
         # TAXII out: serving the bus's intel. Off by default.
+        option(f"{PREFIX}.serve", dict, default={}),
         option(f"{PREFIX}.serve.enabled", bool, default=False),
         option(f"{PREFIX}.serve.host", str, default="127.0.0.1", check=bool, expected="a host name or IP address"),
         option(
@@ -104,6 +105,7 @@ def validators() -> list[Validator]:
             f"{PREFIX}.serve.max_page_size", default=1000, maximum=100_000, expected="a number of objects (1-100000)"
         ),
         snapshot_days(f"{PREFIX}.serve.snapshot"),
+        option(f"{PREFIX}.serve.tls", dict, default={}),
         option(f"{PREFIX}.serve.tls.cert_file", str, default=""),
         option(f"{PREFIX}.serve.tls.key_file", str, default=""),
         _both_or_neither("serve.tls.cert_file", "serve.tls.key_file"),
@@ -114,20 +116,20 @@ def validators() -> list[Validator]:
 class PollSettings:
     """Where and how to poll (TAXII in)."""
 
-    url: str = ""
-    collections: tuple[str, ...] = ()
-    username: str = ""
-    password: str = ""
-    api_key: str = ""
-    api_key_header: str = "Authorization"
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    verify: bool = True
-    poll_interval: float = 300.0
-    timeout: float = 10.0
-    page_size: int = 500
-    state_dir: Path = Path("taxii-state")
+    url: str
+    collections: tuple[str, ...]
+    username: str
+    password: str
+    api_key: str
+    api_key_header: str
+    ca_file: str
+    cert_file: str
+    key_file: str
+    verify: bool
+    poll_interval: float
+    timeout: float
+    page_size: int
+    state_dir: Path
 
     @property
     def enabled(self) -> bool:
@@ -156,60 +158,59 @@ class PollSettings:
 class ServeSettings:
     """The read-only TAXII collection of the bus's intel (TAXII out)."""
 
-    enabled: bool = False
-    host: str = "127.0.0.1"
-    port: int = 9470
-    api_root: str = "threatbus"
-    collection_id: str = DEFAULT_COLLECTION_ID
-    title: str = "Threat Bus intel"
-    description: str = "The indicators currently active on the bus"
-    users: dict[str, str] = field(default_factory=dict)
-    max_page_size: int = 1000
-    snapshot_days: float = 0
-    cert_file: str = ""
-    key_file: str = ""
+    enabled: bool
+    host: str
+    port: int
+    api_root: str
+    collection_id: str
+    title: str
+    description: str
+    users: dict[str, str]
+    max_page_size: int
+    snapshot_days: float
+    cert_file: str
+    key_file: str
 
 
 @dataclass(frozen=True)
 class TaxiiSettings:
-    poll: PollSettings = field(default_factory=PollSettings)
-    serve: ServeSettings = field(default_factory=ServeSettings)
+    """The plugin's settings, built from its validated section (the defaults are in ``validators``)."""
+
+    poll: PollSettings
+    serve: ServeSettings
 
     @classmethod
     def from_config(cls, config: Any) -> TaxiiSettings:
-        """Settings from the validated section (defaults already applied by the validators)."""
-        config = config or {}
-        tls = config.get("tls") or {}
-        serve = config.get("serve") or {}
-        serve_tls = serve.get("tls") or {}
+        """Settings from the validated section: every key is there, its default filled in by ``validators``."""
+        tls, serve = config["tls"], config["serve"]
         poll = PollSettings(
-            url=config.get("url") or "",
-            collections=tuple(config.get("collections") or ()),
-            username=config.get("username") or "",
-            password=config.get("password") or "",
-            api_key=config.get("api_key") or "",
-            api_key_header=config.get("api_key_header") or "Authorization",
-            ca_file=tls.get("ca_file") or "",
-            cert_file=tls.get("cert_file") or "",
-            key_file=tls.get("key_file") or "",
-            verify=bool(tls.get("verify", True)),
-            poll_interval=float(config.get("poll_interval") or 300),
-            timeout=float(config.get("timeout") or 10),
-            page_size=int(config.get("page_size") or 500),
-            state_dir=Path(config.get("state_dir") or "taxii-state"),
+            url=config["url"],
+            collections=tuple(config["collections"]),
+            username=config["username"],
+            password=config["password"],
+            api_key=config["api_key"],
+            api_key_header=config["api_key_header"],
+            ca_file=tls["ca_file"],
+            cert_file=tls["cert_file"],
+            key_file=tls["key_file"],
+            verify=bool(tls["verify"]),
+            poll_interval=float(config["poll_interval"]),
+            timeout=float(config["timeout"]),
+            page_size=int(config["page_size"]),
+            state_dir=Path(config["state_dir"]),
         )
         served = ServeSettings(
-            enabled=bool(serve.get("enabled", False)),
-            host=serve.get("host") or "127.0.0.1",
-            port=int(serve.get("port", 9470)),
-            api_root=serve.get("api_root") or "threatbus",
-            collection_id=serve.get("collection_id") or DEFAULT_COLLECTION_ID,
-            title=serve.get("title") or "Threat Bus intel",
-            description=serve.get("description") or "",
-            users={str(user): str(password) for user, password in (serve.get("users") or {}).items()},
-            max_page_size=int(serve.get("max_page_size") or 1000),
-            snapshot_days=float(serve.get("snapshot") or 0),
-            cert_file=serve_tls.get("cert_file") or "",
-            key_file=serve_tls.get("key_file") or "",
+            enabled=bool(serve["enabled"]),
+            host=serve["host"],
+            port=int(serve["port"]),
+            api_root=serve["api_root"],
+            collection_id=serve["collection_id"],
+            title=serve["title"],
+            description=serve["description"],
+            users={str(user): str(password) for user, password in serve["users"].items()},
+            max_page_size=int(serve["max_page_size"]),
+            snapshot_days=float(serve["snapshot"]),
+            cert_file=serve["tls"]["cert_file"],
+            key_file=serve["tls"]["key_file"],
         )
         return cls(poll=poll, serve=served)

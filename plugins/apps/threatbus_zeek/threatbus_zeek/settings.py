@@ -45,8 +45,8 @@ def validators() -> list[Any]:
             check=lambda size: 1 <= size <= MAX_BATCH_SIZE,
             expected=f"a number of intel items from 1 to {MAX_BATCH_SIZE} (1: one add_intel event each)",
         ),
-        option(f"{PREFIX}.tls.enabled", bool, default=False),
         *tls_files(f"{PREFIX}.tls"),
+        option(f"{PREFIX}.tls.enabled", bool, default=False),
         option(f"{PREFIX}.tls.skip_verify", bool, default=False),
         option(f"{PREFIX}.tls.anonymous", bool, default=False),
         empty_or(
@@ -82,16 +82,16 @@ class ZeekSettings:
             host=config["host"],
             port=int(config["port"]),
             module_namespace=config["module_namespace"],
-            snapshot_days=config["snapshot"] or 0,
-            queue_size=config["queue_size"] or 0,
+            snapshot_days=float(config["snapshot"]),
+            queue_size=int(config["queue_size"]),
             batch_size=int(config["batch_size"]),
             tls=bool(tls["enabled"]),
-            ca_file=tls["ca_file"] or "",
-            cert_file=tls["cert_file"] or "",
-            key_file=tls["key_file"] or "",
+            ca_file=tls["ca_file"],
+            cert_file=tls["cert_file"],
+            key_file=tls["key_file"],
             skip_verify=bool(tls["skip_verify"]),
             anonymous=bool(tls["anonymous"]),
-            state_file=config["state_file"] or "",
+            state_file=config["state_file"],
         )
 
     @property

@@ -112,7 +112,8 @@ def validators() -> list[Any]:
         seconds(
             f"{p}.wait_for_subscribers", default=15.0, exclusive=False, expected="seconds >= 0 (0 consumes at once)"
         ),
-        # Rules across keys (static messages: a section may hold a password, never echo it).
+        # Rules across keys, after the keys (their defaults filled in). Static messages: a section may
+        # hold a password, never echo it.
         _rule(f"{p}.reconnect", _backoff_ordered, f"{p}.reconnect.max must be >= reconnect.initial"),
         _rule(f"{p}.ssl", _key_with_cert, f"{p}.ssl.key_file is set but ssl.cert_file is not: set both or neither"),
         _rule(p, _bridge_differs, f"{p}.bridge_exchange must differ from exchange_name"),
@@ -131,7 +132,7 @@ def _rule(name: str, condition: Any, message: str) -> Validator:
 
 
 def _backoff_ordered(section: Any) -> bool:
-    return float(section.get("max") or 30.0) >= float(section.get("initial") or 0.5)
+    return float(section["max"]) >= float(section["initial"])
 
 
 def _key_with_cert(section: Any) -> bool:
@@ -139,7 +140,7 @@ def _key_with_cert(section: Any) -> bool:
 
 
 def _bridge_differs(section: Any) -> bool:
-    return section.get("bridge_exchange") != (section.get("exchange_name") or "threatbus")
+    return section["bridge_exchange"] != section["exchange_name"]
 
 
 QUORUM_NEEDS = "needs queue.durable true, queue.exclusive false and queue.auto_delete false"
@@ -157,13 +158,14 @@ def _quorum_compatible(section: Any) -> bool:
     return not _quorum_conflicts(section)
 
 
-def _get(config: Any, dotted: str, default: Any = None) -> Any:
+def _get(config: Any, dotted: str) -> Any:
+    """The value at ``a.b`` of the section, None where the way there is missing (a section not validated)."""
     value: Any = config
     for part in dotted.split("."):
         if value is None:
-            return default
+            return None
         value = value.get(part) if hasattr(value, "get") else None
-    return default if value is None else value
+    return value
 
 
 @dataclass(frozen=True)
@@ -282,7 +284,7 @@ def _ssl_options(config: Any, host: str) -> pika.SSLOptions:
     ca_file = _get(config, "ssl.ca_file")
     cert_file = _get(config, "ssl.cert_file")
     key_file = _get(config, "ssl.key_file")
-    verify = _get(config, "ssl.verify", True)
+    verify = _get(config, "ssl.verify")
     if key_file and not cert_file:
         raise ConfigError(f"{PREFIX}.ssl.key_file is set but ssl.cert_file is not: set both or neither")
     try:
@@ -358,7 +360,7 @@ def resolve(config: Any, node: Node) -> BrokerSettings:
         exchange=exchange,
         exchange_durable=exchange_durable,
         bridge_exchange=bridge,
-        queue_name=f"threatbus{_get(config, 'queue.name_join_symbol', '.')}{suffix}",
+        queue_name=f"threatbus{_get(config, 'queue.name_join_symbol')}{suffix}",
         queue_durable=bool(_get(config, "queue.durable")),
         queue_auto_delete=bool(_get(config, "queue.auto_delete")),
         queue_exclusive=bool(_get(config, "queue.exclusive")),
