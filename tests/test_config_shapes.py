@@ -56,6 +56,12 @@ CASES = [
     ("rabbitmq-ssl-on", rabbit("ssl: on"), "plugins.backbones.rabbitmq.ssl must be a mapping"),
     ("rabbitmq-ssl-true", rabbit("ssl: true"), "plugins.backbones.rabbitmq.ssl must be a mapping"),
     ("rabbitmq-reconnect-number", rabbit("reconnect: 3"), "plugins.backbones.rabbitmq.reconnect must be a mapping"),
+    ("zeek-tls-number", BACKBONE + "  apps:\n    zeek:\n      tls: 5\n", "plugins.apps.zeek.tls must be a mapping"),
+    (
+        "taxii-serve-list",
+        BACKBONE + "  apps:\n    taxii:\n      serve: [on]\n",
+        "plugins.apps.taxii.serve must be a mapping",
+    ),
     # --- wrong types ---
     ("logging-console-word", BACKBONE + "logging:\n  console: loud\n", "logging.console must be true or false"),
     ("logging-file-number", BACKBONE + "logging:\n  file: 1\n", "logging.file must be true or false"),

@@ -85,8 +85,11 @@ def option(
 
 
 def given(section: str) -> Validator:
-    """For ``option(..., when=given(section))``: keys of a section that may be left out, such as one of two
-    alternative feeds; their defaults apply only when the section is there, so they never make it appear."""
+    """For ``option(..., when=given(section))``: the key is checked, and its default applied, only in ``section``.
+
+    For sections that may be left out or null, such as one of two alternative
+    feeds: a default of one of their keys must not make the section appear.
+    """
     return Validator(section, must_exist=True, condition=lambda value: isinstance(value, dict))
 
 
@@ -192,8 +195,10 @@ def empty_or(name: str, check: Callable[[str], bool], *, default: str = "", expe
 
 
 def tls_files(section: str) -> list[Validator]:
-    """The ``<section>`` of a TLS client (all defaults when left out or null) with its ``ca_file``,
-    ``cert_file`` and ``key_file``: each a path, or '' for none. List it before the section's other keys."""
+    """A TLS client's ``<section>`` and its ``ca_file``, ``cert_file`` and ``key_file``: each a path, or '' for none.
+
+    The section left out or null means all defaults. List these before the section's other keys.
+    """
     files = [option(f"{section}.{key}", str, default="") for key in ("ca_file", "cert_file", "key_file")]
     return [option(section, dict, default={}), *files]
 

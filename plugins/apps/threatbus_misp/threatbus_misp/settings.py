@@ -102,20 +102,19 @@ def validators() -> list[Validator]:
         option(f"{PREFIX}.api.ssl", bool, default=True),
         option(f"{PREFIX}.api.key", str, default=None, check=bool, expected="a MISP API key"),
         option(zmq, dict),
+        # host, port and topics have no default: the rules above require them in their section.
         option(
             f"{zmq}.host",
             str,
-            default=None,
             when=given(zmq),
             check=bool,
             expected="the host name or address of MISP's ZeroMQ publisher",
         ),
-        port(f"{zmq}.port", default=None, when=given(zmq)),
+        port(f"{zmq}.port", when=given(zmq)),
         option(kafka, dict),
         option(
             f"{kafka}.topics",
             list,
-            default=None,
             when=given(kafka),
             check=lambda topics: bool(topics) and all(isinstance(t, str) and t for t in topics),
             expected="a non-empty list of topic names",

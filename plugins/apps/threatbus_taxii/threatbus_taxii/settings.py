@@ -1,4 +1,4 @@
-"""The plugin's config section ``plugins.apps.taxii``: validators with the defaults, and the frozen settings built from them."""
+"""The config section ``plugins.apps.taxii``: validators with the defaults, and the frozen settings built from them."""
 
 from __future__ import annotations
 
