@@ -20,14 +20,19 @@ from dynaconf.validator import empty
 from threatbus_misp import settings as misp
 from threatbus_taxii import settings as taxii
 
-from threatbus import config
+from threatbus import config, history
 from threatbus.node import Node
 from threatbus.testing import settings_from
+from threatbus_rabbitmq import deadletter
+from threatbus_rabbitmq import intel_log as rabbitmq_log
 from threatbus_rabbitmq import settings as rabbitmq
 from threatbus_suricata import settings as suricata
 from threatbus_zeek import settings as zeek
 from threatbus_zmq import settings as zmq
 
+INMEM = "plugins.backbones.inmem"
+# What LogSettings and DeadLetterSettings read of the broker settings.
+BROKER: Any = type("Broker", (), {"exchange": "threatbus", "ssl": False, "queue_name": "threatbus.n1"})()
 ZMQ_FEED = {"zmq": {"host": "127.0.0.1", "port": 50000}}
 KAFKA_FEED = {"kafka": {"topics": ["misp_attribute"]}}
 
@@ -86,6 +91,23 @@ PLUGINS = [
         "rabbitmq",
         rabbitmq.validators,
         lambda section: rabbitmq.resolve(section, Node.create("n1")),
+    ),  # The sections several backbones share, or that the rabbitmq backbone resolves beside its broker settings.
+    Plugin(
+        "inmem-history", "backbones", "inmem", lambda: history.validators(INMEM), history.HistorySettings.from_config
+    ),
+    Plugin(
+        "rabbitmq-log",
+        "backbones",
+        "rabbitmq",
+        rabbitmq_log.validators,
+        lambda section: rabbitmq_log.LogSettings.resolve(section, BROKER),
+    ),
+    Plugin(
+        "rabbitmq-dlq",
+        "backbones",
+        "rabbitmq",
+        deadletter.validators,
+        lambda section: deadletter.DeadLetterSettings.resolve(section, BROKER),
     ),
 ]
 

@@ -7,11 +7,12 @@ import pytest
 from testbus import running_bus
 
 import threatbus
+from threatbus.config import section, validate
 from threatbus.data import Indicator, SnapshotEnvelope, SnapshotType
 from threatbus.errors import ConfigError
-from threatbus.history import HistorySettings, fold
+from threatbus.history import HistorySettings, fold, validators
 from threatbus.snapshots import SnapshotEnd
-from threatbus.testing import assert_nothing_more, get_within, indicator, sighting, wait_until
+from threatbus.testing import assert_nothing_more, get_within, indicator, settings_from, sighting, wait_until
 from threatbus_inmem import InMemoryBackbone
 from threatbus_inmem.intel_log import MemoryLog
 
@@ -96,8 +97,15 @@ def test_fold_survives_garbage_timestamps_the_structure_check_lets_through():
 # ---- the in-memory log ---------------------------------------------------
 
 
+def history_settings(**history):
+    """HistorySettings as a backbone builds them: from its validated section with these ``history`` keys."""
+    settings = settings_from({"plugins": {"backbones": {"inmem": {"history": history}}}})
+    validate(settings, validators("plugins.backbones.inmem"))
+    return HistorySettings.from_config(section(settings, "backbones", "inmem"))
+
+
 def test_memory_log_drops_what_is_older_than_max_age():
-    log = MemoryLog(HistorySettings(max_age=timedelta(days=1)))
+    log = MemoryLog(history_settings(max_age=1))
     start = NOW.timestamp()
     log.append(indicator("1.1.1.1"), now=start)
     log.append(indicator("2.2.2.2"), now=start + 23 * 3600)
@@ -108,7 +116,7 @@ def test_memory_log_drops_what_is_older_than_max_age():
 
 def test_memory_log_keeps_within_max_bytes():
     size = len(indicator("10.0.0.0").encode())  # every 10.0.0.<digit> is as long
-    log = MemoryLog(HistorySettings(max_bytes=size * 3))
+    log = MemoryLog(history_settings(max_bytes=size * 3))
     for n in range(10):
         log.append(indicator(f"10.0.0.{n}"))
     assert len(log) == 3
@@ -118,7 +126,7 @@ def test_memory_log_keeps_within_max_bytes():
 
 
 def test_memory_log_reads_the_window_only():
-    log = MemoryLog(HistorySettings())
+    log = MemoryLog(history_settings())
     base = datetime.now(timezone.utc).timestamp()
     messages = [indicator(f"10.0.1.{n}") for n in range(5)]
     for n, message in enumerate(messages):

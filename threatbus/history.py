@@ -56,19 +56,19 @@ def validators(prefix: str) -> list[Validator]:
 
 @dataclass(frozen=True)
 class HistorySettings:
-    """The resolved ``history`` section."""
+    """The ``history`` section, built from the validated backbone section (the defaults are in ``validators``)."""
 
-    enabled: bool = True
-    max_age: timedelta = timedelta(days=DEFAULT_MAX_AGE_DAYS)
-    max_bytes: int = 0  # 0: no cap
+    enabled: bool
+    max_age: timedelta
+    max_bytes: int  # 0: no cap
 
     @classmethod
     def from_config(cls, config: Any) -> HistorySettings:
-        section = (config.get("history") if config is not None else None) or {}
+        section = config["history"]
         return cls(
-            enabled=bool(section.get("enabled", True)),
-            max_age=timedelta(days=float(section.get("max_age") or DEFAULT_MAX_AGE_DAYS)),
-            max_bytes=int(section.get("max_bytes") or 0),
+            enabled=bool(section["enabled"]),
+            max_age=timedelta(days=float(section["max_age"])),
+            max_bytes=int(section["max_bytes"]),
         )
 
 

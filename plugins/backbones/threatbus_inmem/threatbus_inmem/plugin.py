@@ -67,7 +67,7 @@ class InMemoryBackbone(RoutedBackbone):
 
     @threatbus.backbone
     def run(self, config: Any, publish_queue: queue.SimpleQueue[Message], node: Node, metrics: Metrics) -> None:
-        capacity = int((config.get("dead_letters") or {}).get("max_items", 1000))
+        capacity = int(config["dead_letters"]["max_items"])
         self.dlq = dlq = MemoryDeadLetters(capacity, publish_queue.put, node.name)
         self.router.on_drop = lambda message, why: dlq.add(message, UNDELIVERED, why)
         metrics.counter(DELIVERED, lambda: self.router.delivered, plugin=NAME)

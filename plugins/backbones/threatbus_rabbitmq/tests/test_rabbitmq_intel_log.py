@@ -13,11 +13,12 @@ import pika
 import pytest
 from testbus import running_bus
 
+from threatbus import config as core_config
 from threatbus.bus import Bus
 from threatbus.data import SnapshotEnvelope, SnapshotType
 from threatbus.snapshots import SnapshotEnd
-from threatbus.testing import Subscriber, free_port, get_within, indicator, sighting, wait_until
-from threatbus_rabbitmq import RabbitMQBackbone
+from threatbus.testing import Subscriber, free_port, get_within, indicator, settings_from, sighting, wait_until
+from threatbus_rabbitmq import RabbitMQBackbone, intel_log
 from threatbus_rabbitmq.intel_log import LogSettings
 
 pytestmark = pytest.mark.rabbitmq
@@ -148,13 +149,19 @@ def test_retention_is_declared_on_the_stream(broker):
             connection.close()
 
 
-def test_retention_arguments():
+def log_settings(section: dict[str, Any]) -> LogSettings:
+    """LogSettings from the validated backbone section (``section``), for a broker exchange ``tb`` without TLS."""
     broker_settings = type("B", (), {"exchange": "tb", "ssl": False})()
-    config = {"history": {"max_age": 0.5}}
-    settings = LogSettings.resolve(config, broker_settings)  # type: ignore[arg-type]
+    settings = settings_from({"plugins": {"backbones": {"rabbitmq": section}}})
+    core_config.validate(settings, intel_log.validators())
+    return LogSettings.resolve(core_config.section(settings, "backbones", "rabbitmq"), broker_settings)  # type: ignore[arg-type]
+
+
+def test_retention_arguments():
+    settings = log_settings({"history": {"max_age": 0.5}})
     assert settings.arguments == {"x-queue-type": "stream", "x-max-age": "43200s"}
     assert settings.stream == "tb.log" and settings.port == 5552
-    assert LogSettings.resolve({}, broker_settings).arguments["x-max-age"] == "30D"  # type: ignore[arg-type]
+    assert log_settings({}).arguments["x-max-age"] == "30D"
 
 
 def test_a_node_whose_log_exists_with_other_retention_uses_it_and_says_so(broker, caplog):

@@ -76,11 +76,12 @@ class DeadLetterSettings:
 
     @classmethod
     def resolve(cls, config: Any, broker: BrokerSettings) -> DeadLetterSettings:
-        section = (config.get("dead_letters") if config is not None else None) or {}
+        """From the validated backbone section; a queue left unset is named after the node's queue."""
+        section = config["dead_letters"]
         return cls(
-            enabled=bool(section.get("enabled", True)),
-            queue=section.get("queue") or f"{broker.queue_name}.dlq",
-            max_items=int(section.get("max_items") or 0),
+            enabled=bool(section["enabled"]),
+            queue=section["queue"] or f"{broker.queue_name}.dlq",
+            max_items=int(section["max_items"]),
         )
 
     @property

@@ -78,12 +78,13 @@ class LogSettings:
 
     @classmethod
     def resolve(cls, config: Any, broker: BrokerSettings) -> LogSettings:
+        """From the validated backbone section; stream and port left unset follow the broker settings."""
         shared = HistorySettings.from_config(config)
-        section = (config.get("history") if config is not None else None) or {}
+        section = config["history"]
         return cls(
             enabled=shared.enabled,
-            stream=section.get("stream") or f"{broker.exchange}.log",
-            port=int(section.get("port") or (STREAM_TLS_PORT if broker.ssl else STREAM_PORT)),
+            stream=section["stream"] or f"{broker.exchange}.log",
+            port=int(section["port"] or (STREAM_TLS_PORT if broker.ssl else STREAM_PORT)),
             max_age=shared.max_age,
             max_bytes=shared.max_bytes,
         )
