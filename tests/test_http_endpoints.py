@@ -60,11 +60,12 @@ class SwitchableBackbone:
         return self.report
 
 
-def make_bus(backbone, http, node_name="web-node"):
+def make_bus(backbone, http, node_name="web-node", name="test"):
+    # A real plugin goes by its own name: its validators fill in the defaults of its section only.
     settings = settings_from(
-        {"plugins": {"apps": {}, "backbones": {"test": {}}}, "logging": {}, "node": {"name": node_name}, "http": http}
+        {"plugins": {"apps": {}, "backbones": {name: {}}}, "logging": {}, "node": {"name": node_name}, "http": http}
     )
-    bus = Bus(settings, apps={}, backbones={"test": backbone}, node=Node.create(node_name))
+    bus = Bus(settings, apps={}, backbones={name: backbone}, node=Node.create(node_name))
     bus.configure()
     return bus
 
@@ -73,8 +74,8 @@ def make_bus(backbone, http, node_name="web-node"):
 def started():
     buses = []
 
-    def start(backbone, http=None, node_name="web-node"):
-        bus = make_bus(backbone, {"port": 0} if http is None else http, node_name)
+    def start(backbone, http=None, node_name="web-node", name="test"):
+        bus = make_bus(backbone, {"port": 0} if http is None else http, node_name, name)
         bus.start()
         buses.append(bus)
         return bus
@@ -157,7 +158,7 @@ def test_metrics_are_prometheus_text_with_the_node_label(started):
 
 
 def test_metrics_follow_the_messages_the_bus_delivers(started):
-    bus = started(InMemoryBackbone(), node_name="counting")
+    bus = started(InMemoryBackbone(), node_name="counting", name="inmem")
     subscriber = Subscriber(bus, "stix2")
     for n in range(3):
         bus.publish_queue.put(indicator(f"10.0.0.{n}"))
