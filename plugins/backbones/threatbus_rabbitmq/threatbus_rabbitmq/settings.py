@@ -284,7 +284,7 @@ def _ssl_options(config: Any, host: str) -> pika.SSLOptions:
     ca_file = _get(config, "ssl.ca_file")
     cert_file = _get(config, "ssl.cert_file")
     key_file = _get(config, "ssl.key_file")
-    verify = _get(config, "ssl.verify")
+    verify = _get(config, "ssl.verify") is not False  # only an explicit false turns checking off
     if key_file and not cert_file:
         raise ConfigError(f"{PREFIX}.ssl.key_file is set but ssl.cert_file is not: set both or neither")
     try:
