@@ -43,13 +43,25 @@ class TlsServer(threading.Thread):
                 raw, _ = self.listener.accept()
             except TimeoutError:
                 continue
-            raw.settimeout(5)
-            try:
-                with self.context.wrap_socket(raw, server_side=True) as tls:
-                    self.headers.append(tls.recv(8))
-            except (ssl.SSLError, OSError) as err:
-                self.handshake_errors.append(str(err))
-                raw.close()
+            # One thread per connection: a client held open by the backbone must not
+            # keep the next one waiting in the backlog until its handshake times out.
+            threading.Thread(target=self._serve, args=(raw,), name="tls-test-connection", daemon=True).start()
+
+    def _serve(self, raw: socket.socket) -> None:
+        raw.settimeout(5)
+        try:
+            with self.context.wrap_socket(raw, server_side=True) as tls:
+                header = b""
+                while len(header) < len(AMQP_HEADER):
+                    chunk = tls.recv(len(AMQP_HEADER) - len(header))
+                    if not chunk:
+                        break
+                    header += chunk
+                if header:  # an empty read is a client that gave up before speaking: nothing to check
+                    self.headers.append(header)
+        except (ssl.SSLError, OSError) as err:
+            self.handshake_errors.append(str(err))
+            raw.close()
 
     def close(self) -> None:
         self._closed.set()
