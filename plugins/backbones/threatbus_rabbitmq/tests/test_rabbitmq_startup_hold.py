@@ -30,11 +30,12 @@ def ours(caplog: Any) -> list[str]:
 
 
 def holding(bus: Bus, messages: int) -> None:
-    wait_until(
-        lambda: bus.health()["waiting_for_subscribers"] and bus.health()["held_messages"] == messages,
-        20,
-        what=f"the consumer to hold {messages} message(s)",
-    )
+    def held() -> bool:
+        # "connected" needs the publisher too, which connects on its own thread: wait for it as well.
+        health = bus.health()
+        return health["connected"] and health["waiting_for_subscribers"] and health["held_messages"] == messages
+
+    wait_until(held, 20, what=f"the node to connect and its consumer to hold {messages} message(s)")
 
 
 def assert_still_holding(bus: Bus, backbone: RabbitMQBackbone, seconds: float) -> None:
