@@ -94,7 +94,7 @@ def test_removal_and_updates(tmp_path: Path) -> None:
     assert store.apply(edited) == "updated"
     assert store.entry(ind.id).sid == sid  # type: ignore[union-attr]
     assert store.apply(ind) == "stale"
-    assert store.entry(ind.id).detection.value == "198.51.100.2"  # type: ignore[union-attr]
+    assert store.entry(ind.id).value == "198.51.100.2"  # type: ignore[union-attr]
     # A removal of the replaced version is stale too (threatbus.lifecycle); of the held one, it removes.
     assert store.apply(removal(ind)) == "stale"
     assert store.apply(Indicator(as_removal(edited.payload))) == "removed"

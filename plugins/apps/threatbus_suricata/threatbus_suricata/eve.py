@@ -202,11 +202,11 @@ def matches(event: dict[str, Any], store: DetectionStore) -> list[Match] | None:
         return None
     entry = store.indicator_of_sid(sid)
     if entry is not None:
-        return [Match(entry.indicator_id, entry.detection.value, entry.payload)]
+        return [Match(entry.indicator_id, entry.value, entry.payload)]
     metadata = alert.get("metadata")
     if isinstance(metadata, dict) and isinstance(metadata.get("threatbus_indicator"), list):
         found = [store.entry(i) for i in metadata["threatbus_indicator"] if isinstance(i, str)]
-        return [Match(e.indicator_id, e.detection.value, e.payload) for e in found if e is not None]
+        return [Match(e.indicator_id, e.value, e.payload) for e in found if e is not None]
     offset = sid - store.sid_min
     if not 0 <= offset < RESERVED_SIDS:
         return None if not store.sid_min <= sid <= store.sid_max else []

@@ -89,6 +89,8 @@ class SuricataApp(AppPlugin):
     def release(self, stuck: list[str]) -> None:
         if self.socket is not None:
             self.socket.close()
+        if self.store is not None:
+            self.store.close()
 
     @threatbus.app
     def snapshot(

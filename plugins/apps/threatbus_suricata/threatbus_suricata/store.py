@@ -8,10 +8,18 @@ restart of the plugin neither loses detections nor changes their sids.
 Dataset and hash list files are derived from the same state and rewritten
 with it. Every file is written atomically: a temporary file in the same
 directory, fsync, then ``os.replace``.
+
+A million detections may be held, so the texts of the entries (the
+indicator and its rule, ~600 bytes each) are not kept in memory: an entry
+holds where its text is, in the rules file last written (kept open) or, if
+it changed since, in a spool file (an unlinked temporary file next to the
+rules file). Both are read through the page cache, not the process's
+memory; a write copies the texts from there into the new rules file.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import itertools
@@ -20,10 +28,10 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import orjson
 
@@ -52,64 +60,52 @@ HEADER = (
     "# Written by Threat Bus (threatbus-suricata). Do not edit: the file is rewritten on every change.\n"
     "# Each '# threatbus-entry' line records one indicator; rules follow their entry.\n"
 )
+_ENTRY_PREFIX = ENTRY_PREFIX.encode()
+# Bytes copied per read when a write moves entry texts into the new rules file.
+COPY_CHUNK = 1 << 20
+# Entries read per hold of the lock when a snapshot reads every held indicator.
+READ_BATCH = 1000
 
 
 class ForeignFile(Exception):
     """The rules file exists but is not the plugin's own."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)
 class Entry:
-    """One indicator and its detection.
+    """What the store keeps in memory of one held indicator (a million may be held).
 
-    A million of them may be held, so each keeps its indicator once: in
-    ``text``, the entry line of the rules file (``payload_json`` holds it only
-    until the entry is rendered). ``payload`` decodes it when needed
-    (alerts, snapshots).
+    The indicator itself and its rule live in the entry's text, on disk
+    (``offset``, ``length``; in the spool while ``spooled``).
     """
 
     indicator_id: str
     modified: str
-    detection: Detection
+    set_name: str  # the dataset or hash algorithm of its value; "" for a rule of its own
+    value: str  # what sightings report (the IP, domain, URL or hash)
     sid: int | None = None
-    payload_json: str | None = None  # the indicator as JSON, until rendered into text
-    text: str = field(default="", compare=False)  # its lines in the rules file, rendered once
     rev: int = 1  # the rule's rev: bumped when a new version replaces the detection under the same sid
+    rule: int = 0  # hash of a rule's Detection: tells a changed rule apart without keeping it
+    expires: bool = False  # the indicator has a valid_until
+    spooled: bool = True
+    offset: int = 0
+    length: int = 0
 
     @property
-    def payload(self) -> dict[str, Any] | None:
-        if self.payload_json is not None:
-            return orjson.loads(self.payload_json)
-        if self.text.startswith(ENTRY_PREFIX):
-            end = self.text.find("\n")
-            record = orjson.loads(self.text[len(ENTRY_PREFIX) : end if end >= 0 else None])
-            indicator = record.get("indicator") if isinstance(record, dict) else None
-            return indicator if isinstance(indicator, dict) else None
-        return None
-
-    def may_expire(self) -> bool:
-        """False when the indicator has no ``valid_until`` (told without decoding it)."""
-        return '"valid_until"' in (self.payload_json if self.payload_json is not None else self.text)
-
-    def record(self) -> dict[str, Any]:
-        detection = {}
-        for name in _DETECTION_FIELDS:
-            value = getattr(self.detection, name)
-            if name in ("kind", "value") or value not in ("", (), None):
-                detection[name] = value
-        record = {
-            "id": self.indicator_id,
-            "modified": self.modified,
-            "sid": self.sid,
-            "detection": detection,
-            "indicator": self.payload if self.payload_json is None else orjson.Fragment(self.payload_json),
-        }
-        if self.rev > 1:
-            record["rev"] = self.rev
-        return record
+    def key(self) -> tuple[str, str]:
+        return (self.set_name, self.value)
 
 
-_DETECTION_FIELDS = tuple(f.name for f in fields(Detection))
+@dataclass(frozen=True)
+class HeldIndicator:
+    """One held indicator as readers see it: its detection's sid and value, and the indicator."""
+
+    indicator_id: str
+    modified: str
+    sid: int | None
+    rev: int
+    value: str
+    payload: dict[str, Any] | None
 
 
 @dataclass
@@ -135,6 +131,36 @@ def _still_active(payload: dict[str, Any], now: datetime) -> bool:
         return is_active(payload, now)
     except ValueError:  # an unreadable valid_until (held from before validation): keep it
         return True
+
+
+def _detection_record(detection: Detection) -> dict[str, Any]:
+    """The ``detection`` of an entry line: kind and value, and the other fields that are set."""
+    record: dict[str, Any] = {"kind": detection.kind, "value": detection.value}
+    if detection.what:
+        record["what"] = detection.what
+    if detection.header:
+        record["header"] = detection.header
+    if detection.options:
+        record["options"] = detection.options
+    if detection.given_rule:
+        record["given_rule"] = detection.given_rule
+    if detection.sid is not None:
+        record["sid"] = detection.sid
+    if detection.set_name:
+        record["set_name"] = detection.set_name
+    if detection.set_type:
+        record["set_type"] = detection.set_type
+    if detection.datavalue:
+        record["datavalue"] = detection.datavalue
+    return record
+
+
+def _indicator_of(text: bytes) -> dict[str, Any] | None:
+    """The indicator embedded in an entry's text."""
+    end = text.find(b"\n")
+    record = orjson.loads(text[len(_ENTRY_PREFIX) : end if end >= 0 else None])
+    indicator = record.get("indicator") if isinstance(record, dict) else None
+    return indicator if isinstance(indicator, dict) else None
 
 
 def write_atomically(path: Path, text: str | Iterable[str]) -> None:
@@ -180,6 +206,56 @@ class DetectionStore:
         self._changes = Changes()
         self._dirty_lists: set[str] = set()  # dataset names and hash algorithms to rewrite
         self.dataset_command_limit = dataset_command_limit
+        self._written: IO[bytes] | None = None  # the rules file last written or loaded, open for reading
+        self._spool: IO[bytes] | None = None  # texts of entries that changed since
+        self._spool_size = 0
+        self._spool_unflushed = False
+        self._modified: dict[str, str] = {}  # one string per distinct modified time (a bulk load shares few)
+
+    def close(self) -> None:
+        with self._lock:
+            for source in (self._written, self._spool):
+                if source is not None:
+                    source.close()
+            self._written = self._spool = None
+
+    # ---- entry texts ---------------------------------------------------
+
+    def _spool_text(self, entry: Entry, text: bytes) -> None:
+        if self._spool is None:
+            Path(self.directory).mkdir(parents=True, exist_ok=True)
+            self._spool = tempfile.TemporaryFile(dir=self.directory, prefix=".threatbus-spool.")
+            self._spool_size = 0
+        self._spool.write(text)
+        entry.spooled, entry.offset, entry.length = True, self._spool_size, len(text)
+        self._spool_size += len(text)
+        self._spool_unflushed = True
+
+    def _source(self, spooled: bool) -> int:
+        """The file descriptor texts are read from (the lock is held)."""
+        source = self._spool if spooled else self._written
+        if source is None:
+            raise OSError("the file holding the entry texts is closed")
+        if spooled and self._spool_unflushed:
+            source.flush()
+            self._spool_unflushed = False
+        return source.fileno()
+
+    def _text(self, entry: Entry) -> bytes:
+        """The entry's lines in the rules file (the lock is held)."""
+        return os.pread(self._source(entry.spooled), entry.length, entry.offset)
+
+    def _payload(self, entry: Entry) -> dict[str, Any] | None:
+        try:
+            return _indicator_of(self._text(entry))
+        except (OSError, orjson.JSONDecodeError) as err:
+            logger.error("cannot read the entry of %s: %s", entry.indicator_id, err)
+            return None
+
+    def _held(self, entry: Entry) -> HeldIndicator:
+        return HeldIndicator(
+            entry.indicator_id, entry.modified, entry.sid, entry.rev, entry.value, self._payload(entry)
+        )
 
     # ---- applying indicators ------------------------------------------
 
@@ -200,37 +276,69 @@ class DetectionStore:
                 self._remove(old)
                 return "removed"
         detection = classify(indicator, self.settings)
-        # The JSON it came in (no second encoding) unless that spans lines (the entry is one line);
-        # a str: orjson's bytes keep a buffer of KiBs each.
+        # The JSON it came in (no second encoding) unless that spans lines (the entry is one line).
         raw = indicator.encode()
-        one_line = b"\n" not in raw and b"\r" not in raw
-        payload_json = raw.decode() if one_line else orjson.dumps(indicator.payload).decode()
+        if b"\n" in raw or b"\r" in raw:
+            raw = orjson.dumps(indicator.payload)
         with self._lock:
             old = self.entries.get(indicator.id)
             if old is not None:
                 if is_older(modified, old.modified):
                     return "stale"
-                if old.detection == detection:
-                    if modified != old.modified or old.payload != indicator.payload:
-                        old.modified, old.payload_json = modified, payload_json
-                        self._render(old)
+                if self._same_detection(old, detection):
+                    if modified != old.modified or self._payload(old) != indicator.payload:
+                        old.modified = self._shared_modified(modified)
+                        old.expires = b'"valid_until"' in raw
+                        self._spool_text(old, self._render(old, detection, raw))
                         self._changes.write = True
                     return "unchanged"
-            entry = Entry(indicator.id, modified, detection, payload_json=payload_json)
-            keep = old.sid if old is not None and old.detection.sid is None else None
+            entry = self._new_entry(indicator.id, modified, detection, raw)
+            keep = old.sid if old is not None and old.set_name == "" and detection.sid is None else None
             if keep is not None and old is not None:
                 entry.rev = old.rev + 1  # the same sid with another rule: Suricata sees a new revision
-            self._add(entry, keep_sid=keep, replacing=old)
+            self._add(entry, detection, raw, keep_sid=keep, replacing=old)
             return "updated" if old is not None else "added"
 
-    def _add(self, entry: Entry, keep_sid: int | None = None, replacing: Entry | None = None) -> None:
-        detection = entry.detection
+    def _shared_modified(self, modified: str) -> str:
+        shared = self._modified.setdefault(modified, modified)
+        if len(self._modified) > 4096:  # feeds with a time per indicator: stop collecting
+            self._modified.clear()
+        return shared
+
+    def _new_entry(self, indicator_id: str, modified: str, detection: Detection, raw: bytes | None) -> Entry:
+        rule = detection.kind == RULE
+        return Entry(
+            indicator_id,
+            self._shared_modified(modified),
+            "" if rule else detection.set_name,
+            detection.value,
+            rule=hash(detection) if rule else 0,
+            expires=raw is not None and b'"valid_until"' in raw,
+        )
+
+    @staticmethod
+    def _same_detection(entry: Entry, detection: Detection) -> bool:
         if detection.kind == RULE:
-            entry.sid = self._allocate_sid(entry, keep_sid)
+            return entry.set_name == "" and entry.rule == hash(detection)
+        return entry.set_name == detection.set_name and entry.value == detection.value
+
+    def _add(
+        self,
+        entry: Entry,
+        detection: Detection,
+        raw: bytes | None,
+        keep_sid: int | None = None,
+        replacing: Entry | None = None,
+    ) -> None:
+        """Hold ``entry``; its text is rendered from ``raw`` (the indicator's JSON) or already on disk (None)."""
+        if detection.kind == RULE:
+            entry.sid = self._allocate_sid(entry.indicator_id, detection, keep_sid)
         if replacing is not None:
             self._remove(replacing)
-        if not entry.text or (detection.kind == RULE and entry.sid != keep_sid):
-            self._render(entry)
+        if raw is None and detection.kind == RULE and entry.sid != keep_sid:  # its rule on disk has another sid
+            raw = orjson.dumps(self._payload(entry))
+        if raw is not None:
+            self._spool_text(entry, self._render(entry, detection, raw))
         self.entries[entry.indicator_id] = entry
         self._changes.write = True
         if detection.kind == RULE:
@@ -239,7 +347,9 @@ class DetectionStore:
             self._changes.reload = True
             return
         key = (detection.set_name, detection.value)
-        holders = self.by_value.setdefault(key, [])
+        holders = self.by_value.get(key)
+        if holders is None:
+            holders = self.by_value[key] = []
         holders.append(entry.indicator_id)
         if len(holders) == 1:
             self._dirty_lists.add(detection.set_name)
@@ -249,25 +359,36 @@ class DetectionStore:
                 self._changes.reload = True
 
     def _remove(self, entry: Entry) -> None:
-        detection = entry.detection
         del self.entries[entry.indicator_id]
         self._changes.write = True
-        if detection.kind == RULE:
+        if entry.set_name == "":
             if self.by_sid.get(entry.sid) == entry.indicator_id:  # type: ignore[arg-type]
                 del self.by_sid[entry.sid]  # type: ignore[arg-type]
             self._changes.reload = True
             return
-        key = (detection.set_name, detection.value)
+        key = entry.key
         holders = self.by_value.get(key, [])
         if entry.indicator_id in holders:
             holders.remove(entry.indicator_id)
         if not holders:
             self.by_value.pop(key, None)
-            self._dirty_lists.add(detection.set_name)
-            if detection.kind == DATASET:
-                self._dataset_op("dataset-remove", detection)
+            self._dirty_lists.add(entry.set_name)
+            if entry.set_name in (self.settings.ip_set, self.settings.domain_set):
+                self._dataset_op("dataset-remove", self._dataset_detection(entry))
             else:
                 self._changes.reload = True
+
+    def _dataset_detection(self, entry: Entry) -> Detection:
+        """The detection of a dataset entry, from its set and value."""
+        set_type = "ip" if entry.set_name == self.settings.ip_set else "string"
+        datavalue = self._datavalue(entry.set_name, entry.value)
+        return Detection(DATASET, entry.value, set_name=entry.set_name, set_type=set_type, datavalue=datavalue)
+
+    def _datavalue(self, set_name: str, value: str) -> str:
+        """A value as its data file (and Suricata's unix socket) spells it: strings in base64."""
+        if set_name == self.settings.domain_set and self.settings.mode == "datasets":
+            return base64.b64encode(value.encode()).decode()
+        return value
 
     def _dataset_op(self, command: str, detection: Detection) -> None:
         changes = self._changes
@@ -279,38 +400,43 @@ class DetectionStore:
             changes.dataset_ops.clear()
             changes.reload = True
 
-    def _allocate_sid(self, entry: Entry, keep_sid: int | None) -> int:
-        detection = entry.detection
+    def _allocate_sid(self, indicator_id: str, detection: Detection, keep_sid: int | None) -> int:
         if detection.sid is not None:  # a rule given with its own sid
             owner = self.by_sid.get(detection.sid)
-            if owner is not None and owner != entry.indicator_id:
+            if owner is not None and owner != indicator_id:
                 raise Unsupported(f"sid {detection.sid} is already used by {owner}")
             if self.sid_min <= detection.sid < self.sid_min + RESERVED_SIDS:
                 raise Unsupported(f"sid {detection.sid} is reserved for the plugin's own rules")
             return detection.sid
         low, high = self.sid_min + RESERVED_SIDS, self.sid_max
-        if (
-            keep_sid is not None
-            and low <= keep_sid <= high
-            and self.by_sid.get(keep_sid, entry.indicator_id) == entry.indicator_id
-        ):
+        if keep_sid is not None and low <= keep_sid <= high and self.by_sid.get(keep_sid, indicator_id) == indicator_id:
             return keep_sid
-        sid = stable_sid(entry.indicator_id, low, high)
+        sid = stable_sid(indicator_id, low, high)
         # Collisions are rare in a wide range; probe to the next free sid.
         for _ in range(high - low + 1):
             owner = self.by_sid.get(sid)
-            if owner is None or owner == entry.indicator_id:
+            if owner is None or owner == indicator_id:
                 return sid
             sid = low if sid == high else sid + 1
         raise Unsupported(f"no free sid left in {low}-{high}")
 
-    def _render(self, entry: Entry) -> None:
-        line = ENTRY_PREFIX + orjson.dumps(entry.record()).decode() + "\n"
-        if entry.detection.kind == RULE:
+    def _render(self, entry: Entry, detection: Detection, raw: bytes) -> bytes:
+        """The entry's lines in the rules file: the entry line and, for a rule, the rule."""
+        record: dict[str, Any] = {
+            "id": entry.indicator_id,
+            "modified": entry.modified,
+            "sid": entry.sid,
+            "detection": _detection_record(detection),
+            "indicator": orjson.Fragment(raw),
+        }
+        if entry.rev > 1:
+            record["rev"] = entry.rev
+        text = _ENTRY_PREFIX + orjson.dumps(record) + b"\n"
+        if detection.kind == RULE:
             assert entry.sid is not None
-            line += entry.detection.render(entry.indicator_id, entry.sid, self.settings.action, entry.rev) + "\n"
-        entry.text = line
-        entry.payload_json = None  # the text holds it now
+            rule = detection.render(entry.indicator_id, entry.sid, self.settings.action, entry.rev)
+            text += rule.encode() + b"\n"
+        return text
 
     # ---- flushing -----------------------------------------------------
 
@@ -327,51 +453,115 @@ class DetectionStore:
             self._changes.reload |= changes.reload
             self._changes.dataset_ops[:0] = changes.dataset_ops
 
-    def render(self) -> tuple[list[str], dict[str, list[str]]]:
-        """The parts of the rules file and of the data files that changed, by path.
+    def _head(self) -> bytes:
+        """The rules file up to the entries: header, settings, the static rules."""
+        counts = dict.fromkeys(STATIC_SID_OFFSETS, 0)
+        for set_name, _value in self.by_value:
+            if set_name in counts:
+                counts[set_name] += 1
+        rules = static_rules(self.settings, self.sid_min, self.base, counts)
+        return (HEADER + SETTINGS_PREFIX + self._fingerprint() + "\n" + "".join(r + "\n" for r in rules)).encode()
 
-        Parts, not one string: the entries' texts are written as they are,
-        without a copy of the whole file (hundreds of MB for a million entries).
-        """
-        with self._lock:
-            counts = {a: 0 for a in STATIC_SID_OFFSETS}
-            for set_name, _value in self.by_value:
-                if set_name in counts:
-                    counts[set_name] += 1
-            parts = [HEADER, SETTINGS_PREFIX + self._fingerprint() + "\n"]
-            parts.extend(rule + "\n" for rule in static_rules(self.settings, self.sid_min, self.base, counts))
-            parts.extend(entry.text for entry in self.entries.values())
-            lists = self._dirty_lists
-            self._dirty_lists = set()
-            if self.settings.mode == "datasets":  # their files must exist before Suricata loads the rules
-                lists |= {self.settings.ip_set, self.settings.domain_set}
-            files: dict[str, list[str]] = {name: [] for name in lists}
-            for (set_name, _value), holders in self.by_value.items():
-                if set_name in files and holders:
-                    files[set_name].append(self.entries[holders[0]].detection.datavalue)
-            paths = {}
-            for name, values in files.items():
-                path = hashlist_path(self.base, name) if name in ("md5", "sha1", "sha256") else None
-                path = path or dataset_path(self.directory, name)
-                paths[path] = [v + "\n" for v in values]
-            return parts, paths
+    def _data_files(self, lists: set[str]) -> dict[str, list[str]]:
+        """The lines of the data files of ``lists``, by path."""
+        if self.settings.mode == "datasets":  # their files must exist before Suricata loads the rules
+            lists = lists | {self.settings.ip_set, self.settings.domain_set}
+        files: dict[str, list[str]] = {name: [] for name in lists}
+        for set_name, value in self.by_value:
+            values = files.get(set_name)
+            if values is not None:
+                values.append(self._datavalue(set_name, value) + "\n")
+        return {self._data_path(name): lines for name, lines in files.items()}
+
+    def _data_path(self, name: str) -> str:
+        if name in ("md5", "sha1", "sha256"):
+            return hashlist_path(self.base, name)
+        return dataset_path(self.directory, name)
 
     def _fingerprint(self) -> str:
         """What decides the mapping; entries written under the same fingerprint are reused as they are."""
         settings = {**vars(self.settings), "sid_min": self.sid_min, "sid_max": self.sid_max, "base": self.base}
         return orjson.dumps(settings, option=orjson.OPT_SORT_KEYS).decode()
 
+    def _runs(self, entries: Iterable[Entry]) -> Iterator[bytes]:
+        """The texts of ``entries`` in order (the lock is held), read in runs of adjacent texts."""
+        first: Entry | None = None
+        run_end = 0
+        for entry in entries:
+            if first is not None and (
+                entry.spooled != first.spooled or entry.offset != run_end or run_end - first.offset > COPY_CHUNK
+            ):
+                yield self._read(first, run_end)
+                first = None
+            if first is None:
+                first = entry
+            run_end = entry.offset + entry.length
+        if first is not None:
+            yield self._read(first, run_end)
+
+    def _read(self, first: Entry, end: int) -> bytes:
+        size = end - first.offset
+        data = os.pread(self._source(first.spooled), size, first.offset)
+        if len(data) != size:
+            raise OSError(f"entry texts cut short: {len(data)} of {size} bytes read")
+        return data
+
     def write(self) -> None:
-        """Write the data files, then the rules file that refers to them."""
-        rules, data_files = self.render()
+        """Write the data files, then the rules file that refers to them (with the texts of every entry)."""
+        with self._lock:
+            lists = self._dirty_lists
+            self._dirty_lists = set()
+            data_files = self._data_files(lists)
+            head = self._head()
+            entries = list(self.entries.values())
         try:
-            for path, text in data_files.items():
-                write_atomically(Path(path), text)
-            write_atomically(self.rules_file, rules)
+            for path, lines in data_files.items():
+                write_atomically(Path(path), lines)
+            self._write_rules(head, entries)
         except OSError:
             with self._lock:  # write every list again next time
                 self._dirty_lists |= {name for (name, _v) in self.by_value}
             raise
+
+    def _write_rules(self, head: bytes, entries: list[Entry]) -> None:
+        """The rules file from ``head`` and the entries' texts; it becomes where their texts are read from.
+
+        Only the detection worker changes entries, and it is the thread that
+        writes: the entries do not change meanwhile; readers take the lock.
+        """
+        path = self.rules_file
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        out = os.fdopen(fd, "w+b")
+        try:
+            out.write(head)
+            offsets = []
+            position = len(head)
+            for entry in entries:
+                offsets.append(position)
+                position += entry.length
+            with self._lock:
+                for text in self._runs(entries):
+                    out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+            os.chmod(tmp, 0o644)  # Suricata often runs as another user
+            os.replace(tmp, path)
+        except BaseException:
+            out.close()
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        with self._lock:
+            for entry, offset in zip(entries, offsets, strict=True):
+                entry.spooled, entry.offset = False, offset
+            if self._written is not None:
+                self._written.close()
+            self._written = out
+            if self._spool is not None:  # every live text is in the rules file now
+                self._spool.seek(0)
+                self._spool.truncate()
+                self._spool_size = 0
+                self._spool_unflushed = False
 
     # ---- loading ------------------------------------------------------
 
@@ -385,65 +575,82 @@ class DetectionStore:
         # Read line by line, with a digest to compare it with what the state renders: a file of a
         # million entries is hundreds of MB, and neither it nor its lines are held whole.
         try:
-            source = open(self.rules_file, encoding="utf-8")
+            source = open(self.rules_file, "rb")  # kept open: the entries' texts are read from it
         except FileNotFoundError:
             logger.info("rules file %s does not exist yet; starting without detections", self.rules_file)
             self._changes.write = self._changes.reload = True
             return 0
         digest = hashlib.sha256()
         loaded = 0
-        with source:
-            head = [source.readline() for _ in range(5)]
-            if not head[0].startswith(HEADER.splitlines()[0]) and ("".join(head) + source.read()).strip():
-                raise ForeignFile(
-                    f"{self.rules_file} exists but was not written by Threat Bus; refusing to overwrite it "
-                    "(configure another rules_file, or remove the file)"
-                )
-            # Written under the same config: the entries' mapping and lines can be reused unchanged.
-            same = SETTINGS_PREFIX + self._fingerprint() + "\n" in head
-            pending: tuple[int, str] | None = None  # an entry line, until the line after it is read
-            for number, raw in enumerate(itertools.chain(head, source), 1):
-                digest.update(raw.encode())
-                line = raw.rstrip("\n")
-                if pending is not None:
-                    loaded += self._load_line(*pending, line, same)
-                    pending = None
-                if line.startswith(ENTRY_PREFIX):
-                    pending = (number, line)
+        head = [source.readline() for _ in range(5)]
+        if not head[0].startswith(HEADER.splitlines()[0].encode()) and (b"".join(head) + source.read()).strip():
+            source.close()
+            raise ForeignFile(
+                f"{self.rules_file} exists but was not written by Threat Bus; refusing to overwrite it "
+                "(configure another rules_file, or remove the file)"
+            )
+        with self._lock:
+            if self._written is not None:
+                self._written.close()
+            self._written = source
+        # Written under the same config: the entries' mapping and texts can be reused unchanged.
+        same = (SETTINGS_PREFIX + self._fingerprint() + "\n").encode() in head
+        pending: tuple[int, int, bytes] | None = None  # an entry line, until the line after it is read
+        offset = 0
+        for number, raw in enumerate(itertools.chain(head, source), 1):
+            digest.update(raw)
             if pending is not None:
-                loaded += self._load_line(*pending, "", same)
+                loaded += self._load_line(*pending, raw, same)
+                pending = None
+            if raw.startswith(_ENTRY_PREFIX):
+                pending = (number, offset, raw)
+            offset += len(raw)
+        if pending is not None:
+            loaded += self._load_line(*pending, b"", same)
         with self._lock:
             self._dirty_lists |= {name for (name, _v) in self.by_value}
             self._changes.dataset_ops.clear()  # Suricata loads the sets from their files
-            rules, data_files = self.render()
-            self._dirty_lists |= {name for (name, _v) in self.by_value}
-            rendered = hashlib.sha256()
-            for part in rules:
-                rendered.update(part.encode())
+            rendered = hashlib.sha256(self._head())
+            for text in self._runs(list(self.entries.values())):
+                rendered.update(text)
+            data_files = [self._data_path(name) for name in self._all_lists()]
             if rendered.digest() != digest.digest() or not all(os.path.exists(path) for path in data_files):
                 self._changes.write = self._changes.reload = True
             else:
                 self._changes = Changes()
         return loaded
 
-    def _load_line(self, number: int, line: str, next_line: str, same_settings: bool) -> int:
-        """Load the entry of ``line`` (``next_line`` may be its rule); 1 if loaded, 0 if skipped."""
+    def _all_lists(self) -> set[str]:
+        lists = {name for (name, _v) in self.by_value}
+        if self.settings.mode == "datasets":
+            lists |= {self.settings.ip_set, self.settings.domain_set}
+        return lists
+
+    def _load_line(self, number: int, offset: int, line: bytes, next_line: bytes, same_settings: bool) -> int:
+        """Load the entry of ``line`` at ``offset`` (``next_line`` may be its rule); 1 if loaded, 0 if skipped."""
         try:
-            self._load_entry(orjson.loads(line[len(ENTRY_PREFIX) :]), line, next_line, same_settings)
+            record = orjson.loads(line[len(_ENTRY_PREFIX) :])
+            self._load_entry(record, offset, line, next_line, same_settings)
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError, DecodeError) as err:
             logger.warning("%s:%d: skipping unreadable entry: %s", self.rules_file, number, err)
             return 0
         return 1
 
-    def _load_entry(self, record: dict[str, Any], line: str, next_line: str, same_settings: bool) -> None:
+    def _load_entry(self, record: dict[str, Any], offset: int, line: bytes, next_line: bytes, same: bool) -> None:
         payload = record.get("indicator")
-        raw = dict(record["detection"])
-        raw["options"] = tuple(raw.get("options", ()))
-        detection = Detection(**raw)
-        text = ""
-        if same_settings and (detection.kind != RULE or not next_line.startswith("#")):
-            text = line + "\n" + (next_line + "\n" if detection.kind == RULE else "")
-        elif payload is not None:
+        fields = dict(record["detection"])
+        fields["options"] = tuple(fields.get("options", ()))
+        detection = Detection(**fields)
+        length = 0
+        if same and line.endswith(b"\n"):
+            if detection.kind != RULE:
+                length = len(line)
+            elif next_line.endswith(b"\n") and not next_line.startswith(b"#"):
+                length = len(line) + len(next_line)
+        raw: bytes | None = None
+        if not length:  # re-mapped under the current config, rendered anew
+            if not isinstance(payload, dict):
+                raise ValueError("the entry does not hold its indicator")
             indicator = from_payload(payload)
             if not isinstance(indicator, Indicator) or indicator.id != record["id"]:
                 raise ValueError("embedded indicator does not match the entry")
@@ -452,40 +659,40 @@ class DetectionStore:
             except Unsupported as err:
                 logger.warning("dropping detection of %s: %s", record["id"], err)
                 return
+            raw = orjson.dumps(payload)
+        entry = self._new_entry(str(record["id"]), str(record["modified"]), detection, raw)
+        if length:
+            entry.spooled, entry.offset, entry.length = False, offset, length
+            entry.expires = b'"valid_until"' in line
         rev = record.get("rev", 1)
-        entry = Entry(
-            str(record["id"]),
-            str(record["modified"]),
-            detection,
-            payload_json=None if payload is None or text else orjson.dumps(payload).decode(),
-            text=text,
-            rev=rev if isinstance(rev, int) and rev > 0 else 1,
-        )
+        entry.rev = rev if isinstance(rev, int) and rev > 0 else 1
         sid = record.get("sid")
         with self._lock:
             duplicate = self.entries.get(entry.indicator_id)
             if duplicate is not None:
                 self._remove(duplicate)
-            self._add(entry, keep_sid=sid if isinstance(sid, int) else None)
+            self._add(entry, detection, raw, keep_sid=sid if isinstance(sid, int) else None)
 
     # ---- reading ------------------------------------------------------
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def indicator_of_sid(self, sid: int) -> Entry | None:
+    def indicator_of_sid(self, sid: int) -> HeldIndicator | None:
         with self._lock:
             indicator_id = self.by_sid.get(sid)
-            return self.entries.get(indicator_id) if indicator_id else None
+            entry = self.entries.get(indicator_id) if indicator_id else None
+            return self._held(entry) if entry is not None else None
 
-    def entry(self, indicator_id: str) -> Entry | None:
+    def entry(self, indicator_id: str) -> HeldIndicator | None:
         with self._lock:
-            return self.entries.get(indicator_id)
+            entry = self.entries.get(indicator_id)
+            return self._held(entry) if entry is not None else None
 
     def holders(self, set_name: str, value: str) -> list[Match]:
         with self._lock:
             return [
-                Match(i, value, self.entries[i].payload)
+                Match(i, value, self._payload(self.entries[i]))
                 for i in self.by_value.get((set_name, value), ())
                 if i in self.entries
             ]
@@ -495,16 +702,22 @@ class DetectionStore:
         now = now or datetime.now(timezone.utc)
         with self._lock:
             held = list(self.entries.values())
-        for entry in held:
-            payload = entry.payload
-            if payload is not None and (not entry.may_expire() or _still_active(payload, now)):
-                yield entry.modified, payload
+        for start in range(0, len(held), READ_BATCH):
+            with self._lock:  # a write may move the texts between batches
+                batch = [
+                    (entry.modified, entry.expires, self._payload(entry))
+                    for entry in held[start : start + READ_BATCH]
+                    if self.entries.get(entry.indicator_id) is entry
+                ]
+            for modified, expires, payload in batch:
+                if payload is not None and (not expires or _still_active(payload, now)):
+                    yield modified, payload
 
     def expiring(self) -> list[dict[str, Any]]:
         """The held indicators that have a ``valid_until`` (to schedule their expiry)."""
         with self._lock:
-            held = [e for e in self.entries.values() if e.may_expire()]
-        return [p for p in (e.payload for e in held) if p is not None and "valid_until" in p]
+            payloads = [self._payload(e) for e in self.entries.values() if e.expires]
+        return [p for p in payloads if p is not None and "valid_until" in p]
 
     def drop_expired(self, now: datetime | None = None) -> int:
         """Remove the detections whose ``valid_until`` passed (e.g. while the node was down)."""
@@ -512,8 +725,8 @@ class DetectionStore:
         with self._lock:
             gone = []
             for entry in self.entries.values():
-                if entry.may_expire():
-                    payload = entry.payload
+                if entry.expires:
+                    payload = self._payload(entry)
                     if payload is not None and not _still_active(payload, now):
                         gone.append(entry)
             for entry in gone:
