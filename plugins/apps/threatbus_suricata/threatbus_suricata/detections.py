@@ -171,7 +171,7 @@ class DetectionWorker(StoppableWorker):
     change), so a bulk load ends in one write and one reload.
     """
 
-    def __init__(self, sync: DetectionSync, inbox: queue.Queue[Message]) -> None:
+    def __init__(self, sync: DetectionSync, inbox: queue.SimpleQueue[Message]) -> None:
         super().__init__(name="suricata-detections")
         self.sync = sync
         self.inbox = inbox
