@@ -20,6 +20,7 @@ from typing import Any
 import pluggy
 from dynaconf import Validator
 
+from threatbus.backlog import Backlog
 from threatbus.data import Message, SnapshotRequest
 from threatbus.metrics import Metrics
 from threatbus.node import Node
@@ -51,6 +52,7 @@ def run(
     unsubscribe: UnsubscribeCallback,
     node: Node,
     metrics: Metrics,
+    backlog: Backlog,
 ) -> None:
     """Start the plugin. Called once, after the backbone started.
 
@@ -85,6 +87,11 @@ def run(
         the shared names of ``threatbus.metrics`` (``APP_RECEIVED``,
         ``APP_REJECTED``, ``DELIVERED``, ``DROPPED``, ``SUBSCRIBERS`` ...)
         with label ``plugin=<name>``.
+    :param backlog: ``backlog()`` is the number of messages waiting in the
+        node's deepest unbounded subscriber queue (``threatbus.backlog``):
+        how far the slowest local app is behind. Where intel enters in bulk,
+        hold it back while this is large instead of queueing decoded
+        messages without limit, and lose nothing.
 
     Must not block: start ``StoppableWorker`` threads and return. Raise
     ``threatbus.errors.PluginError`` if the plugin cannot start.

@@ -12,6 +12,7 @@ from typing import Any
 import pluggy
 
 from threatbus import appspecs, backbonespecs, config, policy
+from threatbus.backlog import Backlog
 from threatbus.data import TOPIC_SNAPSHOT_ENVELOPE, TOPIC_SNAPSHOT_REQUEST, Message, SnapshotRequest
 from threatbus.deadletters import DeadLetters
 from threatbus.errors import ConfigError, PluginError
@@ -76,6 +77,7 @@ class Bus:
         self.publish_queue: queue.SimpleQueue[Message] = queue.SimpleQueue()
         self.metrics = Metrics(self.node.name)
         self.metrics.gauge(QUEUE_DEPTH, self.publish_queue.qsize, queue="publish")
+        self.backlog = Backlog(self.publish_queue)
         self.expiry = ExpirySchedule()
         self.expiry_worker: ExpiryWorker | None = None
         self.metrics.gauge(EXPIRY_SCHEDULED, lambda: len(self.expiry))
@@ -161,6 +163,7 @@ class Bus:
                 **self._app_subscription(name),
                 node=self.node,
                 metrics=self.metrics,
+                backlog=self.backlog,
             )
 
     def _snapshot_app(self, name: str, app: object, request: SnapshotRequest, requester: Sink | None) -> None:
@@ -234,6 +237,7 @@ class Bus:
         """Subscribe ``queue`` to ``topic`` on the backbone; request a snapshot if asked."""
         logger.debug("subscribe %s (snapshot %s)", topic, snapshot)
         self.backbones.hook.subscribe(topic=topic, queue=queue)
+        self.backlog.watch(queue)
         if snapshot > timedelta(0):
             return self.snapshots.request(topic, queue, snapshot, snapshot_end=snapshot_end)
         return []
@@ -241,6 +245,7 @@ class Bus:
     def unsubscribe(self, topic: str, queue: Sink) -> None:
         logger.debug("unsubscribe %s", topic)
         self.backbones.hook.unsubscribe(topic=topic, queue=queue)
+        self.backlog.forget(queue)
         self.snapshots.forget(queue)
 
     def _app_subscription(self, name: str) -> dict[str, Any]:

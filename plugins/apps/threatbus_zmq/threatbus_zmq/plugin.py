@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import queue
+from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -94,6 +95,7 @@ class ZmqApp(AppPlugin):
         subs = self.subscriptions
         assert subs is not None
         metrics.counter(APP_RECEIVED, lambda: receiver.received, plugin=NAME)
+        metrics.gauge(QUEUE_DEPTH, lambda: len(receiver.held), queue=f"{NAME}-held")
         metrics.counter(APP_REJECTED, lambda: receiver.rejected, plugin=NAME, endpoint="sub")
         metrics.counter(APP_REJECTED, lambda: manage.rejected, plugin=NAME, endpoint="manage")
         metrics.counter(EXPIRED_ON_ENTRY, lambda: receiver.expired, plugin=NAME)

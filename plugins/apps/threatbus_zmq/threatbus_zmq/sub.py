@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import logging
 import queue
+import time
+from collections import deque
+from collections.abc import Callable
 
 import zmq
 
@@ -18,6 +21,13 @@ logger = logging.getLogger(__name__)
 
 # Frames taken per wake-up before the stop flag is checked again.
 BATCH = 2000
+# Messages waiting in the node's fullest subscriber queue (``backlog``) above which frames
+# wait here undecoded (a third of a decoded message's memory) until the apps catch up.
+HOLD_ABOVE = 20_000
+# Milliseconds between looks at the backlog while frames are held.
+HELD_POLL_MS = 20
+# Seconds a stopping receiver spends handing held frames to the bus.
+STOP_RELEASE_SECONDS = 2.0
 
 
 class ReceiverWorker(StoppableWorker):
@@ -26,12 +36,25 @@ class ReceiverWorker(StoppableWorker):
     This is where intel enters the bus: structure (``data.decode``) and STIX
     content (``stix.validate``) are checked here, once. Anything invalid is
     logged (rate-limited), counted in ``rejected`` and dropped.
+
+    While the node's apps are behind (``backlog() > HOLD_ABOVE``, e.g. a
+    million indicators arriving faster than a sensor app applies them) frames
+    are still read, so no publisher loses anything, but kept as they came
+    (``held``) and decoded, in order, as the apps catch up.
     """
 
-    def __init__(self, socket: zmq.Socket, publish_queue: queue.SimpleQueue[Message]) -> None:
+    def __init__(
+        self,
+        socket: zmq.Socket,
+        publish_queue: queue.SimpleQueue[Message],
+        backlog: Callable[[], int] | None = None,
+    ) -> None:
         super().__init__(name="zmq-receiver")
         self.socket = socket
         self.publish_queue = publish_queue
+        self.backlog = backlog
+        self.held: deque[bytes] = deque()
+        self.held_checks = 0  # looks at the backlog with frames held (tests watch it)
         self.received = 0
         self.rejected = 0
         self.expired = 0  # valid indicators past their valid_until: not delivered, counted apart
@@ -41,12 +64,23 @@ class ReceiverWorker(StoppableWorker):
     def run(self) -> None:
         try:
             while not self.stopping:
-                if self.socket.poll(250):
+                if self.socket.poll(HELD_POLL_MS if self.held else 250):
                     self._receive_batch()
+                if self.held:
+                    self._release_held(min(BATCH, HOLD_ABOVE - self._backlog()))
         except Exception:
             logger.exception("sub endpoint failed; apps can no longer publish")
         finally:
+            self._release_on_stop()
             self.release()
+
+    def _release_on_stop(self) -> None:
+        """Hand what was received but held to the bus, as if never held; within a bounded time."""
+        deadline = time.monotonic() + STOP_RELEASE_SECONDS
+        while self.held and time.monotonic() < deadline:
+            self._release_held(BATCH)
+        if self.held:
+            logger.warning("stopping with %d received frames not handed to the bus (apps were behind)", len(self.held))
 
     def release(self) -> None:
         self.socket.close(linger=0)
@@ -56,6 +90,7 @@ class ReceiverWorker(StoppableWorker):
         recv = sock.recv
         put = self.publish_queue.put
         accept = self.accept
+        hold = self.held.append if self.held or self._backlog() > HOLD_ABOVE else None
         for _ in range(BATCH):
             try:
                 frame = recv(zmq.NOBLOCK)
@@ -65,7 +100,23 @@ class ReceiverWorker(StoppableWorker):
             if sock.get(zmq.RCVMORE):
                 self._reject_multipart(frame)
                 continue
+            if hold is not None:
+                hold(frame)
+                continue
             message = accept(frame)
+            if message is not None:
+                put(message)
+                self.received += 1
+
+    def _backlog(self) -> int:
+        return self.backlog() if self.backlog is not None else 0
+
+    def _release_held(self, room: int) -> None:
+        """Decode up to ``room`` held frames, oldest first, and hand them to the bus."""
+        self.held_checks += 1
+        held, put, accept = self.held, self.publish_queue.put, self.accept
+        for _ in range(min(room, len(held))):
+            message = accept(held.popleft())
             if message is not None:
                 put(message)
                 self.received += 1
