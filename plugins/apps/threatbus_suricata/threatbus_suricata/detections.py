@@ -21,6 +21,8 @@ from threatbus_suricata.suricata_socket import CommandFailed, SocketError, Suric
 FLUSH_SPACING = 4
 # Seconds a due flush may wait while indicators keep arriving.
 BULK_HOLD = 60.0
+# Indicators applied in a row, when that many wait, before the flush timer is looked at again.
+TAKE_AT_ONCE = 500
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +190,9 @@ class DetectionWorker(StoppableWorker):
             try:
                 with contextlib.suppress(queue.Empty):
                     self.handle(self.inbox.get(timeout=timeout))
+                    # A bulk load: take what is there without a timer per indicator.
+                    for _ in range(TAKE_AT_ONCE):
+                        self.handle(self.inbox.get_nowait())
                 now = time.monotonic()
                 if self.next_flush is not None and now >= self.next_flush:
                     if not self.inbox.empty() and now - self.first_change < max(BULK_HOLD, self.sync.reload_interval):

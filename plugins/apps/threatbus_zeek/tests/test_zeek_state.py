@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import orjson
 import pytest
 
 from threatbus.data import Indicator
@@ -67,3 +68,19 @@ def test_the_file_keeps_what_is_held_and_what_expired_comes_out(tmp_path: Path):
     assert events(again.drop_expired()) == [("remove", "10.0.1.1")]
     assert [item.indicator for item in again.items()] == ["10.0.1.2"]
     assert ZeekIntelState().load(tmp_path / "missing.jsonl") == 0
+
+
+def test_without_a_file_only_the_items_are_kept_and_with_one_the_json_stays_one_line(tmp_path: Path):
+    pretty = indicator("10.0.2.1")
+    pretty = Indicator(pretty.payload, raw=orjson.dumps(pretty.payload, option=orjson.OPT_INDENT_2))
+    lean = ZeekIntelState(keep_payloads=False)
+    assert events(lean.apply(pretty)) == [("add", "10.0.2.1")]
+    assert lean.payloads() == [] and lean.drop_expired() == []
+    assert events(lean.apply(Indicator(as_removal(pretty.payload)))) == [("remove", "10.0.2.1")]
+    kept = ZeekIntelState()
+    kept.apply(pretty)
+    path = tmp_path / "state.jsonl"
+    kept.save(path)
+    assert path.read_bytes().count(b"\n") == 1
+    again = ZeekIntelState()
+    assert again.load(path) == 1 and again.payloads() == [pretty.payload]

@@ -56,7 +56,7 @@ class InvalidMatch(DecodeError):
     """An intel_match event from Zeek does not have the expected form."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: one per held indicator, a million may be
 class ZeekIntel:
     """One Zeek intel item derived from an indicator."""
 

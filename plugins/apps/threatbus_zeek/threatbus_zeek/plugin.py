@@ -67,7 +67,8 @@ class ZeekApp(AppPlugin):
         settings: ZeekSettings, intel_queue: queue.Queue[Message]
     ) -> tuple[ZeekIntelState, ExpirySchedule, list[ZeekIntel]]:
         """The state a previous run left (``state_file``), what expired since, and the expiry of the rest."""
-        state, expiry = ZeekIntelState(), ExpirySchedule()
+        # Without a file the indicators are not kept, only what Zeek was given (a million may be).
+        state, expiry = ZeekIntelState(keep_payloads=bool(settings.state_file)), ExpirySchedule()
         if not settings.state_file:
             return state, expiry, []
         try:

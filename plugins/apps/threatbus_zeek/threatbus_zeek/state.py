@@ -31,19 +31,30 @@ from threatbus_zeek.mapping import Unsupported, ZeekIntel, to_zeek_intel
 logger = logging.getLogger(__name__)
 
 
-@dataclass
+@dataclass(slots=True)
 class Held:
     version: str  # modified (or created) of the version held
     item: ZeekIntel
-    payload: dict[str, Any]
+    payload_json: bytes | None  # the indicator, only where it is kept for the file
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return orjson.loads(self.payload_json) if self.payload_json is not None else {}
 
 
 class ZeekIntelState:
-    """The item held for each indicator. Used by the link worker only (one thread)."""
+    """The item held for each indicator. Used by the link worker only (one thread).
 
-    def __init__(self) -> None:
+    A million may be held: each keeps its Zeek item and version, and the
+    indicator itself (as its JSON) only with ``keep_payloads``, which the
+    file (``save``, ``load``, ``drop_expired``) needs.
+    """
+
+    def __init__(self, keep_payloads: bool = True) -> None:
         self.held: dict[str, Held] = {}
         self.dirty = False
+        self.keep_payloads = keep_payloads
+        self._versions: dict[str, str] = {}  # one string per distinct version (a bulk load shares few)
 
     def __len__(self) -> int:
         return len(self.held)
@@ -81,24 +92,34 @@ class ZeekIntelState:
             del self.held[indicator.id]
             self.dirty = True
             return [_removal(held.item)]
-        self.held[indicator.id] = Held(version, item, payload)
+        self.held[indicator.id] = Held(
+            self._shared(version), item, _one_line(indicator) if self.keep_payloads else None
+        )
         self.dirty = True
         if held is None or _same_item(held.item, item):
             return [item]  # an insert of the same item updates its description in Zeek
         return [_removal(held.item), item]
+
+    def _shared(self, version: str) -> str:
+        shared = self._versions.setdefault(version, version)
+        if len(self._versions) > 4096:  # a version per indicator: stop collecting
+            self._versions.clear()
+        return shared
 
     def items(self) -> list[ZeekIntel]:
         """Every held item (to bring a reconnected Zeek up to date)."""
         return [held.item for held in self.held.values()]
 
     def payloads(self) -> list[dict[str, Any]]:
-        return [held.payload for held in self.held.values()]
+        return [held.payload for held in self.held.values() if held.payload_json is not None]
 
     def drop_expired(self, now: datetime | None = None) -> list[ZeekIntel]:
         """Remove what expired (e.g. while the node was down); returns the items Zeek must drop."""
         now = now or datetime.now(timezone.utc)
         gone = []
         for indicator_id, held in list(self.held.items()):
+            if held.payload_json is None:
+                continue  # not kept: its expiry is the bus's
             try:
                 active = is_active(held.payload, now)
             except ValueError:
@@ -113,7 +134,7 @@ class ZeekIntelState:
 
     def save(self, path: Path) -> None:
         """Write the held indicators, one JSON line each, atomically."""
-        text = b"".join(orjson.dumps(held.payload) + b"\n" for held in self.held.values())
+        text = b"".join(held.payload_json + b"\n" for held in self.held.values() if held.payload_json is not None)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as out:
@@ -144,6 +165,12 @@ class ZeekIntelState:
                 logger.warning("%s:%d: skipping unreadable indicator: %s", path, number, err)
         self.dirty = False
         return len(self.held)
+
+
+def _one_line(indicator: Indicator) -> bytes:
+    """The indicator's JSON as it came (no second encoding), unless that spans lines (the file has one per line)."""
+    raw = indicator.encode()
+    return orjson.dumps(indicator.payload) if b"\n" in raw or b"\r" in raw else raw
 
 
 def _removal(item: ZeekIntel) -> ZeekIntel:
