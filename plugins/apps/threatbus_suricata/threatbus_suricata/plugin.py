@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import queue
+import threading
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
 
@@ -27,6 +29,12 @@ from threatbus_suricata.store import DetectionStore, ForeignFile
 from threatbus_suricata.suricata_socket import SuricataSocket
 
 logger = logging.getLogger(__name__)
+
+# A snapshot answer looks at the node's backlog every PACE_EVERY indicators and waits
+# (looking every PACE_POLL seconds) while more than PACE_ABOVE messages wait in a queue.
+PACE_EVERY = 1000
+PACE_ABOVE = 20_000
+PACE_POLL = 0.01
 
 
 class SuricataApp(AppPlugin):
@@ -110,7 +118,20 @@ class SuricataApp(AppPlugin):
             if modified >= since:
                 result_queue.put(SnapshotEnvelope.wrap(snapshot_request, Indicator(payload)))
                 answered += 1
+                if answered % PACE_EVERY == 0 and not self._pace():
+                    logger.info("stopping: snapshot %s answered in part", snapshot_request.snapshot_id)
+                    break
         logger.info("answered snapshot %s with %d indicators", snapshot_request.snapshot_id, answered)
+
+    def _pace(self) -> bool:
+        """Wait while the node's apps are far behind (a million answers must not all wait decoded in queues).
+
+        False when the app stops meanwhile.
+        """
+        while self.backlog() > PACE_ABOVE:
+            if self.stopping.wait(PACE_POLL):
+                return False
+        return not self.stopping.is_set()
 
     def _register_metrics(self, metrics: Metrics) -> None:
         sync, alerts = self.sync, self.alerts
