@@ -87,13 +87,22 @@ class Entry:
     rev: int = 1  # the rule's rev: bumped when a new version replaces the detection under the same sid
     rule: int = 0  # hash of a rule's Detection: tells a changed rule apart without keeping it
     expires: bool = False  # the indicator has a valid_until
-    spooled: bool = True
-    offset: int = 0
-    length: int = 0
+    span: int = 0  # where its text is, packed in one int (an int object costs 32 bytes): see ``place``
+
+    def place(self, spooled: bool, offset: int, length: int) -> None:
+        self.span = offset << 33 | length << 1 | spooled
 
     @property
-    def key(self) -> tuple[str, str]:
-        return (self.set_name, self.value)
+    def spooled(self) -> bool:
+        return bool(self.span & 1)
+
+    @property
+    def offset(self) -> int:
+        return self.span >> 33
+
+    @property
+    def length(self) -> int:
+        return (self.span >> 1) & 0xFFFFFFFF
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,12 @@ def _detection_record(detection: Detection) -> dict[str, Any]:
     return record
 
 
+def _ids(holders: str | list[str] | None) -> list[str]:
+    if holders is None:
+        return []
+    return [holders] if isinstance(holders, str) else list(holders)
+
+
 def _indicator_of(text: bytes) -> dict[str, Any] | None:
     """The indicator embedded in an entry's text."""
     end = text.find(b"\n")
@@ -201,8 +216,8 @@ class DetectionStore:
         self._lock = threading.RLock()
         self.entries: dict[str, Entry] = {}
         self.by_sid: dict[int, str] = {}
-        # (set or algorithm, value) -> ids of the indicators that share this entry
-        self.by_value: dict[tuple[str, str], list[str]] = {}
+        # set (or hash algorithm) -> value -> the id of the indicator detected by it, or the ids when several share it
+        self.by_value: dict[str, dict[str, str | list[str]]] = {}
         self._changes = Changes()
         self._dirty_lists: set[str] = set()  # dataset names and hash algorithms to rewrite
         self.dataset_command_limit = dataset_command_limit
@@ -227,7 +242,7 @@ class DetectionStore:
             self._spool = tempfile.TemporaryFile(dir=self.directory, prefix=".threatbus-spool.")
             self._spool_size = 0
         self._spool.write(text)
-        entry.spooled, entry.offset, entry.length = True, self._spool_size, len(text)
+        entry.place(True, self._spool_size, len(text))
         self._spool_size += len(text)
         self._spool_unflushed = True
 
@@ -346,12 +361,17 @@ class DetectionStore:
             self.by_sid[entry.sid] = entry.indicator_id
             self._changes.reload = True
             return
-        key = (detection.set_name, detection.value)
-        holders = self.by_value.get(key)
-        if holders is None:
-            holders = self.by_value[key] = []
-        holders.append(entry.indicator_id)
-        if len(holders) == 1:
+        values = self.by_value.get(detection.set_name)
+        if values is None:
+            values = self.by_value[detection.set_name] = {}
+        holders = values.get(detection.value)
+        if holders is not None:  # shared with other indicators: nothing changes for Suricata
+            if isinstance(holders, str):
+                values[detection.value] = [holders, entry.indicator_id]
+            else:
+                holders.append(entry.indicator_id)
+        else:
+            values[detection.value] = entry.indicator_id
             self._dirty_lists.add(detection.set_name)
             if detection.kind == DATASET:
                 self._dataset_op("dataset-add", detection)
@@ -366,12 +386,18 @@ class DetectionStore:
                 del self.by_sid[entry.sid]  # type: ignore[arg-type]
             self._changes.reload = True
             return
-        key = entry.key
-        holders = self.by_value.get(key, [])
-        if entry.indicator_id in holders:
-            holders.remove(entry.indicator_id)
-        if not holders:
-            self.by_value.pop(key, None)
+        values = self.by_value.get(entry.set_name, {})
+        holders = values.get(entry.value)
+        if isinstance(holders, list):
+            if entry.indicator_id in holders:
+                holders.remove(entry.indicator_id)
+            if len(holders) == 1:
+                values[entry.value] = holders[0]
+            return
+        if holders == entry.indicator_id:
+            del values[entry.value]
+            if not values:
+                del self.by_value[entry.set_name]
             self._dirty_lists.add(entry.set_name)
             if entry.set_name in (self.settings.ip_set, self.settings.domain_set):
                 self._dataset_op("dataset-remove", self._dataset_detection(entry))
@@ -455,10 +481,7 @@ class DetectionStore:
 
     def _head(self) -> bytes:
         """The rules file up to the entries: header, settings, the static rules."""
-        counts = dict.fromkeys(STATIC_SID_OFFSETS, 0)
-        for set_name, _value in self.by_value:
-            if set_name in counts:
-                counts[set_name] += 1
+        counts = {name: len(self.by_value.get(name, ())) for name in STATIC_SID_OFFSETS}
         rules = static_rules(self.settings, self.sid_min, self.base, counts)
         return (HEADER + SETTINGS_PREFIX + self._fingerprint() + "\n" + "".join(r + "\n" for r in rules)).encode()
 
@@ -466,11 +489,7 @@ class DetectionStore:
         """The lines of the data files of ``lists``, by path."""
         if self.settings.mode == "datasets":  # their files must exist before Suricata loads the rules
             lists = lists | {self.settings.ip_set, self.settings.domain_set}
-        files: dict[str, list[str]] = {name: [] for name in lists}
-        for set_name, value in self.by_value:
-            values = files.get(set_name)
-            if values is not None:
-                values.append(self._datavalue(set_name, value) + "\n")
+        files = {name: [self._datavalue(name, v) + "\n" for v in self.by_value.get(name, ())] for name in lists}
         return {self._data_path(name): lines for name, lines in files.items()}
 
     def _data_path(self, name: str) -> str:
@@ -520,7 +539,7 @@ class DetectionStore:
             self._write_rules(head, entries)
         except OSError:
             with self._lock:  # write every list again next time
-                self._dirty_lists |= {name for (name, _v) in self.by_value}
+                self._dirty_lists |= set(self.by_value)
             raise
 
     def _write_rules(self, head: bytes, entries: list[Entry]) -> None:
@@ -553,7 +572,7 @@ class DetectionStore:
             raise
         with self._lock:
             for entry, offset in zip(entries, offsets, strict=True):
-                entry.spooled, entry.offset = False, offset
+                entry.place(False, offset, entry.length)
             if self._written is not None:
                 self._written.close()
             self._written = out
@@ -608,7 +627,7 @@ class DetectionStore:
         if pending is not None:
             loaded += self._load_line(*pending, b"", same)
         with self._lock:
-            self._dirty_lists |= {name for (name, _v) in self.by_value}
+            self._dirty_lists |= set(self.by_value)
             self._changes.dataset_ops.clear()  # Suricata loads the sets from their files
             rendered = hashlib.sha256(self._head())
             for text in self._runs(list(self.entries.values())):
@@ -621,7 +640,7 @@ class DetectionStore:
         return loaded
 
     def _all_lists(self) -> set[str]:
-        lists = {name for (name, _v) in self.by_value}
+        lists = set(self.by_value)
         if self.settings.mode == "datasets":
             lists |= {self.settings.ip_set, self.settings.domain_set}
         return lists
@@ -662,7 +681,7 @@ class DetectionStore:
             raw = orjson.dumps(payload)
         entry = self._new_entry(str(record["id"]), str(record["modified"]), detection, raw)
         if length:
-            entry.spooled, entry.offset, entry.length = False, offset, length
+            entry.place(False, offset, length)
             entry.expires = b'"valid_until"' in line
         rev = record.get("rev", 1)
         entry.rev = rev if isinstance(rev, int) and rev > 0 else 1
@@ -693,7 +712,7 @@ class DetectionStore:
         with self._lock:
             return [
                 Match(i, value, self._payload(self.entries[i]))
-                for i in self.by_value.get((set_name, value), ())
+                for i in _ids(self.by_value.get(set_name, {}).get(value))
                 if i in self.entries
             ]
 
