@@ -124,6 +124,8 @@ class Bus:
             self.snapshots.start()
             for topic in (TOPIC_SNAPSHOT_REQUEST, TOPIC_SNAPSHOT_ENVELOPE):
                 self.backbones.hook.subscribe(topic=topic, queue=self.snapshots.inbox)
+            # Apps answering a large snapshot pace themselves on it (the router hands answers on one by one).
+            self.backlog.watch(self.snapshots.inbox)
             for name, app in self.apps.list_name_plugin():
                 self._run_app(name, app)
         except Exception as err:

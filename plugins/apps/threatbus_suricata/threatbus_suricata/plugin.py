@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 from collections.abc import Callable
-from datetime import datetime, timezone
 from typing import Any
 
 import threatbus
@@ -22,6 +20,7 @@ from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, Metrics
 from threatbus.routing import Sink
 from threatbus.stix import timestamp
 from threatbus_suricata.alerts import Alerts, EveWorker
+from threatbus_suricata.answers import SnapshotAnswers
 from threatbus_suricata.detections import DetectionSync, DetectionWorker
 from threatbus_suricata.eve import LogFollower
 from threatbus_suricata.settings import NAME, PREFIX, SuricataSettings, validators
@@ -29,12 +28,6 @@ from threatbus_suricata.store import DetectionStore, ForeignFile
 from threatbus_suricata.suricata_socket import SuricataSocket
 
 logger = logging.getLogger(__name__)
-
-# A snapshot answer looks at the node's backlog every PACE_EVERY indicators and waits
-# (looking every PACE_POLL seconds) while more than PACE_ABOVE messages wait in a queue.
-PACE_EVERY = 1000
-PACE_ABOVE = 20_000
-PACE_POLL = 0.01
 
 
 class SuricataApp(AppPlugin):
@@ -106,32 +99,13 @@ class SuricataApp(AppPlugin):
     ) -> None:
         """Answer indicator snapshots with the held active indicators modified within the period."""
         if (
-            self.store is None
+            self.answers is None
             or snapshot_request.snapshot_type is not SnapshotType.INDICATOR
             or requester is self.inbox  # our own request
         ):
             return
-        now = datetime.now(timezone.utc)
-        since = timestamp(now - snapshot_request.snapshot)
-        answered = 0
-        for modified, payload in self.store.payloads(now):  # active intel only
-            if modified >= since:
-                result_queue.put(SnapshotEnvelope.wrap(snapshot_request, Indicator(payload)))
-                answered += 1
-                if answered % PACE_EVERY == 0 and not self._pace():
-                    logger.info("stopping: snapshot %s answered in part", snapshot_request.snapshot_id)
-                    break
-        logger.info("answered snapshot %s with %d indicators", snapshot_request.snapshot_id, answered)
-
-    def _pace(self) -> bool:
-        """Wait while the node's apps are far behind (a million answers must not all wait decoded in queues).
-
-        False when the app stops meanwhile.
-        """
-        while self.backlog() > PACE_ABOVE:
-            if self.stopping.wait(PACE_POLL):
-                return False
-        return not self.stopping.is_set()
+        # In the app's own thread: the bus's snapshot router must go on handing the answers on meanwhile.
+        self.answers.requests.put((snapshot_request, result_queue))
 
     def _register_metrics(self, metrics: Metrics) -> None:
         sync, alerts = self.sync, self.alerts
