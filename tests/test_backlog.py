@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import queue
 
+from testbus import running_bus
+
+import threatbus
 from threatbus.backlog import Backlog
 from threatbus.policy import Filter, FilteredSink, FilterStats
-from threatbus.testing import indicator
+from threatbus.testing import indicator, wait_until
 
 
 def filled(sink: queue.SimpleQueue | queue.Queue, count: int) -> None:
@@ -43,3 +46,28 @@ def test_a_queue_behind_a_filter_counts_and_is_forgotten_after_its_last_subscrip
     assert backlog() == 0
     backlog.forget(sink)  # unknown: nothing happens
     assert backlog() == 0
+
+
+class BacklogApp:
+    """An app that takes ``backlog`` in ``run`` (pluggy passes only parameters without a default)."""
+
+    def __init__(self) -> None:
+        self.backlog = None
+        self.queue: queue.SimpleQueue = queue.SimpleQueue()
+
+    @threatbus.app
+    def run(self, subscribe, backlog):
+        self.backlog = backlog
+        subscribe("stix2/indicator", self.queue)
+
+
+def test_apps_get_the_backlog_of_the_queues_subscribed_on_the_node() -> None:
+    app = BacklogApp()
+    with running_bus(apps={"backlog": app}) as bus:
+        assert app.backlog is not None and app.backlog() == 0
+        for _ in range(5):
+            bus.publish_queue.put(indicator())
+        wait_until(lambda: app.queue.qsize() == 5, what="five indicators in the app's queue")
+        assert app.backlog() == 5
+        app.queue.get_nowait()
+        assert app.backlog() == 4

@@ -126,6 +126,7 @@ def test_a_run_that_fails_before_starting_its_workers_still_stops():
             unsubscribe=lambda **_: None,
             node=Node.create("test-node"),
             metrics=metrics,
+            backlog=lambda: 0,
         )
     # A daemon thread only so that this test reports the hang instead of hanging itself.
     stopper = threading.Thread(target=app.stop, daemon=True)
