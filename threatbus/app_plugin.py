@@ -21,6 +21,7 @@ from dynaconf import Validator
 
 import threatbus
 from threatbus.appspecs import SubscribeCallback, UnsubscribeCallback
+from threatbus.backlog import Backlog
 from threatbus.data import Message
 from threatbus.metrics import Metrics
 from threatbus.node import Node
@@ -46,6 +47,7 @@ class AppRuntime:
     unsubscribe: UnsubscribeCallback
     node: Node
     metrics: Metrics
+    backlog: Backlog
     workers: list[StoppableWorker] = field(default_factory=list)
     subscriptions: list[tuple[str, Sink]] = field(default_factory=list)
 
@@ -122,8 +124,8 @@ class AppPlugin:
         return self.validators()
 
     @threatbus.app
-    def run(self, config, publish_queue, subscribe, unsubscribe, node, metrics) -> None:  # types: appspecs.run
-        self.runtime = AppRuntime(config, publish_queue, subscribe, unsubscribe, node, metrics)
+    def run(self, config, publish_queue, subscribe, unsubscribe, node, metrics, backlog) -> None:  # appspecs.run
+        self.runtime = AppRuntime(config, publish_queue, subscribe, unsubscribe, node, metrics, backlog)
         self.start(self.runtime)
         self.runtime.start_workers()
 

@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Callable
 from typing import Any
 
 import threatbus
 from threatbus.app_plugin import AppPlugin, AppRuntime
-from threatbus.data import TOPIC_INDICATOR, Indicator, Message, SnapshotEnvelope, SnapshotRequest, SnapshotType
+from threatbus.data import TOPIC_INDICATOR, Message, SnapshotRequest, SnapshotType
 from threatbus.errors import PluginError
 from threatbus.expiry import ExpiryWorker, hand_to
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, Metrics
 from threatbus.routing import Sink
-from threatbus.stix import timestamp
 from threatbus_suricata.alerts import Alerts, EveWorker
 from threatbus_suricata.answers import SnapshotAnswers
 from threatbus_suricata.detections import DetectionSync, DetectionWorker
@@ -40,6 +38,7 @@ class SuricataApp(AppPlugin):
         self.sync: DetectionSync | None = None
         self.alerts: Alerts | None = None
         self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()  # unbounded, as a Queue was; faster
+        self.answers: SnapshotAnswers | None = None
 
     @property
     def stop_timeout(self) -> float:
@@ -67,7 +66,10 @@ class SuricataApp(AppPlugin):
         self._register_metrics(runtime.metrics)
         self.sync.expire_held()
 
-        runtime.add_workers(DetectionWorker(self.sync, self.inbox), ExpiryWorker(self.sync.expiry, hand_to))
+        self.answers = SnapshotAnswers(self.store, runtime.backlog)
+        runtime.add_workers(
+            DetectionWorker(self.sync, self.inbox), ExpiryWorker(self.sync.expiry, hand_to), self.answers
+        )
         eve = settings.eve
         if eve:
             follower = LogFollower(eve, from_start=settings.eve_from_start)
@@ -90,7 +92,7 @@ class SuricataApp(AppPlugin):
     def release(self, stuck: list[str]) -> None:
         if self.socket is not None:
             self.socket.close()
-        if self.store is not None:
+        if self.store is not None and not stuck:  # a stuck worker may still read the entries' texts
             self.store.close()
 
     @threatbus.app

@@ -56,6 +56,7 @@ def polling(config: dict[str, Any]) -> Iterator[tuple[TaxiiApp, queue.SimpleQueu
         unsubscribe=lambda *args: None,
         node=Node.create("test-node"),
         metrics=metrics,
+        backlog=lambda: 0,
     )
     try:
         yield app, published, metrics

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Callable
 from typing import Any
 
 import zmq
@@ -60,7 +59,7 @@ class ZmqApp(AppPlugin):
         # The workers own the sockets from here on: stop() releases them, even when a bind below fails.
         manage = ManageWorker(sockets["manage"], self.subscriptions, settings)
         publisher = PublisherWorker(sockets["pub"], self.subscriptions, ready)
-        receiver = ReceiverWorker(sockets["sub"], runtime.publish_queue)
+        receiver = ReceiverWorker(sockets["sub"], runtime.publish_queue, runtime.backlog)
         runtime.add_workers(publisher, receiver, manage)
         sockets["pub"].setsockopt(zmq.XPUB_NODROP, 1)
         sockets["pub"].setsockopt(zmq.XPUB_MANUAL, 1)
