@@ -284,6 +284,7 @@ def test_a_poller_reads_a_served_collection_over_tls_with_its_ca_file(tmp_path):
                 unsubscribe=lambda *a: None,
                 node=Node.create("reader"),
                 metrics=Metrics("reader"),
+                backlog=lambda: 0,
             )
             try:
                 assert [m.id for m in collect(published, 3)] == [m.id for m in sent]

@@ -146,3 +146,17 @@ def test_state_file_carries_expiry_over_a_node_restart(zeek, zeek_config, tmp_pa
 
 def _until(ind: Indicator) -> float:
     return datetime.fromisoformat(ind.payload["valid_until"].replace("Z", "+00:00")).timestamp()
+
+
+def test_the_link_uses_the_state_and_schedule_the_app_built_though_empty(zeek, zeek_config):
+    # Both are falsy while empty: the link once replaced them with defaults of its own (a state that
+    # keeps every indicator's JSON, a schedule no expiry worker watches).
+    app = ZeekApp()
+    with running_bus(apps={"zeek": app}, plugin_config=zeek_config) as bus:
+        zeek.wait_for_client()
+        assert app.link is not None and app.expiry_worker is not None
+        assert app.link.expiry is app.expiry_worker.schedule
+        assert not app.link.state.keep_payloads  # no state_file: only what Zeek was given is kept
+        bus.publish_queue.put(indicator("10.0.9.1"))
+        ZeekIntel(zeek).wait_for(lambda z: z.holds("10.0.9.1"), "the item")
+        assert all(held.payload_json is None for held in app.link.state.held.values())

@@ -104,8 +104,8 @@ class ZeekLink(ReconnectingWorker):
         self._pending: collections.deque[tuple[str, int]] = collections.deque()
         self._established = False  # whether the last attempt got as far as the handshake
         self._problem: BaseException | None = None  # what ended the last attempt
-        self.state = state or ZeekIntelState()
-        self.expiry = expiry or ExpirySchedule()
+        self.state = state if state is not None else ZeekIntelState()  # an empty state is falsy
+        self.expiry = expiry if expiry is not None else ExpirySchedule()
         self._stale = list(stale or [])  # items Zeek may hold that are gone (expired while the node was down)
         self._saved = 0.0
 

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 class Held:
     version: str  # modified (or created) of the version held
     item: ZeekIntel
-    payload_json: bytes | None  # the indicator, only where it is kept for the file
+    payload_json: str | None  # the indicator, only where it is kept for the file (a str: orjson's bytes keep KiBs)
 
     @property
     def payload(self) -> dict[str, Any]:
@@ -134,7 +134,9 @@ class ZeekIntelState:
 
     def save(self, path: Path) -> None:
         """Write the held indicators, one JSON line each, atomically."""
-        text = b"".join(held.payload_json + b"\n" for held in self.held.values() if held.payload_json is not None)
+        text = "".join(
+            held.payload_json + "\n" for held in self.held.values() if held.payload_json is not None
+        ).encode()
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as out:
@@ -167,10 +169,10 @@ class ZeekIntelState:
         return len(self.held)
 
 
-def _one_line(indicator: Indicator) -> bytes:
+def _one_line(indicator: Indicator) -> str:
     """The indicator's JSON as it came (no second encoding), unless that spans lines (the file has one per line)."""
     raw = indicator.encode()
-    return orjson.dumps(indicator.payload) if b"\n" in raw or b"\r" in raw else raw
+    return (orjson.dumps(indicator.payload) if b"\n" in raw or b"\r" in raw else raw).decode()
 
 
 def _removal(item: ZeekIntel) -> ZeekIntel:
