@@ -69,6 +69,68 @@ def test_fast_path_agrees_with_stix2_patterns():
         assert run_validator(pattern, stix_version="2.1") == []
 
 
+def _point_patterns():
+    """Point patterns around the fast regex's edges: every simple path and hash name, spellings, escapes, lengths."""
+    values = ["6.6.6.6", "it\\'s", "a\\\\b", "", "'", "a\\", "x\n"]
+    for path in [*sorted(stix._SIMPLE_PATHS), "x-custom:value", "ipv4-addr:name", "file:size", "File:name"]:
+        for value in values:
+            yield f"[{path} = '{value}']"
+    names = [*stix.HASH_LENGTHS, *stix._HASH_ALIASES, "SHA-384", "sha_256", "\u017fha1"]
+    for name in names:
+        length = stix.HASH_LENGTHS.get(stix._HASH_ALIASES.get(name.upper(), name.upper()), 40)
+        for spelled in (name, name.lower(), f"'{name}'", f"'{name.lower()}'", f"'{name}", f"{name}'"):
+            for value in ("a" * length, "A" * length, "a" * (length - 1), "a" * (length + 1), "g" * length):
+                yield f"[file:hashes.{spelled} = '{value}']"
+    yield from (
+        "[ipv4-addr:value='1.2.3.4']",
+        "[  ipv4-addr:value  =  '1.2.3.4'  ]",
+        "[\tipv4-addr:value\t=\t'1.2.3.4'\t]",
+        "[\u00a0ipv4-addr:value = '1.2.3.4']",
+        "[ipv4-addr:value = '1.2.3.4'] ",
+        " [ipv4-addr:value = '1.2.3.4']",
+        "[ipv4-addr:value = '1.2.3.4']]",
+        "[ipv4-addr:value = '1.2.3.4' OR ipv4-addr:value = '5.6.7.8']",
+        "[ipv4-addr:value = '1.2.3.4'] AND [ipv4-addr:value = '5.6.7.8']",
+        "[ipv4-addr:value != '1.2.3.4']",
+        '[ipv4-addr:value = "1.2.3.4"]',
+    )
+
+
+def test_fast_validity_regex_takes_exactly_the_point_patterns_of_simple_match():
+    # pattern_errors answers from the regex alone; point_indicator reads the same patterns with _simple_match.
+    patterns = list(_point_patterns())
+    taken = [p for p in patterns if stix._VALID_POINT.fullmatch(p)]
+    assert len(taken) > 100
+    for pattern in patterns:
+        assert (stix._VALID_POINT.fullmatch(pattern) is not None) == (stix._simple_match(pattern) is not None), pattern
+    # A trailing newline is the one difference: the parser answers those.
+    newline = "[ipv4-addr:value = '1.2.3.4']\n"
+    assert stix._simple_match(newline) is not None
+    assert stix._VALID_POINT.fullmatch(newline) is None
+    assert pattern_errors(newline) == ()
+
+
+@pytest.mark.parametrize("key", ["created", "modified", "valid_from", "valid_until"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "2026-02-30T00:00:00Z",
+        "2026-11-31T00:00:00Z",
+        "2099-01-01T00:00:00Z\n",
+        "\u0662\u0660\u0662\u0666-01-01T00:00:00Z",
+    ],
+)
+def test_validate_refuses_timestamps_of_dates_that_do_not_exist(key, value):
+    payload = {**indicator(valid_until="2099-01-01T00:00:00Z").payload, key: value}
+    with pytest.raises(InvalidIntel, match=f"'{key}' is not a STIX timestamp"):
+        validate(Indicator(payload))
+
+
+def test_validate_takes_leap_seconds_and_long_fractions():
+    validate(indicator(created="2016-12-31T23:59:60Z", valid_from="2016-12-31T23:59:60.5Z"))
+    validate(indicator(valid_from="2026-11-30T12:00:00.123456789Z", valid_until="2099-01-01T00:00:00.1Z"))
+
+
 def test_validate_rejects_bad_pattern_and_timestamps():
     good = indicator()
     validate(good)

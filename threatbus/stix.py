@@ -9,6 +9,7 @@ the verdict is cached.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import re
 import uuid
@@ -36,7 +37,10 @@ class ExpiredIntel(InvalidIntel):
     """
 
 
-_TIMESTAMP = re.compile(r"^\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d+)?Z$")
+# The layout of a STIX timestamp (used with fullmatch); whether the date exists is checked by parsing it.
+_TIMESTAMP = re.compile(
+    r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d+)?Z", re.ASCII
+)
 
 # Hash algorithms and their hex lengths, as the STIX 2.1 hashes vocabulary names them.
 HASH_LENGTHS = {"MD5": 32, "SHA-1": 40, "SHA-256": 64, "SHA-512": 128, "SHA3-256": 64, "SHA3-512": 128}
@@ -59,9 +63,11 @@ _SIMPLE_PATHS = frozenset(
     }
 )
 
+# A quoted value with \\ and \' escapes, as an unrolled loop (no alternation per character).
+_QUOTED = r"'[^'\\]*(?:\\['\\][^'\\]*)*'"
 _POINT_PATTERN = re.compile(
     r"^\[\s*(?P<type>[a-z][a-z0-9-]*):(?P<prop>[a-z_]+(?:\.(?:'[A-Za-z0-9-]+'|[A-Za-z0-9_-]+))?)"
-    r"\s*=\s*'(?P<value>(?:[^'\\]|\\['\\])*)'\s*\]$"
+    rf"\s*=\s*(?P<quoted>{_QUOTED})\s*\]$"
 )
 _HEX = re.compile(r"^[0-9a-fA-F]+$")
 _OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9]?[0-9])"
@@ -99,22 +105,48 @@ def _simple_match(pattern: str) -> PointIndicator | None:
     match = _POINT_PATTERN.match(pattern)
     if match is None:
         return None
+    object_type = match["type"]
     prop = _normalise_property(match["prop"])
-    point = PointIndicator(match["type"], prop, _unescape(match["value"]))
-    if point.path in _SIMPLE_PATHS:
-        return point
-    if point.object_type == "file" and prop.startswith("hashes."):
+    value = _unescape(match["quoted"][1:-1])
+    if f"{object_type}:{prop}" in _SIMPLE_PATHS:
+        return PointIndicator(object_type, prop, value)
+    if object_type == "file" and prop.startswith("hashes."):
         length = HASH_LENGTHS.get(prop[len("hashes.") :])
-        if length is not None and len(point.value) == length and _HEX.match(point.value):
-            return point
+        if length is not None and len(value) == length and _HEX.match(value):
+            return PointIndicator(object_type, prop, value)
     return None
+
+
+def _valid_point_regex() -> re.Pattern[str]:
+    """The point patterns ``_simple_match`` accepts, as one regex: validity without a ``PointIndicator``.
+
+    The same language (tests compare them), except that a trailing newline
+    (after the pattern, or ending a hash value) sends the pattern to the
+    parser. Hash names are matched without (ASCII) case, quoted or not, as
+    ``_normalise_property`` reads them.
+    """
+    paths = "|".join(re.escape(path) for path in sorted(_SIMPLE_PATHS))
+    names_of_length: dict[int, list[str]] = {}
+    for name, length in HASH_LENGTHS.items():
+        names_of_length.setdefault(length, []).append(name)
+    for alias, name in _HASH_ALIASES.items():
+        names_of_length[HASH_LENGTHS[name]].append(alias)
+    hashes = "|".join(
+        rf"file:hashes\.(?ai:(?P<q{length}>'?)(?:{'|'.join(map(re.escape, names))})(?P=q{length}))"
+        rf"\s*=\s*'[0-9a-fA-F]{{{length}}}'"
+        for length, names in names_of_length.items()
+    )
+    return re.compile(rf"\[\s*(?:(?:{paths})\s*=\s*{_QUOTED}|{hashes})\s*\]")
+
+
+_VALID_POINT = _valid_point_regex()
 
 
 def pattern_errors(pattern: str) -> tuple[str, ...]:
     """Why a STIX 2.1 pattern is invalid; empty when it is valid."""
-    # Point patterns are nearly all intel and nearly all unique: the regex
+    # Point patterns are nearly all intel and nearly all unique: one regex
     # answers them without filling a cache; only the parser's verdicts are kept.
-    if _simple_match(pattern) is not None:
+    if _VALID_POINT.fullmatch(pattern) is not None:
         return ()
     return _parser_errors(pattern)
 
@@ -159,15 +191,31 @@ def _parsed_point_indicator(pattern: str) -> PointIndicator | None:
     return PointIndicator(object_type, prop, _unescape(literal[1:-1]))
 
 
-def _check_timestamps(payload: dict[str, Any], *keys: str) -> None:
-    checked = set()  # created, modified and valid_from are mostly one value: check it once
+def _stix_time(payload: dict[str, Any], key: str, value: Any) -> datetime:
+    """``value`` (of ``payload[key]``) as an aware datetime; ``InvalidIntel`` unless it is a STIX timestamp of a real date."""
+    if isinstance(value, str) and _TIMESTAMP.fullmatch(value):
+        try:
+            return datetime.fromisoformat(value)  # C, from Python 3.11 with 'Z' and any fraction
+        except ValueError:
+            with contextlib.suppress(ValueError):
+                return parse_timestamp(value)  # Python 3.10, leap seconds
+    raise InvalidIntel(f"{payload['type']} {payload['id']}: '{key}' is not a STIX timestamp: {value!r}")
+
+
+def _check_timestamps(payload: dict[str, Any], keys: tuple[str, ...]) -> list[datetime | None]:
+    """The timestamps of ``keys`` (None where absent), each checked; ``InvalidIntel`` for the first bad one."""
+    times: list[datetime | None] = []
+    text = parsed = None
     for key in keys:
         value = payload.get(key)
         if value is None:
+            times.append(None)
             continue
-        if not isinstance(value, str) or (value not in checked and not _TIMESTAMP.match(value)):
-            raise InvalidIntel(f"{payload['type']} {payload['id']}: '{key}' is not a STIX timestamp: {value!r}")
-        checked.add(value)
+        if value != text:  # created, modified and valid_from are mostly one value: parse it once
+            parsed = _stix_time(payload, key, value)
+            text = value
+        times.append(parsed)
+    return times
 
 
 def _check_spec_version(payload: dict[str, Any]) -> None:
@@ -176,35 +224,43 @@ def _check_spec_version(payload: dict[str, Any]) -> None:
         raise InvalidIntel(f"{payload['type']} {payload['id']}: spec_version must be 2.1, got {version!r}")
 
 
-def _check_validity_window(payload: dict[str, Any]) -> None:
-    until = payload.get("valid_until")
-    if until is None:
-        return
-    valid_from = payload.get("valid_from")
+_INDICATOR_TIMES = ("created", "modified", "valid_from", "valid_until")
+
+
+def _checked_indicator(payload: dict[str, Any]) -> datetime | None:
+    """``check_indicator`` on a payload; returns its ``valid_until``, parsed."""
+    _check_spec_version(payload)
+    _, _, valid_from, until = _check_timestamps(payload, _INDICATOR_TIMES)
     # The spec (and the original) require valid_until to be later than valid_from.
-    if isinstance(valid_from, str) and parse_timestamp(until) <= parse_timestamp(valid_from):
+    if until is not None and valid_from is not None and until <= valid_from:
         raise InvalidIntel(
-            f"indicator {payload['id']}: 'valid_until' {until} is not later than 'valid_from' {valid_from}"
+            f"indicator {payload['id']}: 'valid_until' {payload['valid_until']} is not later than "
+            f"'valid_from' {payload['valid_from']}"
         )
+    if payload["pattern_type"] == "stix":
+        errors = pattern_errors(payload["pattern"])
+        if errors:
+            raise InvalidIntel(f"indicator {payload['id']}: invalid pattern {payload['pattern']!r}: {errors[0]}")
+    return until
 
 
 def check_indicator(indicator: Indicator) -> None:
-    payload = indicator.payload
-    _check_spec_version(payload)
-    _check_timestamps(payload, "created", "modified", "valid_from", "valid_until")
-    _check_validity_window(payload)
-    if indicator.pattern_type == "stix":
-        errors = pattern_errors(indicator.pattern)
-        if errors:
-            raise InvalidIntel(f"indicator {indicator.id}: invalid pattern {indicator.pattern!r}: {errors[0]}")
+    _checked_indicator(indicator.payload)
 
 
 def check_sighting(sighting: Sighting) -> None:
     _check_spec_version(sighting.payload)
-    _check_timestamps(sighting.payload, "created", "modified", "first_seen", "last_seen")
+    _check_timestamps(sighting.payload, ("created", "modified", "first_seen", "last_seen"))
     embedded = sighting.indicator
     if embedded is not None:
         check_indicator(embedded)
+
+
+def _refuse_expired(payload: dict[str, Any], until: datetime, now: datetime | None) -> None:
+    if until <= (now or datetime.now(timezone.utc)) and not is_removal(payload):
+        raise ExpiredIntel(
+            f"indicator {payload['id']}: expired at 'valid_until' {payload['valid_until']}, before it entered the bus"
+        )
 
 
 def check_not_expired(indicator: Indicator, now: datetime | None = None) -> None:
@@ -213,12 +269,10 @@ def check_not_expired(indicator: Indicator, now: datetime | None = None) -> None
     Removals pass: dropping what is already gone does no harm, and a node
     whose subscribers still hold the indicator needs to hear of it.
     """
-    until = indicator.payload.get("valid_until")
-    if until is None or is_removal(indicator.payload):
-        return
-    now = now or datetime.now(timezone.utc)
-    if parse_timestamp(until) <= now:
-        raise ExpiredIntel(f"indicator {indicator.id}: expired at 'valid_until' {until}, before it entered the bus")
+    payload = indicator.payload
+    until = payload.get("valid_until")
+    if until is not None:
+        _refuse_expired(payload, _stix_time(payload, "valid_until", until), now)
 
 
 def validate(message: Message, now: datetime | None = None) -> None:
@@ -233,8 +287,10 @@ def validate(message: Message, now: datetime | None = None) -> None:
     if isinstance(message, SnapshotEnvelope):
         message = message.stix
     if isinstance(message, Indicator):
-        check_indicator(message)
-        check_not_expired(message, now)
+        payload = message.payload
+        until = _checked_indicator(payload)  # each timestamp parsed once, for the checks and the expiry
+        if until is not None:
+            _refuse_expired(payload, until, now)
     elif isinstance(message, Sighting):
         check_sighting(message)
 
