@@ -223,10 +223,21 @@ def _require_snapshot_type(payload: dict[str, Any]) -> None:
 
 
 def _check_indicator(payload: dict[str, Any]) -> None:
-    _require_str(payload, "id", "indicator--")
-    _require_str(payload, "pattern")
-    _require_str(payload, "pattern_type")
-    update = payload.get("x_threatbus_update")
+    get = payload.get
+    ident, pattern, pattern_type = get("id"), get("pattern"), get("pattern_type")
+    # One test for the usual case (nearly every message); the calls below name what is wrong.
+    if not (
+        type(ident) is str
+        and ident.startswith("indicator--")
+        and type(pattern) is str
+        and pattern
+        and type(pattern_type) is str
+        and pattern_type
+    ):
+        _require_str(payload, "id", "indicator--")
+        _require_str(payload, "pattern")
+        _require_str(payload, "pattern_type")
+    update = get("x_threatbus_update")
     if update is not None and update not in ("EDIT", "REMOVE"):
         raise DecodeError(f"indicator: 'x_threatbus_update' must be EDIT or REMOVE, got {update!r}")
 
@@ -266,6 +277,8 @@ _CHECKS = {
     "snapshotrequest": _check_snapshot_request,
     "snapshotenvelope": _check_snapshot_envelope,
 }
+# Each type's check and class, found with one lookup per message.
+_KINDS = {kind: (check, MESSAGE_TYPES[kind]) for kind, check in _CHECKS.items()}
 
 
 def from_payload(payload: Any, raw: bytes | None = None) -> Message:
@@ -273,19 +286,18 @@ def from_payload(payload: Any, raw: bytes | None = None) -> Message:
     if not isinstance(payload, dict):
         raise DecodeError(f"expected a JSON object, got {type(payload).__name__}")
     kind = payload.get("type")
-    check = _CHECKS.get(kind) if isinstance(kind, str) else None
-    if check is None:
+    known = _KINDS.get(kind) if isinstance(kind, str) else None
+    if known is None:
         raise DecodeError(f"unknown message type {kind!r}; expected one of {', '.join(MESSAGE_TYPES)}")
+    check, cls = known
     check(payload)
-    return MESSAGE_TYPES[kind](payload, raw)
+    return cls(payload, raw)
 
 
 def decode(raw: bytes | bytearray | memoryview | str) -> Message:
     """Parse one message from its JSON text. Raises ``DecodeError``."""
-    if isinstance(raw, str):
-        raw = raw.encode("utf-8", "surrogatepass")
-    elif not isinstance(raw, bytes):
-        raw = bytes(raw)
+    if type(raw) is not bytes:  # nearly always bytes: one test
+        raw = raw.encode("utf-8", "surrogatepass") if isinstance(raw, str) else bytes(raw)
     if len(raw) > MAX_MESSAGE_BYTES:
         raise DecodeError(f"message of {len(raw)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
     return from_payload(json_object(raw), raw)
