@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import queue
+import threading
 import time
 from datetime import datetime, timedelta, timezone
 
@@ -118,6 +119,21 @@ def test_redelivery_of_the_same_version_adds_subscribers_but_fires_once():
 def test_nobody_subscribed_nothing_scheduled():
     router, schedule = router_with_expiry()
     router.route(versioned(0, 10))
+    assert len(schedule) == 0
+
+
+def test_intel_without_valid_until_is_not_held_up_by_a_busy_schedule():
+    # Nothing scheduled, nothing to schedule: the hand-over does not wait for the schedule's lock
+    # (held by the expiry worker while it fires a batch).
+    router, schedule = router_with_expiry()
+    sink = queue.Queue()
+    router.subscribe("stix2/indicator", sink)
+    with schedule.lock:
+        routing = threading.Thread(target=router.route, args=(versioned(0, None),))
+        routing.start()
+        routing.join(5)
+        assert not routing.is_alive()
+        assert sink.qsize() == 1
     assert len(schedule) == 0
 
 

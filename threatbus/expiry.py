@@ -107,6 +107,10 @@ class ExpirySchedule:
         receipt: Receipt | None = None,
     ) -> int:
         """``hand(message, sinks, receipt)`` and take the indicator into the schedule, as one step."""
+        if not self._entries and message.payload.get("valid_until") is None:
+            # Nothing scheduled and nothing to schedule (most intel): no lock to order against an expiry.
+            # A version observed meanwhile by another thread is ordered as if it came after this one.
+            return hand(message, sinks, receipt)
         with self.lock:
             handed = hand(message, sinks, receipt)
             self._observe(message, sinks)
