@@ -39,7 +39,7 @@ class ExpiredIntel(InvalidIntel):
 
 # The layout of a STIX timestamp (used with fullmatch); whether the date exists is checked by parsing it.
 _TIMESTAMP = re.compile(
-    r"\d{4}-(0[1-9]|1[0-2])-(0[1-9]|[12]\d|3[01])T([01]\d|2[0-3]):[0-5]\d:([0-5]\d|60)(\.\d+)?Z", re.ASCII
+    r"\d{4}-(?:0[1-9]|1[0-2])-(?:0[1-9]|[12]\d|3[01])T(?:[01]\d|2[0-3]):[0-5]\d:(?:[0-5]\d|60)(?:\.\d+)?Z", re.ASCII
 )
 
 # Hash algorithms and their hex lengths, as the STIX 2.1 hashes vocabulary names them.
