@@ -136,6 +136,19 @@ def test_memory_log_reads_the_window_only():
     assert all(isinstance(when, float) for when, _ in read)
 
 
+def test_memory_log_reports_what_it_holds_and_lets_go_in_metrics():
+    size = len(indicator("10.0.2.0").encode())
+    config = {"backbones": {"inmem": {"history": {"max_bytes": size * 3}}}}
+    with running_bus(plugin_config=config) as bus:
+        publish_and_wait(bus, [indicator(f"10.0.2.{n}") for n in range(5)])
+        wait_until(lambda: bus.metrics.value("threatbus_inmem_log_evicted") == 2, 5)
+        assert bus.metrics.value("threatbus_inmem_log_bytes") == size * 3
+        assert bus.metrics.value("threatbus_queue_depth", queue="inmem-log") == 3
+        text = bus.metrics.render().decode()
+        assert 'threatbus_inmem_log_bytes{node="test-node"}' in text
+        assert 'threatbus_inmem_log_evicted_total{node="test-node"}' in text
+
+
 # ---- snapshots through the bus -------------------------------------------
 
 

@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 NAME = "inmem"
 PREFIX = f"plugins.backbones.{NAME}"
+INTEL_LOG_BYTES = "threatbus_inmem_log_bytes"  # gauge
+INTEL_LOG_EVICTED = "threatbus_inmem_log_evicted"  # counter
 
 
 class _Distributor(StoppableWorker):
@@ -85,8 +87,12 @@ class InMemoryBackbone(RoutedBackbone):
             logger.info("inmem: export and import filters have no effect (no other nodes)")
         settings = history.HistorySettings.from_config(config)
         if settings.enabled:
-            self.log = MemoryLog(settings)
-            metrics.gauge(QUEUE_DEPTH, self.log.__len__, queue="inmem-log")
+            self.log = log = MemoryLog(settings)
+            metrics.gauge(QUEUE_DEPTH, log.__len__, queue="inmem-log")
+            metrics.gauge(INTEL_LOG_BYTES, "Bytes of JSON the intel log holds (what max_bytes caps)", lambda: log.bytes)
+            metrics.counter(
+                INTEL_LOG_EVICTED, "Entries the intel log let go (past max_age or max_bytes)", lambda: log.evicted
+            )
         self.worker = _Distributor(publish_queue, self.router, self.log)
         self.worker.start()
         logger.info(
