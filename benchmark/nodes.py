@@ -6,6 +6,7 @@ import os
 import socket
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,7 @@ class BusNode:
     manage: int
     pub: int
     sub: int
+    http: int | None = None  # the node's /metrics port, if it serves one
 
     @property
     def pid(self) -> int:
@@ -61,12 +63,44 @@ class BusNode:
     def sub_endpoint(self) -> str:
         return f"tcp://{self.host}:{self.sub}"
 
+    def metrics(self) -> dict[str, float]:
+        """The node's metrics by series (``name{labels}`` as the text format writes it); empty without ``http``."""
+        if self.http is None:
+            return {}
+        with urllib.request.urlopen(f"http://{self.host}:{self.http}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        series = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, _, value = line.rpartition(" ")
+                series[name] = float(value)
+        return series
 
-def start_node(workdir: Path, name: str, backbone: dict[str, Any], host: str = "127.0.0.1") -> BusNode:
-    """Start one node with the given ``plugins.backbones`` section and the zmq app."""
+    def intel_log(self) -> dict[str, int] | None:
+        """What the node's in-memory intel log holds (entries, JSON bytes) and let go; None if it has none."""
+        series = self.metrics()
+
+        def value(name: str, label: str = "") -> int | None:
+            found = [v for s, v in series.items() if s.partition("{")[0] == name and label in s]
+            return int(sum(found)) if found else None
+
+        held = value("threatbus_inmem_log_bytes")
+        if held is None:
+            return None
+        return {
+            "entries": value("threatbus_queue_depth", 'queue="inmem-log"') or 0,
+            "bytes": held,
+            "evicted": value("threatbus_inmem_log_evicted_total") or 0,
+        }
+
+
+def start_node(
+    workdir: Path, name: str, backbone: dict[str, Any], host: str = "127.0.0.1", http: bool = False
+) -> BusNode:
+    """Start one node with the given ``plugins.backbones`` section and the zmq app (and /metrics with ``http``)."""
     Path(workdir).mkdir(parents=True, exist_ok=True)
     manage, pub, sub = free_port(), free_port(), free_port()
-    config = {
+    config: dict[str, Any] = {
         "logging": {"console": True, "console_verbosity": "INFO", "file": False},
         "node": {"name": name},
         "plugins": {
@@ -74,8 +108,11 @@ def start_node(workdir: Path, name: str, backbone: dict[str, Any], host: str = "
             "apps": {"zmq": {"host": host, "manage": manage, "pub": pub, "sub": sub}},
         },
     }
+    http_port = free_port() if http else None
+    if http_port is not None:
+        config["http"] = {"host": host, "port": http_port}
     process = ThreatBusProcess(config, workdir, name=name)
-    node = BusNode(name, process, host, manage, pub, sub)
+    node = BusNode(name, process, host, manage, pub, sub, http_port)
     try:
         process.start(timeout=60)
     except BaseException:

@@ -579,6 +579,19 @@ def summary(result: dict[str, Any]) -> str:
                 f"  memory {backbone:<8} {node}: {data.get('rss_start_kb')} -> {data.get('rss_end_kb')} KiB over "
                 f"{data.get('messages')} msgs (flat: {data.get('flat')})"
             )
+            log = data.get("intel_log")
+            if log:
+                held = log.get("at_end") or {}
+                state = (
+                    f"full before the run (filled with {log['fill_messages']} msgs in {log['fill_seconds']} s, "
+                    f"RSS {log['rss_before_fill_kb']} -> {log['rss_after_fill_kb']} KiB)"
+                    if log.get("filled")
+                    else "NOT full before the run: RSS grows with it, flat says nothing about leaks"
+                )
+                lines.append(
+                    f"  {'':<16}intel log {state}; at the end {held.get('entries')} entries, "
+                    f"{held.get('bytes', 0) / 2**20:.1f} MiB of JSON"
+                )
     expiry = scenarios.get("expiry")
     if expiry:
         sched, late = expiry["schedule"], expiry["lateness"]

@@ -24,6 +24,7 @@ from benchmark.nodes import (
     broker_missing,
     broker_pid,
     rabbitmq_backbone,
+    read_rss_kb,
     start_node,
     stop_nodes,
     unique_name,
@@ -53,11 +54,15 @@ class Profile:
     fanout_seconds: float
     window: int = 500
     validation_count: int = 20_000
+    # Fill the nodes' in-memory intel logs to their cap before the memory figure (see fill_intel_logs).
+    fill_intel_log: bool = False
 
 
 PROFILES = {
     "quick": Profile("quick", 3_000, (200, 1000, 5000), 1.0, 3_000, (1, 10), 1_000, 200, 1.0, validation_count=2_000),
-    "full": Profile("full", 200_000, (200, 1000, 5000), 8.0, 100_000, (1, 10, 50, 100), 10_000, 200, 5.0),
+    "full": Profile(
+        "full", 200_000, (200, 1000, 5000), 8.0, 100_000, (1, 10, 50, 100), 10_000, 200, 5.0, fill_intel_log=True
+    ),
 }
 
 
@@ -287,11 +292,45 @@ def memory_summary(samples: list[Sample], node: str, start: int, count: int) -> 
         "growth_second_half_kb": at_end - at_half,
         "slope_second_half_kb_per_10k_msgs": round(slope * 10_000, 1) if slope is not None else None,
         # Flat: the second half of the messages added less than 4 MiB. Bounded caches (the rabbitmq
-        # dedup window, the STIX pattern caches) fill during the first 100k messages by design.
+        # dedup window, the STIX pattern caches) fill during the first 100k messages by design; the
+        # in-memory intel log (up to ~85 MiB) is filled before the run (fill_intel_logs).
         "flat": (at_end - at_half) < 4096,
         # At most MAX_MEMORY_POINTS samples (evenly thinned, the last kept) keep the JSON small.
         "samples": [[int(m), int(r)] for m, r in thin(points, MAX_MEMORY_POINTS)],
     }
+
+
+# Messages per publishing run while an intel log fills, and at most in all (a log whose cap
+# is larger than that is reported as not full: its memory figure is then not at steady state).
+FILL_CHUNK = 50_000
+FILL_LIMIT = 2_000_000
+
+
+def fill_intel_logs(bench: ZmqBench, nodes: list[BusNode], profile: Profile) -> dict[str, dict[str, Any]]:
+    """Publish until the in-memory intel log of each node that keeps one is full (it starts to evict).
+
+    A log grows until its cap (64 MiB of JSON by default, some 85 MiB of RSS),
+    so RSS measured while it fills says nothing about leaks; once it is full,
+    every message appended lets an older one go and RSS must stay flat.
+    Returns per node what filling cost; in quick mode nothing is filled.
+    """
+    logs = {n.name: n for n in nodes if n.intel_log() is not None}
+    figures: dict[str, dict[str, Any]] = {name: {"rss_before_fill_kb": read_rss_kb(n.pid)} for name, n in logs.items()}
+    sent, started = 0, time.monotonic()
+    if profile.fill_intel_log:
+        while sent < FILL_LIMIT and any((n.intel_log() or {}).get("evicted", 0) == 0 for n in logs.values()):
+            bench.run(FILL_CHUNK, None, profile.window)
+            sent += FILL_CHUNK
+    for name, node in logs.items():
+        log = node.intel_log() or {}
+        figures[name].update(
+            filled=log.get("evicted", 0) > 0,
+            fill_messages=sent,
+            fill_seconds=round(time.monotonic() - started, 1),
+            rss_after_fill_kb=read_rss_kb(node.pid),
+            at_start=log,
+        )
+    return figures
 
 
 def bus_scenario(
@@ -307,6 +346,7 @@ def bus_scenario(
     sampler = ResourceSampler({n.name: n.pid for n in nodes}, bench.delivered)
     try:
         bench.warmup()
+        logs = fill_intel_logs(bench, nodes, profile)
         start = bench.delivered()
         sampler.start()
         profiler = Profiler(profile_dir, nodes, label)
@@ -322,6 +362,9 @@ def bus_scenario(
         result["memory"] = {
             n.name: memory_summary(sampler.samples, n.name, start, profile.saturation_count) for n in nodes
         }
+        for name, log in logs.items():
+            node = next(n for n in nodes if n.name == name)
+            result["memory"][name]["intel_log"] = {**log, "at_end": node.intel_log()}
         result["latency"] = [
             bench.run(int(r * profile.latency_seconds), r, max(profile.window, 2 * r)) for r in profile.rates
         ]
@@ -342,7 +385,8 @@ def watched(nodes: list[BusNode]) -> dict[str, int]:
 
 
 def start_inmem(workdir: Path) -> list[BusNode]:
-    return [start_node(workdir, "bench-inmem", {"inmem": {}})]
+    # /metrics: the benchmark reads how full the node's intel log is (fill_intel_logs).
+    return [start_node(workdir, "bench-inmem", {"inmem": {}}, http=True)]
 
 
 def start_rabbitmq_pair(

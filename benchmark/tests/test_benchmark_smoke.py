@@ -65,6 +65,10 @@ def test_quick_inmem_run_writes_plausible_results(tmp_path: Path) -> None:
     assert memory["messages"] == 3000
     assert 10_000 < memory["rss_end_kb"] < 2_000_000  # a Python process: tens of MiB
     assert len(memory["samples"]) >= 3
+    log = memory["intel_log"]  # read from the node's /metrics; quick mode does not fill it
+    assert log["filled"] is False and log["fill_messages"] == 0
+    assert log["at_end"]["entries"] - log["at_start"]["entries"] >= 3000  # the saturation run (and late warm-up ones)
+    assert log["at_end"]["bytes"] > log["at_start"]["bytes"] and log["at_end"]["evicted"] == 0
 
     fanout = result["scenarios"]["fanout"]["inmem"]
     assert [row["subscribers"] for row in fanout] == [1, 10]
