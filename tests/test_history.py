@@ -125,6 +125,14 @@ def test_memory_log_keeps_within_max_bytes():
     assert values[-1] == "[ipv4-addr:value = '10.0.0.9']"
 
 
+def test_memory_log_lets_an_entry_larger_than_max_bytes_go_at_once():
+    log = MemoryLog(history_settings(max_bytes=100))
+    log.append(indicator("10.0.3.1", description="x" * 200))
+    assert (len(log), log.bytes, log.evicted) == (0, 0, 1)
+    log.append(indicator("10.0.3.2"), now=datetime.now(timezone.utc).timestamp())
+    assert (len(log), log.evicted) == (0, 2)  # an indicator is some 300 bytes of JSON
+
+
 def test_memory_log_reads_the_window_only():
     log = MemoryLog(history_settings())
     base = datetime.now(timezone.utc).timestamp()

@@ -42,15 +42,22 @@ class MemoryLog:
 
     def append(self, message: Message, now: float | None = None) -> None:
         raw = message.encode()
-        size = len(raw)
         stamp = time.time() if now is None else now
+        times, entries = self._times, self._entries
         with self._lock:
-            if self._times and stamp < self._times[-1]:
-                stamp = self._times[-1]  # the wall clock stepped back: keep the order searchable
-            self._times.append(stamp)
-            self._entries.append(raw)
-            self.bytes += size
-            self._trim(stamp)
+            if times and stamp < times[-1]:
+                stamp = times[-1]  # the wall clock stepped back: keep the order searchable
+            times.append(stamp)
+            entries.append(raw)
+            held = self.bytes + len(raw)
+            # A full log (the steady state) lets the oldest go on every append: done here, without a call.
+            while held > self.max_bytes:
+                held -= len(entries.popleft())
+                times.popleft()
+                self.evicted += 1
+            self.bytes = held
+            if times and times[0] < stamp - self.max_age:
+                self._trim(stamp)
 
     def _trim(self, now: float) -> None:
         oldest = now - self.max_age
