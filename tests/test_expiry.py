@@ -98,6 +98,19 @@ def test_removals_and_revocations_cancel_the_expiry():
     assert sink.qsize() == 4  # the four messages routed, no expiry removal
 
 
+def test_observe_all_schedules_cancels_and_skips_like_observe_one_by_one():
+    schedule = ExpirySchedule()
+    sink = queue.Queue()
+    ending, endless = versioned(0, 10), versioned(0, None)
+    schedule.observe_all([endless, ending], (sink,))
+    assert len(schedule) == 1 and schedule.expires(ending.id) == epoch(10)
+    schedule.observe_all([versioned(5, None, ending)], (sink,))  # a newer version without valid_until
+    assert len(schedule) == 0 and schedule.cancelled == 1
+    schedule.observe_all([versioned(6, 20, ending), versioned(7, 30, endless)], (sink,))
+    assert schedule.expires(ending.id) == epoch(20) and schedule.expires(endless.id) == epoch(30)
+    assert schedule.fire(epoch(25), lambda removal, sinks: len(sinks)) == 1
+
+
 def test_redelivery_of_the_same_version_adds_subscribers_but_fires_once():
     router, schedule = router_with_expiry()
     first, second = queue.Queue(), queue.Queue()

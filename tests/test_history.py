@@ -3,14 +3,16 @@
 import queue
 from datetime import datetime, timedelta, timezone
 
+import orjson
 import pytest
 from testbus import running_bus
 
 import threatbus
+from threatbus import snapshots
 from threatbus.config import section, validate
-from threatbus.data import Indicator, SnapshotEnvelope, SnapshotType
+from threatbus.data import Indicator, SnapshotEnvelope, SnapshotRequest, SnapshotType, decode
 from threatbus.errors import ConfigError
-from threatbus.history import HistorySettings, fold, validators
+from threatbus.history import HistorySettings, LogAnswerer, fold, fold_in_batches, validators
 from threatbus.snapshots import SnapshotEnd
 from threatbus.testing import assert_nothing_more, get_within, indicator, settings_from, sighting, wait_until
 from threatbus_inmem import InMemoryBackbone
@@ -121,7 +123,7 @@ def test_memory_log_keeps_within_max_bytes():
         log.append(indicator(f"10.0.0.{n}"))
     assert len(log) == 3
     assert log.bytes <= size * 3
-    values = [m.payload["pattern"] for _, m in log.read(NOW - timedelta(days=3650), datetime.now(timezone.utc))]
+    values = [decode(m).payload["pattern"] for _, m in log.read(NOW - timedelta(days=3650), datetime.now(timezone.utc))]
     assert values[-1] == "[ipv4-addr:value = '10.0.0.9']"
 
 
@@ -140,7 +142,7 @@ def test_memory_log_reads_the_window_only():
     for n, message in enumerate(messages):
         log.append(message, now=base - 3600 * (5 - n))  # 5h ago ... 1h ago
     read = list(log.read(datetime.fromtimestamp(base - 3.5 * 3600, timezone.utc), datetime.now(timezone.utc)))
-    assert [m for _, m in read] == messages[2:]
+    assert [decode(m) for _, m in read] == messages[2:]
     assert all(isinstance(when, float) for when, _ in read)
 
 
@@ -301,3 +303,142 @@ def test_an_indicator_from_the_log_is_removed_at_its_valid_until():
         assert [e.stix.id for e in envelopes] == [soon.id]
         removal = get_within(sink, 10)
         assert removal.id == soon.id and removal.payload.get("x_threatbus_update") == "REMOVE"
+
+
+# ---- the log as JSON text: parsed by the fold, sent on as it came -----------
+
+
+def test_fold_reads_json_text_and_leaves_out_what_is_no_message():
+    good = indicator("7.7.0.1")
+    text = good.encode()
+    reasons = []
+    log = entries(
+        text,
+        b"not json",
+        b"[1, 2]",
+        b'{"type": "nothing"}',
+        b'{"type": "indicator", "id": "indicator--00000000-0000-4000-8000-0000000000b1"}',  # no pattern
+        sighting().encode(),  # another kind: left out, but it is a message
+        b'{"type": "indicator", "id": ["not", "a", "string"], "pattern": "p", "pattern_type": "stix"}',
+    )
+    result = fold(log, SnapshotType.INDICATOR, *window(1), skipped=reasons.append)
+    assert result == [good]
+    assert result[0].encode() is text  # the logged text is sent on, never encoded again
+    assert len(reasons) == 5
+    assert reasons[0].startswith("not valid JSON") and reasons.count("not a Threat Bus message") == 2
+    assert {"indicator: 'id' must be a non-empty string", "indicator: 'pattern' must be a non-empty string"} < set(
+        reasons
+    )
+
+
+def test_fold_of_text_orders_versions_and_an_invalid_newer_version_does_not_win():
+    ident = "indicator--00000000-0000-4000-8000-0000000000b2"
+    older = version(ident, NOW - timedelta(days=2))
+    newer_invalid = {**version(ident, NOW - timedelta(days=1)).payload, "pattern": ""}
+    other_old = version("indicator--00000000-0000-4000-8000-0000000000b3", NOW - timedelta(days=2))
+    other_new = version("indicator--00000000-0000-4000-8000-0000000000b3", NOW - timedelta(days=1))
+    log = entries(older.encode(), orjson.dumps(newer_invalid), other_new.encode(), other_old)  # text and messages
+    skipped = []
+    result = fold(log, SnapshotType.INDICATOR, *window(), skipped=skipped.append)
+    assert sorted(m.payload["id"] for m in result) == [ident, other_new.id]
+    assert older in result and other_new in result
+    assert len(skipped) == 1
+
+
+def test_fold_in_batches_hands_out_lists_of_the_given_size_and_stops_when_asked():
+    log = entries(*(indicator(f"10.9.{n // 250}.{n % 250}").encode() for n in range(1203)))
+    sizes = [len(batch) for batch in fold_in_batches(log, SnapshotType.INDICATOR, *window(1), size=500)]
+    assert sizes == [500, 500, 203]
+    asked = []
+    stopped = list(
+        fold_in_batches(log, SnapshotType.INDICATOR, *window(1), stopped=lambda: asked.append(1) or len(asked) > 1)
+    )
+    assert stopped == [] and len(asked) == 2  # asked every 1,024 entries: at the first and at entry 1,024
+
+
+def test_a_log_answer_counts_what_it_left_out_in_one_warning(caplog):
+    good = indicator("7.7.0.2")
+    request = SnapshotRequest.create(SnapshotType.INDICATOR, timedelta(days=1))
+    delivered, finished = [], []
+    now = datetime.now(timezone.utc).timestamp()
+    answerer = LogAnswerer(
+        lambda _since, _until: [(now, b"garbage"), (now, good.encode()), (now, b"{}"), (now, b"[]")],
+        lambda _request, batches: delivered.extend(stix for batch in batches for stix in batch),
+        finished.append,
+    )
+    answerer.start()
+    try:
+        answerer.submit(request)
+        wait_until(lambda: finished, what="the answer")
+    finally:
+        answerer.stop()
+        answerer.join(5)
+    assert delivered == [good] and finished == [request]
+    assert answerer.skipped == 3
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "left out 3 log entries" in warnings[0]
+
+
+# ---- the answer handed over in batches ---------------------------------------
+
+
+class BatchRequester:
+    """A requester queue that takes batches (``put_many``), at most ``room`` per call; ``room=0``: never any."""
+
+    def __init__(self, room):
+        self.room = room
+        self.items = []
+        self.calls = 0
+
+    def put_nowait(self, item):
+        if self.room == 0:
+            raise queue.Full
+        self.items.append(item)
+
+    def put_many(self, items, timeout=None):
+        self.calls += 1
+        taken = items[: self.room]
+        self.items.extend(taken)
+        return len(taken)
+
+
+def test_a_requester_that_takes_batches_gets_the_whole_answer_in_few_hand_overs():
+    with running_bus() as bus:
+        intel = [indicator(f"10.10.{n // 250}.{n % 250}") for n in range(1200)]
+        publish_and_wait(bus, intel)
+        requester = BatchRequester(room=300)
+        ids = bus.subscribe("stix2/indicator", requester, snapshot=timedelta(days=1), snapshot_end=True)
+        wait_until(lambda: requester.items and isinstance(requester.items[-1], SnapshotEnd), what="the end marker")
+        envelopes = requester.items[:-1]
+        assert [e.stix.id for e in envelopes] == [m.id for m in intel]  # in order, each once
+        assert {e.snapshot_id for e in envelopes} == set(ids)
+        assert requester.items[-1].count == 1200
+        assert requester.calls <= 12  # batches of up to 500, each taken in two calls (300 + 200)
+
+
+def test_a_batch_requester_that_takes_nothing_loses_the_answer_but_still_gets_the_end(monkeypatch, caplog):
+    monkeypatch.setattr(snapshots, "LOG_ANSWER_PUT_TIMEOUT", 0.3)
+    with running_bus() as bus:
+        publish_and_wait(bus, [indicator(f"10.11.0.{n}") for n in range(3)])
+        requester = BatchRequester(room=0)
+        requester.put_nowait = requester.items.append  # only the end marker gets in
+        bus.subscribe("stix2/indicator", requester, snapshot=timedelta(days=1), snapshot_end=True)
+        wait_until(lambda: requester.items, what="the end marker")
+        assert isinstance(requester.items[0], SnapshotEnd)
+    assert any("lost 3 object(s)" in r.getMessage() for r in caplog.records)
+
+
+def test_envelopes_of_the_log_answer_equal_wrapped_ones_and_keep_the_logged_text():
+    request = SnapshotRequest.create(SnapshotType.INDICATOR, timedelta(days=1))
+    stix = decode(indicator("7.7.0.3").encode())
+    lazy = SnapshotEnvelope.wrap_all(request, [stix])[0]
+    eager = SnapshotEnvelope.wrap(request, stix)
+    assert type(lazy) is SnapshotEnvelope
+    assert lazy.body_text() == (Indicator, stix.encode()) and lazy.body_text()[1] is stix.encode()
+    assert eager.body_text() == lazy.body_text()
+    assert decode(eager.encode()).body_text() == lazy.body_text()
+    assert lazy == eager and hash(lazy) == hash(eager) and repr(lazy) == repr(eager)
+    assert lazy.stix == stix and lazy.snapshot_id == request.snapshot_id and lazy.dedup_key == eager.dedup_key
+    assert decode(lazy.encode()) == eager
+    with pytest.raises(AttributeError, match="nothing"):
+        _ = lazy.nothing

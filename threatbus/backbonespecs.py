@@ -157,9 +157,12 @@ def history(since: datetime, until: datetime) -> Iterable[LogEntry] | None:
     after ``until`` or when the log holds nothing newer, and soon after
     ``stop``. Each entry is ``(when, message)``: ``when`` is the time the log
     took the message, in epoch seconds; entries a little before ``since``
-    are allowed (the core filters them). Only indicators and sightings
-    count. Return None when the backbone keeps no log (``history.enabled:
-    false``, or the broker cannot keep one).
+    are allowed (the core filters them). ``message`` is a ``Message`` or,
+    cheaper, its JSON text as the log holds it (bytes): the core parses and
+    checks only what it needs, and sends the text on as it is. Only
+    indicators and sightings count; anything else is left out (text that is
+    no message at all is counted and logged). Return None when the backbone
+    keeps no log (``history.enabled: false``, or the broker cannot keep one).
 
     :param since: the start of the period asked for (aware UTC).
     :param until: the end of the period: the time of the request.

@@ -93,7 +93,14 @@ class StixObject(Message):
 
     @property
     def dedup_key(self) -> tuple[str, ...]:
-        return (self.type_name, self.id, self.modified or "", self.payload.get("x_threatbus_update", ""))
+        # id and modified, written out: computed for every object of a snapshot answer.
+        payload = self.payload
+        return (
+            self.type_name,
+            payload["id"],
+            payload.get("modified") or payload.get("created") or "",
+            payload.get("x_threatbus_update", ""),
+        )
 
 
 class Indicator(StixObject):
@@ -169,9 +176,18 @@ class SnapshotRequest(_SnapshotMessage):
 
 
 class SnapshotEnvelope(_SnapshotMessage):
-    """One answer to a snapshot request; routed only to the requester."""
+    """One answer to a snapshot request; routed only to the requester.
 
-    __slots__ = ("_stix",)  # the wrapped object, when made by ``wrap``: its encoding is reused
+    An envelope of ``wrap_all`` (the log's answer) starts without its
+    payload and body message: they are made when first asked for (see
+    ``__getattr__``). A large snapshot waits in the requester's buffer as
+    such envelopes, one object each for the garbage collector instead of
+    three; waiting that long, all of them reached the oldest generation and
+    kept full collections running through the answer.
+    """
+
+    # _stix: the wrapped object (``wrap``: its encoding is reused); the rest: what ``wrap_all`` keeps of it.
+    __slots__ = ("_body", "_kind", "_request", "_stix", "_text")
     type_name = "snapshotenvelope"
     topic = TOPIC_SNAPSHOT_ENVELOPE
 
@@ -180,13 +196,33 @@ class SnapshotEnvelope(_SnapshotMessage):
         envelope = cls(
             {
                 "type": cls.type_name,
-                "snapshot_type": int(request.snapshot_type),
+                # An int 1 or 2 (created so, or checked by decode): no enum round trip.
+                "snapshot_type": request.payload["snapshot_type"],
                 "snapshot_id": request.snapshot_id,
                 "body": stix.payload,
             }
         )
         envelope._stix = stix
         return envelope
+
+    @staticmethod
+    def wrap_all(request: SnapshotRequest, stix: list[StixObject]) -> list[SnapshotEnvelope]:
+        """``wrap`` for many answers to one request (the log's answer: thousands at once).
+
+        Their payloads are made only when asked for; a requester that sends
+        the body on as it came (``body_text``) never asks.
+        """
+        new = object.__new__
+        envelopes: list[SnapshotEnvelope] = []
+        for body in stix:
+            envelope = new(SnapshotEnvelope)
+            envelope._raw = None
+            envelope._request = request
+            envelope._body = body.payload
+            envelope._kind = type(body)
+            envelope._text = body.encode()
+            envelopes.append(envelope)
+        return envelopes
 
     @property
     def stix(self) -> StixObject:
@@ -200,6 +236,35 @@ class SnapshotEnvelope(_SnapshotMessage):
     @property
     def dedup_key(self) -> tuple[str, ...]:
         return (self.type_name, self.snapshot_id, *self.stix.dedup_key)
+
+    def body_text(self) -> tuple[type[StixObject], bytes]:
+        """The class of the carried object and its JSON text, for apps that send the body on (never encoded again)."""
+        try:
+            return self._kind, self._text  # made by wrap_all
+        except AttributeError:
+            stix = self.stix
+            return type(stix), stix.encode()
+
+    def __getattr__(self, name: str) -> Any:
+        # Called only for slots not set: an envelope of wrap_all makes its payload and body message here.
+        try:
+            if name == "payload":
+                request = self._request.payload
+                payload = {
+                    "type": self.type_name,
+                    "snapshot_type": request["snapshot_type"],
+                    "snapshot_id": request["snapshot_id"],
+                    "body": self._body,
+                }
+                self.payload = payload
+                return payload
+            if name == "_stix":
+                stix = self._kind(self._body, self._text)
+                self._stix = stix
+                return stix
+        except AttributeError:
+            pass  # not made by wrap_all
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
 
 MESSAGE_TYPES: dict[str, type[Message]] = {

@@ -121,6 +121,16 @@ class ExpirySchedule:
         with self.lock:
             self._observe(message, sinks)
 
+    def observe_all(self, messages: list[Indicator], sinks: tuple[Sink, ...]) -> None:
+        """``observe`` for many indicators handed to the same ``sinks``, holding the lock once."""
+        with self.lock:
+            entries = self._entries
+            for message in messages:
+                payload = message.payload
+                if payload.get("valid_until") is None and payload["id"] not in entries:
+                    continue  # nothing to schedule or cancel: _observe would return at once (most intel)
+                self._observe(message, sinks)
+
     def _observe(self, message: Indicator, sinks: tuple[Sink, ...]) -> None:
         payload = message.payload
         until = payload.get("valid_until")

@@ -12,22 +12,42 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+import orjson
 from dynaconf import Validator
 
 from threatbus.config import option
-from threatbus.data import Indicator, Message, Sighting, SnapshotRequest, SnapshotType, StixObject
+from threatbus.data import (
+    MAX_MESSAGE_BYTES,
+    MESSAGE_TYPES,
+    Indicator,
+    Message,
+    Sighting,
+    SnapshotRequest,
+    SnapshotType,
+    StixObject,
+    from_payload,
+)
+from threatbus.errors import DecodeError
 from threatbus.lifecycle import IntelState, is_active
 from threatbus.worker import StoppableWorker
 
 logger = logging.getLogger(__name__)
 
-LogEntry = tuple[float, Message]
-"""One message of the log and when the bus carried it (epoch seconds)."""
+LogEntry = tuple[float, "Message | bytes"]
+"""One message of the log and when the bus carried it (epoch seconds).
+
+The message may come as its JSON text: the fold parses only what it needs
+(a log of 100,000 entries is read at every snapshot; a decoded message costs
+several times the parse) and the answer carries that very text on.
+"""
+
+Skipped = Callable[[str], None]
+"""Told why an entry of the log was left out because it is no Threat Bus message."""
 
 ReadLog = Callable[[datetime, datetime], "Iterable[LogEntry] | None"]
 """``read_log(since, until)``: the log's entries of that window, None without a log."""
@@ -75,39 +95,155 @@ class HistorySettings:
 _KINDS: dict[SnapshotType, type[StixObject]] = {SnapshotType.INDICATOR: Indicator, SnapshotType.SIGHTING: Sighting}
 
 
-def fold(entries: Iterable[LogEntry], snapshot_type: SnapshotType, since: float, now: float) -> list[StixObject]:
+# Objects of an answer made at once (see ``fold_in_batches``).
+FOLD_BATCH = 500
+
+
+def fold(
+    entries: Iterable[LogEntry],
+    snapshot_type: SnapshotType,
+    since: float,
+    now: float,
+    skipped: Skipped | None = None,
+) -> list[StixObject]:
     """The current intel of ``snapshot_type`` the log holds from ``since`` on (epoch seconds).
 
     The latest version of each id counts; removed, revoked and (at ``now``)
     expired indicators are left out. Entries before ``since`` are skipped: a
-    log may start reading a little early (stream chunks). Most ids have one
-    version in a log: those are only checked for being active; ids with
-    several versions go through ``IntelState``, which orders them. The
-    messages are returned as they came (their encoded bytes cached).
+    log may start reading a little early (stream chunks). Entries given as
+    JSON text are parsed here; only those of the kind asked for are checked
+    (``threatbus.data.from_payload``), and ``skipped`` hears of each one that
+    is no message at all or fails the check. Most ids have one version in a
+    log: those are only checked for being active; ids with several versions
+    go through ``IntelState``, which orders them. The messages are returned
+    as they came (their encoded bytes cached: sent on as they were logged).
+    """
+    return [stix for batch in fold_in_batches(entries, snapshot_type, since, now, skipped) for stix in batch]
+
+
+def fold_in_batches(
+    entries: Iterable[LogEntry],
+    snapshot_type: SnapshotType,
+    since: float,
+    now: float,
+    skipped: Skipped | None = None,
+    size: int = FOLD_BATCH,
+    stopped: Callable[[], bool] | None = None,
+) -> Iterator[list[StixObject]]:
+    """``fold``, handed out in lists of up to ``size`` objects, each made only when it is asked for.
+
+    The whole log is read and folded before the first list. Until then the
+    single versions stay parsed JSON, which the garbage collector does not
+    track: a message object (or a tuple) for each of 100,000 at once made
+    full collections a third of a snapshot's time. ``stopped`` is asked
+    every 1,024 entries; True ends the fold without a result.
     """
     kind = _KINDS[snapshot_type]
+    name = kind.type_name
     moment = datetime.fromtimestamp(now, timezone.utc)
-    single: dict[str, StixObject] = {}
+    # id -> its only version so far: a message, or a payload parsed from JSON text not checked yet (and that text).
+    single: dict[str, StixObject | dict[str, Any]] = {}
+    texts: dict[str, bytes] = {}
     state = IntelState()
-    for when, message in entries:
-        if when < since or type(message) is not kind:
+    ordered: set[str] = set()  # the ids in ``state``: those with several versions
+    versions: dict[int, StixObject] = {}  # the messages the state holds, by their payload: sent as they came
+    loads = orjson.loads
+    for number, (when, item) in enumerate(entries):
+        if not number & STOP_CHECK_MASK and stopped is not None and stopped():
+            return
+        if when < since:
             continue
-        ident = message.payload["id"]
+        candidate: StixObject | dict[str, Any]
+        text = b""
+        if isinstance(item, Message):
+            if type(item) is not kind:
+                continue
+            candidate = item  # type: ignore[assignment]
+            ident = item.payload["id"]
+        else:
+            # The common case: JSON text. Other kinds are told apart by their type only, never checked.
+            try:
+                if len(item) > MAX_MESSAGE_BYTES:
+                    raise DecodeError(f"message of {len(item)} bytes exceeds the limit of {MAX_MESSAGE_BYTES}")
+                payload = loads(item)
+            except orjson.JSONDecodeError as err:
+                if skipped is not None:
+                    skipped(f"not valid JSON: {err}")
+                continue
+            except DecodeError as err:
+                if skipped is not None:
+                    skipped(str(err))
+                continue
+            if type(payload) is not dict or payload.get("type") != name:
+                unknown = type(payload) is not dict or payload.get("type") not in MESSAGE_TYPES
+                if unknown and skipped is not None:
+                    skipped("not a Threat Bus message")
+                continue
+            candidate = payload
+            text = item if type(item) is bytes else bytes(item)
+            ident = payload.get("id")
+            if type(ident) is not str:
+                _checked(payload, text, skipped)  # no id to fold by: the check says why
+                continue
+        if ident not in single and ident not in ordered:
+            single[ident] = candidate
+            texts[ident] = text
+            continue
+        # A further version of the id: both are checked before they are ordered.
+        message = _checked(candidate, text, skipped)
+        if message is None:
+            continue
         try:
-            if ident in state:
-                state.apply(message.payload)
-                continue
-            first = single.pop(ident, None)
-            if first is None:
-                single[ident] = message  # type: ignore[assignment]
-                continue
-            state.apply(first.payload)
+            if ident not in ordered:
+                first = _checked(single.pop(ident), texts.pop(ident), skipped)
+                if first is None:
+                    single[ident] = message
+                    texts[ident] = b""
+                    continue
+                state.apply(first.payload)
+                ordered.add(ident)
+                versions[id(first.payload)] = first
             state.apply(message.payload)
+            versions[id(message.payload)] = message
         except (KeyError, ValueError, TypeError) as err:  # a timestamp the structure check let through
             logger.debug("history: skipped a %s the fold cannot order: %s", message.type_name, err)
-    result = [message for message in single.values() if _active(message.payload, moment)]
-    result.extend(kind(payload) for payload in state.active(moment))
-    return result
+    batch: list[StixObject] = []
+    for ident, candidate in single.items():
+        if type(candidate) is dict:
+            message = _checked(candidate, texts[ident], skipped)
+            if message is None:
+                continue
+        else:
+            message = candidate  # type: ignore[assignment]
+        payload = message.payload
+        # Most intel carries none of the keys that can end it: no need to ask is_active.
+        if ("revoked" in payload or "x_threatbus_update" in payload or "valid_until" in payload) and not _active(
+            payload, moment
+        ):
+            continue
+        batch.append(message)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    for payload in state.active(moment):
+        batch.append(versions[id(payload)])
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _checked(candidate: StixObject | dict[str, Any], text: bytes, skipped: Skipped | None) -> StixObject | None:
+    """The message of a version (parsed from ``text``), once its structure passed the check; None if it did not."""
+    if not isinstance(candidate, dict):
+        return candidate
+    try:
+        return from_payload(candidate, text)  # type: ignore[return-value]
+    except DecodeError as err:
+        if skipped is not None:
+            skipped(str(err))
+        return None
 
 
 def _active(payload: dict[str, Any], moment: datetime) -> bool:
@@ -117,6 +253,10 @@ def _active(payload: dict[str, Any], moment: datetime) -> bool:
         return False
 
 
+# How often reading the log looks at a stop of the bus: every 1,024 entries.
+STOP_CHECK_MASK = 1023
+
+
 @dataclass(frozen=True)
 class _Job:
     request: SnapshotRequest
@@ -124,18 +264,32 @@ class _Job:
     until: datetime
 
 
+class _Tally:
+    """Counts the entries a fold left out, and keeps why the first was."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.first = ""
+
+    def __call__(self, reason: str) -> None:
+        if not self.count:
+            self.first = reason
+        self.count += 1
+
+
 class LogAnswerer(StoppableWorker):
     """Answers this node's own snapshot requests from the backbone's log, one request at a time.
 
-    ``deliver(request, messages)`` hands the folded intel to the requester
-    (through the snapshot router's gate); ``finished(request)`` follows,
-    also when the backbone keeps no log or reading it failed.
+    ``deliver(request, batches)`` hands the folded intel to the requester
+    (through the snapshot router's gate), a list of objects at a time;
+    ``finished(request)`` follows, also when the backbone keeps no log or
+    reading it failed.
     """
 
     def __init__(
         self,
         read_log: ReadLog,
-        deliver: Callable[[SnapshotRequest, list[StixObject]], None],
+        deliver: Callable[[SnapshotRequest, Iterable[list[StixObject]]], None],
         finished: Callable[[SnapshotRequest], None],
     ) -> None:
         super().__init__(name="snapshot-log-answerer")
@@ -144,6 +298,7 @@ class LogAnswerer(StoppableWorker):
         self._deliver = deliver
         self._finished = finished
         self.answered = 0
+        self.skipped = 0  # log entries that were no Threat Bus message
 
     def submit(self, request: SnapshotRequest) -> None:
         until = datetime.now(timezone.utc)
@@ -162,23 +317,44 @@ class LogAnswerer(StoppableWorker):
         entries = self._read_log(job.since, job.until)
         if entries is None:
             return
-        intel = fold(
-            self._until_stopped(entries), job.request.snapshot_type, job.since.timestamp(), job.until.timestamp()
-        )
+        request = job.request
+        skipped = _Tally()
+        handed = 0
+
+        def batches() -> Iterator[list[StixObject]]:
+            nonlocal handed
+            for batch in fold_in_batches(
+                entries,
+                request.snapshot_type,
+                job.since.timestamp(),
+                job.until.timestamp(),
+                skipped=skipped,
+                stopped=lambda: self.stopping,
+            ):
+                if self.stopping:
+                    return
+                handed += len(batch)
+                yield batch
+
+        self._deliver(request, batches())
+        if skipped.count:
+            # One line per answer, however many: a log that foreign publishers write to may hold anything.
+            self.skipped += skipped.count
+            logger.warning(
+                "history: snapshot %s: left out %d log entr%s that %s no Threat Bus message (first: %s)",
+                request.snapshot_id,
+                skipped.count,
+                "y" if skipped.count == 1 else "ies",
+                "is" if skipped.count == 1 else "are",
+                skipped.first,
+            )
         if self.stopping:
             return
         logger.info(
             "history: snapshot %s answered from the log: %d %s(s) of the last %s",
-            job.request.snapshot_id,
-            len(intel),
-            job.request.snapshot_type.name.lower(),
-            job.request.snapshot,
+            request.snapshot_id,
+            handed,
+            request.snapshot_type.name.lower(),
+            request.snapshot,
         )
         self.answered += 1
-        self._deliver(job.request, intel)
-
-    def _until_stopped(self, entries: Iterable[LogEntry]) -> Iterable[LogEntry]:
-        for entry in entries:
-            if self.stopping:
-                return
-            yield entry

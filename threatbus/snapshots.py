@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -46,6 +46,79 @@ class SnapshotEnd:
 
 # How long the log's answer waits for room in a full requester queue, per object.
 LOG_ANSWER_PUT_TIMEOUT = 10.0
+
+
+def _put_waiting(put: Callable[..., None], item: object, stopping: Callable[[], bool]) -> bool:
+    """``put`` with a timeout, in short steps so that a stop of the bus is noticed."""
+    deadline = time.monotonic() + LOG_ANSWER_PUT_TIMEOUT
+    while True:
+        try:
+            put(item, timeout=POLL_INTERVAL)
+            return True
+        except queue.Full:
+            if stopping() or time.monotonic() >= deadline:
+                return False
+
+
+class _LogHandover:
+    """Hands one log answer to its requester, waiting for room, and counts what it could not take.
+
+    A requester with ``put_many(items, timeout)`` (it returns how many of
+    ``items`` it took, from the first on) gets whole batches; one with
+    ``put(item, timeout=...)`` gets them one by one; any other ``Sink`` only
+    what fits at once. One that takes nothing for ``LOG_ANSWER_PUT_TIMEOUT``
+    is not waited for again: the rest goes in without waiting, or is lost.
+    """
+
+    def __init__(self, requester: Sink, stopping: Callable[[], bool]) -> None:
+        self.requester = requester
+        self.stopping = stopping
+        self.put_many: Callable[..., int] | None = getattr(requester, "put_many", None)
+        self.put: Callable[..., None] | None = getattr(requester, "put", None)
+        self.waiting = True
+        self.lost = 0
+
+    def over(self, envelopes: list[SnapshotEnvelope], bodies: list[StixObject]) -> list[StixObject]:
+        """Hand ``envelopes`` over; the ``bodies`` of those the requester took."""
+        if self.put_many is not None:
+            taken = self._many(self.put_many, envelopes)
+            self.lost += len(envelopes) - taken
+            return bodies if taken == len(bodies) else bodies[:taken]
+        handed = []
+        for envelope, body in zip(envelopes, bodies, strict=True):
+            if self._one(envelope):
+                handed.append(body)
+            else:
+                self.lost += 1
+        return handed
+
+    def _many(self, put_many: Callable[..., int], envelopes: list[SnapshotEnvelope]) -> int:
+        done = 0
+        deadline = time.monotonic() + LOG_ANSWER_PUT_TIMEOUT
+        while done < len(envelopes):
+            taken = put_many(envelopes[done:] if done else envelopes, timeout=POLL_INTERVAL if self.waiting else 0)
+            if taken:
+                done += taken
+                deadline = time.monotonic() + LOG_ANSWER_PUT_TIMEOUT
+            elif not self.waiting or self.stopping():
+                break
+            elif time.monotonic() >= deadline:
+                self.waiting = False  # a requester that takes nothing for that long: no more waiting on it
+                break
+        return done
+
+    def _one(self, envelope: SnapshotEnvelope) -> bool:
+        if self.put is not None and self.waiting:
+            # Thousands of answers at once: wait for room rather than lose them, but not for ever.
+            if _put_waiting(self.put, envelope, self.stopping):
+                return True
+            self.waiting = False
+            return False
+        try:
+            self.requester.put_nowait(envelope)
+        except queue.Full:
+            return False
+        return True
 
 
 @dataclass
@@ -159,56 +232,46 @@ class SnapshotRouter(StoppableWorker):
             return 0
         return 1
 
-    def _deliver_log(self, request: SnapshotRequest, intel: list[StixObject]) -> None:
-        """Hand the log's answer to the requester; a bounded requester makes this wait (its own thread)."""
+    def _deliver_log(self, request: SnapshotRequest, batches: Iterable[list[StixObject]]) -> None:
+        """Hand the log's answer to the requester; a bounded requester makes this wait (its own thread).
+
+        A batch at a time: a requester that takes several at once
+        (``put_many``, as the zmq app's subscriptions do) gets one hand-over
+        per batch, and the expiry schedule is updated once per batch.
+        """
         with self._lock:
             open_request = self._requesters.get(request.snapshot_id)
-            if open_request is None:
-                return
-            fresh = []
-            for stix in intel:
-                key = stix.dedup_key
-                if key not in open_request.sent:
-                    open_request.sent.add(key)
-                    fresh.append(stix)
-            repeated = len(intel) - len(fresh)
-            open_request.duplicates += repeated
-            self.duplicates += repeated
+        if open_request is None:
+            return
         requester = open_request.requester
-        put = getattr(requester, "put", None)
-        expiry = self.expiry
-        lost = 0
-        for stix in fresh:
-            envelope = SnapshotEnvelope.wrap(request, stix)
-            if put is None:
-                try:
-                    requester.put_nowait(envelope)
-                except queue.Full:
-                    lost += 1
-                    continue
-            # Thousands of answers at once: wait for room rather than lose them, but not for ever.
-            elif not self._put_waiting(put, envelope):
-                lost += 1
-                put = None  # a requester that takes nothing for that long: no more waiting on it
+        hand = _LogHandover(requester, lambda: self.answerer.stopping)
+        # Only active intel comes from the log: the requester gets the removal of each at valid_until.
+        expiry = self.expiry if request.snapshot_type is SnapshotType.INDICATOR else None
+        for intel in batches:
+            with self._lock:
+                sent = open_request.sent
+                fresh = []
+                for stix in intel:
+                    key = stix.dedup_key
+                    if key not in sent:
+                        sent.add(key)
+                        fresh.append(stix)
+                repeated = len(intel) - len(fresh)
+                open_request.duplicates += repeated
+                self.duplicates += repeated
+            if not fresh:
                 continue
-            if expiry is not None and isinstance(stix, Indicator):
-                # Only active intel comes from the log: the requester gets its removal at valid_until.
-                expiry.observe(stix, (requester,))
+            handed = hand.over(SnapshotEnvelope.wrap_all(request, fresh), fresh)
+            if expiry is not None and handed:
+                expiry.observe_all(handed, (requester,))  # type: ignore[arg-type]
             if self.answerer.stopping:
                 return
-        if lost:
-            logger.warning("requester queue full: lost %d object(s) of snapshot %s", lost, request.snapshot_id)
+        if hand.lost:
+            logger.warning("requester queue full: lost %d object(s) of snapshot %s", hand.lost, request.snapshot_id)
 
     def _put_waiting(self, put: Callable[..., None], item: object) -> bool:
         """``put`` with a timeout, in short steps so that a stop of the bus is noticed."""
-        deadline = time.monotonic() + LOG_ANSWER_PUT_TIMEOUT
-        while True:
-            try:
-                put(item, timeout=POLL_INTERVAL)
-                return True
-            except queue.Full:
-                if self.answerer.stopping or time.monotonic() >= deadline:
-                    return False
+        return _put_waiting(put, item, lambda: self.answerer.stopping)
 
     def _log_done(self, request: SnapshotRequest) -> None:
         with self._lock:

@@ -6,8 +6,9 @@ import queue
 
 import zmq
 
-from threatbus.testing import indicator, wait_until
-from threatbus_zmq.pub import BATCH, PublisherWorker
+from threatbus.policy import Filter
+from threatbus.testing import indicator, intel_mix, wait_until
+from threatbus_zmq.pub import BATCH, IDLE_WAIT, RETRY_INTERVAL, PublisherWorker
 from threatbus_zmq.settings import ZmqSettings
 from threatbus_zmq.subscribers import Subscription, Subscriptions
 from threatbus_zmq.wire import new_p2p_topic
@@ -98,6 +99,76 @@ def test_messages_wait_until_the_app_connects_and_closed_subscriptions_get_nothi
         gone.put_nowait(indicator())
         wait_until(lambda: ready.empty(), 5, what="the publisher to look at both")
         assert sock.frames == [] and len(waiting.pending) == 1 and not gone.pending
+    finally:
+        worker.stop()
+        worker.join(5)
+
+
+def test_put_many_takes_what_fits_in_order_with_one_wake_up_and_waits_for_room():
+    ready: queue.SimpleQueue = queue.SimpleQueue()
+    sub = connected(ready, bound=5)
+    messages = [indicator(f"10.1.0.{i}") for i in range(8)]
+    assert sub.put_many(messages, timeout=0) == 5
+    assert list(sub.pending) == messages[:5] and ready.qsize() == 1  # one wake-up of the publisher per batch
+    assert sub.put_many(messages[5:], timeout=0) == 0 and sub.dropped == 0  # full: nothing taken, nothing lost
+    # The publisher makes room meanwhile: a waiting put_many takes the rest.
+    sock = FakeSocket()
+    worker = run_worker(sock, ready)
+    try:
+        assert sub.put_many(messages[5:], timeout=5) == 3
+        wait_until(lambda: len(sock.frames) == 8, 5, what="all sent")
+        assert [frame.split(b" ", 1)[1] for frame in sock.frames] == [m.encode() for m in messages]
+    finally:
+        worker.stop()
+        worker.join(5)
+    sub.closed = True
+    assert sub.put_many(messages, timeout=0) == len(messages) and len(sub.pending) == 0
+
+
+def test_put_many_applies_the_client_filter():
+    ready: queue.SimpleQueue = queue.SimpleQueue()
+    sub = Subscription(1, new_p2p_topic(), ["stix2"], 10, ready, Filter({"unmarked": "deny"}))
+    mix = intel_mix()
+    taken = sub.put_many([mix["unmarked"], mix["green"], mix["white"]], timeout=0)
+    assert taken == 3  # held back counts as taken: it is done with
+    assert list(sub.pending) == [mix["green"], mix["white"]] and sub.filtered.counts["unmarked"] == 1
+
+
+class RecordingReady:
+    """The ready queue, recording how long the publisher is prepared to wait for new work."""
+
+    def __init__(self) -> None:
+        self.inner: queue.SimpleQueue = queue.SimpleQueue()
+        self.waits: list[float | None] = []
+
+    def put(self, item) -> None:
+        self.inner.put(item)
+
+    def get(self, block: bool = True, timeout: float | None = None):
+        self.waits.append(timeout)
+        return self.inner.get(block, timeout)
+
+    def get_nowait(self):
+        return self.inner.get_nowait()
+
+
+def test_a_blocked_subscriber_is_retried_soon_not_after_an_idle_wait():
+    # A snapshot fills a connection and then waits for room in the buffer: nothing new wakes the publisher.
+    ready = RecordingReady()
+    sub = Subscription(1, new_p2p_topic(), ["stix2"], 100, ready)  # type: ignore[arg-type]
+    sub.connected = True
+    sock = FakeSocket(accept=2)
+    worker = PublisherWorker(sock, subscriptions(ready), ready)  # type: ignore[arg-type]
+    worker.start()
+    try:
+        sub.put_many([indicator(f"10.2.0.{i}") for i in range(10)], timeout=0)
+        wait_until(lambda: sub in worker.blocked, 5, what="the connection to fill")
+        waits_while_blocked = len(ready.waits)
+        wait_until(lambda: len(ready.waits) > waits_while_blocked + 2, 5, what="the publisher to go round")
+        assert set(ready.waits[waits_while_blocked:]) == {RETRY_INTERVAL}
+        sock.accept = 100
+        wait_until(lambda: len(sock.frames) == 10, 5, what="the rest sent")
+        wait_until(lambda: ready.waits[-1] == IDLE_WAIT, 5, what="an idle wait again")
     finally:
         worker.stop()
         worker.join(5)

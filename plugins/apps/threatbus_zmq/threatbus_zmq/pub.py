@@ -57,7 +57,9 @@ class PublisherWorker(StoppableWorker):
         try:
             while not self.stopping:
                 try:
-                    sub = get(timeout=IDLE_WAIT)
+                    # A blocked subscriber is retried soon: its connection drains within milliseconds, and
+                    # nothing else may wake this thread meanwhile (a snapshot answer waits for its buffer).
+                    sub = get(timeout=RETRY_INTERVAL if blocked else IDLE_WAIT)
                 except queue.Empty:
                     sub = None
                 # Drain a batch of ready subscribers, then look at blocked ones and new connections.

@@ -120,6 +120,47 @@ class Subscription:
                 self._room.wait(0.05 if remaining is None else min(remaining, 0.05))
         self.put_nowait(message)
 
+    def put_many(self, messages: list[Message | SnapshotEnd], timeout: float | None = None) -> int:
+        """Buffer as many of ``messages`` as there is room for, from the first on; how many were taken.
+
+        The core's log answerer hands a large snapshot over in batches: one
+        wake-up of the publisher per batch instead of one per message. With
+        no room at all it waits up to ``timeout`` (None: as long as it takes,
+        0: not at all). Messages the client's filter holds back count as
+        taken; on a closed subscription all are (and go nowhere).
+        """
+        if self.closed:
+            return len(messages)
+        room = self.bound - len(self.pending)
+        if room <= 0 and timeout != 0:
+            deadline = None if timeout is None else time.monotonic() + timeout
+            while room <= 0 and not self.closed:
+                self._room.clear()
+                room = self.bound - len(self.pending)
+                if room > 0:
+                    break
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return 0
+                self._room.wait(0.05 if remaining is None else min(remaining, 0.05))
+                room = self.bound - len(self.pending)
+            if self.closed:
+                return len(messages)
+        if room <= 0:
+            return 0
+        taken = messages if room >= len(messages) else messages[:room]
+        if self.filter is None:
+            self.pending.extend(taken)
+        else:
+            for message in taken:
+                reason = self.filter.check(message)
+                if reason is None:
+                    self.pending.append(message)
+                else:
+                    self.filtered.held(reason)
+        self._ready.put(self)
+        return len(taken)
+
     def made_room(self) -> None:
         """Called by the publisher after sending: wakes a blocked ``put``."""
         if len(self.pending) < self.bound:
@@ -135,6 +176,12 @@ class Subscription:
         prefix = self._prefixes.get(type(message))
         if prefix is not None:
             return prefix + message.encode()  # type: ignore[union-attr]
+        if isinstance(message, SnapshotEnvelope):
+            if self._sees_all_envelopes and message.snapshot_id not in self.snapshot_ids:
+                return None
+            # The requester gets the body of an envelope, as the kind of the body (its JSON as it came).
+            kind, text = message.body_text()
+            return self._prefixes[kind] + text
         if isinstance(message, SnapshotEnd):
             # Only subscribers that asked get one (the core sends it only then).
             body = {
@@ -143,12 +190,6 @@ class Subscription:
                 "count": message.count,
             }
             return self._end_prefix + orjson.dumps(body)
-        if isinstance(message, SnapshotEnvelope):
-            if self._sees_all_envelopes and message.snapshot_id not in self.snapshot_ids:
-                return None
-            # The requester gets the body of an envelope, as the kind of the body.
-            stix = message.stix
-            return self._prefixes[type(stix)] + stix.encode()
         return None
 
 

@@ -3,8 +3,9 @@
 The same ``history`` keys as the RabbitMQ stream, so a single node on the
 embedded default answers snapshots like a cluster does. Entries are kept as
 their encoded JSON (a message object takes about five times the memory) and
-decoded again when a snapshot reads them; sizes count that JSON, and
-``max_bytes: 0`` means a cap of ``MEMORY_CAP_BYTES`` rather than none.
+handed to a snapshot as that text (the core's fold parses it, and sends it on
+as it is); sizes count that JSON, and ``max_bytes: 0`` means a cap of
+``MEMORY_CAP_BYTES`` rather than none.
 """
 
 from __future__ import annotations
@@ -14,11 +15,9 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from datetime import datetime
 
-from threatbus.data import Message, decode
-from threatbus.errors import DecodeError
+from threatbus.data import Message
 from threatbus.history import HistorySettings, LogEntry
 
 # The cap of ``max_bytes: 0`` in memory (~140,000 indicators of 450 bytes; ~80 MB with overheads).
@@ -67,8 +66,8 @@ class MemoryLog:
             self.bytes -= len(entries.popleft())
             self.evicted += 1
 
-    def read(self, since: datetime, until: datetime) -> Iterator[LogEntry]:
-        """The entries from ``since`` to ``until`` (a copy: appends go on meanwhile)."""
+    def read(self, since: datetime, until: datetime) -> list[LogEntry]:
+        """The entries from ``since`` to ``until``, each message as its JSON text (a copy: appends go on meanwhile)."""
         start, end = since.timestamp(), until.timestamp()
         with self._lock:
             self._trim(time.time())
@@ -76,9 +75,4 @@ class MemoryLog:
             first = bisect.bisect_left(times, start)
             last = bisect.bisect_right(times, end)
             # islice walks the deques once; indexing a deque in the middle is not O(1).
-            window = list(itertools.islice(zip(times, self._entries, strict=True), first, last))
-        for stamp, raw in window:
-            try:
-                yield stamp, decode(raw)
-            except DecodeError:  # it was a valid message when it was logged: never expected
-                continue
+            return list(itertools.islice(zip(times, self._entries, strict=True), first, last))

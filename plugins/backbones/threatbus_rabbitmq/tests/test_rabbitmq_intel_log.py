@@ -15,7 +15,7 @@ from testbus import running_bus
 
 from threatbus import config as core_config
 from threatbus.bus import Bus
-from threatbus.data import SnapshotEnvelope, SnapshotType
+from threatbus.data import SnapshotEnvelope, SnapshotType, decode
 from threatbus.snapshots import SnapshotEnd
 from threatbus.testing import Subscriber, free_port, get_within, indicator, settings_from, sighting, wait_until
 from threatbus_rabbitmq import RabbitMQBackbone, intel_log
@@ -126,7 +126,9 @@ def test_entries_before_the_period_are_left_out(broker):
         entries = list(backbone.history(since=after, until=datetime.now(timezone.utc)))
         # Reading from a timestamp starts at its chunk: the core's fold filters by each entry's time.
         cut = after.timestamp()
-        assert [m.payload["pattern"] for when, m in entries if when >= cut] == ["[ipv4-addr:value = '10.4.0.2']"]
+        assert [decode(m).payload["pattern"] for when, m in entries if when >= cut] == [
+            "[ipv4-addr:value = '10.4.0.2']"
+        ]
 
 
 def test_retention_is_declared_on_the_stream(broker):

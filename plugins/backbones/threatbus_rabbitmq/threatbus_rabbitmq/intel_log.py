@@ -31,7 +31,6 @@ import pika.exceptions
 
 from threatbus import history
 from threatbus.config import option, port
-from threatbus.data import StixObject, decode
 from threatbus.history import HistorySettings, LogEntry
 from threatbus.ratelimit import RateLimitedLog
 from threatbus.worker import POLL_INTERVAL, Backoff, StoppableWorker
@@ -250,7 +249,7 @@ class LogReader(StoppableWorker):
     # ---- any thread ----------------------------------------------------
 
     def read(self, since: datetime, until: datetime) -> Iterator[LogEntry]:
-        """The stream's intel from ``since`` (chunk-granular: a little earlier) to ``until``."""
+        """The stream's entries from ``since`` (chunk-granular: a little earlier) to ``until``, as JSON text."""
         self._started.wait(5)
         loop = self._loop
         if loop is None or self.stopping:
@@ -362,19 +361,19 @@ class LogReader(StoppableWorker):
             if stamp < since_ms:
                 return
             try:
-                decoded = decode(amqp_body(message))
-            except (ValueError, IndexError) as err:  # DecodeError is a ValueError
+                body = amqp_body(message)
+            except (ValueError, IndexError) as err:
                 self.invalid += 1
                 self._log_invalid(
                     "intel log: skipped an entry of stream '%s' at offset %d: %s", self.log.stream, context.offset, err
                 )
                 return
-            if isinstance(decoded, StixObject):
-                taken += 1
-                batch.append((stamp / 1000, decoded))
-                if len(batch) >= READ_BATCH:
-                    out.put(batch.copy())
-                    batch.clear()
+            # The JSON text as it is: the core's fold parses what it needs, in its own thread.
+            taken += 1
+            batch.append((stamp / 1000, body))
+            if len(batch) >= READ_BATCH:
+                out.put(batch.copy())
+                batch.clear()
 
         found_end = asyncio.Event()
         consumer = self._consumer()
