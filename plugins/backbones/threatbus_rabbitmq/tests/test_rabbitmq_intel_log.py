@@ -245,6 +245,8 @@ STORED_FROM_AMQP091 = (
         ),
         (b'\x00Su\xa0\x08{"c": 3}', b'{"c": 3}'),
         (b"\x00Su\xb0\x00\x00\x00\x03abc\x00Su\xa0\x02de", b"abcde"),
+        (b"\x00Su\xb0\x00\x00\x00\x03abc", b"abc"),  # one data section, as rstream writes it
+        (b"\x00Su\xb0\x00\x00\x00\x03abc\x00Su\xb0\x00\x00\x00\x02de", b"abcde"),
         (b"\x00Sw\xa1\x02hi", b"hi"),
     ],
 )
@@ -255,7 +257,18 @@ def test_amqp_body_finds_the_data_sections(raw, body):
 
 
 @pytest.mark.parametrize(
-    "raw", [b"", b"{}", b"\x00Su", b"\x00Su\xa0\x08{", b"\x00Sr\xc1\x01\x00", b"\x00Su\x99\x01x", b"\x00Su\xa0\x01x!"]
+    "raw",
+    [
+        b"",
+        b"{}",
+        b"\x00Su",
+        b"\x00Su\xa0\x08{",
+        b"\x00Sr\xc1\x01\x00",
+        b"\x00Su\x99\x01x",
+        b"\x00Su\xa0\x01x!",
+        b"\x00Su\xb0\x00\x00\x00\x05abc",
+        b"\x00Su\xb0\x00\x00",
+    ],
 )
 def test_amqp_body_refuses_garbage(raw):
     from threatbus_rabbitmq.intel_log import amqp_body

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import logging
 import queue
+import struct
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -51,6 +52,8 @@ CHUNK_SLACK_MS = 1000
 READ_CREDIT = 20
 # Entries handed to the reading thread at once.
 READ_BATCH = 500
+# How long a stopping reader waits for consumers still closing (rstream's close alone takes 0.2 s).
+CLOSE_WAIT = 2.0
 
 NO_STREAMS = (
     "running without the intel log: snapshots are answered only by apps that keep history of their own "
@@ -198,6 +201,8 @@ _DATA, _VALUE = 0x75, 0x77
 _SIZE1 = frozenset((0xA0, 0xA1, 0xA3, 0xC0, 0xC1))  # vbin8, str8, sym8, list8, map8: one size byte
 _SIZE4 = frozenset((0xB0, 0xB1, 0xB3, 0xD0, 0xD1))  # their 32-bit forms
 _EMPTY = frozenset((0x40, 0x45))  # null, list0
+_ONE_DATA_SECTION = b"\x00Su\xb0"  # a data section with a 32-bit size
+_size4 = struct.Struct(">I").unpack_from
 
 
 def amqp_body(raw: bytes) -> bytes:
@@ -206,19 +211,24 @@ def amqp_body(raw: bytes) -> bytes:
     A few lines instead of rstream's general AMQP 1.0 decoder, which is the
     bottleneck of reading the log; anything else raises ``ValueError``.
     """
-    pos, end = 0, len(raw)
+    end = len(raw)
+    if raw[:4] == _ONE_DATA_SECTION and end >= 8 and _size4(raw, 4)[0] == end - 8:
+        return raw[8:]  # the whole message is one data section (rstream's publishers write that)
+    pos = 0
     parts = []
     while pos < end:
         if raw[pos] != 0x00 or raw[pos + 1] != 0x53 or pos + 3 >= end:
             raise ValueError(f"not an AMQP 1.0 section at byte {pos}")
         code, constructor = raw[pos + 2], raw[pos + 3]
         pos += 4
-        if constructor in _SIZE1:
+        if constructor in _SIZE4:
+            if pos + 4 > end:
+                raise ValueError("an AMQP 1.0 size cut off")
+            size = _size4(raw, pos)[0]
+            pos += 4
+        elif constructor in _SIZE1:
             size = raw[pos]
             pos += 1
-        elif constructor in _SIZE4:
-            size = int.from_bytes(raw[pos : pos + 4], "big")
-            pos += 4
         elif constructor in _EMPTY:
             size = 0
         else:
@@ -242,6 +252,7 @@ class LogReader(StoppableWorker):
         self.invalid = 0  # log entries that are no Threat Bus message
         self.reads = 0
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # consumers closing in the background (kept from the GC)
         self._started = threading.Event()
         self._log_invalid = RateLimitedLog(logger)
         self._log_failure = RateLimitedLog(logger, interval=60.0)
@@ -292,6 +303,8 @@ class LogReader(StoppableWorker):
         await self._probe()
         while not self.stopping:
             await asyncio.sleep(POLL_INTERVAL)
+        if self._closing:  # consumers still closing: let them say goodbye to the broker
+            await asyncio.wait(set(self._closing), timeout=CLOSE_WAIT)
 
     def _consumer(self) -> Any:
         from rstream import Consumer  # rstream pulls in its AMQP 1.0 codec: only when a log is kept
@@ -335,8 +348,9 @@ class LogReader(StoppableWorker):
         self.reads += 1
         since_ms, until_ms = int(since.timestamp() * 1000), int(until.timestamp() * 1000)
         loop = asyncio.get_running_loop()
-        last = loop.time()
         done = asyncio.Event()
+        finished = False  # done is set: a flag is cheaper to look at per entry
+        delivered = 0  # entries the stream delivered: the stall watch looks at it
         taken = 0
         batch: list[LogEntry] = []  # handed over in batches: one queue operation per READ_BATCH entries
 
@@ -348,15 +362,17 @@ class LogReader(StoppableWorker):
             found_end.set()
 
         def on_message(message: Any, context: Any) -> None:
-            nonlocal last, taken
-            if done.is_set():
+            nonlocal finished, delivered, taken
+            if finished:
                 return
-            last = loop.time()
+            delivered += 1
             stamp = context.timestamp
-            if end and context.offset >= end[0]:
-                done.set()  # the last entry that was there when the read began; this one still counts
+            if context.offset >= last_offset:
+                finished = True  # the last entry that was there when the read began; this one still counts
+                done.set()
             if stamp > until_ms:
-                done.set()  # the present: what follows is live traffic, not history
+                finished = True  # the present: what follows is live traffic, not history
+                done.set()
                 return
             if stamp < since_ms:
                 return
@@ -376,11 +392,14 @@ class LogReader(StoppableWorker):
                 batch.clear()
 
         found_end = asyncio.Event()
-        consumer = self._consumer()
+        # The probe for the end has a consumer of its own, connecting while the reading one does: a consumer
+        # whose last subscription ends closes its connection, and rstream's close takes 0.2 s.
+        prober, consumer = self._consumer(), self._consumer()
+        probing = True
         try:
-            await asyncio.wait_for(consumer.start(), self.broker.connect_timeout)
+            await asyncio.wait_for(asyncio.gather(prober.start(), consumer.start()), self.broker.connect_timeout)
             # Where the log ends now: the read stops there, however slowly the broker delivers.
-            probe = await consumer.subscribe(
+            await prober.subscribe(
                 self.log.stream,
                 on_last,
                 decoder=bytes,
@@ -389,20 +408,23 @@ class LogReader(StoppableWorker):
             )
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(found_end.wait(), END_WAIT)  # nothing: an empty stream
-            await consumer.unsubscribe(probe)
+            probing = False
+            self._close_later(prober)
             if not end or end[1] < since_ms - CHUNK_SLACK_MS:
                 return  # empty, or nothing in the period
+            last_offset = end[0]
             await consumer.subscribe(
                 self.log.stream,
                 on_message,
-                decoder=bytes,
                 offset_specification=ConsumerOffsetSpecification(OffsetType.TIMESTAMP, since_ms),
                 initial_credit=READ_CREDIT,
             )
-            last = loop.time()
-            while not done.is_set() and not self.stopping and loop.time() - last < READ_STALL:
+            seen, quiet_since = delivered, loop.time()
+            while not done.is_set() and not self.stopping and loop.time() - quiet_since < READ_STALL:
                 with contextlib.suppress(asyncio.TimeoutError):
                     await asyncio.wait_for(done.wait(), 0.1)
+                if delivered != seen:
+                    seen, quiet_since = delivered, loop.time()
             if not done.is_set() and not self.stopping:
                 self._log_failure(
                     "intel log: stream '%s' delivered nothing for %.0fs before its end: the snapshot is partial",
@@ -424,8 +446,20 @@ class LogReader(StoppableWorker):
             if batch:
                 out.put(batch)
             out.put(_END)
+            if probing:
+                self._close_later(prober)
             with contextlib.suppress(Exception):
                 await consumer.close()
+
+    def _close_later(self, consumer: Any) -> None:
+        """Close ``consumer`` without waiting for it (the end of the loop awaits what is still closing)."""
+        task = asyncio.get_running_loop().create_task(self._close_quietly(consumer))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+    async def _close_quietly(self, consumer: Any) -> None:
+        with contextlib.suppress(Exception):
+            await consumer.close()
 
 
 def _describe(err: BaseException) -> str:
