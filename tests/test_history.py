@@ -12,7 +12,7 @@ from threatbus import snapshots
 from threatbus.config import section, validate
 from threatbus.data import Indicator, SnapshotEnvelope, SnapshotRequest, SnapshotType, decode
 from threatbus.errors import ConfigError
-from threatbus.history import HistorySettings, LogAnswerer, fold, fold_in_batches, validators
+from threatbus.history import FOLD_BATCH, HistorySettings, LogAnswerer, fold, fold_in_batches, validators
 from threatbus.snapshots import SnapshotEnd
 from threatbus.testing import assert_nothing_more, get_within, indicator, settings_from, sighting, wait_until
 from threatbus_inmem import InMemoryBackbone
@@ -413,7 +413,7 @@ def test_a_requester_that_takes_batches_gets_the_whole_answer_in_few_hand_overs(
         assert [e.stix.id for e in envelopes] == [m.id for m in intel]  # in order, each once
         assert {e.snapshot_id for e in envelopes} == set(ids)
         assert requester.items[-1].count == 1200
-        assert requester.calls <= 12  # batches of up to 500, each taken in two calls (300 + 200)
+        assert requester.calls <= 2 * -(-1200 // FOLD_BATCH)  # a batch in one or two calls, not one per object
 
 
 def test_a_batch_requester_that_takes_nothing_loses_the_answer_but_still_gets_the_end(monkeypatch, caplog):

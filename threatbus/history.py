@@ -95,8 +95,9 @@ class HistorySettings:
 _KINDS: dict[SnapshotType, type[StixObject]] = {SnapshotType.INDICATOR: Indicator, SnapshotType.SIGHTING: Sighting}
 
 
-# Objects of an answer made at once (see ``fold_in_batches``).
-FOLD_BATCH = 500
+# Objects of an answer made at once (see ``fold_in_batches``): small enough that a batch is gone before the
+# garbage collector moves it to its oldest generation (batches of 500 still caused a few full collections).
+FOLD_BATCH = 100
 
 
 def fold(

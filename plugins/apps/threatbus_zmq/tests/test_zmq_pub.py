@@ -109,7 +109,8 @@ def test_put_many_takes_what_fits_in_order_with_one_wake_up_and_waits_for_room()
     sub = connected(ready, bound=5)
     messages = [indicator(f"10.1.0.{i}") for i in range(8)]
     assert sub.put_many(messages, timeout=0) == 5
-    assert list(sub.pending) == messages[:5] and ready.qsize() == 1  # one wake-up of the publisher per batch
+    assert list(sub.pending) == [sub.frame(m) for m in messages[:5]]  # framed at once: bytes wait, not objects
+    assert ready.qsize() == 1  # one wake-up of the publisher per batch
     assert sub.put_many(messages[5:], timeout=0) == 0 and sub.dropped == 0  # full: nothing taken, nothing lost
     # The publisher makes room meanwhile: a waiting put_many takes the rest.
     sock = FakeSocket()
@@ -131,7 +132,8 @@ def test_put_many_applies_the_client_filter():
     mix = intel_mix()
     taken = sub.put_many([mix["unmarked"], mix["green"], mix["white"]], timeout=0)
     assert taken == 3  # held back counts as taken: it is done with
-    assert list(sub.pending) == [mix["green"], mix["white"]] and sub.filtered.counts["unmarked"] == 1
+    assert list(sub.pending) == [sub.frame(mix["green"]), sub.frame(mix["white"])]
+    assert sub.filtered.counts["unmarked"] == 1
 
 
 class RecordingReady:
