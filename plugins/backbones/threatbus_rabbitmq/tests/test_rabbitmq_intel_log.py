@@ -275,3 +275,19 @@ def test_amqp_body_refuses_garbage(raw):
 
     with pytest.raises((ValueError, IndexError)):
         amqp_body(raw)
+
+
+def test_rstream_reads_its_socket_in_wide_pieces(monkeypatch):
+    from rstream import connection
+
+    from threatbus_rabbitmq.intel_log import RSTREAM_READ, widen_rstream_reads
+
+    monkeypatch.setattr(connection, "CHUNK_SIZE", 256)  # rstream 1.1's own
+    widen_rstream_reads()
+    assert connection.CHUNK_SIZE == RSTREAM_READ
+    monkeypatch.setattr(connection, "CHUNK_SIZE", 4 * RSTREAM_READ)  # a version that reads wider already
+    widen_rstream_reads()
+    assert connection.CHUNK_SIZE == 4 * RSTREAM_READ
+    monkeypatch.delattr(connection, "CHUNK_SIZE")  # a version without the constant: nothing to do
+    widen_rstream_reads()
+    assert not hasattr(connection, "CHUNK_SIZE")

@@ -54,6 +54,8 @@ READ_CREDIT = 20
 READ_BATCH = 500
 # How long a stopping reader waits for consumers still closing (rstream's close alone takes 0.2 s).
 CLOSE_WAIT = 2.0
+# Bytes rstream reads from its socket at once (see widen_rstream_reads).
+RSTREAM_READ = 64 * 1024
 
 NO_STREAMS = (
     "running without the intel log: snapshots are answered only by apps that keep history of their own "
@@ -309,6 +311,7 @@ class LogReader(StoppableWorker):
     def _consumer(self) -> Any:
         from rstream import Consumer  # rstream pulls in its AMQP 1.0 codec: only when a log is kept
 
+        widen_rstream_reads()
         b = self.broker
         return Consumer(
             b.host,
@@ -460,6 +463,22 @@ class LogReader(StoppableWorker):
     async def _close_quietly(self, consumer: Any) -> None:
         with contextlib.suppress(Exception):
             await consumer.close()
+
+
+def widen_rstream_reads() -> None:
+    """Let rstream read its socket in pieces of ``RSTREAM_READ`` bytes instead of 256 (rstream 1.1).
+
+    A chunk of the log is hundreds of KB; read 256 bytes at a time, with
+    asyncio pausing and resuming the socket in between, it cost more than
+    half of the reading thread's time. rstream keeps the size as a module
+    constant (``rstream.connection.CHUNK_SIZE``) and has no option for it;
+    a version without it is left alone. What a read brings beyond the
+    frame stays in rstream's buffer for the next one.
+    """
+    from rstream import connection
+
+    if 0 < getattr(connection, "CHUNK_SIZE", RSTREAM_READ) < RSTREAM_READ:
+        connection.CHUNK_SIZE = RSTREAM_READ
 
 
 def _describe(err: BaseException) -> str:
