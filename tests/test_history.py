@@ -383,7 +383,7 @@ def test_a_log_answer_counts_what_it_left_out_in_one_warning(caplog):
 
 
 class BatchRequester:
-    """A requester queue that takes batches (``put_many``), at most ``room`` per call; ``room=0``: never any."""
+    """A requester queue that takes batches of answers, at most ``room`` per call; ``room=0``: never any."""
 
     def __init__(self, room):
         self.room = room
@@ -395,10 +395,10 @@ class BatchRequester:
             raise queue.Full
         self.items.append(item)
 
-    def put_many(self, items, timeout=None):
+    def put_answers(self, request, answers, timeout=None):
         self.calls += 1
-        taken = items[: self.room]
-        self.items.extend(taken)
+        taken = answers[: self.room]
+        self.items.extend(SnapshotEnvelope.wrap(request, answer) for answer in taken)
         return len(taken)
 
 

@@ -63,40 +63,44 @@ def _put_waiting(put: Callable[..., None], item: object, stopping: Callable[[], 
 class _LogHandover:
     """Hands one log answer to its requester, waiting for room, and counts what it could not take.
 
-    A requester with ``put_many(items, timeout)`` (it returns how many of
-    ``items`` it took, from the first on) gets whole batches; one with
-    ``put(item, timeout=...)`` gets them one by one; any other ``Sink`` only
-    what fits at once. One that takes nothing for ``LOG_ANSWER_PUT_TIMEOUT``
-    is not waited for again: the rest goes in without waiting, or is lost.
+    A requester with ``put_answers(request, answers, timeout)`` (it returns
+    how many of ``answers`` it took, from the first on, and makes of each
+    what it sends: the zmq app frames the body at once) gets whole batches
+    of the objects themselves; one with ``put(item, timeout=...)`` gets
+    envelopes one by one; any other ``Sink`` only what fits at once. One
+    that takes nothing for ``LOG_ANSWER_PUT_TIMEOUT`` is not waited for
+    again: the rest goes in without waiting, or is lost.
     """
 
-    def __init__(self, requester: Sink, stopping: Callable[[], bool]) -> None:
+    def __init__(self, requester: Sink, request: SnapshotRequest, stopping: Callable[[], bool]) -> None:
         self.requester = requester
+        self.request = request
         self.stopping = stopping
-        self.put_many: Callable[..., int] | None = getattr(requester, "put_many", None)
+        self.put_answers: Callable[..., int] | None = getattr(requester, "put_answers", None)
         self.put: Callable[..., None] | None = getattr(requester, "put", None)
         self.waiting = True
         self.lost = 0
 
-    def over(self, envelopes: list[SnapshotEnvelope], bodies: list[StixObject]) -> list[StixObject]:
-        """Hand ``envelopes`` over; the ``bodies`` of those the requester took."""
-        if self.put_many is not None:
-            taken = self._many(self.put_many, envelopes)
-            self.lost += len(envelopes) - taken
-            return bodies if taken == len(bodies) else bodies[:taken]
+    def over(self, answers: list[StixObject]) -> list[StixObject]:
+        """Hand ``answers`` over; those the requester took."""
+        if self.put_answers is not None:
+            taken = self._batch(self.put_answers, answers)
+            self.lost += len(answers) - taken
+            return answers if taken == len(answers) else answers[:taken]
         handed = []
-        for envelope, body in zip(envelopes, bodies, strict=True):
+        for envelope, answer in zip(SnapshotEnvelope.wrap_all(self.request, answers), answers, strict=True):
             if self._one(envelope):
-                handed.append(body)
+                handed.append(answer)
             else:
                 self.lost += 1
         return handed
 
-    def _many(self, put_many: Callable[..., int], envelopes: list[SnapshotEnvelope]) -> int:
+    def _batch(self, put_answers: Callable[..., int], answers: list[StixObject]) -> int:
         done = 0
         deadline = time.monotonic() + LOG_ANSWER_PUT_TIMEOUT
-        while done < len(envelopes):
-            taken = put_many(envelopes[done:] if done else envelopes, timeout=POLL_INTERVAL if self.waiting else 0)
+        while done < len(answers):
+            rest = answers[done:] if done else answers
+            taken = put_answers(self.request, rest, timeout=POLL_INTERVAL if self.waiting else 0)
             if taken:
                 done += taken
                 deadline = time.monotonic() + LOG_ANSWER_PUT_TIMEOUT
@@ -236,15 +240,15 @@ class SnapshotRouter(StoppableWorker):
         """Hand the log's answer to the requester; a bounded requester makes this wait (its own thread).
 
         A batch at a time: a requester that takes several at once
-        (``put_many``, as the zmq app's subscriptions do) gets one hand-over
-        per batch, and the expiry schedule is updated once per batch.
+        (``put_answers``, as the zmq app's subscriptions do) gets one
+        hand-over per batch, and the expiry schedule is updated once per batch.
         """
         with self._lock:
             open_request = self._requesters.get(request.snapshot_id)
         if open_request is None:
             return
         requester = open_request.requester
-        hand = _LogHandover(requester, lambda: self.answerer.stopping)
+        hand = _LogHandover(requester, request, lambda: self.answerer.stopping)
         # Only active intel comes from the log: the requester gets the removal of each at valid_until.
         expiry = self.expiry if request.snapshot_type is SnapshotType.INDICATOR else None
         for intel in batches:
@@ -261,7 +265,7 @@ class SnapshotRouter(StoppableWorker):
                 self.duplicates += repeated
             if not fresh:
                 continue
-            handed = hand.over(SnapshotEnvelope.wrap_all(request, fresh), fresh)
+            handed = hand.over(fresh)
             if expiry is not None and handed:
                 expiry.observe_all(handed, (requester,))  # type: ignore[arg-type]
             if self.answerer.stopping:

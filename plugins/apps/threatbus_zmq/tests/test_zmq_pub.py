@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import queue
+from datetime import timedelta
 
 import zmq
 
+from threatbus.data import SnapshotEnvelope, SnapshotRequest, SnapshotType
 from threatbus.policy import Filter
 from threatbus.testing import indicator, intel_mix, wait_until
 from threatbus_zmq.pub import BATCH, IDLE_WAIT, RETRY_INTERVAL, PublisherWorker
@@ -104,33 +106,39 @@ def test_messages_wait_until_the_app_connects_and_closed_subscriptions_get_nothi
         worker.join(5)
 
 
-def test_put_many_takes_what_fits_in_order_with_one_wake_up_and_waits_for_room():
+REQUEST = SnapshotRequest.create(SnapshotType.INDICATOR, timedelta(days=1))
+
+
+def test_put_answers_takes_what_fits_in_order_framed_with_one_wake_up_and_waits_for_room():
     ready: queue.SimpleQueue = queue.SimpleQueue()
     sub = connected(ready, bound=5)
-    messages = [indicator(f"10.1.0.{i}") for i in range(8)]
-    assert sub.put_many(messages, timeout=0) == 5
-    assert list(sub.pending) == [sub.frame(m) for m in messages[:5]]  # framed at once: bytes wait, not objects
+    answers = [indicator(f"10.1.0.{i}") for i in range(8)]
+    assert sub.put_answers(REQUEST, answers, timeout=0) == 5
+    # Framed at once, as the bodies of their envelopes: bytes wait in the buffer, not objects.
+    assert list(sub.pending) == [sub.frame(SnapshotEnvelope.wrap(REQUEST, a)) for a in answers[:5]]
     assert ready.qsize() == 1  # one wake-up of the publisher per batch
-    assert sub.put_many(messages[5:], timeout=0) == 0 and sub.dropped == 0  # full: nothing taken, nothing lost
-    # The publisher makes room meanwhile: a waiting put_many takes the rest.
+    assert sub.put_answers(REQUEST, answers[5:], timeout=0) == 0 and sub.dropped == 0  # full: none taken, none lost
+    # The publisher makes room meanwhile: a waiting put_answers takes the rest.
     sock = FakeSocket()
     worker = run_worker(sock, ready)
     try:
-        assert sub.put_many(messages[5:], timeout=5) == 3
+        assert sub.put_answers(REQUEST, answers[5:], timeout=5) == 3
         wait_until(lambda: len(sock.frames) == 8, 5, what="all sent")
-        assert [frame.split(b" ", 1)[1] for frame in sock.frames] == [m.encode() for m in messages]
+        assert [frame.split(b" ", 1) for frame in sock.frames] == [
+            [sub.p2p_topic.encode() + b"indicator", a.encode()] for a in answers
+        ]
     finally:
         worker.stop()
         worker.join(5)
     sub.closed = True
-    assert sub.put_many(messages, timeout=0) == len(messages) and len(sub.pending) == 0
+    assert sub.put_answers(REQUEST, answers, timeout=0) == len(answers) and len(sub.pending) == 0
 
 
-def test_put_many_applies_the_client_filter():
+def test_put_answers_applies_the_client_filter():
     ready: queue.SimpleQueue = queue.SimpleQueue()
     sub = Subscription(1, new_p2p_topic(), ["stix2"], 10, ready, Filter({"unmarked": "deny"}))
     mix = intel_mix()
-    taken = sub.put_many([mix["unmarked"], mix["green"], mix["white"]], timeout=0)
+    taken = sub.put_answers(REQUEST, [mix["unmarked"], mix["green"], mix["white"]], timeout=0)
     assert taken == 3  # held back counts as taken: it is done with
     assert list(sub.pending) == [sub.frame(mix["green"]), sub.frame(mix["white"])]
     assert sub.filtered.counts["unmarked"] == 1
@@ -163,7 +171,7 @@ def test_a_blocked_subscriber_is_retried_soon_not_after_an_idle_wait():
     worker = PublisherWorker(sock, subscriptions(ready), ready)  # type: ignore[arg-type]
     worker.start()
     try:
-        sub.put_many([indicator(f"10.2.0.{i}") for i in range(10)], timeout=0)
+        sub.put_answers(REQUEST, [indicator(f"10.2.0.{i}") for i in range(10)], timeout=0)
         wait_until(lambda: sub in worker.blocked, 5, what="the connection to fill")
         waits_while_blocked = len(ready.waits)
         wait_until(lambda: len(ready.waits) > waits_while_blocked + 2, 5, what="the publisher to go round")

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from threatbus.data import TOPIC_SNAPSHOT_ENVELOPE, Message, SnapshotEnvelope, SnapshotRequest
+from threatbus.data import TOPIC_SNAPSHOT_ENVELOPE, Message, SnapshotEnvelope, SnapshotRequest, StixObject
 from threatbus.policy import Filter, FilterStats
 from threatbus.snapshots import SnapshotEnd
 from threatbus_zmq.settings import ZmqSettings
@@ -59,7 +59,7 @@ class Subscription:
         self.p2p_topic = p2p_topic
         self.topics = topics
         self.bound = bound
-        self.pending: deque[Message | SnapshotEnd | bytes] = deque()  # bytes: framed already (put_many)
+        self.pending: deque[Message | SnapshotEnd | bytes] = deque()  # bytes: framed already (put_answers)
         self.snapshot_ids: frozenset[str] = frozenset()
         self.dropped = 0
         self.reported_dropped = 0
@@ -120,18 +120,22 @@ class Subscription:
                 self._room.wait(0.05 if remaining is None else min(remaining, 0.05))
         self.put_nowait(message)
 
-    def put_many(self, messages: list[Message | SnapshotEnd], timeout: float | None = None) -> int:
-        """Buffer as many of ``messages`` as there is room for, from the first on; how many were taken.
+    def put_answers(self, request: SnapshotRequest, answers: list[StixObject], timeout: float | None = None) -> int:
+        """Buffer as many of the log's ``answers`` to ``request`` as there is room for, from the first on.
 
-        The core's log answerer hands a large snapshot over in batches: one
-        wake-up of the publisher per batch instead of one per message, and
-        each message is framed at once (see below). With
-        no room at all it waits up to ``timeout`` (None: as long as it takes,
-        0: not at all). Messages the client's filter holds back count as
-        taken; on a closed subscription all are (and go nowhere).
+        Returns how many were taken. The core's log answerer hands a large
+        snapshot over in batches: one wake-up of the publisher per batch
+        instead of one per message, and each answer is framed at once, as
+        the body of its envelope (the app sends the body): a buffer of bytes
+        costs the garbage collector nothing, while 10,000 waiting messages
+        each reached its oldest generation and kept full collections running
+        through a snapshot. With no room at all it waits up to ``timeout``
+        (None: as long as it takes, 0: not at all). Answers the client's
+        filter holds back count as taken; on a closed subscription all do
+        (and go nowhere).
         """
         if self.closed:
-            return len(messages)
+            return len(answers)
         room = self.bound - len(self.pending)
         if room <= 0 and timeout != 0:
             deadline = None if timeout is None else time.monotonic() + timeout
@@ -146,23 +150,21 @@ class Subscription:
                 self._room.wait(0.05 if remaining is None else min(remaining, 0.05))
                 room = self.bound - len(self.pending)
             if self.closed:
-                return len(messages)
+                return len(answers)
         if room <= 0:
             return 0
-        taken = messages if room >= len(messages) else messages[:room]
-        # Framed here, at once: a buffer of bytes costs the garbage collector nothing, while 10,000 waiting
-        # messages each reached its oldest generation and kept full collections running through a snapshot.
-        frames = []
-        frame, check = self.frame, self.filter.check if self.filter is not None else None
-        for message in taken:
-            if check is not None:
-                reason = check(message)
-                if reason is not None:
+        taken = answers if room >= len(answers) else answers[:room]
+        prefixes = self._prefixes
+        if self.filter is None:
+            frames = [prefixes[type(answer)] + answer.encode() for answer in taken]
+        else:
+            frames = []
+            for answer in taken:
+                reason = self.filter.check(answer)  # the same verdict as on its envelope
+                if reason is None:
+                    frames.append(prefixes[type(answer)] + answer.encode())
+                else:
                     self.filtered.held(reason)
-                    continue
-            framed = frame(message)
-            if framed is not None:
-                frames.append(framed)
         self.pending.extend(frames)
         self._ready.put(self)
         return len(taken)
@@ -180,7 +182,7 @@ class Subscription:
     def frame(self, message: Message | SnapshotEnd | bytes) -> bytes | None:
         """The pub frame of ``message`` for this subscriber, or None if it gets none."""
         if type(message) is bytes:
-            return message  # framed already (put_many)
+            return message  # framed already (put_answers)
         prefix = self._prefixes.get(type(message))
         if prefix is not None:
             return prefix + message.encode()  # type: ignore[union-attr]
