@@ -41,9 +41,9 @@ logger = logging.getLogger(__name__)
 LogEntry = tuple[float, "Message | bytes"]
 """One message of the log and when the bus carried it (epoch seconds).
 
-The message may come as its JSON text: the fold parses only what it needs
-(a log of 100,000 entries is read at every snapshot; a decoded message costs
-several times the parse) and the answer carries that very text on.
+The message may come as its JSON text (cheaper for a log of 100,000
+entries read at every snapshot): the fold parses it, checks only the kind
+asked for, and the answer carries that very text on.
 """
 
 Skipped = Callable[[str], None]
