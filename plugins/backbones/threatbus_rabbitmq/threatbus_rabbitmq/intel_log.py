@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import queue
 import struct
@@ -263,6 +264,9 @@ class LogReader(StoppableWorker):
 
     def read(self, since: datetime, until: datetime) -> Iterator[LogEntry]:
         """The stream's entries from ``since`` (chunk-granular: a little earlier) to ``until``, as JSON text."""
+        return itertools.chain.from_iterable(self._batches(since, until))  # no generator step per entry
+
+    def _batches(self, since: datetime, until: datetime) -> Iterator[list[LogEntry]]:
         self._started.wait(5)
         loop = self._loop
         if loop is None or self.stopping:
@@ -281,7 +285,7 @@ class LogReader(StoppableWorker):
                 continue
             if item is _END:
                 return
-            yield from item
+            yield item
 
     # ---- the reader's thread -------------------------------------------
 
