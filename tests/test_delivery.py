@@ -8,7 +8,7 @@ import pytest
 from threatbus.delivery import DeliveryQueue, Receipt
 from threatbus.policy import AppGate, Filter, FilterStats
 from threatbus.routing import TopicRouter
-from threatbus.testing import indicator
+from threatbus.testing import indicator, wait_until
 
 
 class Counted(Receipt):
@@ -164,3 +164,32 @@ def test_messages_in_doubt_the_app_already_delivered_are_acknowledged_and_skippe
     assert app.get_nowait() == delivered_before  # not in doubt: the app is not asked
     app.task_done(2)
     assert all(r.settled for r in receipts)
+
+
+def test_stopping_a_worker_that_drains_a_delivery_queue_puts_no_item_in_it_to_acknowledge():
+    """stop() wakes the worker without a marker item: it would be taken and acknowledged before a real one."""
+    from threatbus.worker import StoppableWorker
+
+    source, taken, started = DeliveryQueue(), [], threading.Event()
+
+    class Drainer(StoppableWorker):
+        def run(self) -> None:
+            started.set()
+            for item in self.drain(source):
+                taken.append(item)
+                source.task_done()
+
+    receipt = Counted()
+    receipt.expect()
+    worker = Drainer()
+    worker.start()
+    assert started.wait(5)
+    source.put_tracked("first", receipt)
+    wait_until(lambda: taken, 5, interval=0.005, what="the worker to take the item")
+    worker.stop()
+    worker.join(0.4)  # well under drain's poll interval: woken, not timed out
+    assert not worker.is_alive()
+    assert taken == ["first"] and receipt.threads
+    assert source.qsize() == 0
+    with pytest.raises(ValueError):
+        source.task_done()  # nothing else was taken

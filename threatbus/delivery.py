@@ -109,6 +109,7 @@ class DeliveryQueue:
         self._taken: deque[Receipt | None] = deque()  # taken and not yet acknowledged, in the order taken
         self._untracked_taken = 0  # taken while released (acknowledged before those of _taken)
         self._released = False
+        self._woken = False  # wake() was called: a waiting get returns Empty
         self._mutex = threading.Lock()
         self._not_empty = threading.Condition(self._mutex)
         self._not_full = threading.Condition(self._mutex)
@@ -165,10 +166,24 @@ class DeliveryQueue:
 
     # ---- the app's side ------------------------------------------------
 
+    def wake(self) -> None:
+        """Let a ``get`` waiting on the empty queue return (``queue.Empty``) now: a worker asked to stop.
+
+        A marker item put in instead would be taken and need a ``task_done`` of its own, out of order.
+        """
+        with self._mutex:
+            self._woken = True
+            self._not_empty.notify_all()
+
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
         with self._not_empty:
             while True:
-                if not self._items and (not block or not self._not_empty.wait_for(lambda: self._items, timeout)):
+                if not self._items and (
+                    not block
+                    or not self._not_empty.wait_for(lambda: self._items or self._woken, timeout)
+                    or not self._items
+                ):
+                    self._woken = False
                     raise queue.Empty
                 item, receipt = self._items.popleft()
                 self._not_full.notify()

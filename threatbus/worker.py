@@ -49,7 +49,10 @@ class StoppableWorker(threading.Thread):
         """Ask the worker to finish. Returns at once; ``join()`` waits."""
         self._stop_event.set()
         draining = self._draining
-        if draining is not None:
+        wake = getattr(draining, "wake", None)  # a DeliveryQueue: every item taken must be acknowledged
+        if wake is not None:
+            wake()
+        elif draining is not None:
             with contextlib.suppress(queue.Full):
                 draining.put_nowait(_WAKE_UP)
 
