@@ -11,6 +11,7 @@ import json
 import logging
 import queue
 import ssl
+import threading
 import time
 
 import pytest
@@ -19,6 +20,7 @@ from zeekclient import brokertypes
 
 import threatbus
 from threatbus.data import Indicator, SnapshotEnvelope, SnapshotRequest, SnapshotType
+from threatbus.delivery import Receipt
 from threatbus.errors import ConfigError, PluginError
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, DROPPED, QUEUE_DEPTH, SUBSCRIBERS
 from threatbus.testing import Subscriber, assert_live_sighting, assert_nothing_more, get_within, indicator, wait_until
@@ -357,3 +359,36 @@ def test_snapshot_requests_get_no_answer_from_zeek():
         result_queue=results,
     )
     assert results.empty()
+
+
+class Tracked(Receipt):
+    """A receipt that says when the app acknowledged its message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delivered = threading.Event()
+
+    def on_done(self) -> None:
+        self.delivered.set()
+
+
+def test_messages_are_acknowledged_once_sent_to_zeek(zeek, zeek_config):
+    zeek_config["apps"]["zeek"]["batch_size"] = 2
+    zeek.stop()
+    app = ZeekApp()
+    with running_bus(apps={"zeek": app}, plugin_config=zeek_config) as bus:
+        sent = [indicator(f"10.0.2.{n}") for n in range(3)]
+        unmapped = indicator(pattern="[ipv4-addr:value = '10.0.2.8' AND ipv4-addr:value = '10.0.2.9']")
+        messages = [sent[0], unmapped, *sent[1:]]
+        receipts = [Tracked() for _ in messages]
+        for message, receipt in zip(messages, receipts, strict=True):
+            receipt.expect()
+            app.intel_queue.put_tracked(message, receipt)
+        wait_until(lambda: bus.metrics.value(QUEUE_DEPTH, queue="zeek") == 4, what="the queue to fill")
+        assert not any(r.delivered.is_set() for r in receipts), "acknowledged while Zeek was away"
+        zeek.start()
+        zeek.wait_for_client(timeout=15)
+        assert [args[2] for _, args in intel_items(zeek, 3)] == [m.id for m in sent]
+        for receipt in receipts:  # the unmapped one too: nothing to send, done with the event after it
+            assert receipt.delivered.wait(5)
+        assert bus.metrics.value(SKIPPED, plugin="zeek") == 1

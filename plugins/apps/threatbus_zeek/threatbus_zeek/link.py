@@ -17,6 +17,7 @@ from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
 from threatbus import stix
 from threatbus.data import TOPIC_INDICATOR, Indicator, Message, SnapshotEnvelope, describe
+from threatbus.delivery import DeliveryQueue
 from threatbus.errors import DecodeError
 from threatbus.expiry import ExpirySchedule
 from threatbus.metrics import AppCounts
@@ -76,7 +77,9 @@ class ZeekLink(ReconnectingWorker):
 
     Reconnects with backoff whenever the connection fails or drops. An
     intel event whose send failed is kept and sent first after the next
-    connect; everything else waits in ``intel_queue`` meanwhile. What Zeek
+    connect; everything else waits in ``intel_queue`` meanwhile. Messages are
+    acknowledged (``DeliveryQueue.task_done``) once the event carrying the
+    last of them was sent: what a killed node had not sent comes again. What Zeek
     was given is kept in ``state`` (and its file, if configured), so every
     (re)connect reconciles Zeek with the current intel.
     """
@@ -84,7 +87,7 @@ class ZeekLink(ReconnectingWorker):
     def __init__(
         self,
         settings: ZeekSettings,
-        intel_queue: queue.Queue[Message],
+        intel_queue: DeliveryQueue,
         publish_queue: queue.SimpleQueue[Message],
         subscribe: Callable[..., list[str]],
         stats: ZeekStats,
@@ -99,9 +102,9 @@ class ZeekLink(ReconnectingWorker):
         self.subscribe = subscribe
         self.stats = stats
         self.ssl_context = settings.ssl_context()
-        # Encoded events not yet sent, with their number of intel items: a failed send is retried
-        # first after the next connect.
-        self._pending: collections.deque[tuple[str, int]] = collections.deque()
+        # Encoded events not yet sent, with their number of intel items and of queue messages their send
+        # completes (acknowledged then): a failed send is retried first after the next connect.
+        self._pending: collections.deque[tuple[str, int, int]] = collections.deque()
         self._established = False  # whether the last attempt got as far as the handshake
         self._problem: BaseException | None = None  # what ended the last attempt
         self.state = state if state is not None else ZeekIntelState()  # an empty state is falsy
@@ -218,17 +221,19 @@ class ZeekLink(ReconnectingWorker):
         """
         before = self.state.items()
         drained: list[ZeekIntel] = []
+        taken = 0
         while True:
             try:
                 message = self.intel_queue.get_nowait()
             except queue.Empty:
                 break
+            taken += 1
             drained.extend(self._apply(message))
         held = {_key(item) for item in self.state.items()}
         resent = [item for item in before if _key(item) in held]
         events = [*self._stale, *resent, *drained]
         self._stale = []
-        self._pending.extend(self._events(events))
+        self._queue_events(events, taken)
         removed = sum(1 for item in events if item.remove)
         logger.info("reconciled Zeek: %d added, %d removed", len(events) - removed, removed)
 
@@ -236,31 +241,49 @@ class ZeekLink(ReconnectingWorker):
         while True:
             for _ in range(BATCH):
                 if not self._pending:
-                    items = self._take(self.settings.batch_size)
-                    if not items:
+                    items, taken = self._take(self.settings.batch_size)
+                    self._queue_events(items, taken)
+                    if not self._pending:
                         break
-                    self._pending.extend(self._events(items))
                     continue
-                event, count = self._pending[0]
+                event, count, completes = self._pending[0]
                 await connection.send(event)
                 self._pending.popleft()
                 self.stats.delivered += count
+                if completes:
+                    self.intel_queue.task_done(completes)  # sent to Zeek: the backbone may ack them now
             else:
                 await asyncio.sleep(0)  # many went out: let the reader run, then go on
                 continue
             self._save()
             await asyncio.sleep(POLL)  # the queue is empty: look again soon
 
-    def _take(self, limit: int) -> list[ZeekIntel]:
-        """Items for up to about ``limit`` queued indicators (fewer when the queue runs empty)."""
+    def _take(self, limit: int) -> tuple[list[ZeekIntel], int]:
+        """Items for up to about ``limit`` queued indicators (fewer when the queue runs empty), and how many
+        messages were taken for them."""
         items: list[ZeekIntel] = []
+        taken = 0
         while len(items) < limit:
             try:
                 message = self.intel_queue.get_nowait()
             except queue.Empty:
                 break
+            taken += 1
             items.extend(self._apply(message))
-        return items
+        return items, taken
+
+    def _queue_events(self, items: list[ZeekIntel], taken: int) -> None:
+        """Queue the events for ``items``; the ``taken`` messages they came from are done when the last is sent."""
+        events = self._events(items)
+        if events:
+            event, count = events[-1]
+            self._pending.extend((e, c, 0) for e, c in events[:-1])
+            self._pending.append((event, count, taken))
+        elif self._pending:  # nothing for Zeek in them: done with the event queued before (acks go in order)
+            event, count, completes = self._pending.pop()
+            self._pending.append((event, count, completes + taken))
+        elif taken:
+            self.intel_queue.task_done(taken)  # nothing for Zeek in them and nothing before them unsent
 
     def _events(self, items: list[ZeekIntel]) -> list[tuple[str, int]]:
         """The encoded events for ``items`` in their order, with their number of items each.

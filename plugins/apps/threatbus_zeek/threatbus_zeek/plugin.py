@@ -15,6 +15,7 @@ from typing import Any
 import threatbus
 from threatbus.app_plugin import AppPlugin, AppRuntime
 from threatbus.data import TOPIC_INDICATOR, Indicator, Message, SnapshotRequest
+from threatbus.delivery import DeliveryQueue
 from threatbus.errors import PluginError
 from threatbus.expiry import ExpirySchedule, ExpiryWorker, hand_to
 from threatbus.metrics import QUEUE_DEPTH, SUBSCRIBERS, Metrics
@@ -41,7 +42,7 @@ class ZeekApp(AppPlugin):
     def __init__(self) -> None:
         super().__init__()
         self.stats = ZeekStats()
-        self.intel_queue: queue.Queue[Message] | None = None
+        self.intel_queue: DeliveryQueue | None = None
         self.link: ZeekLink | None = None
         self.expiry_worker: ExpiryWorker | None = None
 
@@ -50,7 +51,8 @@ class ZeekApp(AppPlugin):
 
     def start(self, runtime: AppRuntime) -> None:
         settings = ZeekSettings.from_config(runtime.config)
-        self.intel_queue = queue.Queue(maxsize=settings.queue_size)
+        # Acknowledged once sent to Zeek: a node killed meanwhile gets it again from the backbone.
+        self.intel_queue = DeliveryQueue(maxsize=settings.queue_size)
         self._register_metrics(runtime.metrics, self.intel_queue)
         state, expiry, stale = self._restore(settings, self.intel_queue)
         self.link = ZeekLink(
@@ -64,7 +66,7 @@ class ZeekApp(AppPlugin):
 
     @staticmethod
     def _restore(
-        settings: ZeekSettings, intel_queue: queue.Queue[Message]
+        settings: ZeekSettings, intel_queue: DeliveryQueue
     ) -> tuple[ZeekIntelState, ExpirySchedule, list[ZeekIntel]]:
         """The state a previous run left (``state_file``), what expired since, and the expiry of the rest."""
         # Without a file the indicators are not kept, only what Zeek was given (a million may be).
@@ -88,7 +90,7 @@ class ZeekApp(AppPlugin):
             )
         return state, expiry, stale
 
-    def _register_metrics(self, metrics: Metrics, intel_queue: queue.Queue[Message]) -> None:
+    def _register_metrics(self, metrics: Metrics, intel_queue: DeliveryQueue) -> None:
         stats = self.stats
         stats.register(metrics, plugin=PLUGIN)
         metrics.gauge(SUBSCRIBERS, lambda: int(stats.connected), plugin=PLUGIN)
