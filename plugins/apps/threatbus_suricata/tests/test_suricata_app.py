@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import json
+import threading
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from suricataparser import parse_file
 from testbus import running_bus
 
 from threatbus.data import SnapshotEnvelope
+from threatbus.delivery import Receipt
 from threatbus.errors import ConfigError, PluginError
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED
 from threatbus.stix import new_indicator
@@ -296,3 +298,45 @@ def test_config_errors_name_the_key(tmp_path: Path, app_config: dict[str, Any]) 
     app_config["mode"] = "magic"
     with pytest.raises(ConfigError, match="mode must be one of rules, datasets"), bus_with(SuricataApp(), app_config):
         pass
+
+
+class Tracked(Receipt):
+    """A receipt that says when the app acknowledged its message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delivered = threading.Event()
+        self.expect()
+
+    def on_done(self) -> None:
+        self.delivered.set()
+
+
+def test_an_indicator_is_acknowledged_once_the_rules_file_holds_it(
+    app_config: dict[str, Any], suricata: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    app = SuricataApp()
+    with bus_with(app, app_config):
+        wait_until(lambda: suricata.reload_count() == 1, what="the first reload")
+        store, sync = app.store, app.sync
+        assert store is not None and sync is not None
+        write, failing = store.write, threading.Event()
+        failing.set()
+
+        def write_unless_failing() -> None:
+            if failing.is_set():
+                raise OSError("disk full")
+            write()
+
+        monkeypatch.setattr(store, "write", write_unless_failing)
+        mapped = Tracked()
+        app.inbox.put_tracked(indicator("6.6.6.6"), mapped)
+        wait_until(lambda: sync.write_errors >= 1, what="a failed write of the rules file")
+        assert not mapped.delivered.is_set(), "acknowledged before the rules file held it"
+        failing.clear()
+        assert mapped.delivered.wait(15), "not acknowledged after the rules file was written"
+        assert len(rules(app_config)) == 1
+        wait_until(lambda: idle(app), what="nothing left to write")
+        unmapped = Tracked()  # nothing for Suricata in it: acknowledged when taken
+        app.inbox.put_tracked(indicator("a@b.example", "email-addr:value"), unmapped)
+        assert unmapped.delivered.wait(5)

@@ -9,8 +9,8 @@ import time
 from typing import Any
 
 from threatbus.data import Indicator, Message, SnapshotEnvelope
+from threatbus.delivery import DeliveryQueue
 from threatbus.expiry import ExpirySchedule
-from threatbus.routing import Sink
 from threatbus.worker import POLL_INTERVAL, Backoff, StoppableWorker
 from threatbus_suricata.mapping import Unsupported
 from threatbus_suricata.settings import SuricataSettings
@@ -33,9 +33,16 @@ class DetectionSync:
     ``expiry`` schedules the removal of what the rules file held at start
     (the bus schedules what it delivers from then on); removals are handed
     to ``inbox``, the queue the detection worker takes indicators from.
+
+    The messages taken from ``inbox`` are acknowledged (``task_done``) once
+    the files hold what they changed (``durable``): Suricata reads them at
+    its next reload or start even if it cannot be reached now, and what a
+    killed node had not written comes again from the backbone.
     """
 
-    def __init__(self, settings: SuricataSettings, store: DetectionStore, socket: SuricataSocket, inbox: Sink) -> None:
+    def __init__(
+        self, settings: SuricataSettings, store: DetectionStore, socket: SuricataSocket, inbox: DeliveryQueue
+    ) -> None:
         self.store = store
         self.socket = socket
         self.inbox = inbox
@@ -45,6 +52,7 @@ class DetectionSync:
         self.dataset_command_limit = settings.dataset_command_limit
         self.reload_pending = False
         self.indicators = 0  # indicators taken from the bus
+        self.taken = 0  # messages taken from the inbox and not yet acknowledged
         self.unsupported = 0  # indicators without a Suricata mapping
         self.reloads = 0
         self.dataset_commands = 0
@@ -64,6 +72,7 @@ class DetectionSync:
 
     def apply(self, message: Message) -> bool:
         """Apply an indicator (or a snapshot envelope of one) to the store; True if a flush is due."""
+        self.taken += 1
         if isinstance(message, SnapshotEnvelope):
             message = message.stix
         if not isinstance(message, Indicator):
@@ -95,6 +104,7 @@ class DetectionSync:
                 store.requeue(changes)
                 return False
             logger.debug("wrote %s (%d detections)", store.rules_file, len(store))
+        self.durable()
         self.reload_pending |= changes.reload
         if len(changes.dataset_ops) > self.dataset_command_limit:
             # One reload (Suricata reads the dataset files) is cheaper than thousands of commands.
@@ -129,6 +139,12 @@ class DetectionSync:
         for outcome in unsynced:
             unsynced[outcome] = 0
         return True
+
+    def durable(self) -> None:
+        """The files hold every change taken so far: acknowledge the messages they came from, in one call."""
+        if self.taken:
+            taken, self.taken = self.taken, 0
+            self.inbox.task_done(taken)
 
     def _dataset_commands(self, ops: list[tuple[str, Any]]) -> None:
         for position, (command, detection) in enumerate(ops):
@@ -173,7 +189,7 @@ class DetectionWorker(StoppableWorker):
     change), so a bulk load ends in one write and one reload.
     """
 
-    def __init__(self, sync: DetectionSync, inbox: queue.SimpleQueue[Message]) -> None:
+    def __init__(self, sync: DetectionSync, inbox: DeliveryQueue) -> None:
         super().__init__(name="suricata-detections")
         self.sync = sync
         self.inbox = inbox
@@ -213,8 +229,11 @@ class DetectionWorker(StoppableWorker):
         self.sync.flush(final=True)
 
     def handle(self, message: Message) -> None:
-        if self.sync.apply(message) and self.next_flush is None:
-            self.first_change = time.monotonic()
-            self.next_flush = self.first_change + max(
-                self.sync.reload_interval, FLUSH_SPACING * self.last_flush_seconds
-            )
+        if self.sync.apply(message):
+            if self.next_flush is None:
+                self.first_change = time.monotonic()
+                self.next_flush = self.first_change + max(
+                    self.sync.reload_interval, FLUSH_SPACING * self.last_flush_seconds
+                )
+        elif self.next_flush is None:
+            self.sync.durable()  # nothing for Suricata in it and no change waits to be written before it

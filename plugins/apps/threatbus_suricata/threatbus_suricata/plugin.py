@@ -13,6 +13,7 @@ from typing import Any
 import threatbus
 from threatbus.app_plugin import AppPlugin, AppRuntime
 from threatbus.data import TOPIC_INDICATOR, Message, SnapshotRequest, SnapshotType
+from threatbus.delivery import DeliveryQueue
 from threatbus.errors import PluginError
 from threatbus.expiry import ExpiryWorker, hand_to
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, Metrics
@@ -37,7 +38,8 @@ class SuricataApp(AppPlugin):
         self.socket: SuricataSocket | None = None
         self.sync: DetectionSync | None = None
         self.alerts: Alerts | None = None
-        self.inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()  # unbounded, as a Queue was; faster
+        # Unbounded; acknowledged once the rules/dataset files hold the change (detections.DetectionSync).
+        self.inbox = DeliveryQueue()
         self.answers: SnapshotAnswers | None = None
 
     @property
