@@ -33,6 +33,7 @@ from threatbus.data import (
     SnapshotType,
     describe,
 )
+from threatbus.delivery import DeliveryQueue
 from threatbus.lifecycle import parse_timestamp
 from threatbus.metrics import DROPPED, AppCounts, Metrics
 from threatbus.ratelimit import RateLimitedLog
@@ -122,14 +123,21 @@ class SightingWorker(StoppableWorker):
     (unknown attribute, say) is logged and counted. At most
     ``MAX_PENDING_SIGHTINGS`` wait; beyond that, and at shutdown, what is
     dropped is logged and counted.
+
+    Messages are acknowledged (``DeliveryQueue.task_done``) once MISP took
+    or refused their sighting, or it was dropped; messages with nothing for
+    MISP together with the sighting before them (acknowledgements go in order).
     """
 
-    def __init__(self, app: MispApp, api: MispApi, inbox: queue.SimpleQueue[Message]) -> None:
+    def __init__(self, app: MispApp, api: MispApi, inbox: DeliveryQueue) -> None:
         super().__init__(name="misp-sightings")
         self.app = app
         self.api = api
         self.inbox = inbox
-        self.pending: deque[SightingReport] = deque()
+        # Each report with the number of messages its end completes: its own and those taken after it with
+        # nothing for MISP.
+        self.pending: deque[list[Any]] = deque()
+        self.done = 0  # messages to acknowledge now
         self.backoff = Backoff(initial=1.0, maximum=60.0)
         self.retry_at = 0.0
         self.drop_log = RateLimitedLog(logger)
@@ -150,32 +158,45 @@ class SightingWorker(StoppableWorker):
             except Exception:  # a bug must not end the worker
                 logger.exception("reporting sightings to MISP failed; continuing")
                 self.retry_at = time.monotonic() + self.backoff.next_delay()
+            self.acknowledge()
         left = len(self.pending) + sum(1 for m in self.leftovers(self.inbox) if isinstance(m, Sighting))
         if left:
             self.app.counters.sightings_dropped += left
             logger.error("%d sightings not reported to MISP at shutdown were dropped", left)
 
     def take(self, message: Message) -> None:
-        if not isinstance(message, Sighting):
-            return
-        report = sighting_report(message)
+        report = sighting_report(message) if isinstance(message, Sighting) else None
         if report is None:
-            logger.debug("sighting %s is not of a MISP indicator", message.id)
+            if isinstance(message, Sighting):
+                logger.debug("sighting %s is not of a MISP indicator", message.id)
+            self._nothing_for_misp()
             return
         if len(self.pending) >= MAX_PENDING_SIGHTINGS:
-            dropped = self.pending.popleft()
+            dropped, completes = self.pending.popleft()
+            self.done += completes
             self.app.counters.sightings_dropped += 1
             self.drop_log(
                 "more than %d sightings wait for MISP: dropped the oldest, of attribute %s",
                 MAX_PENDING_SIGHTINGS,
                 dropped.attribute_uuid,
             )
-        self.pending.append(report)
+        self.pending.append([report, 1])
+
+    def _nothing_for_misp(self) -> None:
+        if self.pending:
+            self.pending[-1][1] += 1  # done when the report before it is
+        else:
+            self.done += 1
+
+    def acknowledge(self) -> None:
+        if self.done:
+            done, self.done = self.done, 0
+            self.inbox.task_done(done)
 
     def report(self) -> None:
         counters = self.app.counters
         while self.pending and not self.stopping and time.monotonic() >= self.retry_at:
-            report = self.pending[0]
+            report, completes = self.pending[0]
             try:
                 self.api.add_sighting(report.attribute_uuid, report.source, report.seen)
             except Unavailable as err:
@@ -194,6 +215,7 @@ class SightingWorker(StoppableWorker):
                 counters.delivered += 1
                 logger.debug("reported sighting of attribute %s (%s) to MISP", report.attribute_uuid, report.source)
             self.pending.popleft()
+            self.done += completes
             self.backoff.reset()
 
 
@@ -282,7 +304,8 @@ class MispApp(AppPlugin):
         self.counters = Counters()
         self.feed_status = FeedStatus()
         self.publish_queue: Any = None
-        self.sighting_inbox: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        # Acknowledged once MISP took the sighting (SightingWorker).
+        self.sighting_inbox = DeliveryQueue()
         self.snapshots: SnapshotWorker | None = None
         self.context: zmq.Context | None = None
         self.reject_log = RateLimitedLog(logger)
