@@ -6,6 +6,7 @@ import queue
 import shutil
 import socket
 import subprocess
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -25,6 +26,7 @@ import threatbus
 from threatbus.bus import Bus
 from threatbus.config import section, validate
 from threatbus.data import Indicator, SnapshotEnvelope, SnapshotRequest, SnapshotType
+from threatbus.delivery import Receipt
 from threatbus.errors import PluginError
 from threatbus.metrics import FILTERED, Metrics
 from threatbus.node import Node
@@ -359,3 +361,30 @@ def test_the_apps_policy_filter_decides_what_is_served():
         # Its removal passes the filter like the indicator did, though a removal may carry less.
         bus.publish_queue.put(version(shared.payload, x_threatbus_update="REMOVE", confidence=0))
         wait_until(lambda: served_ids(root) == set(), what="the removal applied")
+
+
+class ServedWhenDone(Receipt):
+    """A receipt that notes, when its app acknowledges it, which indicators the app serves."""
+
+    def __init__(self, app: TaxiiApp) -> None:
+        super().__init__()
+        self.app = app
+        self.served_then: set[str] | None = None
+        self.delivered = threading.Event()
+        self.expect()
+
+    def on_done(self) -> None:
+        self.served_then = {entry.payload["id"] for entry in self.app.intel.served()}
+        self.delivered.set()
+
+
+def test_an_indicator_is_acknowledged_once_it_is_served():
+    with serving() as (_bus, app, root):
+        messages = [indicator(f"10.3.0.{n}") for n in range(600)]  # more than one acknowledgement's worth
+        receipts = [ServedWhenDone(app) for _ in messages]
+        for message, receipt in zip(messages, receipts, strict=True):
+            app.intel_queue.put_tracked(message, receipt)
+        for message, receipt in zip(messages, receipts, strict=True):
+            assert receipt.delivered.wait(10)
+            assert receipt.served_then is not None and message.id in receipt.served_then
+        assert len(served_ids(root)) == 600

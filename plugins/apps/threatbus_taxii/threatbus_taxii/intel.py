@@ -17,7 +17,6 @@ from __future__ import annotations
 import bisect
 import itertools
 import logging
-import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from threatbus.data import Indicator, Message, SnapshotEnvelope
+from threatbus.delivery import DeliveryQueue
 from threatbus.lifecycle import Change, IntelState, is_active
 from threatbus.worker import StoppableWorker
 
@@ -33,6 +33,8 @@ logger = logging.getLogger(__name__)
 # Removed and expired indicators are remembered this long, so an older version arriving late stays ignored.
 TOMBSTONE_AGE = timedelta(days=30)
 PRUNE_EVERY = timedelta(hours=1)
+# Most messages folded before they are acknowledged in one call (a bulk load keeps the queue from running empty).
+ACK_EVERY = 512
 
 
 def date_added_text(when: datetime) -> str:
@@ -138,9 +140,14 @@ class ServedIntel:
 
 
 class IntelFolder(StoppableWorker):
-    """Drains the plugin's subscription into ``ServedIntel``."""
+    """Drains the plugin's subscription into ``ServedIntel``.
 
-    def __init__(self, source: queue.Queue[Message] | queue.SimpleQueue[Message], intel: ServedIntel) -> None:
+    Each message is acknowledged (``DeliveryQueue.task_done``) once it is
+    served; in one call per burst (when the queue runs empty, at most
+    ``ACK_EVERY`` apart).
+    """
+
+    def __init__(self, source: DeliveryQueue, intel: ServedIntel) -> None:
         super().__init__(name="taxii-intel")
         self.source = source
         self.intel = intel
@@ -149,11 +156,22 @@ class IntelFolder(StoppableWorker):
 
     def run(self) -> None:
         next_prune = datetime.now(timezone.utc) + PRUNE_EVERY
+        folded = 0
         for message in self.drain(self.source):
-            if isinstance(message, SnapshotEnvelope):
-                message = message.stix
-            if not isinstance(message, Indicator):
-                continue
+            folded += 1
+            self._fold(message)
+            if folded >= ACK_EVERY or self.source.empty():
+                self.source.task_done(folded)
+                folded = 0
+            now = datetime.now(timezone.utc)
+            if now >= next_prune:
+                self.intel.prune(now)
+                next_prune = now + PRUNE_EVERY
+
+    def _fold(self, message: Message) -> None:
+        if isinstance(message, SnapshotEnvelope):
+            message = message.stix
+        if isinstance(message, Indicator):
             try:
                 self.intel.apply(message.payload)
                 self.folded += 1
@@ -161,10 +179,6 @@ class IntelFolder(StoppableWorker):
                 # Validated where it entered the bus, but another node may run older code.
                 self.rejected += 1
                 logger.warning("cannot serve indicator %s over TAXII: %s", message.payload.get("id"), err)
-            now = datetime.now(timezone.utc)
-            if now >= next_prune:
-                self.intel.prune(now)
-                next_prune = now + PRUNE_EVERY
 
 
 __all__ = ["IntelFolder", "Served", "ServedIntel", "date_added_text"]

@@ -14,6 +14,7 @@ from typing import Any
 import threatbus
 from threatbus.app_plugin import AppPlugin, AppRuntime
 from threatbus.data import TOPIC_INDICATOR, Message, SnapshotRequest
+from threatbus.delivery import DeliveryQueue
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, QUEUE_DEPTH, Metrics
 from threatbus_taxii.intel import IntelFolder, ServedIntel
 from threatbus_taxii.poller import PollStats, TaxiiPoller
@@ -40,7 +41,7 @@ class TaxiiApp(AppPlugin):
         self.settings: TaxiiSettings | None = None
         self.stats = PollStats()
         self.intel = ServedIntel()
-        self.intel_queue: queue.SimpleQueue[Message] = queue.SimpleQueue()
+        self.intel_queue = DeliveryQueue()  # acknowledged once served (intel.IntelFolder)
         self.poller: TaxiiPoller | None = None
         self.folder: IntelFolder | None = None
         self.server: TaxiiServer | None = None
