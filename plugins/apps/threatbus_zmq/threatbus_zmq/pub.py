@@ -27,7 +27,7 @@ import zmq
 
 from threatbus.ratelimit import RateLimitedLog
 from threatbus.worker import StoppableWorker
-from threatbus_zmq.subscribers import Subscription, Subscriptions
+from threatbus_zmq.subscribers import Subscription, Subscriptions, Tracked
 from threatbus_zmq.wire import P2P_TOPIC_LENGTH
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ class PublisherWorker(StoppableWorker):
                 message = pending[0]
             except IndexError:  # cleared by an unsubscribe meanwhile
                 return True
-            frame = sub.frame(message)
+            tracked = type(message) is Tracked
+            frame = sub.frame(message.message if tracked else message)  # type: ignore[union-attr]
             if frame is not None:
                 try:
                     send(frame, zmq.NOBLOCK)
@@ -115,9 +116,13 @@ class PublisherWorker(StoppableWorker):
             else:
                 self.skipped += 1
             try:
-                pending.popleft()
+                popped = pending.popleft()
             except IndexError:
                 return True
+            if type(popped) is Tracked:  # (another item only if an unsubscribe cleared the buffer meanwhile)
+                sub.sent(popped)  # in libzmq's hands: the backbone may ack it
+        if sub.released:
+            sub.caught_up()
         return True
 
     def _serve_subscriptions(self) -> None:

@@ -22,6 +22,7 @@ from typing import Any
 import orjson
 
 from threatbus.data import TOPIC_SNAPSHOT_ENVELOPE, Message, SnapshotEnvelope, SnapshotRequest, StixObject
+from threatbus.delivery import Receipt
 from threatbus.policy import Filter, FilterStats
 from threatbus.snapshots import SnapshotEnd
 from threatbus_zmq.settings import ZmqSettings
@@ -37,12 +38,29 @@ class SubscriptionError(Exception):
     """A subscribe request that cannot be served; the message goes into the reply."""
 
 
+class Tracked:
+    """A buffered message whose backbone waits to hear that it went out (``threatbus.delivery``)."""
+
+    __slots__ = ("message", "receipt")
+
+    def __init__(self, message: Message, receipt: Receipt | None) -> None:
+        self.message = message
+        self.receipt = receipt  # None once claimed: done by whoever claimed it
+
+
 class Subscription:
     """One app's subscription: its p2p topic, its topics and its bounded buffer.
 
     ``put_nowait`` runs in the backbone's and the snapshot router's threads;
     ``frame`` and the buffer's left end belong to the publisher thread.
     ``collections.deque`` appends and pops are atomic, so no lock is needed.
+
+    A backbone that acks a broker hands messages with a receipt
+    (``put_tracked``): the publisher reports each done once its frame was
+    given to the pub socket (``sent``), so a node killed while messages wait
+    here gets them again from the broker. An app whose messages wait too long
+    (not connected, not reading) is let go (``release``): done at once until
+    its buffer ran empty.
     """
 
     def __init__(
@@ -74,6 +92,8 @@ class Subscription:
         self.filter = client_filter
         self.filtered = filtered or FilterStats()
         self._room = threading.Event()
+        self._claims = threading.Lock()  # a receipt is done once: by the publisher, release or retire
+        self.released = False
         prefix = p2p_topic.encode("ascii")
         self._prefixes = {cls: prefix + kind.encode() + b" " for cls, kind in KINDS.items()}
         self._end_prefix = prefix + SNAPSHOT_END_KIND.encode() + b" "
@@ -101,6 +121,57 @@ class Subscription:
             return
         self.pending.append(message)
         self._ready.put(self)
+
+    def put_tracked(self, message: Message, receipt: Receipt) -> None:
+        """As ``put_nowait``; ``receipt.done()`` follows once the message went to the pub socket (or nowhere)."""
+        if self.closed or self.released:
+            self.put_nowait(message)
+            receipt.done()
+            return
+        if self.filter is not None:
+            reason = self.filter.check(message)
+            if reason is not None:
+                self.filtered.held(reason)
+                receipt.done()
+                return
+        if len(self.pending) >= self.bound:
+            self.dropped += 1
+            receipt.done()
+            return
+        self.pending.append(Tracked(message, receipt))  # type: ignore[arg-type]
+        self._ready.put(self)
+
+    def sent(self, item: Tracked) -> None:
+        """The publisher took ``item`` off the buffer (sent, or nothing to send): its receipt is done."""
+        with self._claims:
+            receipt, item.receipt = item.receipt, None
+        if receipt is not None:
+            receipt.done()
+
+    def release(self, receipt: Receipt | None = None) -> int:
+        """Stop holding the backbone back (if ``receipt`` waits here, or always without one); how many were let go.
+
+        Done with every receipt buffered; until the buffer ran empty
+        (``caught_up``), messages are done when buffered.
+        """
+        with self._claims:
+            held = [item for item in list(self.pending) if type(item) is Tracked and item.receipt is not None]
+            if not held or (receipt is not None and not any(item.receipt is receipt for item in held)):
+                return 0
+            self.released = True
+            receipts = []
+            for item in held:
+                receipts.append(item.receipt)
+                item.receipt = None
+        for r in receipts:
+            r.done()  # type: ignore[union-attr]
+        return len(receipts)
+
+    def caught_up(self) -> None:
+        """The publisher emptied the buffer: a released subscription holds the backbone back again."""
+        if self.released and not self.pending:
+            self.released = False
+            logger.info("%s caught up: the backbone waits for its deliveries again", self)
 
     def put(self, message: Message | SnapshotEnd, block: bool = True, timeout: float | None = None) -> None:
         """As ``put_nowait``, but a blocking put waits (up to ``timeout``) while the buffer is full.
@@ -357,8 +428,15 @@ class Subscriptions:
         sub.closed = True
         for topic in sub.topics:
             self._unsubscribe_quietly(topic, sub)
-        unsent = len(sub.pending)
-        sub.pending.clear()
+        unsent = 0
+        while True:  # popped one by one: the publisher may pop concurrently, and each receipt is done once
+            try:
+                item = sub.pending.popleft()
+            except IndexError:
+                break
+            unsent += 1
+            if type(item) is Tracked:
+                sub.sent(item)  # goes nowhere: done as far as the backbone is concerned
         with self._lock:
             self._retired_dropped += sub.dropped
         if unsent:
