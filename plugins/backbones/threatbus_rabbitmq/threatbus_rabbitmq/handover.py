@@ -10,9 +10,10 @@ kill between an app sending it on and saying so leaves it in doubt (see
 
 How an app's queue tells, from exact to not at all:
 
-- ``threatbus.delivery.DeliveryQueue`` (also behind an app's policy filter):
-  the app acknowledges each message (``task_done``) right after sending it
-  on, and the key is written in that call, in the app's thread.
+- ``threatbus.delivery.DeliveryQueue`` (also behind an app's policy filter),
+  or another sink with ``put_tracked`` (the zmq app's subscriptions): the
+  app acknowledges each message (``task_done``) right after sending it on,
+  and the key is written in that call, in the app's thread.
 - any other queue with ``qsize`` (``queue.Queue``, ``SimpleQueue``): no app
   has to cooperate. For a queue handed ``c`` messages so far, the one handed
   as number ``n`` is taken once ``c - n >= queue.qsize()`` (everything put
