@@ -115,11 +115,13 @@ def kill_zmq_receiver_mid_stream(broker: Any, spawn_node: Any, workdir: Path, la
         intel = [indicator(f"10.7.{i // 250}.{i % 250}") for i in range(MESSAGES)]
         ids = [m.id for m in intel]
         sender.publish(intel)
+        kills: list[int] = []
         for arrived in KILLS_AT:
             # Killed once the tail got that many: mid-stream as the subscriber sees it.
             wait_until(lambda a=arrived: tail.count() >= a, 60, interval=0.002, what=f"{arrived} at the tail")
             receiver.kill()  # SIGKILL: no stop, no last acks
             at_kill = len(tail.ids())
+            kills.append(at_kill)
             assert at_kill < len(ids), "the kill came after the stream ended"
             doubt = len(in_doubt(read_slots(receiver.data_dir / "rabbitmq" / FILE_NAME)))
             print(f"killed: {at_kill} at the tail, {doubt} handed and not done")
@@ -135,7 +137,10 @@ def kill_zmq_receiver_mid_stream(broker: Any, spawn_node: Any, workdir: Path, la
         if tail is not None:
             tail.stop()
         receiver.kill()
-    lost = sum(1 for i in ids if counts[i] == 0)
+    lost_at = [n for n, i in enumerate(ids) if counts[i] == 0]
+    if lost_at:
+        print(f"lost messages number {lost_at}, kills at {kills}")
+    lost = len(lost_at)
     repeated = sum(counts[i] - 1 for i in ids if counts[i] > 1)
     return lost, repeated, len(ids)
 
