@@ -139,7 +139,8 @@ def kill_zmq_receiver_mid_stream(broker: Any, spawn_node: Any, workdir: Path, la
         receiver.kill()
     lost_at = [n for n, i in enumerate(ids) if counts[i] == 0]
     if lost_at:
-        print(f"lost messages number {lost_at}, kills at {kills}")
+        released = [line for line in receiver.log().splitlines() if "handover:" in line or "caught up" in line]
+        print(f"lost messages number {lost_at}, kills at {kills}; the node let a subscriber go: {released}")
     lost = len(lost_at)
     repeated = sum(counts[i] - 1 for i in ids if counts[i] > 1)
     return lost, repeated, len(ids)
