@@ -206,6 +206,15 @@ _SIZE4 = frozenset((0xB0, 0xB1, 0xB3, 0xD0, 0xD1))  # their 32-bit forms
 _EMPTY = frozenset((0x40, 0x45))  # null, list0
 _ONE_DATA_SECTION = b"\x00Su\xb0"  # a data section with a 32-bit size
 _size4 = struct.Struct(">I").unpack_from
+_pack_size4 = struct.Struct(">I").pack
+
+
+def amqp_data(body: bytes) -> bytes:
+    """``body`` as an AMQP 1.0 message of one data section, as rstream's ``AMQPMessage`` would write it.
+
+    Written directly: rstream's general encoder costs a few µs per message on the publishing hot path.
+    """
+    return _ONE_DATA_SECTION + _pack_size4(len(body)) + body
 
 
 def amqp_body(raw: bytes) -> bytes:

@@ -34,7 +34,7 @@ from threatbus_rabbitmq.consumer import INTEL_TOPICS
 from threatbus_rabbitmq.dedup import Deduplicator
 from threatbus_rabbitmq.dedup import digest as dedup_digest
 from threatbus_rabbitmq.handover import Handover
-from threatbus_rabbitmq.intel_log import LogKeeper, LogSettings, amqp_body
+from threatbus_rabbitmq.intel_log import LogKeeper, LogSettings, amqp_body, amqp_data
 from threatbus_rabbitmq.settings import PREFIX, BrokerSettings
 
 logger = logging.getLogger(__name__)
@@ -83,8 +83,12 @@ class StreamTransport(StoppableWorker):
         # The node's policy (RoutedBackbone.exporting/importing); our own messages are not imported.
         self.exporting = exporting
         self.importing = importing
-        self._own: deque[int] = deque(maxlen=max(1, broker.dedup_window))
-        self._own_keys: set[int] = set()
+        # What this node published lately, by hash of its JSON text, and whether a local app
+        # subscribed to its topic then: the stream brings it back, and if none did it is
+        # skipped undecoded (a node whose apps only publish reads back all it publishes).
+        self._own: dict[int, bool] = {}
+        self._own_order: deque[int] = deque()
+        self._own_limit = max(1, broker.dedup_window)
         self.published = 0
         self.consumed = 0
         self.rejected = 0
@@ -155,7 +159,7 @@ class StreamTransport(StoppableWorker):
         return producer, consumer
 
     async def _serve(self) -> None:
-        from rstream import AMQPMessage, ConsumerOffsetSpecification, OffsetNotFound, OffsetType
+        from rstream import ConsumerOffsetSpecification, OffsetNotFound, OffsetType
 
         producer, consumer = self._clients()
         pump: asyncio.Task[None] | None = None
@@ -177,7 +181,7 @@ class StreamTransport(StoppableWorker):
                 logger.warning("stream transport: sending %d unconfirmed message(s) again", len(resend))
             self.connected = True
             self._backoff.reset()
-            pump = asyncio.create_task(self._pump(producer, consumer, AMQPMessage, resend))
+            pump = asyncio.create_task(self._pump(producer, consumer, resend))
             await self._hold_for_subscribers()
             start = (
                 ConsumerOffsetSpecification(OffsetType.OFFSET, self.offset + 1)
@@ -227,7 +231,7 @@ class StreamTransport(StoppableWorker):
                 return
             await asyncio.sleep(0.05)
 
-    async def _pump(self, producer: Any, consumer: Any, amqp: Any, backlog: list[Message]) -> None:
+    async def _pump(self, producer: Any, consumer: Any, backlog: list[Message]) -> None:
         """Move the bus's messages into the stream in confirmed batches until stopped."""
         get = self.inq.get_nowait
         next_store = time.monotonic() + STORE_INTERVAL
@@ -243,7 +247,7 @@ class StreamTransport(StoppableWorker):
                 if isinstance(item, Message) and (self.exporting is None or self.exporting(item)):
                     batch.append(item)
             if batch and len(self._unconfirmed) < MAX_UNCONFIRMED:
-                await self._send(producer, amqp, batch)
+                await self._send(producer, batch)
             elif batch:
                 backlog = batch + backlog  # wait for confirms first
             self._settle()
@@ -265,30 +269,33 @@ class StreamTransport(StoppableWorker):
             if not batch:
                 await asyncio.sleep(POLL_BUSY if self._unconfirmed or draining_until else POLL_IDLE)
 
-    async def _send(self, producer: Any, amqp: Any, batch: list[Message]) -> None:
-        bodies = []
+    async def _send(self, producer: Any, batch: list[Message]) -> None:
+        entries, sent = [], []
         for message in batch:
             try:
-                bodies.append(amqp(body=message.encode()))
+                body = message.encode()
             except Exception as err:  # a payload JSON cannot express
                 logger.error("stream transport: dropped a %s that cannot be encoded: %s", type(message).__name__, err)
-        if not bodies:
+                continue
+            entries.append(amqp_data(body))
+            sent.append(message)
+            self._remember_own(hash(body), bool(self.router.subscribers(message.topic)))
+        if not entries:
             return
-        if self.importing is not None:
-            own, keys = self._own, self._own_keys
-            for message in batch:
-                if len(own) == own.maxlen:
-                    keys.discard(own[0])
-                digest = hash(message.dedup_key)
-                own.append(digest)
-                keys.add(digest)
-        ids = await producer.send_batch(self.log.stream, bodies, on_publish_confirm=self._on_confirm)
+        ids = await producer.send_batch(self.log.stream, entries, on_publish_confirm=self._on_confirm)
         early = self._early
-        for publishing_id, message in zip(ids, batch, strict=False):
+        for publishing_id, message in zip(ids, sent, strict=False):
             if publishing_id in early:
                 early.discard(publishing_id)
             else:
                 self._unconfirmed[publishing_id] = message
+
+    def _remember_own(self, body_hash: int, routed_here: bool) -> None:
+        own, order = self._own, self._own_order
+        if len(order) >= self._own_limit:
+            own.pop(order.popleft(), None)
+        own[body_hash] = routed_here
+        order.append(body_hash)
 
     def _on_confirm(self, status: Any) -> None:
         message = self._unconfirmed.pop(status.message_id, None)
@@ -310,7 +317,12 @@ class StreamTransport(StoppableWorker):
         offset = self.offset = context.offset
         handover = self.handover
         try:
-            message = decode(amqp_body(raw))
+            body = amqp_body(raw)
+            own = self._own.pop(hash(body), None)  # None: not ours, or long ago
+            if own is False:
+                handover.skip(offset)  # ours, and no local app subscribed to its topic when we sent it
+                return
+            message = decode(body)
             key: Hashable = message.dedup_key
         except (ValueError, IndexError) as err:
             self.rejected += 1
@@ -322,7 +334,7 @@ class StreamTransport(StoppableWorker):
             self.duplicates += 1
             handover.repeat(offset, digest)
             return
-        if self.importing is not None and hash(key) not in self._own_keys and not self.importing(message):
+        if self.importing is not None and own is None and not self.importing(message):
             handover.skip(offset)
             return
         # Its key is remembered (on disk with state: disk) once the apps are done with it: see handover.
