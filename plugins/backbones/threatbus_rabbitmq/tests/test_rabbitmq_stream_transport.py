@@ -7,12 +7,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import orjson
 import pytest
 from testbus import running_bus
 
 from threatbus.bus import Bus
 from threatbus.testing import Subscriber, collect, indicator, wait_until
 from threatbus_rabbitmq import RabbitMQBackbone
+from threatbus_rabbitmq.intel_log import amqp_body, amqp_data, stream_entry
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -81,10 +83,23 @@ def test_what_is_published_on_the_exchange_reaches_stream_nodes_and_garbage_is_s
         wait_until(lambda: bus.health()["intel_log"] == "ready", 20)
         at = Subscriber(bus)
         foreign = indicator("10.52.0.1")
+        # Well-formed, but its pattern does not parse: what an app would be refused, foreign producers are too.
+        bad_pattern = dict(indicator("10.52.0.2").payload, pattern="[ipv4-addr:value = '10.52.0.2'")
         # As an original node publishes: plain JSON on the shared exchange, which the log is bound to.
-        broker.publish_raw([b"not json", b'{"type": "indicator"}', foreign.encode()])
+        broker.publish_raw([b"not json", b'{"type": "indicator"}', orjson.dumps(bad_pattern), foreign.encode()])
         assert collect(at.queue, 1, 20) == [foreign]
-        assert backbone.stream.rejected == 2
+        assert backbone.stream.rejected == 3
+        assert backbone.stream.foreign == 2  # the two that decoded were checked; our own entries are not
+
+
+def test_stream_entries_tell_our_stream_nodes_from_other_writers():
+    body = indicator("10.52.1.1").encode()
+    assert stream_entry(amqp_data(body)) == (body, True)
+    assert amqp_body(amqp_data(body)) == body  # readers that know no marker still find the body
+    plain = b"\x00Su\xb0" + len(body).to_bytes(4, "big") + body  # rstream's AMQPMessage, another producer
+    assert stream_entry(plain) == (body, False)
+    with pytest.raises(ValueError):
+        stream_entry(amqp_data(body)[:-1])  # cut short: neither ours nor anything else
 
 
 def test_stream_transport_without_the_log_is_a_config_error(broker):

@@ -207,14 +207,26 @@ _EMPTY = frozenset((0x40, 0x45))  # null, list0
 _ONE_DATA_SECTION = b"\x00Su\xb0"  # a data section with a 32-bit size
 _size4 = struct.Struct(">I").unpack_from
 _pack_size4 = struct.Struct(">I").pack
+# What our stream nodes write before the body: application properties {"threatbus": true} (a map8 of
+# one pair), then the head of a data section. Entries without it (what original and queue nodes publish
+# on the exchange, other producers) are checked like an app's intel before they are delivered.
+_OURS = b"\x00St\xc1\x0d\x02\xa1\x09threatbus\x41" + _ONE_DATA_SECTION
+_OURS_SIZE = len(_OURS) + 4
 
 
 def amqp_data(body: bytes) -> bytes:
-    """``body`` as an AMQP 1.0 message of one data section, as rstream's ``AMQPMessage`` would write it.
+    """``body`` as the AMQP 1.0 message our stream nodes write: the marker above, one data section.
 
     Written directly: rstream's general encoder costs a few µs per message on the publishing hot path.
     """
-    return _ONE_DATA_SECTION + _pack_size4(len(body)) + body
+    return _OURS + _pack_size4(len(body)) + body
+
+
+def stream_entry(raw: bytes) -> tuple[bytes, bool]:
+    """The body of a log entry, and whether one of our stream nodes wrote it (``amqp_data``). Raises ``ValueError``."""
+    if raw.startswith(_OURS) and len(raw) >= _OURS_SIZE and _size4(raw, len(_OURS))[0] == len(raw) - _OURS_SIZE:
+        return raw[_OURS_SIZE:], True
+    return amqp_body(raw), False
 
 
 def amqp_body(raw: bytes) -> bytes:

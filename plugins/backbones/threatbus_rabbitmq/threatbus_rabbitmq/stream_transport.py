@@ -28,13 +28,15 @@ from typing import Any
 
 from threatbus.config import choice
 from threatbus.data import Message, decode
+from threatbus.ratelimit import RateLimitedLog
 from threatbus.routing import TopicRouter
+from threatbus.stix import InvalidIntel, validate
 from threatbus.worker import Backoff, StoppableWorker
 from threatbus_rabbitmq.consumer import INTEL_TOPICS
 from threatbus_rabbitmq.dedup import Deduplicator
 from threatbus_rabbitmq.dedup import digest as dedup_digest
 from threatbus_rabbitmq.handover import Handover
-from threatbus_rabbitmq.intel_log import LogKeeper, LogSettings, amqp_body, amqp_data
+from threatbus_rabbitmq.intel_log import LogKeeper, LogSettings, amqp_data, stream_entry
 from threatbus_rabbitmq.settings import PREFIX, BrokerSettings
 
 logger = logging.getLogger(__name__)
@@ -92,6 +94,8 @@ class StreamTransport(StoppableWorker):
         self.published = 0
         self.consumed = 0
         self.rejected = 0
+        self.foreign = 0  # entries validated because no stream node of ours wrote them
+        self._log_rejected = RateLimitedLog(logger)
         self.duplicates = 0
         self.resent = 0
         self.connected = False
@@ -316,17 +320,23 @@ class StreamTransport(StoppableWorker):
         self.consumed += 1
         offset = self.offset = context.offset
         handover = self.handover
+        own = None  # this node's: False when no local app subscribed to its topic then, else True
         try:
-            body = amqp_body(raw)
-            own = self._own.pop(hash(body), None)  # None: not ours, or long ago
-            if own is False:
-                handover.skip(offset)  # ours, and no local app subscribed to its topic when we sent it
-                return
+            body, from_stream_node = stream_entry(raw)
+            if from_stream_node:
+                own = self._own.pop(hash(body), None)
+                if own is False:
+                    handover.skip(offset)  # nobody here to deliver it to: not even decoded
+                    return
             message = decode(body)
+            if not from_stream_node:
+                # Published on the exchange (an original or queue node, another producer): checked like an app's intel.
+                self.foreign += 1
+                validate(message)
             key: Hashable = message.dedup_key
-        except (ValueError, IndexError) as err:
+        except (ValueError, IndexError, InvalidIntel) as err:
             self.rejected += 1
-            logger.warning("stream transport: skipped an invalid entry at offset %d: %s", offset, err)
+            self._log_rejected("stream transport: skipped an invalid entry at offset %d: %s", offset, err)
             handover.skip(offset)
             return
         digest = dedup_digest(key)
