@@ -405,7 +405,7 @@ class LogReader(StoppableWorker):
             if stamp < since_ms:
                 return
             try:
-                body = amqp_body(message)
+                body, _ours = stream_entry(message)
             except (ValueError, IndexError) as err:
                 self.invalid += 1
                 self._log_invalid(
