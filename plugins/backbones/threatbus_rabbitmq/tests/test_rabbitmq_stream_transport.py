@@ -107,3 +107,16 @@ def test_stream_transport_without_the_log_is_a_config_error(broker):
 
     with pytest.raises(ConfigError, match="history.enabled"), node(broker, "a", history={"enabled": False}):
         pass
+
+
+def test_sub_entry_batches_keep_order_and_stay_under_their_size():
+    from threatbus_rabbitmq.sub_entries import SUB_ENTRY_BYTES, SubEntryPublisher
+
+    entries = [bytes([i % 256]) * 1000 for i in range(600)] + [b"x" * (SUB_ENTRY_BYTES + 1)] + [b"y" * 10]
+    parts = SubEntryPublisher.split(entries)
+    assert [e for part in parts for e in entries[part]] == entries  # every entry once, in order
+    assert all(
+        sum(len(e) + 4 for e in entries[part]) <= SUB_ENTRY_BYTES for part in parts if part.stop - part.start > 1
+    )
+    assert [entries[part] for part in parts].count([b"x" * (SUB_ENTRY_BYTES + 1)]) == 1  # too large: alone
+    assert SubEntryPublisher.split([]) == []

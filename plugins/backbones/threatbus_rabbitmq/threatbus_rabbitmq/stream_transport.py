@@ -38,6 +38,7 @@ from threatbus_rabbitmq.dedup import digest as dedup_digest
 from threatbus_rabbitmq.handover import Handover
 from threatbus_rabbitmq.intel_log import LogKeeper, LogSettings, amqp_data, stream_entry
 from threatbus_rabbitmq.settings import PREFIX, BrokerSettings
+from threatbus_rabbitmq.sub_entries import SubEntryPublisher
 
 logger = logging.getLogger(__name__)
 
@@ -103,8 +104,10 @@ class StreamTransport(StoppableWorker):
         self.handover = Handover(self.dedup)
         self._done: int | None = None  # the last offset the apps are done with (all before it too)
         self._stored: int | None = None
-        self._unconfirmed: dict[int, Message] = {}
-        self._early: set[int] = set()
+        self._unconfirmed: dict[int, list[Message]] = {}  # publishing id -> the messages it carries
+        self._unconfirmed_count = 0
+        self._early: dict[int, bool] = {}  # confirmed (or refused) before send returned its id
+        self._sub_entries: SubEntryPublisher | None = None
         self._held = False
         self.consuming = False
         # A new node reads from when it started (the first chunk may hold a little before: skipped).
@@ -113,7 +116,7 @@ class StreamTransport(StoppableWorker):
 
     @property
     def in_flight(self) -> int:
-        return len(self._unconfirmed)
+        return self._unconfirmed_count
 
     def run(self) -> None:
         loop = asyncio.new_event_loop()
@@ -177,9 +180,13 @@ class StreamTransport(StoppableWorker):
                 except OffsetNotFound:
                     logger.info("stream transport: a new node: consuming '%s' from its start time", self.log.stream)
             # What was published but not confirmed before a reconnect goes again (consumers drop repeats).
-            resend = list(self._unconfirmed.values())
+            resend = [message for messages in self._unconfirmed.values() for message in messages]
             self._unconfirmed.clear()
+            self._unconfirmed_count = 0
             self._early.clear()
+            self._sub_entries = SubEntryPublisher.open(producer)
+            if self._sub_entries is None:
+                logger.info("stream transport: this rstream cannot send sub-entry batches: one entry per message")
             if resend:
                 self.resent += len(resend)
                 logger.warning("stream transport: sending %d unconfirmed message(s) again", len(resend))
@@ -250,7 +257,7 @@ class StreamTransport(StoppableWorker):
                     break
                 if isinstance(item, Message) and (self.exporting is None or self.exporting(item)):
                     batch.append(item)
-            if batch and len(self._unconfirmed) < MAX_UNCONFIRMED:
+            if batch and self._unconfirmed_count < MAX_UNCONFIRMED:
                 await self._send(producer, batch)
             elif batch:
                 backlog = batch + backlog  # wait for confirms first
@@ -267,7 +274,7 @@ class StreamTransport(StoppableWorker):
                     if self._unconfirmed or backlog:
                         logger.error(
                             "stream transport: stopped with %d message(s) not confirmed: they may be lost",
-                            len(self._unconfirmed) + len(backlog),
+                            self._unconfirmed_count + len(backlog),
                         )
                     return
             if not batch:
@@ -286,13 +293,23 @@ class StreamTransport(StoppableWorker):
             self._remember_own(hash(body), bool(self.router.subscribers(message.topic)))
         if not entries:
             return
-        ids = await producer.send_batch(self.log.stream, entries, on_publish_confirm=self._on_confirm)
-        early = self._early
-        for publishing_id, message in zip(ids, sent, strict=False):
-            if publishing_id in early:
-                early.discard(publishing_id)
-            else:
-                self._unconfirmed[publishing_id] = message
+        if self._sub_entries is not None:
+            for part in self._sub_entries.split(entries):
+                self._book(await self._sub_entries.send(self.log.stream, entries[part], self._on_confirm), sent[part])
+        else:
+            ids = await producer.send_batch(self.log.stream, entries, on_publish_confirm=self._on_confirm)
+            # rstream returns the ids as a set would list them; they rise in the order sent.
+            for publishing_id, message in zip(sorted(ids), sent, strict=True):
+                self._book(publishing_id, [message])
+
+    def _book(self, publishing_id: int, messages: list[Message]) -> None:
+        """Wait for the confirm of ``publishing_id``, unless it came while it was being sent."""
+        confirmed = self._early.pop(publishing_id, None)
+        if confirmed is None:
+            self._unconfirmed[publishing_id] = messages
+            self._unconfirmed_count += len(messages)
+        else:
+            self._settled(confirmed, len(messages), publishing_id)
 
     def _remember_own(self, body_hash: int, routed_here: bool) -> None:
         own, order = self._own, self._own_order
@@ -302,17 +319,20 @@ class StreamTransport(StoppableWorker):
         order.append(body_hash)
 
     def _on_confirm(self, status: Any) -> None:
-        message = self._unconfirmed.pop(status.message_id, None)
-        if message is None:
-            # Confirmed while send_batch was still writing, before its ids were booked.
-            self._early.add(status.message_id)
-            if status.is_confirmed:
-                self.published += 1
+        messages = self._unconfirmed.pop(status.message_id, None)
+        if messages is None:
+            self._early[status.message_id] = status.is_confirmed  # booked by _book when send returns
             return
-        if status.is_confirmed:
-            self.published += 1
+        self._unconfirmed_count -= len(messages)
+        self._settled(status.is_confirmed, len(messages), status.message_id)
+
+    def _settled(self, confirmed: bool, count: int, publishing_id: int) -> None:
+        if confirmed:
+            self.published += count
         else:
-            logger.warning("stream transport: the broker refused a message (code %s); dropped", status.response_code)
+            logger.warning(
+                "stream transport: the broker refused %d message(s) (publishing id %d); dropped", count, publishing_id
+            )
 
     def _on_message(self, raw: bytes, context: Any) -> None:
         if self._stored is None and self.offset is None and context.timestamp < self._started_ms:
