@@ -69,6 +69,57 @@ def test_task_done_acknowledges_in_the_order_taken_and_counts_untracked_items():
         app.task_done()
 
 
+def test_get_many_takes_a_batch_that_one_task_done_acknowledges_in_order():
+    router, app = TopicRouter(), DeliveryQueue()
+    router.subscribe("stix2", app)
+    first = routed(router, indicator("10.0.0.1"))
+    app.put_nowait("untracked in between")
+    second, third = routed(router, indicator("10.0.0.2")), routed(router, indicator("10.0.0.3"))
+    batch = app.get_many(3)
+    assert [getattr(m, "pattern", m) for m in batch] == [
+        "[ipv4-addr:value = '10.0.0.1']",
+        "untracked in between",
+        "[ipv4-addr:value = '10.0.0.2']",
+    ]
+    app.task_done(2)
+    assert first.settled and not second.settled
+    app.task_done()
+    assert second.settled and not third.settled
+    assert len(app.get_many(10)) == 1 and app.get_many(10, timeout=0) == []
+    app.task_done()
+    assert third.settled
+    with pytest.raises(ValueError, match="more often"):
+        app.task_done()
+
+
+def test_get_many_skips_what_was_delivered_before_a_crash_and_waits_for_the_first_item():
+    delivered_before, missing = indicator("10.1.1.1"), indicator("10.1.1.2")
+    app = DeliveryQueue(already_delivered=lambda m: m == delivered_before)
+    skipped, kept = Counted(), Counted()
+    for message, receipt in ((delivered_before, skipped), (missing, kept)):
+        receipt.in_doubt = True
+        receipt.expect()
+        app.put_tracked(message, receipt)
+    assert app.get_many(10) == [missing] and skipped.settled and not kept.settled
+    app.task_done()
+    assert kept.settled
+    assert app.get_many(10, timeout=0.01) == []  # timed out: nothing there
+    threading.Timer(0.01, app.put_nowait, ("late",)).start()
+    assert app.get_many(10, timeout=5) == ["late"]
+
+
+def test_get_many_makes_room_for_a_put_waiting_on_a_full_queue():
+    app = DeliveryQueue(maxsize=2)
+    app.put_nowait("a")
+    app.put_nowait("b")
+    putter = threading.Thread(target=app.put, args=("c",), kwargs={"timeout": 5})
+    putter.start()
+    wait_until(lambda: app._putters, 5, interval=0.005, what="the put to wait for room")
+    assert app.get_many(2) == ["a", "b"]
+    putter.join(5)
+    assert not putter.is_alive() and app.get_nowait() == "c"
+
+
 def test_a_full_delivery_queue_drops_and_the_receipt_is_not_held():
     router, app = TopicRouter(), DeliveryQueue(maxsize=1)
     router.subscribe("stix2", app)

@@ -79,14 +79,14 @@ class Receipt:
 class DeliveryQueue:
     """A subscriber queue whose app acknowledges each message once it acted on it.
 
-    Use it like ``queue.Queue``: ``get`` an item, send it to the tool, then
-    ``task_done()`` (``task_done(n)`` for a batch of ``n``). The backbone then
-    learns in that very call that the message was delivered, so a node killed
-    a moment later neither loses it nor delivers it again after its restart.
-    ``task_done`` acknowledges the oldest items taken and not yet
-    acknowledged: one worker per queue, or workers that acknowledge in the
-    order they took. Every item taken must be acknowledged, the ones the app
-    skips too.
+    Use it like ``queue.Queue``: ``get`` an item (or ``get_many``), send it
+    to the tool, then ``task_done()`` (``task_done(n)`` for a batch of
+    ``n``). The backbone then learns in that very call that the message was
+    delivered, so a node killed a moment later neither loses it nor delivers
+    it again after its restart. ``task_done`` acknowledges the oldest items
+    taken and not yet acknowledged: one worker per queue, or workers that
+    acknowledge in the order they took. Every item taken must be
+    acknowledged, the ones the app skips too.
 
     ``already_delivered(item) -> bool``, if given, is asked about messages in
     doubt after a crash (``Receipt.in_doubt``: the node died between handing
@@ -102,17 +102,28 @@ class DeliveryQueue:
     ``queue.Full``; the router counts and drops).
     """
 
+    # Items and receipts are kept apart, receipts numbered by the item they go with: an item without a
+    # receipt (every one on a backbone that acknowledges nothing, such as inmem) costs one deque slot, not a
+    # tuple more for the garbage collector to walk while a million wait. Conditions are notified only when
+    # someone waits on them (a bulk load puts and takes millions of items while nobody does).
+
     def __init__(self, maxsize: int = 0, already_delivered: Callable[[Any], bool] | None = None) -> None:
         self.maxsize = maxsize
         self.already_delivered = already_delivered
-        self._items: deque[tuple[Any, Receipt | None]] = deque()
-        self._taken: deque[Receipt | None] = deque()  # taken and not yet acknowledged, in the order taken
-        self._untracked_taken = 0  # taken while released (acknowledged before those of _taken)
+        self._items: deque[Any] = deque()
+        self._put = 0  # items ever queued: the number of the next one
+        self._out = 0  # items ever left the queue (taken or skipped): the number of the next one to leave
+        self._receipts: deque[tuple[int, Receipt]] = deque()  # (item number, receipt) of the queued items
+        self._took = 0  # items ever taken
+        self._acknowledged = 0  # of those, acknowledged (task_done)
+        self._taken: deque[tuple[int, Receipt]] = deque()  # (take number, receipt), taken and not acknowledged
         self._released = False
         self._woken = False  # wake() was called: a waiting get returns Empty
         self._mutex = threading.Lock()
         self._not_empty = threading.Condition(self._mutex)
         self._not_full = threading.Condition(self._mutex)
+        self._getters = 0  # waiting on _not_empty
+        self._putters = 0  # waiting on _not_full
 
     # ---- the backbone's side -------------------------------------------
 
@@ -122,25 +133,42 @@ class DeliveryQueue:
             if self.maxsize > 0 and len(self._items) >= self.maxsize:
                 raise queue.Full
             released = self._released
-            self._items.append((item, None if released else receipt))
-            self._not_empty.notify()
+            if not released:
+                self._receipts.append((self._put, receipt))
+            self._items.append(item)
+            self._put += 1
+            if self._getters:
+                self._not_empty.notify()
         if released:
             receipt.done()
 
     def put_nowait(self, item: Any) -> None:
-        self.put(item, block=False)
+        """Queue ``item`` without a receipt; raises ``queue.Full`` when bounded and full."""
+        with self._mutex:
+            if self.maxsize > 0 and len(self._items) >= self.maxsize:
+                raise queue.Full
+            self._items.append(item)
+            self._put += 1
+            if self._getters:
+                self._not_empty.notify()
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         """Queue ``item`` without a receipt (waits for room when bounded, like ``queue.Queue.put``)."""
-        with self._not_full:
-            if (
-                self.maxsize > 0
-                and len(self._items) >= self.maxsize
-                and (not block or not self._not_full.wait_for(lambda: len(self._items) < self.maxsize, timeout))
-            ):
-                raise queue.Full
-            self._items.append((item, None))
-            self._not_empty.notify()
+        if not block or self.maxsize <= 0:
+            self.put_nowait(item)
+            return
+        with self._mutex:
+            if len(self._items) >= self.maxsize:
+                self._putters += 1
+                try:
+                    if not self._not_full.wait_for(lambda: len(self._items) < self.maxsize, timeout):
+                        raise queue.Full
+                finally:
+                    self._putters -= 1
+            self._items.append(item)
+            self._put += 1
+            if self._getters:
+                self._not_empty.notify()
 
     def release(self, receipt: Receipt | None = None) -> int:
         """Stop holding the backbone back (if this queue holds ``receipt``, or always without one).
@@ -149,11 +177,10 @@ class DeliveryQueue:
         returns how many receipts were given up.
         """
         with self._mutex:
-            held = [r for _item, r in self._items if r is not None] + [r for r in self._taken if r is not None]
+            held = [r for _n, r in self._receipts] + [r for _n, r in self._taken]
             if not held or (receipt is not None and not any(r is receipt for r in held)):
                 return 0
-            self._items = deque((item, None) for item, _r in self._items)
-            self._untracked_taken += len(self._taken)
+            self._receipts.clear()
             self._taken.clear()
             self._released = True
         for r in held:
@@ -176,49 +203,92 @@ class DeliveryQueue:
             self._not_empty.notify_all()
 
     def get(self, block: bool = True, timeout: float | None = None) -> Any:
-        with self._not_empty:
-            while True:
-                if not self._items and (
-                    not block
-                    or not self._not_empty.wait_for(lambda: self._items or self._woken, timeout)
-                    or not self._items
-                ):
-                    self._woken = False
-                    raise queue.Empty
-                item, receipt = self._items.popleft()
-                self._not_full.notify()
-                if (
-                    receipt is not None
-                    and receipt.in_doubt
-                    and self.already_delivered is not None
-                    and self.already_delivered(item)
-                ):
-                    receipt.done()  # the app has it from before the crash
-                    continue
-                if self._released:
-                    self._untracked_taken += 1
-                else:
-                    self._taken.append(receipt)
-                return item
+        """The oldest item, like ``queue.Queue.get``; raises ``queue.Empty``."""
+        with self._mutex:
+            if self._items and not self._receipts:  # the common case, without a list
+                self._out += 1
+                self._took += 1
+                if self._putters:
+                    self._not_full.notify()
+                return self._items.popleft()
+        taken = self.get_many(1, timeout if block else 0)
+        if not taken:
+            raise queue.Empty
+        return taken[0]
 
     def get_nowait(self) -> Any:
         return self.get(block=False)
+
+    def get_many(self, max_items: int, timeout: float | None = None) -> list[Any]:
+        """Up to ``max_items`` of the oldest items, all that are there up to that.
+
+        Waits up to ``timeout`` seconds (None: until an item comes, 0: not
+        at all) while the queue is empty; returns an empty list if nothing
+        came, or at once when ``wake`` was called. One ``task_done(len(...))``
+        acknowledges them all.
+        """
+        done: list[Receipt] = []
+        with self._mutex:
+            taken = self._take(max_items, timeout, done)
+        for receipt in done:
+            receipt.done()  # in doubt and delivered before the crash: the app has it
+        return taken
+
+    def _take(self, max_items: int, timeout: float | None, done: list[Receipt]) -> list[Any]:
+        items = self._items
+        taken: list[Any] = []
+        while not taken:
+            if not items:
+                if timeout is not None and timeout <= 0:
+                    return taken
+                self._getters += 1
+                try:
+                    self._not_empty.wait_for(lambda: items or self._woken, timeout)
+                finally:
+                    self._getters -= 1
+                if not items:  # timed out or woken
+                    self._woken = False
+                    return taken
+            count = min(max_items, len(items))
+            receipts = self._receipts
+            if not receipts or receipts[0][0] >= self._out + count:
+                # None of them carries a receipt (nothing in doubt either): the app takes them as they are.
+                taken = [items.popleft() for _ in range(count)]
+                self._out += count
+                self._took += count
+            else:
+                for _ in range(count):
+                    item = items.popleft()
+                    receipt = receipts.popleft()[1] if receipts and receipts[0][0] == self._out else None
+                    self._out += 1
+                    if (
+                        receipt is not None
+                        and receipt.in_doubt
+                        and self.already_delivered is not None
+                        and self.already_delivered(item)
+                    ):
+                        done.append(receipt)
+                        continue
+                    if receipt is not None:
+                        self._taken.append((self._took, receipt))
+                    self._took += 1
+                    taken.append(item)
+            if self._putters:
+                self._not_full.notify(len(taken) or 1)
+        return taken
 
     def task_done(self, count: int = 1) -> None:
         """The app is done with the ``count`` oldest items it took and did not acknowledge yet."""
         done: list[Receipt] = []
         caught_up = False
         with self._mutex:
-            for _ in range(count):
-                if self._untracked_taken:
-                    self._untracked_taken -= 1
-                elif self._taken:
-                    receipt = self._taken.popleft()
-                    if receipt is not None:
-                        done.append(receipt)
-                else:
-                    raise ValueError("task_done() called more often than items were taken")
-            if self._released and not self._items and not self._untracked_taken and not self._taken:
+            if self._acknowledged + count > self._took:
+                raise ValueError("task_done() called more often than items were taken")
+            self._acknowledged += count
+            taken = self._taken
+            while taken and taken[0][0] < self._acknowledged:
+                done.append(taken.popleft()[1])
+            if self._released and not self._items and self._acknowledged == self._took:
                 self._released = False
                 caught_up = True
         for receipt in done:
