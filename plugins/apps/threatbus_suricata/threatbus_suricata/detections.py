@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import queue
 import time
 from typing import Any
 
@@ -204,11 +202,8 @@ class DetectionWorker(StoppableWorker):
             if self.next_flush is not None:
                 timeout = max(0.0, min(timeout, self.next_flush - time.monotonic()))
             try:
-                with contextlib.suppress(queue.Empty):
-                    self.handle(self.inbox.get(timeout=timeout))
-                    # A bulk load: take what is there without a timer per indicator.
-                    for _ in range(TAKE_AT_ONCE):
-                        self.handle(self.inbox.get_nowait())
+                # A bulk load: take what is there at once, without a timer or a lock per indicator.
+                self.handle_all(self.inbox.get_many(TAKE_AT_ONCE, timeout))
                 now = time.monotonic()
                 if self.next_flush is not None and now >= self.next_flush:
                     if not self.inbox.empty() and now - self.first_change < max(BULK_HOLD, self.sync.reload_interval):
@@ -224,9 +219,18 @@ class DetectionWorker(StoppableWorker):
                 logger.exception("suricata detection worker failed; continuing")
                 self.next_flush = time.monotonic() + self.backoff.next_delay()
         # Apply what already arrived and persist it, so nothing accepted is lost.
-        for message in self.leftovers(self.inbox):
-            self.handle(message)
+        while taken := self.inbox.get_many(TAKE_AT_ONCE, 0):
+            self.handle_all(taken)
         self.sync.flush(final=True)
+
+    def handle_all(self, messages: list[Message]) -> None:
+        """``handle`` each; one that fails is logged and the rest are still applied (all were taken)."""
+        for message in messages:
+            try:
+                self.handle(message)
+            except Exception:  # a bug must not end the worker: log it and go on
+                logger.exception("suricata detection worker failed on %s; continuing", message.type_name)
+                self.next_flush = time.monotonic() + self.backoff.next_delay()
 
     def handle(self, message: Message) -> None:
         if self.sync.apply(message):

@@ -222,13 +222,10 @@ class ZeekLink(ReconnectingWorker):
         before = self.state.items()
         drained: list[ZeekIntel] = []
         taken = 0
-        while True:
-            try:
-                message = self.intel_queue.get_nowait()
-            except queue.Empty:
-                break
-            taken += 1
-            drained.extend(self._apply(message))
+        while messages := self.intel_queue.get_many(self.settings.batch_size, 0):
+            taken += len(messages)
+            for message in messages:
+                drained.extend(self._apply(message))
         held = {_key(item) for item in self.state.items()}
         resent = [item for item in before if _key(item) in held]
         events = [*self._stale, *resent, *drained]
@@ -264,12 +261,12 @@ class ZeekLink(ReconnectingWorker):
         items: list[ZeekIntel] = []
         taken = 0
         while len(items) < limit:
-            try:
-                message = self.intel_queue.get_nowait()
-            except queue.Empty:
+            messages = self.intel_queue.get_many(limit - len(items), 0)
+            if not messages:
                 break
-            taken += 1
-            items.extend(self._apply(message))
+            taken += len(messages)
+            for message in messages:
+                items.extend(self._apply(message))
         return items, taken
 
     def _queue_events(self, items: list[ZeekIntel], taken: int) -> None:
