@@ -127,12 +127,19 @@ class _LogHandover:
 
 @dataclass
 class _Open:
-    """One request of a local requester: where answers go and what it already got."""
+    """One request of a local requester: where answers go and what it already got.
+
+    ``sent`` holds the hash of each object's ``dedup_key``, not the key: an
+    int instead of a tuple and two strings of its own, ~70 bytes per object
+    sent instead of ~300 (a snapshot of a million indicators: 70 MB instead
+    of 300). Two keys of the same 64-bit hash would drop the second object as
+    a repeat: for a million objects, about one snapshot in 30 million.
+    """
 
     requester: Sink
     snapshot_type: SnapshotType
     want_end: bool
-    sent: set[Hashable] = field(default_factory=set)
+    sent: set[int] = field(default_factory=set)
     duplicates: int = 0
 
 
@@ -212,13 +219,12 @@ class SnapshotRouter(StoppableWorker):
             open_request = self._requesters.get(envelope.snapshot_id)
             if open_request is None:
                 return
-            if key is None:
-                key = envelope.stix.dedup_key
-            if key in open_request.sent:
+            digest = hash(envelope.stix.dedup_key if key is None else key)
+            if digest in open_request.sent:
                 open_request.duplicates += 1
                 self.duplicates += 1
                 return
-            open_request.sent.add(key)
+            open_request.sent.add(digest)
         requester = open_request.requester
         body = envelope.stix
         if self.expiry is not None and isinstance(body, Indicator):
@@ -256,9 +262,9 @@ class SnapshotRouter(StoppableWorker):
                 sent = open_request.sent
                 fresh = []
                 for stix in intel:
-                    key = stix.dedup_key
-                    if key not in sent:
-                        sent.add(key)
+                    digest = hash(stix.dedup_key)
+                    if digest not in sent:
+                        sent.add(digest)
                         fresh.append(stix)
                 repeated = len(intel) - len(fresh)
                 open_request.duplicates += repeated
