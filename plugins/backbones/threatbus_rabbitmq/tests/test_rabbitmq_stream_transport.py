@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import queue
 from collections.abc import Iterator
 from contextlib import contextmanager
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -12,9 +15,11 @@ import pytest
 from testbus import running_bus
 
 from threatbus.bus import Bus
+from threatbus.routing import TopicRouter
 from threatbus.testing import Subscriber, collect, indicator, wait_until
 from threatbus_rabbitmq import RabbitMQBackbone
 from threatbus_rabbitmq.intel_log import amqp_body, amqp_data, stream_entry
+from threatbus_rabbitmq.stream_transport import StreamTransport
 
 pytestmark = pytest.mark.rabbitmq
 
@@ -120,3 +125,52 @@ def test_sub_entry_batches_keep_order_and_stay_under_their_size():
     )
     assert [entries[part] for part in parts].count([b"x" * (SUB_ENTRY_BYTES + 1)]) == 1  # too large: alone
     assert SubEntryPublisher.split([]) == []
+
+
+class _FakeProducer:
+    """rstream's producer as the sub-entry publisher uses it: ``confirm_early`` confirms before send returns."""
+
+    def __init__(self, closing: bool = False, confirm_early: bool = False) -> None:
+        self.closing = closing
+        self.confirm_early = confirm_early
+        self.next_id = 0
+        self.records: list[int] = []
+
+    async def _send_batch_async(self, stream: str, batch: list[Any]) -> list[int]:
+        if self.closing:
+            return []
+        (notification,) = batch
+        self.next_id += notification.entry.messages_count()
+        self.records.append(notification.entry.messages_count())
+        if self.confirm_early:
+            notification.callback(SimpleNamespace(message_id=self.next_id, is_confirmed=True))
+        return [self.next_id]
+
+
+def _transport(producer: _FakeProducer) -> StreamTransport:
+    from threatbus_rabbitmq.sub_entries import SubEntryPublisher
+
+    broker = SimpleNamespace(queue_name="threatbus.t", dedup_window=100, reconnect_initial=1, reconnect_max=2)
+    transport = StreamTransport(broker, SimpleNamespace(stream="tb.log"), None, queue.SimpleQueue(), TopicRouter())  # type: ignore[arg-type]
+    transport._sub_entries = SubEntryPublisher.open(producer)
+    return transport
+
+
+def test_a_sub_entry_is_confirmed_for_all_its_messages_whenever_the_confirm_comes():
+    intel = [indicator(f"10.53.0.{i}") for i in range(10)]
+    late, early = _FakeProducer(), _FakeProducer(confirm_early=True)
+    transport = _transport(late)
+    asyncio.run(transport._send(None, intel))
+    assert late.records == [10] and transport.in_flight == 10 and transport.published == 0
+    transport._on_confirm(SimpleNamespace(message_id=10, is_confirmed=True))
+    assert transport.in_flight == 0 and transport.published == 10
+    transport = _transport(early)  # the broker's confirm overtook the send's return
+    asyncio.run(transport._send(None, intel))
+    assert transport.in_flight == 0 and transport.published == 10
+
+
+def test_what_a_closing_producer_did_not_take_is_kept_for_the_reconnect():
+    intel = [indicator(f"10.53.1.{i}") for i in range(5)]
+    transport = _transport(_FakeProducer(closing=True))
+    asyncio.run(transport._send(None, intel))
+    assert transport._unsent == intel and transport.in_flight == 0

@@ -108,6 +108,7 @@ class StreamTransport(StoppableWorker):
         self._unconfirmed_count = 0
         self._early: dict[int, bool] = {}  # confirmed (or refused) before send returned its id
         self._sub_entries: SubEntryPublisher | None = None
+        self._unsent: list[Message] = []  # the producer closed before taking them: sent after a reconnect
         self._held = False
         self.consuming = False
         # A new node reads from when it started (the first chunk may hold a little before: skipped).
@@ -180,7 +181,8 @@ class StreamTransport(StoppableWorker):
                 except OffsetNotFound:
                     logger.info("stream transport: a new node: consuming '%s' from its start time", self.log.stream)
             # What was published but not confirmed before a reconnect goes again (consumers drop repeats).
-            resend = [message for messages in self._unconfirmed.values() for message in messages]
+            resend = self._unsent + [message for messages in self._unconfirmed.values() for message in messages]
+            self._unsent = []
             self._unconfirmed.clear()
             self._unconfirmed_count = 0
             self._early.clear()
@@ -271,10 +273,10 @@ class StreamTransport(StoppableWorker):
                 if draining_until is None:
                     draining_until = now + self.broker.stop_timeout
                 if (not batch and not backlog and not self._unconfirmed) or now >= draining_until:
-                    if self._unconfirmed or backlog:
+                    if self._unconfirmed or backlog or self._unsent:
                         logger.error(
                             "stream transport: stopped with %d message(s) not confirmed: they may be lost",
-                            self._unconfirmed_count + len(backlog),
+                            self._unconfirmed_count + len(backlog) + len(self._unsent),
                         )
                     return
             if not batch:
@@ -295,12 +297,18 @@ class StreamTransport(StoppableWorker):
             return
         if self._sub_entries is not None:
             for part in self._sub_entries.split(entries):
-                self._book(await self._sub_entries.send(self.log.stream, entries[part], self._on_confirm), sent[part])
+                publishing_id = await self._sub_entries.send(self.log.stream, entries[part], self._on_confirm)
+                if publishing_id is None:
+                    self._unsent.extend(sent[part])
+                else:
+                    self._book(publishing_id, sent[part])
         else:
             ids = await producer.send_batch(self.log.stream, entries, on_publish_confirm=self._on_confirm)
             # rstream returns the ids as a set would list them; they rise in the order sent.
-            for publishing_id, message in zip(sorted(ids), sent, strict=True):
+            ids.sort()
+            for publishing_id, message in zip(ids, sent, strict=False):
                 self._book(publishing_id, [message])
+            self._unsent.extend(sent[len(ids) :])
 
     def _book(self, publishing_id: int, messages: list[Message]) -> None:
         """Wait for the confirm of ``publishing_id``, unless it came while it was being sent."""

@@ -61,12 +61,15 @@ class SubEntryPublisher:
             cuts.append(slice(start, len(entries)))
         return cuts
 
-    async def send(self, stream: str, records: list[bytes], on_confirm: Callable[[Any], None]) -> int:
-        """Send ``records`` as one sub-entry; returns its publishing id (``on_confirm`` gets its status)."""
+    async def send(self, stream: str, records: list[bytes], on_confirm: Callable[[Any], None]) -> int | None:
+        """Send ``records`` as one sub-entry; its publishing id (``on_confirm`` gets its status), None if not sent.
+
+        rstream sends nothing once its producer is closing.
+        """
         ids = await self._producer._send_batch_async(
             stream, [self._notification(entry=self._codec(records), callback=on_confirm, publisher_name=None)]
         )
-        return ids[0]
+        return ids[0] if ids else None
 
 
 def _records_codec(base: type) -> type:
