@@ -400,9 +400,10 @@ def start_rabbitmq_pair(
     nodes = []
     suffixes = [f"bench-{uuid.uuid4().hex[:12]}-{i}" for i in range(1, count + 1)]
     # The backbone publishes through a durable bridge exchange `<exchange>.durable` bound to the main one.
-    # ... and keep every message in the intel log, the stream `<exchange>.log`.
+    # ... and keep every message in the intel log, the stream `<exchange>.log`; each node has a dead-letter queue.
     broker.forget_later(
-        queues=[f"threatbus.{s}" for s in suffixes] + [f"{exchange}.log"], exchanges=[exchange, f"{exchange}.durable"]
+        queues=[f"threatbus.{s}{end}" for s in suffixes for end in ("", ".dlq")] + [f"{exchange}.log"],
+        exchanges=[exchange, f"{exchange}.durable"],
     )
     try:
         for i, suffix in enumerate(suffixes, 1):

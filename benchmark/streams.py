@@ -230,7 +230,7 @@ def _cleanup(broker: dict[str, Any], exchange: str, suffix: str) -> None:
 
     connection = pika.BlockingConnection(connection_parameters(broker))
     try:
-        for queue in (f"{exchange}.log", f"threatbus.{suffix}"):
+        for queue in (f"{exchange}.log", f"threatbus.{suffix}", f"threatbus.{suffix}.dlq"):
             connection.channel().queue_delete(queue)
         for name in (exchange, f"{exchange}.durable"):
             connection.channel().exchange_delete(name)
