@@ -10,20 +10,24 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt
 
-COLOURS = {"inmem": "tab:blue", "rabbitmq": "tab:orange", "ceiling": "tab:gray"}
+COLOURS = {"inmem": "tab:blue", "rabbitmq": "tab:orange", "rabbitmq_stream": "tab:green", "ceiling": "tab:gray"}
 
 
 def _throughput(ax: Any, result: dict[str, Any]) -> None:
     scenarios = result["scenarios"]
     bars = []
-    for name, label in (("inmem", "inmem\n1 node"), ("rabbitmq", "rabbitmq\n2 nodes")):
+    for name, label in (
+        ("inmem", "inmem\n1 node"),
+        ("rabbitmq", "rabbitmq\n2 nodes"),
+        ("rabbitmq_stream", "stream\n2 nodes"),
+    ):
         value = scenarios.get(name, {}).get("saturation", {}).get("msgs_per_s")
         if value:
             bars.append((label, value, COLOURS[name]))
     for variant, label in (
-        ("matched", "raw pika\nsame settings"),
-        ("matched_after", "raw pika\nagain, after"),
-        ("no_confirms", "raw pika\nno confirms"),
+        ("matched", "raw pika\nsame"),
+        ("matched_after", "raw pika\nafter"),
+        ("no_confirms", "raw pika\nno confirm"),
         ("two_queues", "raw pika\n2 queues"),
     ):
         value = scenarios.get("ceiling", {}).get(variant, {}).get("saturation", {}).get("msgs_per_s")
@@ -36,6 +40,9 @@ def _throughput(ax: Any, result: dict[str, Any]) -> None:
     for i, value in enumerate(values):
         ax.text(i, value, f"{value:,.0f}", ha="center", va="bottom", fontsize=8)
     ax.axhline(10_000, color="tab:blue", linestyle="--", linewidth=1, label="inmem target 10,000")
+    inmem = scenarios.get("inmem", {}).get("saturation", {}).get("msgs_per_s")
+    if inmem and scenarios.get("rabbitmq_stream"):
+        ax.axhline(inmem / 2, color="tab:green", linestyle=":", linewidth=1, label="stream target 0.5 x inmem")
     matched = next((t.get("ceiling_msgs_per_s") for t in result.get("targets", []) if "ceiling_msgs_per_s" in t), None)
     if matched:
         ax.axhline(matched / 2, color="tab:orange", linestyle=":", linewidth=1, label="rabbitmq target 0.5 x ceiling")
@@ -103,7 +110,7 @@ def _memory(ax: Any, result: dict[str, Any]) -> None:
                 [r / 1024 for _, r in points],
                 "-" if i == 0 else "--",
                 color=COLOURS.get(backbone),
-                label=node,
+                label=f"{node} ({backbone})",
             )
     ax.set_xlabel("messages passed (thousands)")
     ax.set_ylabel("node RSS (MiB)")
