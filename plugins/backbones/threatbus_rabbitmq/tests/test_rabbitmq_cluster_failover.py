@@ -39,6 +39,7 @@ def cluster_ports() -> Iterator[list[int]]:
     except (OSError, subprocess.SubprocessError) as err:
         unavailable(f"scripts/rabbitmq-cluster up failed: {err}")
     if started.returncode != 0:
+        cluster("down", timeout=120)  # nodes that did start must not outlive the test
         unavailable(f"scripts/rabbitmq-cluster up failed:\n{started.stdout[-2000:]}\n{started.stderr[-2000:]}")
     try:
         yield [int(port) for port in cluster("ports").stdout.split()]
