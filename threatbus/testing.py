@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -21,6 +22,7 @@ from dynaconf import Dynaconf
 
 from threatbus.bus import Bus
 from threatbus.data import Indicator, Message, Sighting
+from threatbus.delivery import Receipt
 from threatbus.stix import new_indicator, new_sighting
 from threatbus.worker import StoppableWorker
 
@@ -226,6 +228,21 @@ class ThreatBusProcess:
             self.process.wait()
         if self._log_file is not None:
             self._log_file.close()
+
+
+class TrackedReceipt(Receipt):
+    """A receipt for one message handed straight to an app's queue: ``delivered`` is set once the app says it is done.
+
+    It counts its one sink at once, as the router would; subclasses note more in ``on_done`` (then call it here).
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delivered = threading.Event()
+        self.expect()
+
+    def on_done(self) -> None:
+        self.delivered.set()
 
 
 class ThreadedCollector(StoppableWorker):

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import queue
-import threading
 import time
 from datetime import timedelta
 
@@ -22,10 +21,9 @@ from threatbus_misp.plugin import API_ERRORS, CONNECTED, IGNORED, SIGHTINGS_REFU
 
 from threatbus.bus import Bus
 from threatbus.data import Indicator
-from threatbus.delivery import Receipt
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED
 from threatbus.stix import new_sighting
-from threatbus.testing import free_port, indicator, wait_until
+from threatbus.testing import TrackedReceipt, free_port, indicator, wait_until
 from threatbus_zmq import ZmqApp
 
 
@@ -372,24 +370,12 @@ def test_detection_only_policy_of_an_app_lets_misp_intel_and_its_removals_throug
         assert removed.id == added.id and removed.is_removal and removed.payload["x_misp_to_ids"] is False
 
 
-class Tracked(Receipt):
-    """A receipt that says when the app acknowledged its message."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.delivered = threading.Event()
-        self.expect()
-
-    def on_done(self) -> None:
-        self.delivered.set()
-
-
 def test_a_sighting_is_acknowledged_once_misp_took_it(misp, fake, bus_with_misp):
     known = misp.store(fake.attribute("6.6.6.6"))
     app = MispApp()
     with bus_with_misp(misp, app=app) as (bus, _zmq):
         misp.fail_next(1, status=500)
-        reported, foreign = Tracked(), Tracked()
+        reported, foreign = TrackedReceipt(), TrackedReceipt()
         app.sighting_inbox.put_tracked(new_sighting(f"indicator--{known['uuid']}", source="Zeek"), reported)
         other = indicator("8.8.8.8")  # nothing for MISP: done with the sighting before it
         app.sighting_inbox.put_tracked(new_sighting(other.id, source="Zeek", indicator=other), foreign)

@@ -22,11 +22,18 @@ from suricataparser import parse_file
 from testbus import running_bus
 
 from threatbus.data import SnapshotEnvelope
-from threatbus.delivery import Receipt
 from threatbus.errors import ConfigError, PluginError
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED
 from threatbus.stix import new_indicator
-from threatbus.testing import Subscriber, assert_live_sighting, assert_nothing_more, get_within, indicator, wait_until
+from threatbus.testing import (
+    Subscriber,
+    TrackedReceipt,
+    assert_live_sighting,
+    assert_nothing_more,
+    get_within,
+    indicator,
+    wait_until,
+)
 from threatbus_suricata import SuricataApp
 from threatbus_suricata.detections import DetectionWorker
 
@@ -300,18 +307,6 @@ def test_config_errors_name_the_key(tmp_path: Path, app_config: dict[str, Any]) 
         pass
 
 
-class Tracked(Receipt):
-    """A receipt that says when the app acknowledged its message."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.delivered = threading.Event()
-        self.expect()
-
-    def on_done(self) -> None:
-        self.delivered.set()
-
-
 def test_an_indicator_is_acknowledged_once_the_rules_file_holds_it(
     app_config: dict[str, Any], suricata: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -329,7 +324,7 @@ def test_an_indicator_is_acknowledged_once_the_rules_file_holds_it(
             write()
 
         monkeypatch.setattr(store, "write", write_unless_failing)
-        mapped = Tracked()
+        mapped = TrackedReceipt()
         app.inbox.put_tracked(indicator("6.6.6.6"), mapped)
         wait_until(lambda: sync.write_errors >= 1, what="a failed write of the rules file")
         assert not mapped.delivered.is_set(), "acknowledged before the rules file held it"
@@ -337,6 +332,6 @@ def test_an_indicator_is_acknowledged_once_the_rules_file_holds_it(
         assert mapped.delivered.wait(15), "not acknowledged after the rules file was written"
         assert len(rules(app_config)) == 1
         wait_until(lambda: idle(app), what="nothing left to write")
-        unmapped = Tracked()  # nothing for Suricata in it: acknowledged when taken
+        unmapped = TrackedReceipt()  # nothing for Suricata in it: acknowledged when taken
         app.inbox.put_tracked(indicator("a@b.example", "email-addr:value"), unmapped)
         assert unmapped.delivered.wait(5)

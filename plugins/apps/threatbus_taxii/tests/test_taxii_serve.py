@@ -6,7 +6,6 @@ import queue
 import shutil
 import socket
 import subprocess
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime, timedelta, timezone
@@ -26,12 +25,11 @@ import threatbus
 from threatbus.bus import Bus
 from threatbus.config import section, validate
 from threatbus.data import Indicator, SnapshotEnvelope, SnapshotRequest, SnapshotType
-from threatbus.delivery import Receipt
 from threatbus.errors import PluginError
 from threatbus.metrics import FILTERED, Metrics
 from threatbus.node import Node
 from threatbus.stix import timestamp
-from threatbus.testing import collect, get_within, indicator, settings_from, unavailable, wait_until
+from threatbus.testing import TrackedReceipt, collect, get_within, indicator, settings_from, unavailable, wait_until
 
 READER, READER_PASSWORD = "reader", "let-me-read"
 TAXII_JSON = "application/taxii+json;version=2.1"
@@ -363,19 +361,17 @@ def test_the_apps_policy_filter_decides_what_is_served():
         wait_until(lambda: served_ids(root) == set(), what="the removal applied")
 
 
-class ServedWhenDone(Receipt):
+class ServedWhenDone(TrackedReceipt):
     """A receipt that notes, when its app acknowledges it, which indicators the app serves."""
 
     def __init__(self, app: TaxiiApp) -> None:
         super().__init__()
         self.app = app
         self.served_then: set[str] | None = None
-        self.delivered = threading.Event()
-        self.expect()
 
     def on_done(self) -> None:
         self.served_then = {entry.payload["id"] for entry in self.app.intel.served()}
-        self.delivered.set()
+        super().on_done()
 
 
 def test_an_indicator_is_acknowledged_once_it_is_served():

@@ -11,7 +11,6 @@ import json
 import logging
 import queue
 import ssl
-import threading
 import time
 
 import pytest
@@ -20,10 +19,17 @@ from zeekclient import brokertypes
 
 import threatbus
 from threatbus.data import Indicator, SnapshotEnvelope, SnapshotRequest, SnapshotType
-from threatbus.delivery import Receipt
 from threatbus.errors import ConfigError, PluginError
 from threatbus.metrics import APP_RECEIVED, APP_REJECTED, DELIVERED, DROPPED, QUEUE_DEPTH, SUBSCRIBERS
-from threatbus.testing import Subscriber, assert_live_sighting, assert_nothing_more, get_within, indicator, wait_until
+from threatbus.testing import (
+    Subscriber,
+    TrackedReceipt,
+    assert_live_sighting,
+    assert_nothing_more,
+    get_within,
+    indicator,
+    wait_until,
+)
 from threatbus_zeek import INTEL_TOPIC, MATCH_TOPIC, ZeekApp
 from threatbus_zeek.plugin import CONNECTS, SKIPPED, ZEEK_ERRORS
 
@@ -361,17 +367,6 @@ def test_snapshot_requests_get_no_answer_from_zeek():
     assert results.empty()
 
 
-class Tracked(Receipt):
-    """A receipt that says when the app acknowledged its message."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.delivered = threading.Event()
-
-    def on_done(self) -> None:
-        self.delivered.set()
-
-
 def test_messages_are_acknowledged_once_sent_to_zeek(zeek, zeek_config):
     zeek_config["apps"]["zeek"]["batch_size"] = 2
     zeek.stop()
@@ -380,9 +375,8 @@ def test_messages_are_acknowledged_once_sent_to_zeek(zeek, zeek_config):
         sent = [indicator(f"10.0.2.{n}") for n in range(3)]
         unmapped = indicator(pattern="[ipv4-addr:value = '10.0.2.8' AND ipv4-addr:value = '10.0.2.9']")
         messages = [sent[0], unmapped, *sent[1:]]
-        receipts = [Tracked() for _ in messages]
+        receipts = [TrackedReceipt() for _ in messages]
         for message, receipt in zip(messages, receipts, strict=True):
-            receipt.expect()
             app.intel_queue.put_tracked(message, receipt)
         wait_until(lambda: bus.metrics.value(QUEUE_DEPTH, queue="zeek") == 4, what="the queue to fill")
         assert not any(r.delivered.is_set() for r in receipts), "acknowledged while Zeek was away"

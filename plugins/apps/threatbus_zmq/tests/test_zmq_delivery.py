@@ -3,28 +3,24 @@
 from __future__ import annotations
 
 import queue
-import threading
 
-from threatbus.delivery import Receipt
-from threatbus.testing import indicator, wait_until
+from threatbus.testing import TrackedReceipt, indicator, wait_until
 from threatbus_zmq.subscribers import Subscription
 from threatbus_zmq.testing import FakeSocket, connected, run_worker, subscriptions
 from threatbus_zmq.wire import new_p2p_topic
 
 
-class Tracked(Receipt):
-    """A receipt that says when the app reported its message done, and how many frames had gone out by then."""
+class Tracked(TrackedReceipt):
+    """A receipt that also notes how many frames had gone out when the app reported its message done."""
 
     def __init__(self, sock: FakeSocket | None = None) -> None:
         super().__init__()
         self.sock = sock
         self.frames_then: int | None = None
-        self.delivered = threading.Event()
-        self.expect()
 
     def on_done(self) -> None:
         self.frames_then = len(self.sock.frames) if self.sock is not None else None
-        self.delivered.set()
+        super().on_done()
 
 
 def test_a_tracked_message_is_done_once_its_frame_went_to_the_socket():
