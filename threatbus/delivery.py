@@ -135,10 +135,7 @@ class DeliveryQueue:
             released = self._released
             if not released:
                 self._receipts.append((self._put, receipt))
-            self._items.append(item)
-            self._put += 1
-            if self._getters:
-                self._not_empty.notify()
+            self._append(item)
         if released:
             receipt.done()
 
@@ -147,10 +144,7 @@ class DeliveryQueue:
         with self._mutex:
             if self.maxsize > 0 and len(self._items) >= self.maxsize:
                 raise queue.Full
-            self._items.append(item)
-            self._put += 1
-            if self._getters:
-                self._not_empty.notify()
+            self._append(item)
 
     def put(self, item: Any, block: bool = True, timeout: float | None = None) -> None:
         """Queue ``item`` without a receipt (waits for room when bounded, like ``queue.Queue.put``)."""
@@ -165,10 +159,14 @@ class DeliveryQueue:
                         raise queue.Full
                 finally:
                     self._putters -= 1
-            self._items.append(item)
-            self._put += 1
-            if self._getters:
-                self._not_empty.notify()
+            self._append(item)
+
+    def _append(self, item: Any) -> None:
+        """Queue ``item`` (the caller holds ``_mutex``) and wake a waiting taker."""
+        self._items.append(item)
+        self._put += 1
+        if self._getters:
+            self._not_empty.notify()
 
     def release(self, receipt: Receipt | None = None) -> int:
         """Stop holding the backbone back (if this queue holds ``receipt``, or always without one).
